@@ -1,0 +1,17 @@
+//! `rlhf-model`: decoder-only transformers that load Hugging Face checkpoints, train through
+//! candle's autograd (every op here has a backward pass), carry LoRA adapters, and generate.
+
+pub mod error;
+pub mod fused;
+pub mod gguf;
+pub mod llama;
+pub mod lora;
+pub mod model;
+pub mod nn;
+pub mod ops;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use model::{Batch, Heads, LoadOptions, Model};
+pub use weights::Training;

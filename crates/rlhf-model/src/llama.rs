@@ -1,0 +1,336 @@
+//! The Llama family: Llama 2/3 (with llama3 rope scaling), Mistral, Qwen2 (attention biases),
+//! SmolLM. Pre-norm decoder with RMSNorm, rotary embeddings in the half-split layout,
+//! grouped-query attention and a SwiGLU MLP; tensor names as in transformers'
+//! `modeling_llama.py` (`model.layers.N.self_attn.q_proj`, ...).
+
+use std::rc::Rc;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::nn::{attention, repeat_kv, Embedding, KvCache, Linear, RmsNorm, Switches};
+use crate::weights::Builder;
+use crate::Result;
+
+/// Rope settings, read from transformers 5's `rope_parameters` or older `rope_theta` +
+/// `rope_scaling`.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct RopeParameters {
+    /// Base of the rotary frequencies.
+    pub rope_theta: Option<f64>,
+    /// "default", "linear" or "llama3".
+    #[serde(alias = "type")]
+    pub rope_type: Option<String>,
+    /// Scaling factor (linear, llama3).
+    pub factor: Option<f64>,
+    /// llama3: low-frequency factor.
+    pub low_freq_factor: Option<f64>,
+    /// llama3: high-frequency factor.
+    pub high_freq_factor: Option<f64>,
+    /// llama3: the context length the model was pretrained with.
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// config.json of a Llama-family model (HF field names).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// "llama", "mistral", "qwen2".
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to the query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to hidden_size / num_attention_heads.
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Older configs: top-level theta.
+    pub rope_theta: Option<f64>,
+    /// Older configs: scaling.
+    pub rope_scaling: Option<RopeParameters>,
+    /// transformers 5: everything rope in one place.
+    pub rope_parameters: Option<RopeParameters>,
+    /// Biases on q/k/v/o (Llama's flag; Qwen2 has q/k/v biases without it).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases in the MLP.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// MLP activation.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Whether the LM head shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Config {
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+    fn rope(&self) -> RopeParameters {
+        let mut p = self
+            .rope_parameters
+            .clone()
+            .or_else(|| self.rope_scaling.clone())
+            .unwrap_or_default();
+        if p.rope_theta.is_none() {
+            p.rope_theta = self.rope_theta;
+        }
+        p
+    }
+
+    /// Inverse frequencies of the rotary embedding, llama3 scaling applied.
+    pub fn inv_freq(&self) -> Result<Vec<f64>> {
+        let p = self.rope();
+        let theta = p.rope_theta.unwrap_or(10_000.0);
+        let d = self.head_dim();
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        match p.rope_type.as_deref().unwrap_or("default") {
+            "default" => {}
+            "linear" => {
+                let f = p.factor.unwrap_or(1.0);
+                inv.iter_mut().for_each(|x| *x /= f);
+            }
+            "llama3" => {
+                let factor = p.factor.unwrap_or(8.0);
+                let low = p.low_freq_factor.unwrap_or(1.0);
+                let high = p.high_freq_factor.unwrap_or(4.0);
+                let old_ctx = p.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let low_wavelen = old_ctx / low;
+                let high_wavelen = old_ctx / high;
+                for f in inv.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            other => {
+                return Err(crate::Error::Config(format!(
+                    "rope_type {other:?} is not supported (default, linear, llama3)"
+                )))
+            }
+        }
+        Ok(inv)
+    }
+}
+
+/// cos and sin of the rotary angles for each row's own positions.
+// positions: (b, t) -> cos, sin: (b, 1, t, head_dim)
+pub fn rope_cos_sin(inv_freq: &[f64], positions: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
+    let b = positions.len();
+    let t = positions.first().map(|r| r.len()).unwrap_or(0);
+    let half = inv_freq.len();
+    let d = half * 2;
+    let mut cos = vec![0f32; b * t * d];
+    let mut sin = vec![0f32; b * t * d];
+    for (bi, row) in positions.iter().enumerate() {
+        for (ti, &p) in row.iter().enumerate() {
+            let base = (bi * t + ti) * d;
+            for (i, f) in inv_freq.iter().enumerate() {
+                // transformers computes the angle in f32: match it, or logits drift at 1e-5.
+                let angle = (p as f32) * (*f as f32);
+                let (s, c) = angle.sin_cos();
+                cos[base + i] = c;
+                cos[base + i + half] = c;
+                sin[base + i] = s;
+                sin[base + i + half] = s;
+            }
+        }
+    }
+    let cos = Tensor::from_vec(cos, (b, 1, t, d), device)?;
+    let sin = Tensor::from_vec(sin, (b, 1, t, d), device)?;
+    Ok((cos, sin))
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(b: &Builder, cfg: &Config, sw: &Rc<Switches>) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        let bias = cfg.qkv_bias();
+        Ok(Self {
+            q_proj: Linear::load(&b.pp("q_proj"), cfg.hidden_size, nh * hd, bias, sw)?,
+            k_proj: Linear::load(&b.pp("k_proj"), cfg.hidden_size, nkv * hd, bias, sw)?,
+            v_proj: Linear::load(&b.pp("v_proj"), cfg.hidden_size, nkv * hd, bias, sw)?,
+            o_proj: Linear::load(&b.pp("o_proj"), nh * hd, cfg.hidden_size, cfg.attention_bias, sw)?,
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        })
+    }
+
+    // x: (b, t, h), cos/sin: (b, 1, t, d), bias: (b, 1, t, k) -> (b, t, h)
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.n_kv)?;
+        let v = heads(self.v_proj.forward(x)?, self.n_kv)?;
+        let q = crate::ops::apply_rope(&q, cos, sin)?;
+        let k = crate::ops::apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let rep = self.n_heads / self.n_kv;
+        let k = repeat_kv(&k, rep)?;
+        let v = repeat_kv(&v, rep)?;
+        let y = attention(&q, &k, &v, bias, 1.0 / (self.head_dim as f64).sqrt())?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: String,
+}
+
+impl Mlp {
+    fn load(b: &Builder, cfg: &Config, sw: &Rc<Switches>) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(&b.pp("gate_proj"), h, i, cfg.mlp_bias, sw)?,
+            up_proj: Linear::load(&b.pp("up_proj"), h, i, cfg.mlp_bias, sw)?,
+            down_proj: Linear::load(&b.pp("down_proj"), i, h, cfg.mlp_bias, sw)?,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = crate::ops::activation(&self.act, &self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The Llama-family decoder (without heads).
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    inv_freq: Vec<f64>,
+    cfg: Config,
+}
+
+impl Llama {
+    /// Loads `model.*` from the builder's checkpoint.
+    pub fn load(b: &Builder, cfg: &Config, sw: &Rc<Switches>) -> Result<Self> {
+        let m = b.pp("model");
+        let embed_tokens = Embedding::load(&m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp("layers").pp(i);
+                Ok(Block {
+                    input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+                    self_attn: Attention::load(&l.pp("self_attn"), cfg, sw)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &l.pp("post_attention_layernorm"),
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                    )?,
+                    mlp: Mlp::load(&l.pp("mlp"), cfg, sw)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq: cfg.inv_freq()?,
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+impl crate::model::Backbone for Llama {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        bias: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (cos, sin) = rope_cos_sin(&self.inv_freq, positions, ids.device())?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            let h = layer.self_attn.forward(&h, &cos, &sin, bias, c)?;
+            x = (x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    fn n_layers(&self) -> usize {
+        self.cfg.num_hidden_layers
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    fn embed_weight(&self) -> &Tensor {
+        self.embed_tokens.weight()
+    }
+
+}

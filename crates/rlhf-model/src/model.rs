@@ -1,0 +1,426 @@
+//! A loaded model: one backbone architecture plus the heads a stage needs (LM, score, value).
+//!
+//! The score head is transformers' `AutoModelForSequenceClassification` with one label:
+//! `score.weight` (1, hidden), no bias, read at the last non-pad token of each row.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::lora::LoraConfig;
+use crate::nn::{KvCache, Linear, Switches};
+use crate::weights::{Builder, ParamStore, Training, WeightSource};
+use crate::{Error, Result};
+
+/// A decoder without heads: embeddings → blocks → final norm.
+pub trait Backbone {
+    /// Hidden states of the last layer (after the final norm).
+    // ids: (b, t) u32, positions: b rows of t, bias: (b, 1, t, past + t) -> (b, t, hidden)
+    fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        bias: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor>;
+    /// Number of decoder layers (the KV cache's size).
+    fn n_layers(&self) -> usize;
+    /// Width of the hidden states.
+    fn hidden_size(&self) -> usize;
+    /// The token embedding matrix (vocab, hidden), for tied LM heads.
+    fn embed_weight(&self) -> &Tensor;
+}
+
+/// The fields every config.json has that this layer needs, whatever the architecture.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    /// "llama", "mistral", "qwen2", "gpt2", "opt".
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// Whether the LM head is the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Padding id, used to find the last real token for the score head.
+    pub pad_token_id: Option<u32>,
+    /// End-of-sequence ids (config.json may hold one or a list).
+    pub eos_token_ids: Vec<u32>,
+    /// Std of the normal init transformers uses for new heads.
+    pub initializer_range: f64,
+}
+
+/// Architectures this crate implements, as config.json's `model_type` names them.
+pub const SUPPORTED: &str = "llama, mistral, qwen2, smollm (llama), gpt2, opt";
+
+enum Arch {
+    Llama(crate::llama::Config),
+}
+
+fn parse_config(path: &Path, json: &serde_json::Value) -> Result<(Arch, CommonConfig)> {
+    let model_type = json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::bad_file(path, "no \"model_type\" field"))?
+        .to_string();
+    let from = |e: serde_json::Error| Error::bad_file(path, format!("{model_type} config: {e}"));
+    let arch = match model_type.as_str() {
+        "llama" | "mistral" | "qwen2" => Arch::Llama(serde_json::from_value(json.clone()).map_err(from)?),
+        other => {
+            return Err(Error::UnknownModelType {
+                path: path.to_path_buf(),
+                found: other.to_string(),
+                supported: SUPPORTED,
+            })
+        }
+    };
+    let ids = |v: Option<&serde_json::Value>| -> Vec<u32> {
+        match v {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let (vocab_size, hidden_size, tie) = match &arch {
+        Arch::Llama(c) => (c.vocab_size, c.hidden_size, c.tie_word_embeddings),
+    };
+    let common = CommonConfig {
+        model_type,
+        vocab_size,
+        hidden_size,
+        tie_word_embeddings: tie,
+        pad_token_id: json.get("pad_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
+        eos_token_ids: ids(json.get("eos_token_id")),
+        initializer_range: json.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02),
+    };
+    Ok((arch, common))
+}
+
+/// Which heads to build on the backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heads {
+    /// The language-modelling head (policies, SFT, generation).
+    Lm,
+    /// The one-output score head (reward models), loaded or initialised.
+    Score,
+    /// Both (a policy that also carries a value head read per token).
+    LmAndScore,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Heads to build.
+    pub heads: Heads,
+    /// What is trainable.
+    pub training: Training,
+    /// Compute dtype (f32 for training).
+    pub dtype: DType,
+    /// Device.
+    pub device: Device,
+    /// Seed for new heads and LoRA A matrices.
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            heads: Heads::Lm,
+            training: Training::Frozen,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            seed: 42,
+        }
+    }
+}
+
+/// A model ready for forward passes, training and saving.
+pub struct Model {
+    /// The raw config.json, kept so saving preserves every field.
+    pub raw_config: serde_json::Value,
+    /// The fields this layer uses.
+    pub config: CommonConfig,
+    backbone: Box<dyn Backbone>,
+    lm_head: Option<Linear>,
+    score: Option<Linear>,
+    switches: Rc<Switches>,
+    params: ParamStore,
+    lora: Option<LoraConfig>,
+    dir: PathBuf,
+    device: Device,
+}
+
+/// A right- or left-padded batch of token ids.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// (b, t) token ids, padded.
+    pub input_ids: Vec<Vec<u32>>,
+    /// (b, t) 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<Vec<u8>>,
+}
+
+impl Batch {
+    /// Pads sequences to the longest; `left` puts padding first (generation), else last.
+    pub fn pad(seqs: &[Vec<u32>], pad_id: u32, left: bool) -> Self {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut input_ids = Vec::with_capacity(seqs.len());
+        let mut attention_mask = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let n = t - s.len();
+            let (mut ids, mut m) = (Vec::with_capacity(t), Vec::with_capacity(t));
+            if left {
+                ids.extend(std::iter::repeat_n(pad_id, n));
+                m.extend(std::iter::repeat_n(0u8, n));
+            }
+            ids.extend_from_slice(s);
+            m.extend(std::iter::repeat_n(1u8, s.len()));
+            if !left {
+                ids.extend(std::iter::repeat_n(pad_id, n));
+                m.extend(std::iter::repeat_n(0u8, n));
+            }
+            input_ids.push(ids);
+            attention_mask.push(m);
+        }
+        Self { input_ids, attention_mask }
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Whether the batch has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// The ids as a (b, t) u32 tensor.
+    pub fn ids_tensor(&self, device: &Device) -> Result<Tensor> {
+        let b = self.input_ids.len();
+        let t = self.input_ids.first().map(|r| r.len()).unwrap_or(0);
+        let flat: Vec<u32> = self.input_ids.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(flat, (b, t), device)?)
+    }
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory. A path that does not exist but looks like a hub
+    /// name (`org/model`) gets an error saying how to fetch it: nothing is downloaded here.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let source = WeightSource::from_dir(check_dir(dir)?, &opts.device, opts.dtype)?;
+        Self::from_source(dir, source, opts)
+    }
+
+    /// Builds a model from tensors already in memory; `dir` must still hold config.json.
+    pub fn from_source(dir: &Path, source: WeightSource, opts: &LoadOptions) -> Result<Self> {
+        let cfg_path = check_dir(dir)?.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::MissingFile {
+            path: cfg_path.clone(),
+            what: "model config",
+            hint: format!("{e}; a model directory needs config.json beside its weights"),
+        })?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e))?;
+        Self::from_config(dir, raw, source, opts)
+    }
+
+    /// Builds a model from a parsed config.json and tensors.
+    pub fn from_config(
+        dir: &Path,
+        raw: serde_json::Value,
+        source: WeightSource,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let (arch, config) = parse_config(&cfg_path, &raw)?;
+        let training = match &opts.training {
+            Training::Lora(l) => Training::Lora(l.clone().resolved(&config.model_type)?),
+            t => t.clone(),
+        };
+        let lora = match &training {
+            Training::Lora(l) => Some(l.clone()),
+            _ => None,
+        };
+        let b = Builder::new(
+            source,
+            training,
+            opts.device.clone(),
+            opts.dtype,
+            config.initializer_range,
+            opts.seed,
+        );
+        let switches = Rc::new(Switches::default());
+        let backbone: Box<dyn Backbone> = match &arch {
+            Arch::Llama(c) => Box::new(crate::llama::Llama::load(&b, c, &switches)?),
+        };
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let want_lm = matches!(opts.heads, Heads::Lm | Heads::LmAndScore);
+        let want_score = matches!(opts.heads, Heads::Score | Heads::LmAndScore);
+        let lm_head = if !want_lm {
+            None
+        } else if config.tie_word_embeddings && !b.contains("lm_head.weight") {
+            Some(Linear::from_weight(backbone.embed_weight().clone(), None, &switches))
+        } else {
+            Some(Linear::load(&b.pp("lm_head"), h, v, false, &switches)?)
+        };
+        let score = if want_score {
+            let s = b.pp("score");
+            // A causal-LM checkpoint has no score head: start it N(0, initializer_range) as
+            // AutoModelForSequenceClassification does.
+            let w = s.get_or_init(&[1, h], "weight")?;
+            Some(Linear::from_weight(w, None, &switches))
+        } else {
+            None
+        };
+        if let Some(l) = &lora {
+            let matched = b.matched_modules_to_save();
+            for m in &l.modules_to_save {
+                if !matched.contains(m) {
+                    tracing::warn!(
+                        "lora.modules_to_save entry {m:?} matches no module of this model; it \
+                         will not be trained or saved (the score head is named \"score\"; \
+                         TRL examples that write \"scores\" lose their trained head this way)"
+                    );
+                }
+            }
+        }
+        let params = b.into_store();
+        Ok(Self {
+            raw_config: raw,
+            config,
+            backbone,
+            lm_head,
+            score,
+            switches,
+            params,
+            lora,
+            dir: dir.to_path_buf(),
+            device: opts.device.clone(),
+        })
+    }
+
+    /// The directory the model came from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// All parameters under their HF/PEFT names.
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// The LoRA configuration, when adapters are attached.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// Number of decoder layers.
+    pub fn n_layers(&self) -> usize {
+        self.backbone.n_layers()
+    }
+
+    /// Enables/disables the LoRA adapters (disabled = the frozen base model, PPO/DPO's
+    /// reference without a second copy of the weights).
+    pub fn set_adapters_enabled(&self, on: bool) {
+        self.switches.set_adapters_enabled(on)
+    }
+
+    /// Train mode turns LoRA dropout on.
+    pub fn set_training(&self, on: bool) {
+        self.switches.set_training(on)
+    }
+
+    /// Hidden states for a padded batch (positions from the mask, causal + padding mask).
+    // batch: (b, t) -> (b, t, hidden)
+    pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
+        let ids = batch.ids_tensor(&self.device)?;
+        let positions = crate::ops::positions_from_mask(&batch.attention_mask);
+        let t = ids.dim(1)?;
+        let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?;
+        self.backbone.forward(&ids, &positions, &bias, None)
+    }
+
+    /// One step with a KV cache: `key_mask` covers past + new tokens, `positions` the new ones.
+    // ids: (b, t) -> hidden (b, t, hidden)
+    pub fn hidden_cached(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        key_mask: &[Vec<u8>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let bias = crate::ops::attention_bias(key_mask, t, &self.device)?;
+        self.backbone.forward(ids, positions, &bias, Some(cache))
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.backbone.n_layers())
+    }
+
+    /// LM logits.
+    // hidden: (b, t, h) -> (b, t, vocab)
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().ok_or_else(|| {
+            Error::Config("this model was loaded without an LM head (Heads::Score)".into())
+        })?;
+        head.forward(hidden)
+    }
+
+    /// The score head applied at every position (PPO's per-token values).
+    // hidden: (b, t, h) -> (b, t)
+    pub fn values(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.score.as_ref().ok_or_else(|| {
+            Error::Config("this model was loaded without a score head (Heads::Score)".into())
+        })?;
+        Ok(head.forward(hidden)?.squeeze(2)?)
+    }
+
+    /// Reward scores, read at the last token that is not the pad id (transformers' rule; with
+    /// no pad id, the last token the attention mask keeps).
+    // hidden: (b, t, h) -> (b)
+    pub fn scores(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let values = self.values(hidden)?;
+        let idx: Vec<u32> = batch
+            .input_ids
+            .iter()
+            .zip(&batch.attention_mask)
+            .map(|(ids, m)| {
+                let last = match self.config.pad_token_id {
+                    Some(pad) => ids.iter().rposition(|&i| i != pad),
+                    None => m.iter().rposition(|&x| x != 0),
+                };
+                last.unwrap_or(0) as u32
+            })
+            .collect();
+        let idx = Tensor::new(idx.as_slice(), &self.device)?.unsqueeze(1)?;
+        Ok(values.gather(&idx, 1)?.squeeze(1)?)
+    }
+}
+
+/// Refuses hub-style names (nothing is downloaded at run time) and missing directories.
+pub fn check_dir(dir: &Path) -> Result<&Path> {
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let s = dir.to_string_lossy();
+    let looks_like_hub = !s.starts_with('/')
+        && !s.starts_with('.')
+        && s.matches('/').count() == 1
+        && !s.ends_with('/');
+    if looks_like_hub {
+        return Err(Error::HubName { name: s.into_owned() });
+    }
+    Err(Error::MissingFile {
+        path: dir.to_path_buf(),
+        what: "model directory",
+        hint: "pass a directory holding config.json and model.safetensors".into(),
+    })
+}

@@ -1,0 +1,357 @@
+//! Layers: linear (with an optional LoRA adapter), embedding, norms.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use candle_core::{Tensor, D};
+
+use crate::lora::LoraConfig;
+use crate::weights::{Builder, Training};
+use crate::Result;
+
+/// Switches shared by every layer of one model for the forward pass.
+#[derive(Debug, Default)]
+pub struct Switches {
+    /// When false, LoRA layers compute the base model only: the frozen reference of PPO/DPO.
+    adapters_disabled: Cell<bool>,
+    /// When true, LoRA dropout is active.
+    training: Cell<bool>,
+}
+
+impl Switches {
+    /// Whether adapters take part in the forward pass.
+    pub fn adapters_enabled(&self) -> bool {
+        !self.adapters_disabled.get()
+    }
+    /// Enables or disables every adapter of the model.
+    pub fn set_adapters_enabled(&self, on: bool) {
+        self.adapters_disabled.set(!on)
+    }
+    /// Whether dropout is active.
+    pub fn training(&self) -> bool {
+        self.training.get()
+    }
+    /// Turns dropout on (train) or off (eval).
+    pub fn set_training(&self, on: bool) {
+        self.training.set(on)
+    }
+}
+
+/// The LoRA part of a linear layer: y += scale * dropout(x) Aᵀ Bᵀ.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// (r, in), PEFT's `lora_A.weight`.
+    pub a: Tensor,
+    /// (out, r), PEFT's `lora_B.weight`.
+    pub b: Tensor,
+    /// lora_alpha / r (or / sqrt(r) with rsLoRA).
+    pub scale: f64,
+    /// Dropout probability on the adapter's input.
+    pub dropout: f64,
+}
+
+/// A linear layer over a frozen or trainable weight, optionally carrying a LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out, in) for nn.Linear; (in, out) for GPT-2's Conv1D (`conv1d` = true).
+    weight: Tensor,
+    bias: Option<Tensor>,
+    conv1d: bool,
+    lora: Option<LoraAdapter>,
+    switches: Rc<Switches>,
+}
+
+impl Linear {
+    /// Loads `{path}.weight` (and `.bias`), attaching a LoRA adapter when the config targets it.
+    pub fn load(
+        b: &Builder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        switches: &Rc<Switches>,
+    ) -> Result<Self> {
+        Self::load_inner(b, in_dim, out_dim, bias, false, switches)
+    }
+
+    /// Loads a GPT-2 Conv1D: the weight is stored transposed, (in, out).
+    pub fn load_conv1d(
+        b: &Builder,
+        in_dim: usize,
+        out_dim: usize,
+        switches: &Rc<Switches>,
+    ) -> Result<Self> {
+        Self::load_inner(b, in_dim, out_dim, true, true, switches)
+    }
+
+    fn load_inner(
+        b: &Builder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        conv1d: bool,
+        switches: &Rc<Switches>,
+    ) -> Result<Self> {
+        let shape = if conv1d {
+            [in_dim, out_dim]
+        } else {
+            [out_dim, in_dim]
+        };
+        let weight = b.get(&shape, "weight")?;
+        let bias = if bias {
+            Some(b.get(&[out_dim], "bias")?)
+        } else {
+            None
+        };
+        let lora = match b.training() {
+            Training::Lora(cfg) if cfg.targets(b.path()) => {
+                Some(new_adapter(b, cfg, in_dim, out_dim)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            conv1d,
+            lora,
+            switches: switches.clone(),
+        })
+    }
+
+    /// A linear layer from tensors already at hand (tied heads).
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>, switches: &Rc<Switches>) -> Self {
+        Self {
+            weight,
+            bias,
+            conv1d: false,
+            lora: None,
+            switches: switches.clone(),
+        }
+    }
+
+    /// The weight as stored in the checkpoint.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    // x: (..., in) -> (..., out)
+    /// y = x Wᵀ + b (+ the adapter's update when adapters are enabled).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let w = if self.conv1d {
+            self.weight.clone()
+        } else {
+            self.weight.t()?
+        };
+        let mut y = x2.matmul(&w)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(l) = &self.lora {
+            if self.switches.adapters_enabled() {
+                let xin = if self.switches.training() && l.dropout > 0.0 {
+                    candle_nn::ops::dropout(&x2, l.dropout as f32)?
+                } else {
+                    x2.clone()
+                };
+                let delta = xin.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                y = (y + (delta * l.scale)?)?;
+            }
+        }
+        let out_dim = y.dim(1)?;
+        let mut out_shape = dims;
+        *out_shape.last_mut().expect("x has at least one dim") = out_dim;
+        Ok(y.reshape(out_shape)?)
+    }
+
+    /// Folds the adapter into the weight: W += scale * B A (transposed for Conv1D).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.detach()),
+            Some(l) => {
+                let delta = (l.b.matmul(&l.a)? * l.scale)?; // (out, in)
+                let delta = if self.conv1d { delta.t()? } else { delta };
+                Ok((self.weight.detach() + delta.detach())?)
+            }
+        }
+    }
+}
+
+fn new_adapter(
+    b: &Builder,
+    cfg: &LoraConfig,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<LoraAdapter> {
+    // PEFT's init: A ~ kaiming_uniform(a=√5) = U(-1/√in, 1/√in), B = 0, so the adapted model
+    // starts exactly at the base model.
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let a = b.uniform(&[cfg.r, in_dim], bound)?;
+    let bz = Tensor::zeros((out_dim, cfg.r), b.dtype(), b.device())?;
+    let base = crate::lora::peft_module_name(b.path());
+    let a = b.new_trainable(format!("{base}.lora_A.weight"), a)?;
+    let bm = b.new_trainable(format!("{base}.lora_B.weight"), bz)?;
+    Ok(LoraAdapter {
+        a,
+        b: bm,
+        scale: cfg.scale(),
+        dropout: cfg.lora_dropout,
+    })
+}
+
+/// A token (or position) embedding table.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    /// Loads `{path}.weight` of shape (n, dim).
+    pub fn load(b: &Builder, n: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: b.get(&[n, dim], "weight")?,
+        })
+    }
+
+    /// The table, (n, dim).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    // ids: (b, t) u32 -> (b, t, dim)
+    /// Looks rows up; differentiable with respect to the table.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (bsz, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let rows = self.weight.index_select(&flat, 0)?;
+        Ok(rows.reshape((bsz, t, self.weight.dim(1)?))?)
+    }
+}
+
+/// Llama's RMSNorm.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `{path}.weight`.
+    pub fn load(b: &Builder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: b.get(&[dim], "weight")?,
+            eps,
+        })
+    }
+    // x: (..., h) -> (..., h)
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// LayerNorm with weight and bias (GPT-2, OPT).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `{path}.weight` and `{path}.bias`.
+    pub fn load(b: &Builder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: b.get(&[dim], "weight")?,
+            bias: b.get(&[dim], "bias")?,
+            eps,
+        })
+    }
+    // x: (..., h) -> (..., h)
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Repeats key/value heads for grouped-query attention.
+// x: (b, kv_heads, t, d) -> (b, kv_heads * n_rep, t, d)
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, h, n_rep, t, d))?
+        .reshape((b, h * n_rep, t, d))?)
+}
+
+/// Scaled dot-product attention with an additive bias.
+// q: (b, h, tq, d), k/v: (b, h, tk, d), bias: (b, 1, tq, tk) -> (b, h, tq, d)
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = scores.broadcast_add(bias)?;
+    let probs = crate::ops::softmax(&scores)?;
+    Ok(probs.matmul(v)?)
+}
+
+/// Per-layer key/value cache for generation.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Appends this step's keys and values for `layer` and returns the full sequences.
+    // k, v: (b, h, t, d) -> (b, h, past + t, d)
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.layers[layer] {
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the batch rows in `keep` (finished sequences leave the batch).
+    pub fn select_rows(&mut self, keep: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(keep, 0)?;
+            *v = v.index_select(keep, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Mean over the last dim kept for shapes (helper used by heads).
+pub fn last_dim(x: &Tensor) -> Result<usize> {
+    Ok(x.dim(D::Minus1)?)
+}

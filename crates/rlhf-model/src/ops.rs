@@ -1,0 +1,148 @@
+//! Differentiable building blocks.
+//!
+//! candle's fast ops (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope`) have no backward
+//! pass: gradients stop at them without an error. Everything here is either composed from ops
+//! that candle differentiates, or (see [`crate::fused`]) a fused kernel with its own backward.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::Result;
+
+/// Softmax over the last dimension, differentiable.
+// x: (..., n) -> (..., n)
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    crate::fused::softmax_last_dim(x)
+}
+
+/// Log-softmax over the last dimension, differentiable and stable.
+// x: (..., n) -> (..., n)
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// RMSNorm as Llama computes it: x / sqrt(mean(x²) + eps) * weight.
+// x: (..., h), weight: (h) -> (..., h)
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::fused::rms_norm(x, weight, eps)
+}
+
+/// LayerNorm with affine weight and bias.
+// x: (..., h), weight/bias: (h) -> (..., h)
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::fused::layer_norm(x, weight, bias, eps)
+}
+
+/// GPT-2's "gelu_new": the tanh approximation of GELU.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    // candle's Gelu unary op is the tanh approximation and has a backward pass.
+    Ok(x.gelu()?)
+}
+
+/// Applies the activation named in a config.json.
+pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    Ok(match name {
+        "silu" | "swish" => x.silu()?,
+        "relu" => x.relu()?,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.gelu()?,
+        "gelu" => x.gelu_erf()?,
+        other => {
+            return Err(crate::Error::Config(format!(
+                "activation function {other:?} is not supported (silu, relu, gelu, gelu_new)"
+            )))
+        }
+    })
+}
+
+/// Rotates pairs (x1, x2) -> (-x2, x1) across the two halves of the last dimension.
+// x: (b, h, t, d) -> (b, h, t, d)
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+/// Rotary embedding in the Hugging Face (half-split) layout.
+// x: (b, h, t, d), cos/sin: (b, 1, t, d) -> (b, h, t, d)
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    crate::fused::rope(x, cos, sin).or_else(|_| {
+        Ok(x.broadcast_mul(cos)?
+            .add(&rotate_half(x)?.broadcast_mul(sin)?)?)
+    })
+}
+
+/// The composed (unfused) rotary embedding, the reference the fused kernel is tested against.
+pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(cos)?
+        .add(&rotate_half(x)?.broadcast_mul(sin)?)?)
+}
+
+/// Additive attention bias: 0 where query i may see key j, a large negative number elsewhere.
+///
+/// Key j is visible to query i when j is not padding and j <= past_len + i (causal). A query
+/// row with no visible key (a left-pad position) gets all zeros, which keeps softmax finite;
+/// its output is never used.
+// key_mask: (b, past_len + t) of 0/1 -> (b, 1, t, past_len + t)
+pub fn attention_bias(key_mask: &[Vec<u8>], t: usize, device: &Device) -> Result<Tensor> {
+    let b = key_mask.len();
+    let k = key_mask.first().map(|r| r.len()).unwrap_or(0);
+    let past = k - t;
+    let mut v = vec![0f32; b * t * k];
+    for (bi, row) in key_mask.iter().enumerate() {
+        for i in 0..t {
+            let base = (bi * t + i) * k;
+            let mut any = false;
+            for j in 0..k {
+                let ok = row[j] != 0 && j <= past + i;
+                any |= ok;
+                v[base + j] = if ok { 0.0 } else { MASKED };
+            }
+            if !any {
+                v[base..base + k].fill(0.0);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, 1, t, k), device)?)
+}
+
+/// What masked scores get: finite, so that fully masked rows stay free of NaN.
+pub const MASKED: f32 = -1e9;
+
+/// Position ids from an attention mask: each row counts from its first real token, so a
+/// left-padded row sees the positions its unpadded twin sees (transformers' `generate` rule)
+/// and a right-padded row keeps `arange` (transformers' forward default), padding included.
+/// Leading pads get 0; their outputs are never used.
+// mask: (b, t) of 0/1 -> (b, t) positions
+pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
+    mask.iter()
+        .map(|row| {
+            let lead = row.iter().take_while(|&&m| m == 0).count();
+            (0..row.len())
+                .map(|j| j.saturating_sub(lead) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Cross-entropy of `logits` against `labels`, ignoring label -100, averaged over the rest.
+// logits: (n, vocab), labels: (n) i64 -> scalar
+pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let n = labels.len();
+    let keep: Vec<u32> = (0..n as u32).filter(|&i| labels[i as usize] != -100).collect();
+    let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
+    let device = logits.device();
+    let idx = Tensor::new(keep.as_slice(), device)?;
+    let rows = logits.index_select(&idx, 0)?;
+    let lp = log_softmax(&rows)?;
+    let tgt = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
+    let picked = lp.gather(&tgt, 1)?.squeeze(1)?;
+    Ok(picked.mean(0)?.neg()?)
+}
+
+/// Converts a float tensor to f32 on the CPU, flattened (for tests and outputs).
+pub fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}

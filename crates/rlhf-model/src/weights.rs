@@ -1,0 +1,431 @@
+//! Where a model's tensors come from and where its parameters go.
+//!
+//! A [`WeightSource`] holds a checkpoint's tensors by their Hugging Face names. A [`Builder`]
+//! walks the module tree with the same names (`b.pp("model").pp("layers").pp(0)`), so the
+//! loading code *is* the name map. Every tensor it hands out is recorded in a [`ParamStore`]
+//! under its HF name: frozen ones as plain tensors (no gradient is ever computed for them),
+//! trainable ones as candle `Var`s, which the optimiser updates in place.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::lora::LoraConfig;
+use crate::{Error, Result};
+
+/// A checkpoint's tensors, by name, with the file they came from (for error messages).
+#[derive(Debug, Clone)]
+pub struct WeightSource {
+    tensors: HashMap<String, Tensor>,
+    path: PathBuf,
+}
+
+impl WeightSource {
+    /// Reads `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+    pub fn from_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let mut tensors = HashMap::new();
+        let path = if single.exists() {
+            load_file(&single, device, dtype, &mut tensors)?;
+            single
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::bad_file(&index, e))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::bad_file(&index, "no \"weight_map\" object"))?;
+            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            for shard in shards {
+                let p = dir.join(shard);
+                if !p.exists() {
+                    return Err(Error::MissingFile {
+                        path: p,
+                        what: "a shard named in model.safetensors.index.json",
+                        hint: "copy every shard of the checkpoint into the directory".into(),
+                    });
+                }
+                load_file(&p, device, dtype, &mut tensors)?;
+            }
+            index
+        } else if dir.join("pytorch_model.bin").exists() {
+            return Err(Error::MissingFile {
+                path: single,
+                what: "weights in safetensors format",
+                hint: "only pytorch_model.bin is there; convert it once with transformers: \
+                       `AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`"
+                    .into(),
+            });
+        } else {
+            return Err(Error::MissingFile {
+                path: single,
+                what: "model weights",
+                hint: "expected model.safetensors or model.safetensors.index.json with its shards"
+                    .into(),
+            });
+        };
+        Ok(Self { tensors, path })
+    }
+
+    /// Builds a source from tensors in memory (tests, GGUF conversion, random init).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            tensors,
+            path: path.into(),
+        }
+    }
+
+    /// The file the tensors came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name`, checked against the shape the config implies.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+            hint: self.near_miss(name),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(|s| s.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn near_miss(&self, name: &str) -> String {
+        let last = name.rsplit('.').nth(1).unwrap_or(name);
+        let similar: Vec<&str> = self
+            .names()
+            .into_iter()
+            .filter(|n| n.contains(last))
+            .take(3)
+            .collect();
+        if similar.is_empty() {
+            String::new()
+        } else {
+            format!(" (similar names present: {})", similar.join(", "))
+        }
+    }
+}
+
+fn load_file(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    out: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    let loaded = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::bad_file(path, format!("cannot read safetensors: {e}")))?;
+    for (name, t) in loaded {
+        let t = if t.dtype().is_float() && t.dtype() != dtype {
+            t.to_dtype(dtype)?
+        } else {
+            t
+        };
+        out.insert(name, t);
+    }
+    Ok(())
+}
+
+/// One named parameter: a frozen tensor, or a trainable `Var`.
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// Never receives a gradient.
+    Frozen(Tensor),
+    /// Updated by the optimiser.
+    Trainable(Var),
+}
+
+impl Param {
+    /// The tensor view (shares storage with the `Var` when trainable).
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Param::Frozen(t) => t,
+            Param::Trainable(v) => v.as_tensor(),
+        }
+    }
+}
+
+/// Every parameter of a model under its Hugging Face (or PEFT) name.
+#[derive(Debug, Default)]
+pub struct ParamStore {
+    params: BTreeMap<String, Param>,
+}
+
+impl ParamStore {
+    /// Records a parameter.
+    pub fn insert(&mut self, name: String, p: Param) {
+        self.params.insert(name, p);
+    }
+
+    /// All parameters, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Param)> {
+        self.params.iter()
+    }
+
+    /// The parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&Param> {
+        self.params.get(name)
+    }
+
+    /// The trainable parameters, sorted by name: what the optimiser owns.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.params
+            .iter()
+            .filter_map(|(n, p)| match p {
+                Param::Trainable(v) => Some((n.clone(), v.clone())),
+                Param::Frozen(_) => None,
+            })
+            .collect()
+    }
+
+    /// Number of scalar values in trainable / all parameters.
+    pub fn counts(&self) -> (usize, usize) {
+        let mut trainable = 0;
+        let mut all = 0;
+        for p in self.params.values() {
+            let n = p.tensor().elem_count();
+            all += n;
+            if matches!(p, Param::Trainable(_)) {
+                trainable += n;
+            }
+        }
+        (trainable, all)
+    }
+}
+
+/// What becomes trainable when a model is built.
+#[derive(Debug, Clone, Default)]
+pub enum Training {
+    /// Inference only: nothing is a `Var`.
+    #[default]
+    Frozen,
+    /// Full fine-tuning: every weight is a `Var`.
+    Full,
+    /// LoRA: adapter matrices and `modules_to_save` are `Var`s, the base stays frozen.
+    Lora(LoraConfig),
+}
+
+struct Shared {
+    source: WeightSource,
+    store: RefCell<ParamStore>,
+    training: Training,
+    device: Device,
+    dtype: DType,
+    /// Heads missing from the checkpoint are initialised N(0, init_std), as transformers does.
+    init_std: f64,
+    rng: RefCell<rand::rngs::StdRng>,
+    /// Names of modules_to_save entries that matched a module.
+    matched_saves: RefCell<Vec<String>>,
+}
+
+/// Walks the module tree, handing out tensors by path and recording them as parameters.
+#[derive(Clone)]
+pub struct Builder {
+    shared: Rc<Shared>,
+    prefix: String,
+}
+
+impl Builder {
+    /// A builder over `source`; `seed` drives initialisation of missing heads and LoRA A.
+    pub fn new(
+        source: WeightSource,
+        training: Training,
+        device: Device,
+        dtype: DType,
+        init_std: f64,
+        seed: u64,
+    ) -> Self {
+        use rand::SeedableRng;
+        Self {
+            shared: Rc::new(Shared {
+                source,
+                store: RefCell::new(ParamStore::default()),
+                training,
+                device,
+                dtype,
+                init_std,
+                rng: RefCell::new(rand::rngs::StdRng::seed_from_u64(seed)),
+                matched_saves: RefCell::new(Vec::new()),
+            }),
+            prefix: String::new(),
+        }
+    }
+
+    /// The builder one level down: `pp("layers").pp(3)`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Self {
+            shared: self.shared.clone(),
+            prefix,
+        }
+    }
+
+    /// This module's full dotted path.
+    pub fn path(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.shared.device
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.shared.dtype
+    }
+
+    /// The training mode.
+    pub fn training(&self) -> &Training {
+        &self.shared.training
+    }
+
+    /// The source's file, for messages.
+    pub fn source(&self) -> &WeightSource {
+        &self.shared.source
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Whether the checkpoint has `name` under this path.
+    pub fn contains(&self, name: &str) -> bool {
+        self.shared.source.contains(&self.full_name(name))
+    }
+
+    /// A base-model weight: trainable only in full fine-tuning, or when this module is in
+    /// LoRA's `modules_to_save`.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let t = self.shared.source.get(&full, shape)?;
+        let trainable = match &self.shared.training {
+            Training::Frozen => false,
+            Training::Full => true,
+            Training::Lora(cfg) => self.in_modules_to_save(cfg),
+        };
+        Ok(self.record(full, t, trainable)?)
+    }
+
+    /// Like [`get`](Self::get), but a tensor absent from the checkpoint is initialised
+    /// N(0, init_std) (a new score or value head on a causal-LM checkpoint).
+    pub fn get_or_init(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        if self.shared.source.contains(&full) {
+            return self.get(shape, name);
+        }
+        tracing::info!("{full} not in the checkpoint: initialised N(0, {})", self.shared.init_std);
+        let t = self.randn(shape, self.shared.init_std)?;
+        let trainable = match &self.shared.training {
+            Training::Frozen => false,
+            Training::Full => true,
+            Training::Lora(cfg) => self.in_modules_to_save(cfg),
+        };
+        self.record(full, t, trainable)
+    }
+
+    /// A new trainable tensor that is not part of the base checkpoint (LoRA A/B).
+    pub fn new_trainable(&self, name: String, t: Tensor) -> Result<Tensor> {
+        self.record(name, t, true)
+    }
+
+    /// Normal(0, std) values from the builder's seeded generator.
+    pub fn randn(&self, shape: &[usize], std: f64) -> Result<Tensor> {
+        use rand::Rng;
+        let n: usize = shape.iter().product();
+        let mut rng = self.shared.rng.borrow_mut();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                // Box-Muller: rand 0.9 has no normal distribution without rand_distr.
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random::<f64>();
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &self.shared.device)?.to_dtype(self.shared.dtype)?)
+    }
+
+    /// Uniform(-bound, bound) values from the builder's seeded generator.
+    pub fn uniform(&self, shape: &[usize], bound: f64) -> Result<Tensor> {
+        use rand::Rng;
+        let n: usize = shape.iter().product();
+        let mut rng = self.shared.rng.borrow_mut();
+        let v: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &self.shared.device)?.to_dtype(self.shared.dtype)?)
+    }
+
+    fn record(&self, name: String, t: Tensor, trainable: bool) -> Result<Tensor> {
+        let param = if trainable {
+            Param::Trainable(Var::from_tensor(&t)?)
+        } else {
+            Param::Frozen(t)
+        };
+        let tensor = param.tensor().clone();
+        self.shared.store.borrow_mut().insert(name, param);
+        Ok(tensor)
+    }
+
+    /// Whether this module's path is one of LoRA's `modules_to_save` (matched like PEFT:
+    /// the module name or its last component).
+    fn in_modules_to_save(&self, cfg: &LoraConfig) -> bool {
+        let module = &self.prefix;
+        let hit = cfg.modules_to_save.iter().find(|m| {
+            module == *m || module.ends_with(&format!(".{m}"))
+        });
+        if let Some(m) = hit {
+            let mut seen = self.shared.matched_saves.borrow_mut();
+            if !seen.contains(m) {
+                seen.push(m.clone());
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The modules_to_save entries that matched some module.
+    pub fn matched_modules_to_save(&self) -> Vec<String> {
+        self.shared.matched_saves.borrow().clone()
+    }
+
+    /// Takes the parameters recorded so far (called once, when the model is complete).
+    pub fn into_store(self) -> ParamStore {
+        std::mem::take(&mut *self.shared.store.borrow_mut())
+    }
+}
