@@ -308,8 +308,9 @@ impl crate::model::Backbone for Llama {
         bias: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (cos, sin) = rope_cos_sin(&self.inv_freq, positions, ids.device())?;
         let mut x = self.embed_tokens.forward(ids)?;
+        let (cos, sin) = rope_cos_sin(&self.inv_freq, positions, ids.device())?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let c = cache.as_deref_mut().map(|c| (c, i));

@@ -149,6 +149,7 @@ pub struct Model {
     lora: Option<LoraConfig>,
     dir: PathBuf,
     device: Device,
+    dtype: DType,
 }
 
 /// A right- or left-padded batch of token ids.
@@ -297,12 +298,18 @@ impl Model {
             lora,
             dir: dir.to_path_buf(),
             device: opts.device.clone(),
+            dtype: opts.dtype,
         })
     }
 
     /// The directory the model came from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device.
@@ -342,7 +349,8 @@ impl Model {
         let ids = batch.ids_tensor(&self.device)?;
         let positions = crate::ops::positions_from_mask(&batch.attention_mask);
         let t = ids.dim(1)?;
-        let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?;
+        let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?
+            .to_dtype(self.dtype)?;
         self.backbone.forward(&ids, &positions, &bias, None)
     }
 
@@ -356,7 +364,7 @@ impl Model {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let t = ids.dim(1)?;
-        let bias = crate::ops::attention_bias(key_mask, t, &self.device)?;
+        let bias = crate::ops::attention_bias(key_mask, t, &self.device)?.to_dtype(self.dtype)?;
         self.backbone.forward(ids, positions, &bias, Some(cache))
     }
 

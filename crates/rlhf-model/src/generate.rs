@@ -1,0 +1,208 @@
+//! Batched generation with a KV cache: greedy, temperature, top-k and top-p sampling, stopping
+//! at EOS or `max_new_tokens`, seeded, returning the log-probability of each sampled token.
+//!
+//! Prompts are left-padded into one batch; each row's positions count from its first real
+//! token, so a row generates the same tokens batched or alone.
+
+use candle_core::{Tensor, D};
+use rand::{Rng, SeedableRng};
+
+use crate::model::{Batch, Model};
+use crate::Result;
+
+/// Decoding settings, named like transformers' `GenerationConfig`.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    /// Tokens to generate at most per row.
+    pub max_new_tokens: usize,
+    /// 0 means greedy; otherwise logits are divided by it before sampling.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (None or 0: no limit).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p (None or 1.0: no limit).
+    pub top_p: Option<f64>,
+    /// Ids that end a row; empty means generate exactly max_new_tokens.
+    pub eos_token_ids: Vec<u32>,
+    /// Id used to pad prompts (left) and finished rows.
+    pub pad_token_id: u32,
+    /// Seed of the sampler.
+    pub seed: u64,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            eos_token_ids: Vec::new(),
+            pad_token_id: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// One generated continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The generated ids, EOS included when the row stopped on it.
+    pub completion_ids: Vec<u32>,
+    /// log π(token) of each generated id under the temperature-scaled distribution before
+    /// top-k/top-p filtering (what PPO needs; TRL computes it the same way).
+    pub logprobs: Vec<f32>,
+    /// Whether the row ended with an EOS id.
+    pub finished: bool,
+}
+
+/// Generates a continuation for every prompt in one left-padded batch.
+pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Generation>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    if prompts.iter().any(|p| p.is_empty()) {
+        return Err(crate::Error::Config("cannot generate from an empty prompt".into()));
+    }
+    let device = model.device().clone();
+    let batch = Batch::pad(prompts, cfg.pad_token_id, true);
+    let b = batch.len();
+    let mut key_mask = batch.attention_mask.clone();
+    let mut positions = crate::ops::positions_from_mask(&batch.attention_mask);
+    let mut cache = model.new_cache();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut out: Vec<Generation> = (0..b)
+        .map(|_| Generation {
+            completion_ids: Vec::new(),
+            logprobs: Vec::new(),
+            finished: false,
+        })
+        .collect();
+
+    let mut ids = batch.ids_tensor(&device)?;
+    for _step in 0..cfg.max_new_tokens {
+        let hidden = model.hidden_cached(&ids, &positions, &key_mask, &mut cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        let logits = model.logits(&last)?.squeeze(1)?; // (b, vocab)
+        let logits = logits.to_dtype(candle_core::DType::F32)?;
+        let scaled = if cfg.temperature > 0.0 {
+            (logits / cfg.temperature)?
+        } else {
+            logits
+        };
+        let logp = crate::ops::log_softmax(&scaled)?.detach();
+        let rows: Vec<Vec<f32>> = logp.to_vec2()?;
+        let active: Vec<bool> = out.iter().map(|g| !g.finished).collect();
+        let mut next = Vec::with_capacity(b);
+        for (r, row) in rows.iter().enumerate() {
+            if out[r].finished {
+                next.push(cfg.pad_token_id);
+                continue;
+            }
+            let tok = if cfg.temperature > 0.0 {
+                sample(row, cfg.top_k, cfg.top_p, &mut rng)
+            } else {
+                argmax(row)
+            };
+            out[r].completion_ids.push(tok);
+            out[r].logprobs.push(row[tok as usize]);
+            if cfg.eos_token_ids.contains(&tok) {
+                out[r].finished = true;
+            }
+            next.push(tok);
+        }
+        if out.iter().all(|g| g.finished) {
+            break;
+        }
+        // Rows that had finished get a masked pad slot so every row's cache stays aligned.
+        for r in 0..b {
+            let p = positions[r].last().copied().unwrap_or(0) + 1;
+            key_mask[r].push(active[r] as u8);
+            positions[r] = vec![p];
+        }
+        ids = Tensor::from_vec(next, (b, 1), &device)?;
+    }
+    Ok(out)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in row.iter().enumerate() {
+        // Strictly greater: ties go to the lowest id, as torch.argmax does.
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Samples from log-probabilities after top-k and top-p filtering.
+fn sample(logp: &[f32], top_k: Option<usize>, top_p: Option<f64>, rng: &mut impl Rng) -> u32 {
+    let mut idx: Vec<u32> = (0..logp.len() as u32).collect();
+    idx.sort_unstable_by(|&a, &b| logp[b as usize].total_cmp(&logp[a as usize]).then(a.cmp(&b)));
+    let mut keep = idx.len();
+    if let Some(k) = top_k.filter(|&k| k > 0) {
+        keep = keep.min(k);
+    }
+    let probs: Vec<f64> = idx[..keep].iter().map(|&i| (logp[i as usize] as f64).exp()).collect();
+    if let Some(p) = top_p.filter(|&p| p < 1.0) {
+        let total: f64 = probs.iter().sum();
+        let mut acc = 0.0;
+        let mut n = 0;
+        for q in &probs {
+            acc += q / total;
+            n += 1;
+            // transformers keeps tokens while the mass *before* them is below p.
+            if acc >= p {
+                break;
+            }
+        }
+        keep = n.max(1);
+    }
+    let total: f64 = probs[..keep].iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (j, q) in probs[..keep].iter().enumerate() {
+        u -= q;
+        if u <= 0.0 {
+            return idx[j];
+        }
+    }
+    idx[keep - 1]
+}
+
+/// Log-probabilities of given continuation tokens under the model (teacher forcing): the
+/// PPO/DPO quantity, differentiable when the model has trainable parameters.
+// logits: (b, t, vocab), targets: (b, t) u32 -> (b, t)
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lp = crate::ops::log_softmax(logits)?;
+    Ok(lp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
+        let logp: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for _ in 0..50 {
+            assert_eq!(sample(&logp, Some(1), None, &mut rng), 0);
+            // top_p 0.7: 0.5 < 0.7 so token 1 is kept too, nothing else.
+            let t = sample(&logp, None, Some(0.7), &mut rng);
+            assert!(t == 0 || t == 1, "sampled {t}");
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logp: Vec<f32> = [0.7f32, 0.2, 0.1].iter().map(|p| p.ln()).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut counts = [0usize; 3];
+        for _ in 0..20_000 {
+            counts[sample(&logp, None, None, &mut rng) as usize] += 1;
+        }
+        let f0 = counts[0] as f64 / 20_000.0;
+        assert!((f0 - 0.7).abs() < 0.02, "frequency of token 0: {f0}");
+    }
+}
