@@ -121,6 +121,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Seed for new heads and LoRA A matrices.
     pub seed: u64,
+    /// A PEFT adapter directory to apply (its LoRA config is used unless `training` is LoRA).
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -131,6 +133,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             seed: 42,
+            adapter: None,
         }
     }
 }
@@ -210,7 +213,16 @@ impl Model {
     /// name (`org/model`) gets an error saying how to fetch it: nothing is downloaded here.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let source = WeightSource::from_dir(check_dir(dir)?, &opts.device, opts.dtype)?;
-        Self::from_source(dir, source, opts)
+        let Some(adapter) = &opts.adapter else {
+            return Self::from_source(dir, source, opts);
+        };
+        let mut opts = opts.clone();
+        if !matches!(opts.training, Training::Lora(_)) {
+            opts.training = Training::Lora(LoraConfig::from_peft_dir(adapter)?);
+        }
+        let model = Self::from_source(dir, source, &opts)?;
+        model.load_adapter_weights(adapter)?;
+        Ok(model)
     }
 
     /// Builds a model from tensors already in memory; `dir` must still hold config.json.

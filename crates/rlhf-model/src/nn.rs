@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::lora::LoraConfig;
 use crate::weights::{Builder, Training};
@@ -169,18 +169,6 @@ impl Linear {
         let mut out_shape = dims;
         *out_shape.last_mut().expect("x has at least one dim") = out_dim;
         Ok(y.reshape(out_shape)?)
-    }
-
-    /// Folds the adapter into the weight: W += scale * B A (transposed for Conv1D).
-    pub fn merged_weight(&self) -> Result<Tensor> {
-        match &self.lora {
-            None => Ok(self.weight.detach()),
-            Some(l) => {
-                let delta = (l.b.matmul(&l.a)? * l.scale)?; // (out, in)
-                let delta = if self.conv1d { delta.t()? } else { delta };
-                Ok((self.weight.detach() + delta.detach())?)
-            }
-        }
     }
 }
 
@@ -351,7 +339,3 @@ impl KvCache {
     }
 }
 
-/// Mean over the last dim kept for shapes (helper used by heads).
-pub fn last_dim(x: &Tensor) -> Result<usize> {
-    Ok(x.dim(D::Minus1)?)
-}
