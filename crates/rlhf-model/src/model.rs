@@ -30,6 +30,13 @@ pub trait Backbone {
     fn hidden_size(&self) -> usize;
     /// The token embedding matrix (vocab, hidden), for tied LM heads.
     fn embed_weight(&self) -> &Tensor;
+    /// Position ids of a padded batch for a forward without cache. The default counts from
+    /// each row's first real token ([`crate::ops::positions_from_mask`]); OPT overrides it to
+    /// give padding the position transformers gives it.
+    // mask: (b, t) of 0/1 -> (b, t) positions
+    fn positions(&self, mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
+        crate::ops::positions_from_mask(mask)
+    }
 }
 
 /// The fields every config.json has that this layer needs, whatever the architecture.
@@ -56,6 +63,8 @@ pub const SUPPORTED: &str = "llama, mistral, qwen2, smollm (llama), gpt2, opt";
 
 enum Arch {
     Llama(crate::llama::Config),
+    Gpt2(crate::gpt2::Config),
+    Opt(crate::opt::Config),
 }
 
 fn parse_config(path: &Path, json: &serde_json::Value) -> Result<(Arch, CommonConfig)> {
@@ -67,6 +76,8 @@ fn parse_config(path: &Path, json: &serde_json::Value) -> Result<(Arch, CommonCo
     let from = |e: serde_json::Error| Error::bad_file(path, format!("{model_type} config: {e}"));
     let arch = match model_type.as_str() {
         "llama" | "mistral" | "qwen2" => Arch::Llama(serde_json::from_value(json.clone()).map_err(from)?),
+        "gpt2" => Arch::Gpt2(serde_json::from_value(json.clone()).map_err(from)?),
+        "opt" => Arch::Opt(serde_json::from_value(json.clone()).map_err(from)?),
         other => {
             return Err(Error::UnknownModelType {
                 path: path.to_path_buf(),
@@ -84,6 +95,9 @@ fn parse_config(path: &Path, json: &serde_json::Value) -> Result<(Arch, CommonCo
     };
     let (vocab_size, hidden_size, tie) = match &arch {
         Arch::Llama(c) => (c.vocab_size, c.hidden_size, c.tie_word_embeddings),
+        Arch::Gpt2(c) => (c.vocab_size, c.n_embd, c.tie_word_embeddings),
+        // The heads of OPT read word_embed_proj_dim-wide states (after project_out).
+        Arch::Opt(c) => (c.vocab_size, c.embed_dim(), c.tie_word_embeddings),
     };
     let common = CommonConfig {
         model_type,
@@ -238,6 +252,11 @@ impl Model {
         Self::from_config(dir, raw, source, opts)
     }
 
+    /// A randomly initialised model for a config.json (benchmarks and tests).
+    pub fn random(raw: serde_json::Value, opts: &LoadOptions) -> Result<Self> {
+        Self::from_config(Path::new("<random init>"), raw, WeightSource::random(), opts)
+    }
+
     /// Builds a model from a parsed config.json and tensors.
     pub fn from_config(
         dir: &Path,
@@ -266,6 +285,8 @@ impl Model {
         let switches = Rc::new(Switches::default());
         let backbone: Box<dyn Backbone> = match &arch {
             Arch::Llama(c) => Box::new(crate::llama::Llama::load(&b, c, &switches)?),
+            Arch::Gpt2(c) => Box::new(crate::gpt2::Gpt2::load(&b, c, &switches)?),
+            Arch::Opt(c) => Box::new(crate::opt::Opt::load(&b, c, &switches)?),
         };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let want_lm = matches!(opts.heads, Heads::Lm | Heads::LmAndScore);
@@ -359,7 +380,7 @@ impl Model {
     // batch: (b, t) -> (b, t, hidden)
     pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
         let ids = batch.ids_tensor(&self.device)?;
-        let positions = crate::ops::positions_from_mask(&batch.attention_mask);
+        let positions = self.backbone.positions(&batch.attention_mask);
         let t = ids.dim(1)?;
         let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?
             .to_dtype(self.dtype)?;

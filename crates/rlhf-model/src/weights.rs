@@ -74,7 +74,22 @@ impl WeightSource {
         Ok(Self { tensors, path })
     }
 
-    /// Builds a source from tensors in memory (tests, GGUF conversion, random init).
+    /// A source with no tensors whose every request is initialised at random (1-D weights to
+    /// ones, biases to zeros, matrices N(0, initializer_range)): fresh models for benchmarks
+    /// and tests.
+    pub fn random() -> Self {
+        Self {
+            tensors: HashMap::new(),
+            path: PathBuf::from("<random init>"),
+        }
+    }
+
+    /// Whether this is the [`random`](Self::random) source.
+    pub fn is_random(&self) -> bool {
+        self.tensors.is_empty() && self.path.as_os_str() == "<random init>"
+    }
+
+    /// Builds a source from tensors in memory (tests, GGUF conversion).
     pub fn from_tensors(tensors: HashMap<String, Tensor>, path: impl Into<PathBuf>) -> Self {
         Self {
             tensors,
@@ -323,7 +338,8 @@ impl Builder {
         }
     }
 
-    /// Whether the checkpoint has `name` under this path.
+    /// Whether the checkpoint has `name` under this path (a random source has everything
+    /// but a separate LM head when embeddings are tied, decided by the config).
     pub fn contains(&self, name: &str) -> bool {
         self.shared.source.contains(&self.full_name(name))
     }
@@ -332,20 +348,28 @@ impl Builder {
     /// LoRA's `modules_to_save`.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
-        let t = self.shared.source.get(&full, shape)?;
+        let t = if self.shared.source.is_random() {
+            match (shape.len(), name) {
+                (1, "weight") => Tensor::ones(shape, self.shared.dtype, &self.shared.device)?,
+                (_, "bias") => Tensor::zeros(shape, self.shared.dtype, &self.shared.device)?,
+                _ => self.randn(shape, self.shared.init_std)?,
+            }
+        } else {
+            self.shared.source.get(&full, shape)?
+        };
         let trainable = match &self.shared.training {
             Training::Frozen => false,
             Training::Full => true,
             Training::Lora(cfg) => self.in_modules_to_save(cfg),
         };
-        Ok(self.record(full, t, trainable)?)
+        self.record(full, t, trainable)
     }
 
     /// Like [`get`](Self::get), but a tensor absent from the checkpoint is initialised
     /// N(0, init_std) (a new score or value head on a causal-LM checkpoint).
     pub fn get_or_init(&self, shape: &[usize], name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
-        if self.shared.source.contains(&full) {
+        if self.shared.source.contains(&full) || self.shared.source.is_random() {
             return self.get(shape, name);
         }
         tracing::info!("{full} not in the checkpoint: initialised N(0, {})", self.shared.init_std);

@@ -1,1 +1,57 @@
-fn main() {}
+//! `rlhf`: one binary, one subcommand per RLHF stage. Data goes to stdout or `--output`; logs
+//! and progress go to stderr.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod jsonl;
+
+// candle allocates and frees a tensor per op; glibc malloc returns big blocks to the kernel
+// each time (mmap/munmap), which cost more than the math. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "rlhf", version, about = "RLHF in Rust: SFT, reward models, PPO, DPO and more")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a checkpoint into a Hugging Face directory.
+    Convert {
+        #[command(subcommand)]
+        what: cmd::convert::Convert,
+    },
+    /// Generate completions for prompts (JSONL in, JSONL out).
+    Generate(cmd::generate::Args),
+    /// Score prompt/response pairs with a reward model (JSONL in, JSONL out).
+    Score(cmd::score::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RLHF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Convert { what } => cmd::convert::run(what),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Score(a) => cmd::score::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! `rlhf generate`: prompts in, completions out.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use rlhf_model::generate::{generate, GenerationConfig};
+use rlhf_model::tokenizer::{ChatMessage, Tokenizer};
+use rlhf_model::{Heads, LoadOptions, Model};
+use serde_json::Value;
+
+use crate::jsonl::{self, Row};
+
+/// Options of `rlhf generate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (Hugging Face format).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL rows with "prompt" (a string, or a list of messages) or "messages".
+    #[arg(long)]
+    input: PathBuf,
+    /// Output JSONL (default: stdout).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Keep the k most likely tokens when sampling.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling mass.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_return_sequences: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap plain "prompt" strings in the model's chat template as a user turn.
+    #[arg(long)]
+    chat: bool,
+    /// Prompts per forward batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+}
+
+/// A prompt as the model sees it: text rendered through the chat template when asked, then ids.
+pub fn prompt_ids(tok: &Tokenizer, path: &Path, row: &Row, chat: bool) -> Result<Vec<u32>> {
+    let messages = match row.value.get("prompt") {
+        Some(Value::Array(_)) => jsonl::messages_field(path, row, "prompt")?,
+        _ => jsonl::messages_field(path, row, "messages")?,
+    };
+    if let Some(m) = messages {
+        let text = tok.apply_chat_template(&m, true)?;
+        // The template already holds any BOS it wants.
+        return Ok(tok.encode(&text, false)?);
+    }
+    let Some(prompt) = jsonl::str_field(path, row, "prompt")? else {
+        bail!(
+            "{}:{}: no \"prompt\" or \"messages\" field; rows look like {{\"prompt\": \"...\"}}",
+            path.display(),
+            row.line
+        );
+    };
+    if chat {
+        let text = tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
+        Ok(tok.encode(&text, false)?)
+    } else {
+        Ok(tok.encode(prompt, true)?)
+    }
+}
+
+/// EOS ids from config.json, generation_config.json and the tokenizer.
+pub fn eos_ids(model: &Model, tok: &Tokenizer) -> Vec<u32> {
+    let mut ids = model.config.eos_token_ids.clone();
+    let gen = model.dir().join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            match v.get("eos_token_id") {
+                Some(Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+                Some(Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+                _ => {}
+            }
+        }
+    }
+    ids.extend(tok.eos_token_id());
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Runs `rlhf generate`.
+pub fn run(a: Args) -> Result<()> {
+    if a.batch_size == 0 || a.num_return_sequences == 0 {
+        bail!("--batch-size and --num-return-sequences must be at least 1");
+    }
+    let tok = super::load_tokenizer(&a.model, a.adapter.as_deref())?;
+    let model = Model::load(
+        &a.model,
+        &LoadOptions {
+            heads: Heads::Lm,
+            adapter: a.adapter.clone(),
+            ..Default::default()
+        },
+    )?;
+    let rows = jsonl::read(&a.input)?;
+    let mut prompts = Vec::with_capacity(rows.len());
+    for row in &rows {
+        prompts.push(prompt_ids(&tok, &a.input, row, a.chat)?);
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        eos_token_ids: eos_ids(&model, &tok),
+        pad_token_id: tok.pad_or_eos_token_id().unwrap_or(0),
+        seed: a.seed,
+    };
+    // Each prompt appears num_return_sequences times in a row.
+    let jobs: Vec<(usize, usize)> = (0..rows.len())
+        .flat_map(|r| (0..a.num_return_sequences).map(move |s| (r, s)))
+        .collect();
+    let pb = super::progress(jobs.len() as u64, "generate");
+    let mut out = jsonl::Output::new(a.output.as_deref());
+    for (chunk_no, chunk) in jobs.chunks(a.batch_size).enumerate() {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&(r, _)| prompts[r].clone()).collect();
+        let cfg = GenerationConfig {
+            seed: a.seed.wrapping_add(chunk_no as u64),
+            ..cfg.clone()
+        };
+        let gens = generate(&model, &batch, &cfg)?;
+        for (&(r, s), g) in chunk.iter().zip(gens) {
+            let mut row = rows[r].value.clone();
+            row.insert("completion".into(), tok.decode(&g.completion_ids, true)?.into());
+            row.insert("completion_ids".into(), serde_json::json!(g.completion_ids));
+            row.insert("finish_reason".into(), if g.finished { "eos" } else { "length" }.into());
+            if a.num_return_sequences > 1 {
+                row.insert("sequence_index".into(), s.into());
+            }
+            out.write(&row)?;
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    out.finish()
+}
