@@ -3,12 +3,16 @@
 
 pub mod error;
 pub mod fused;
+pub mod generate;
 pub mod gguf;
+pub mod gpt2;
 pub mod llama;
 pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod opt;
+pub mod save;
 pub mod tokenizer;
 pub mod weights;
 

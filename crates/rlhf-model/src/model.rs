@@ -61,6 +61,8 @@ pub struct CommonConfig {
 /// Architectures this crate implements, as config.json's `model_type` names them.
 pub const SUPPORTED: &str = "llama, mistral, qwen2, smollm (llama), gpt2, opt";
 
+// Built once per load: the size difference between configs costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Arch {
     Llama(crate::llama::Config),
     Gpt2(crate::gpt2::Config),

@@ -22,6 +22,7 @@ fn check_logits_and_scores(arch: &str) {
     let mut want = Vec::new();
     flat_f32(&g["logits"], &mut want);
     let d = max_abs_diff(&got, &want);
+    eprintln!("{arch}: max |logits - transformers| = {d:e}");
     assert!(d < 1e-4, "{arch}: logits differ from transformers by {d}");
 
     let rm_dir = fixtures().join(g["reward_model_dir"].as_str().unwrap());
@@ -38,6 +39,7 @@ fn check_logits_and_scores(arch: &str) {
     let mut want = Vec::new();
     flat_f32(&g["reward_scores"], &mut want);
     let d = max_abs_diff(&scores, &want);
+    eprintln!("{arch}: max |scores - transformers| = {d:e}");
     assert!(d < 1e-4, "{arch}: scores {scores:?} vs transformers {want:?}");
 }
 
@@ -49,6 +51,52 @@ fn llama_gqa_matches_transformers() {
 #[test]
 fn qwen2_matches_transformers() {
     check_logits_and_scores("qwen2");
+}
+
+#[test]
+fn gpt2_matches_transformers() {
+    check_logits_and_scores("gpt2");
+}
+
+/// The original OpenAI `gpt2` upload is a bare GPT2Model: `wte.weight`, `h.0.ln_1.weight`, ...
+/// without the `transformer.` prefix. The same weights under those names give the same logits.
+#[test]
+fn gpt2_unprefixed_checkpoint_matches_transformers() {
+    use rlhf_model::weights::WeightSource;
+    let g = golden("gpt2");
+    let dir = fixtures().join("gpt2");
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (name.trim_start_matches("transformer.").to_string(), t))
+            .collect();
+    let source = WeightSource::from_tensors(tensors, dir.join("model.safetensors"));
+    assert!(source.contains("wte.weight") && !source.contains("transformer.wte.weight"));
+    let model = Model::from_source(&dir, source, &LoadOptions::default()).unwrap();
+    let batch = Batch {
+        input_ids: ids2(&g["input_ids"]),
+        attention_mask: ids2(&g["attention_mask"])
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x as u8).collect())
+            .collect(),
+    };
+    let logits = model.logits(&model.hidden(&batch).unwrap()).unwrap();
+    let got = rlhf_model::ops::to_vec_f32(&logits).unwrap();
+    let mut want = Vec::new();
+    flat_f32(&g["logits"], &mut want);
+    let d = max_abs_diff(&got, &want);
+    assert!(
+        d < 1e-4,
+        "unprefixed gpt2: logits differ from transformers by {d}"
+    );
+}
+
+/// Includes the logits at row 2's right-padding position, which depend on the position OPT
+/// gives padding (transformers' -1, row 1 of the table).
+#[test]
+fn opt_matches_transformers() {
+    check_logits_and_scores("opt");
 }
 
 fn check_greedy(arch: &str) {
@@ -97,6 +145,16 @@ fn qwen2_greedy_matches_transformers() {
     check_greedy("qwen2");
 }
 
+#[test]
+fn gpt2_greedy_matches_transformers() {
+    check_greedy("gpt2");
+}
+
+#[test]
+fn opt_greedy_matches_transformers() {
+    check_greedy("opt");
+}
+
 /// Prompts of different lengths: every row of the left-padded batch must generate what it
 /// generates alone (the fixtures' own batch has equal lengths, so this is the real check).
 fn check_left_padding(arch: &str) {
@@ -134,4 +192,14 @@ fn llama_gqa_left_padded_generation_matches_unbatched() {
 #[test]
 fn qwen2_left_padded_generation_matches_unbatched() {
     check_left_padding("qwen2");
+}
+
+#[test]
+fn gpt2_left_padded_generation_matches_unbatched() {
+    check_left_padding("gpt2");
+}
+
+#[test]
+fn opt_left_padded_generation_matches_unbatched() {
+    check_left_padding("opt");
 }
