@@ -145,12 +145,7 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let w = if self.conv1d {
-            self.weight.clone()
-        } else {
-            self.weight.t()?
-        };
-        let mut y = x2.matmul(&w)?;
+        let mut y = crate::frozen::linear(&x2, &self.weight, self.conv1d)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -218,7 +213,7 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (bsz, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        let rows = self.weight.index_select(&flat, 0)?;
+        let rows = crate::frozen::embedding(&self.weight, &flat)?;
         Ok(rows.reshape((bsz, t, self.weight.dim(1)?))?)
     }
 }

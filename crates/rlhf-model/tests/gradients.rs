@@ -87,7 +87,7 @@ fn autograd_matches_finite_differences(arch: &str) {
         let shape = var.as_tensor().shape().clone();
         for &k in &[0usize, orig.len() / 2, orig.len() - 1] {
             let eps = 1e-5;
-            let mut at = |delta: f64| {
+            let at = |delta: f64| {
                 let mut v = orig.clone();
                 v[k] += delta;
                 var.set(&Tensor::from_vec(v, shape.clone(), var.device()).unwrap()).unwrap();
@@ -158,4 +158,4 @@ macro_rules! grad_tests {
     )*};
 }
 
-grad_tests!(llama_gqa => "llama-gqa", qwen2 => "qwen2");
+grad_tests!(llama_gqa => "llama-gqa", qwen2 => "qwen2", gpt2 => "gpt2", opt => "opt");

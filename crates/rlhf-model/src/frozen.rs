@@ -1,0 +1,121 @@
+//! Ops that skip the gradient of frozen weights.
+//!
+//! candle's backward pass computes the gradient of *every* input of a tracked op, tracked or
+//! not: `x.matmul(w)` with a frozen `w` still pays for `xᵀ·grad` and a zero-filled buffer for
+//! it, and an embedding lookup into a frozen table still scatters into a table-sized buffer.
+//! With LoRA nearly every weight is frozen, so that is most of the backward pass. The ops here
+//! compute the forward with candle's own kernels and, in their backward, return a gradient for
+//! a weight only when the weight is tracked (a `Var`, or the result of tracked ops).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+use crate::Result;
+
+/// y = x·Wᵀ (nn.Linear layout) or y = x·W (Conv1D layout).
+struct LinearOp {
+    /// W is stored (in, out), GPT-2's Conv1D.
+    conv1d: bool,
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "frozen-aware-linear"
+    }
+
+    // x: (m, k), w: (n, k) or (k, n) -> (m, n)
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = (xl.dims()[0], xl.dims()[1]);
+        let wl = if self.conv1d { wl.clone() } else { wl.transpose(0, 1)? };
+        let n = wl.dims()[1];
+        let y = x.matmul(w, (1, m, n, k), xl, &wl)?;
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // grad: (m, n)
+        let dx = if self.conv1d {
+            grad.matmul(&w.t()?)?
+        } else {
+            grad.matmul(w)?
+        };
+        let dw = if w.track_op() {
+            Some(if self.conv1d {
+                x.t()?.matmul(grad)?
+            } else {
+                grad.t()?.matmul(x)?
+            })
+        } else {
+            None
+        };
+        let dx = if x.track_op() { Some(dx) } else { None };
+        Ok((dx, dw))
+    }
+}
+
+/// `x·Wᵀ` (or `x·W` for Conv1D) without a gradient for a frozen W.
+// x: (m, in), w: (out, in) | (in, out) -> (m, out)
+pub fn linear(x: &Tensor, w: &Tensor, conv1d: bool) -> Result<Tensor> {
+    if !x.device().is_cpu() || w.track_op() {
+        // A trainable weight needs its gradient anyway; plain ops run on every device.
+        let wt = if conv1d { w.clone() } else { w.t()? };
+        return Ok(x.matmul(&wt)?);
+    }
+    Ok(x.contiguous()?.apply_op2(w, LinearOp { conv1d })?)
+}
+
+/// Embedding lookup that scatters no gradient into a frozen table.
+struct EmbeddingOp;
+
+impl CustomOp2 for EmbeddingOp {
+    fn name(&self) -> &'static str {
+        "frozen-aware-embedding"
+    }
+
+    // table: (n, d), ids: (m) -> (m, d)
+    fn cpu_fwd(
+        &self,
+        table: &CpuStorage,
+        tl: &Layout,
+        ids: &CpuStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = table.index_select(ids, tl, il, 0)?;
+        Ok((out, Shape::from((il.dims()[0], tl.dims()[1]))))
+    }
+
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !table.track_op() {
+            return Ok((None, None));
+        }
+        let zeros = table.zeros_like()?;
+        Ok((Some(zeros.index_add(ids, grad, 0)?), None))
+    }
+}
+
+/// Rows of `table` for `ids`; a frozen table gets no gradient buffer.
+// table: (n, d), ids: (m) u32 -> (m, d)
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if !table.device().is_cpu() || table.track_op() {
+        return Ok(table.index_select(ids, 0)?);
+    }
+    Ok(table.apply_op2(&ids.contiguous()?, EmbeddingOp)?)
+}
