@@ -335,3 +335,65 @@ impl crate::model::Backbone for Llama {
     }
 
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: serde_json::Value) -> Config {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn llama3_rope_scaling_matches_transformers() {
+        // Expected values: transformers 5.23 ROPE_INIT_FUNCTIONS["llama3"] on this config
+        // (hidden 256, 4 heads, head_dim 64, theta 5e5, factor 8, low 1, high 4, original 8192),
+        // inv_freq at indices 0, 5, 10, 15, 20, 25, 31.
+        let cfg = config(serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 256, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "head_dim": 64,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+        }));
+        let inv = cfg.inv_freq().unwrap();
+        let want = [
+            (0, 1.0),
+            (5, 0.12868738174438477),
+            (10, 0.016560440883040428),
+            (15, 0.0013718936825171113),
+            (20, 3.428102354519069e-05),
+            (25, 4.411534519022098e-06),
+            (31, 3.76732259610435e-07),
+        ];
+        for (i, w) in want {
+            assert!((inv[i] - w).abs() <= 1e-6 * w, "inv_freq[{i}] = {} vs {w}", inv[i]);
+        }
+    }
+
+    #[test]
+    fn rope_theta_is_read_from_either_place() {
+        let base = serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 1
+        });
+        let mut old = base.clone();
+        old["rope_theta"] = 1e6.into();
+        let mut new = base.clone();
+        new["rope_parameters"] = serde_json::json!({"rope_theta": 1e6, "rope_type": "default"});
+        for c in [old, new] {
+            let inv = config(c).inv_freq().unwrap();
+            assert!((inv[1] - 1e6f64.powf(-2.0 / 8.0)).abs() < 1e-12);
+        }
+        // No theta anywhere: Llama's default 1e4.
+        let inv = config(base).inv_freq().unwrap();
+        assert!((inv[1] - 0.1).abs() < 1e-12);
+        // An unknown rope type is an error, not a silent default.
+        let mut bad = serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 1
+        });
+        bad["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
+        assert!(config(bad).inv_freq().is_err());
+    }
+}
