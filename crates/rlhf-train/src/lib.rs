@@ -1,0 +1,2 @@
+//! `rlhf-train`: losses, the AdamW optimiser and learning-rate schedulers, the training loop
+//! (accumulation, clipping, eval, logging, checkpoints, resume) and one module per trainer.
