@@ -378,6 +378,11 @@ impl Model {
         self.switches.set_training(on)
     }
 
+    /// Seeds the dropout masks of the next forward pass (see `Switches::set_dropout_seed`).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.switches.set_dropout_seed(seed)
+    }
+
     /// Hidden states for a padded batch (positions from the mask, causal + padding mask).
     // batch: (b, t) -> (b, t, hidden)
     pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {

@@ -16,6 +16,10 @@ pub struct Switches {
     adapters_disabled: Cell<bool>,
     /// When true, LoRA dropout is active.
     training: Cell<bool>,
+    /// Seed of the current micro-batch's dropout masks (set by the trainer each micro-batch).
+    dropout_seed: Cell<u64>,
+    /// Dropout calls since the seed was set: each call gets its own stream.
+    dropout_calls: Cell<u64>,
 }
 
 impl Switches {
@@ -34,6 +38,29 @@ impl Switches {
     /// Turns dropout on (train) or off (eval).
     pub fn set_training(&self, on: bool) {
         self.training.set(on)
+    }
+
+    /// Seeds the dropout masks of the next forward pass. Masks are a pure function of this
+    /// seed and the call order, so a resumed run draws exactly the masks the first run did.
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.dropout_seed.set(seed);
+        self.dropout_calls.set(0);
+    }
+
+    /// Inverted dropout with a mask drawn from the current seed.
+    // x: any shape -> same shape
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let call = self.dropout_calls.get();
+        self.dropout_calls.set(call + 1);
+        let seed = self.dropout_seed.get() ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
     }
 }
 
@@ -152,7 +179,7 @@ impl Linear {
         if let Some(l) = &self.lora {
             if self.switches.adapters_enabled() {
                 let xin = if self.switches.training() && l.dropout > 0.0 {
-                    candle_nn::ops::dropout(&x2, l.dropout as f32)?
+                    self.switches.dropout(&x2, l.dropout)?
                 } else {
                     x2.clone()
                 };
