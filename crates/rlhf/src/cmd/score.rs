@@ -28,32 +28,37 @@ pub struct Args {
     batch_size: usize,
 }
 
-/// The ids a reward model scores for a row, built as the reward trainer builds them (TRL):
-/// prompt + response with EOS appended; `messages` through the chat template; `text` as given.
+/// The ids a reward model scores for a row, built by the reward trainer's own rule
+/// (`rlhf_data::reward_ids`, TRL's: prompt + response with EOS text appended; message lists
+/// through the chat template) so a pair scores the same in training and here; `text` rows are
+/// scored exactly as given.
 pub fn row_ids(tok: &Tokenizer, path: &Path, row: &Row) -> Result<Vec<u32>> {
+    use rlhf_data::Content;
     if let Some(m) = jsonl::messages_field(path, row, "messages")? {
-        let text = tok.apply_chat_template(&m, false)?;
-        return Ok(tok.encode(&text, false)?);
+        return Ok(rlhf_data::reward_ids(tok, None, &Content::Messages(m))?);
     }
     if let Some(text) = jsonl::str_field(path, row, "text")? {
         return Ok(tok.encode(text, true)?);
     }
-    let prompt = jsonl::str_field(path, row, "prompt")?;
-    let response = jsonl::str_field(path, row, "response")?;
-    let (Some(prompt), Some(response)) = (prompt, response) else {
+    let content = |field: &str| -> Result<Option<Content>> {
+        if let Some(m) = match row.value.get(field) {
+            Some(serde_json::Value::Array(_)) => jsonl::messages_field(path, row, field)?,
+            _ => None,
+        } {
+            return Ok(Some(Content::Messages(m)));
+        }
+        Ok(jsonl::str_field(path, row, field)?.map(|s| Content::Text(s.to_string())))
+    };
+    let (prompt, response) = (content("prompt")?, content("response")?);
+    let Some(response) = response else {
         bail!(
             "{}:{}: expected {{\"prompt\", \"response\"}}, {{\"text\"}} or {{\"messages\"}}",
             path.display(),
             row.line
         );
     };
-    let mut ids = tok.encode(&format!("{prompt}{response}"), true)?;
-    if let Some(eos) = tok.eos_token_id() {
-        if ids.last() != Some(&eos) {
-            ids.push(eos);
-        }
-    }
-    Ok(ids)
+    rlhf_data::reward_ids(tok, prompt.as_ref(), &response)
+        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), row.line))
 }
 
 /// Runs `rlhf score`.
