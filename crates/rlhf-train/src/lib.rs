@@ -1,5 +1,16 @@
 //! `rlhf-train`: losses, the AdamW optimiser and learning-rate schedulers, the training loop
 //! (accumulation, clipping, eval, logging, checkpoints, resume) and one module per trainer.
 
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod losses;
 pub mod metrics;
+pub mod optim;
+pub mod reward;
+pub mod scheduler;
+pub mod sft;
 pub mod tensorboard;
+pub mod trainer;
+
+pub use error::{Error, Result};

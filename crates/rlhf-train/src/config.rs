@@ -1,0 +1,302 @@
+//! Training configuration from TOML, named like transformers' `TrainingArguments` and TRL's
+//! configs so that users' habits carry over. Unknown keys are errors that name the key and the
+//! closest valid one; `--set key=value` overrides any key (dotted for tables: `lora.r=8`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The keys every trainer shares (transformers' `TrainingArguments` names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrainingArgs {
+    /// Model directory (or the previous stage's output directory).
+    pub model: PathBuf,
+    /// Training data (JSONL or Parquet).
+    pub train_file: PathBuf,
+    /// Evaluation data.
+    pub eval_file: Option<PathBuf>,
+    /// Where checkpoints, logs and the final model go.
+    pub output_dir: PathBuf,
+    /// Optimiser steps; -1 means run `num_train_epochs` epochs.
+    pub max_steps: i64,
+    /// Epochs when `max_steps` is -1.
+    pub num_train_epochs: f64,
+    /// Examples (pairs, for the reward trainer) per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Examples per evaluation batch.
+    pub per_device_eval_batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// constant | constant_with_warmup | linear | cosine.
+    pub lr_scheduler_type: String,
+    /// Warmup steps (wins over `warmup_ratio` when > 0).
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of the total steps.
+    pub warmup_ratio: f64,
+    /// Decoupled weight decay (not applied to biases and norm weights).
+    pub weight_decay: f64,
+    /// AdamW β1.
+    pub adam_beta1: f64,
+    /// AdamW β2.
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    pub max_grad_norm: f64,
+    /// Only "adamw_torch" (and its alias "adamw") is implemented.
+    pub optim: String,
+    /// Write a checkpoint every this many steps (0 disables).
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints (oldest deleted first).
+    pub save_total_limit: Option<usize>,
+    /// Log every this many steps.
+    pub logging_steps: usize,
+    /// "no" | "steps" | "epoch"; alias `evaluation_strategy`.
+    #[serde(alias = "evaluation_strategy")]
+    pub eval_strategy: String,
+    /// Evaluate every this many steps (defaults to `logging_steps`).
+    pub eval_steps: Option<usize>,
+    /// Log sinks: "tensorboard", "jsonl", "all" or "none".
+    pub report_to: Vec<String>,
+    /// Seed of initialisation, shuffling and dropout.
+    pub seed: u64,
+    /// Longest sequence; longer ones are truncated and counted.
+    pub max_length: usize,
+    /// Skip malformed rows (counted and reported) instead of stopping.
+    pub skip_invalid: bool,
+    /// Shuffle the training data each epoch (transformers' default).
+    pub shuffle: bool,
+}
+
+impl Default for TrainingArgs {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            train_file: PathBuf::new(),
+            eval_file: None,
+            output_dir: PathBuf::from("output"),
+            max_steps: -1,
+            num_train_epochs: 3.0,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            lr_scheduler_type: "linear".into(),
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            optim: "adamw_torch".into(),
+            save_steps: 500,
+            save_total_limit: None,
+            logging_steps: 10,
+            eval_strategy: "no".into(),
+            eval_steps: None,
+            report_to: vec!["tensorboard".into(), "jsonl".into()],
+            seed: 42,
+            max_length: 1024,
+            skip_invalid: false,
+            shuffle: true,
+        }
+    }
+}
+
+/// Keys of the shared arguments, for unknown-key suggestions.
+pub const TRAINING_KEYS: &[&str] = &[
+    "model", "train_file", "eval_file", "output_dir", "max_steps", "num_train_epochs",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "save_steps",
+    "save_total_limit", "logging_steps", "eval_strategy", "evaluation_strategy", "eval_steps",
+    "report_to", "seed", "max_length", "skip_invalid", "shuffle",
+];
+
+/// Keys of the `[lora]` table (PEFT's LoraConfig names).
+pub const LORA_KEYS: &[&str] = &[
+    "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type", "modules_to_save",
+    "use_rslora",
+];
+
+/// Reads a TOML config file, applies `--set` overrides, and checks every key against
+/// `allowed` (top level) and the `[lora]` table's keys.
+pub fn load_table(path: &Path, overrides: &[String], allowed: &[&str]) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    check_keys(path, &table, allowed)?;
+    // Relative paths in the file are relative to the file, so a config works from any cwd.
+    let base = path.parent().unwrap_or(Path::new("."));
+    for key in ["model", "train_file", "eval_file", "output_dir", "ptx_file"] {
+        if let Some(toml::Value::String(s)) = table.get(key) {
+            let p = Path::new(s);
+            if p.is_relative() && !s.is_empty() {
+                let joined = base.join(p);
+                table.insert(key.into(), toml::Value::String(joined.to_string_lossy().into_owned()));
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// Parses `key=value` (value as TOML, bare words as strings) into the table.
+pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
+    let (key, raw) = o
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--set {o:?}: expected key=value")))?;
+    let value: toml::Value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts.pop().unwrap_or_default();
+    let mut t = table;
+    for p in parts {
+        t = t
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| Error::Config(format!("--set {o:?}: {p} is not a table")))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn check_keys(path: &Path, table: &toml::Table, allowed: &[&str]) -> Result<()> {
+    for (k, v) in table {
+        if k == "lora" {
+            let t = v.as_table().ok_or_else(|| {
+                Error::Config(format!("{}: `lora` must be a table ([lora])", path.display()))
+            })?;
+            for lk in t.keys() {
+                if !LORA_KEYS.contains(&lk.as_str()) {
+                    return Err(unknown(path, &format!("lora.{lk}"), lk, LORA_KEYS));
+                }
+            }
+        } else if !allowed.contains(&k.as_str()) {
+            return Err(unknown(path, k, k, allowed));
+        }
+    }
+    Ok(())
+}
+
+fn unknown(path: &Path, shown: &str, key: &str, allowed: &[&str]) -> Error {
+    let best = allowed
+        .iter()
+        .min_by_key(|a| edit_distance(key, a))
+        .copied()
+        .unwrap_or("");
+    Error::Config(format!(
+        "{}: unknown key `{shown}`; did you mean `{best}`?",
+        path.display()
+    ))
+}
+
+/// Levenshtein distance (keys are short; the quadratic table is fine).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let sub = prev[j - 1] + (a[i - 1] != b[j - 1]) as usize;
+            cur[j] = sub.min(prev[j] + 1).min(cur[j - 1] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Deserialises a checked table into a config type, naming the key on type errors.
+pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, table: toml::Table) -> Result<T> {
+    T::deserialize(toml::Value::Table(table))
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+impl TrainingArgs {
+    /// Checks values that serde cannot: positive sizes, known names, a model path.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.model.as_os_str().is_empty() {
+            return bad("`model` is required: a model directory".into());
+        }
+        if self.train_file.as_os_str().is_empty() {
+            return bad("`train_file` is required".into());
+        }
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad("per_device_train_batch_size and gradient_accumulation_steps must be at least 1".into());
+        }
+        if !matches!(self.optim.as_str(), "adamw_torch" | "adamw" | "adamw_torch_fused") {
+            return bad(format!("optim = {:?}: only adamw_torch is implemented", self.optim));
+        }
+        if !matches!(self.eval_strategy.as_str(), "no" | "steps" | "epoch") {
+            return bad(format!("eval_strategy = {:?}: use \"no\", \"steps\" or \"epoch\"", self.eval_strategy));
+        }
+        if self.eval_strategy != "no" && self.eval_file.is_none() {
+            return bad(format!("eval_strategy = {:?} needs an `eval_file`", self.eval_strategy));
+        }
+        if self.logging_steps == 0 {
+            return bad("logging_steps must be at least 1".into());
+        }
+        for r in &self.report_to {
+            if !matches!(r.as_str(), "tensorboard" | "jsonl" | "all" | "none") {
+                return bad(format!("report_to {r:?}: use \"tensorboard\", \"jsonl\", \"all\" or \"none\""));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_name_the_closest_valid_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "model = \"m\"\nlearning_rte = 1e-4\n").unwrap();
+        let err = load_table(&p, &[], TRAINING_KEYS).unwrap_err().to_string();
+        assert!(err.contains("`learning_rte`") && err.contains("`learning_rate`"), "{err}");
+        std::fs::write(&p, "[lora]\nrank = 4\n").unwrap();
+        let err = load_table(&p, &[], TRAINING_KEYS).unwrap_err().to_string();
+        assert!(err.contains("`lora.rank`") && err.contains("`r`"), "{err}");
+    }
+
+    #[test]
+    fn overrides_and_aliases_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "model = \"m\"\ntrain_file = \"t.jsonl\"\nevaluation_strategy = \"steps\"\n[lora]\nr = 16\n").unwrap();
+        let t = load_table(
+            &p,
+            &["learning_rate=1e-3".into(), "lora.r=8".into(), "optim=adamw".into()],
+            TRAINING_KEYS,
+        )
+        .unwrap();
+        assert_eq!(t["lora"]["r"].as_integer(), Some(8));
+        assert_eq!(t["model"].as_str().unwrap(), dir.path().join("m").to_str().unwrap());
+        let mut t2 = t.clone();
+        t2.remove("lora");
+        let args: TrainingArgs = parse(&p, t2).unwrap();
+        assert_eq!(args.learning_rate, 1e-3);
+        assert_eq!(args.eval_strategy, "steps");
+        assert_eq!(args.optim, "adamw");
+    }
+}

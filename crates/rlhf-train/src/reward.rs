@@ -1,0 +1,222 @@
+//! The reward-model trainer (InstructGPT step 2, TRL's `RewardTrainer`): a score head on the
+//! backbone trained with −log σ(r_chosen − r_rejected − margin) over every pair of a prompt's
+//! comparisons, with TRL's metric names (`accuracy`, `margin`, `mean_reward`, `min_reward`,
+//! `max_reward`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use rlhf_data::{collate_reward, Comparison, RewardGroup, TokenizeOptions};
+use rlhf_model::{Heads, Model};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, TrainingArgs};
+use crate::losses::reward_loss;
+use crate::trainer::{self, MicroOut, Objective, StepScale, Summary};
+use crate::Result;
+
+/// Keys of the reward trainer beyond the shared ones (TRL's RewardConfig names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RewardArgs {
+    /// Adds coefficient·mean((r_c + r_r)²) so rewards stay centred at 0 (Eisenstein et al.).
+    pub center_rewards_coefficient: Option<f64>,
+    /// Llama 2 margin table for rows with a `degree`: "small" {1, 2/3, 1/3, 0} or
+    /// "large" {3, 2, 1, 0}.
+    pub margin_table: rlhf_data::MarginTable,
+    /// Evaluate once before the first step (transformers' `eval_on_start`).
+    pub eval_on_start: bool,
+}
+
+impl Default for RewardArgs {
+    fn default() -> Self {
+        Self {
+            center_rewards_coefficient: None,
+            margin_table: rlhf_data::MarginTable::Small,
+            eval_on_start: false,
+        }
+    }
+}
+
+/// Every key a reward config may hold.
+fn allowed_keys() -> Vec<&'static str> {
+    let mut v = config::TRAINING_KEYS.to_vec();
+    v.extend(["center_rewards_coefficient", "margin_table", "eval_on_start", "lora"]);
+    v
+}
+
+/// A parsed reward config.
+#[derive(Debug, Clone)]
+pub struct RewardConfig {
+    /// Shared training arguments.
+    pub args: TrainingArgs,
+    /// Reward-specific arguments.
+    pub reward: RewardArgs,
+    /// LoRA, when the `[lora]` table is present.
+    pub lora: Option<rlhf_model::lora::LoraConfig>,
+}
+
+impl RewardConfig {
+    /// Reads `path` with `--set` overrides. TRL's RewardConfig defaults apply where the file
+    /// is silent (learning_rate 1e-4, max_length 1024).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut table = config::load_table(path, overrides, &allowed_keys())?;
+        let lora = match table.remove("lora") {
+            Some(v) => Some(config::parse::<rlhf_model::lora::LoraConfig>(path, v.as_table().cloned().unwrap_or_default())?),
+            None => None,
+        };
+        let mut reward_table = toml::Table::new();
+        for k in ["center_rewards_coefficient", "margin_table", "eval_on_start"] {
+            if let Some(v) = table.remove(k) {
+                reward_table.insert(k.into(), v);
+            }
+        }
+        table.entry("learning_rate").or_insert(toml::Value::Float(1e-4));
+        let args: TrainingArgs = config::parse(path, table)?;
+        args.validate()?;
+        let reward: RewardArgs = config::parse(path, reward_table)?;
+        Ok(Self { args, reward, lora })
+    }
+}
+
+/// The reward objective: one micro-batch of pair groups → loss and TRL's metrics.
+pub struct RewardObjective {
+    /// Padding id.
+    pub pad_id: u32,
+    /// See [`RewardArgs::center_rewards_coefficient`].
+    pub center_rewards_coefficient: Option<f64>,
+}
+
+impl RewardObjective {
+    // groups -> (scaled loss, stats, pairs, tokens)
+    fn forward(&self, model: &Model, groups: &[&RewardGroup]) -> Result<(Tensor, crate::losses::RewardStats, usize, usize)> {
+        let rb = collate_reward(groups.iter().copied(), self.pad_id);
+        let p = rb.num_pairs;
+        let hidden = model.hidden(&rb.batch)?;
+        let scores = model.scores(&hidden, &rb.batch)?; // (2P): chosen rows, then rejected
+        let chosen = scores.narrow(0, 0, p)?;
+        let rejected = scores.narrow(0, p, p)?;
+        let device = scores.device();
+        let margins = match &rb.margins {
+            Some(m) => Some(Tensor::new(m.as_slice(), device)?.to_dtype(scores.dtype())?),
+            None => None,
+        };
+        let uniform = rb.pair_weights.iter().all(|&w| (w - 1.0 / p as f32).abs() < 1e-9);
+        let weights = if uniform {
+            None
+        } else {
+            Some(Tensor::new(rb.pair_weights.as_slice(), device)?.to_dtype(scores.dtype())?)
+        };
+        let (loss, stats) = reward_loss(
+            &chosen,
+            &rejected,
+            margins.as_ref(),
+            weights.as_ref(),
+            self.center_rewards_coefficient,
+        )?;
+        let tokens = rb.batch.attention_mask.iter().flatten().filter(|&&m| m == 1).count();
+        Ok((loss, stats, p, tokens))
+    }
+}
+
+impl Objective for RewardObjective {
+    type Example = RewardGroup;
+
+    fn loss(&self, model: &Model, batch: &[&RewardGroup], scale: StepScale) -> Result<MicroOut> {
+        let (loss, s, pairs, tokens) = self.forward(model, batch)?;
+        // transformers divides a mean loss by the accumulation steps.
+        let loss = (loss / scale.micro_batches as f64)?;
+        Ok(MicroOut {
+            loss,
+            metrics: vec![
+                ("min_reward", s.min_reward),
+                ("mean_reward", s.mean_reward),
+                ("max_reward", s.max_reward),
+                ("accuracy", s.accuracy),
+                ("margin", s.margin),
+            ],
+            samples: pairs,
+            tokens,
+        })
+    }
+
+    fn evaluate(&self, model: &Model, examples: &[RewardGroup], batch_size: usize) -> Result<BTreeMap<String, f64>> {
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut n = 0.0;
+        for chunk in examples.chunks(batch_size.max(1)) {
+            let refs: Vec<&RewardGroup> = chunk.iter().collect();
+            let (loss, s, _, _) = self.forward(model, &refs)?;
+            let l = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            for (k, v) in [
+                ("loss", l),
+                ("accuracy", s.accuracy),
+                ("margin", s.margin),
+                ("mean_reward", s.mean_reward),
+                ("min_reward", s.min_reward),
+                ("max_reward", s.max_reward),
+            ] {
+                *sums.entry(k.to_string()).or_default() += v;
+            }
+            n += 1.0;
+        }
+        Ok(sums.into_iter().map(|(k, v)| (k, v / n)).collect())
+    }
+}
+
+/// Loads and tokenises a comparison file, logging what was skipped or truncated.
+pub fn load_groups(
+    path: &Path,
+    tok: &rlhf_model::tokenizer::Tokenizer,
+    args: &TrainingArgs,
+    margin_table: rlhf_data::MarginTable,
+) -> Result<Vec<RewardGroup>> {
+    let data = rlhf_data::load::<Comparison>(path, &rlhf_data::ReadOptions { skip_invalid: args.skip_invalid })?;
+    if data.report.skipped > 0 {
+        tracing::warn!("{}", data.report);
+    }
+    let opts = TokenizeOptions {
+        max_length: Some(args.max_length),
+        margin_table,
+        skip_invalid: args.skip_invalid,
+        ..Default::default()
+    };
+    let t = rlhf_data::tokenize_comparisons(tok, &data.records, &opts)?;
+    tracing::info!("{}: {}", path.display(), t.report);
+    Ok(t.examples)
+}
+
+/// `rlhf reward --config FILE [--set k=v]... [--resume [DIR]]`.
+pub fn run(config_path: &Path, overrides: &[String], resume: Option<Option<&Path>>) -> Result<Summary> {
+    let cfg = RewardConfig::load(config_path, overrides)?;
+    let args = &cfg.args;
+    let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
+    let train_set = load_groups(&args.train_file, &tok, args, cfg.reward.margin_table)?;
+    let eval_set = match &args.eval_file {
+        Some(p) => load_groups(p, &tok, args, cfg.reward.margin_table)?,
+        None => Vec::new(),
+    };
+    let resume_dir = match resume {
+        Some(given) => Some(trainer::resolve_resume(&args.output_dir, given)?),
+        None => None,
+    };
+    let model = crate::checkpoint::load_model(args, cfg.lora.as_ref(), Heads::Score, resume_dir.as_deref())?;
+    let (trainable, all) = model.params().counts();
+    tracing::info!(
+        "reward model: {trainable} trainable of {all} parameters ({:.2}%), {} train groups, {} eval groups",
+        100.0 * trainable as f64 / all.max(1) as f64,
+        train_set.len(),
+        eval_set.len()
+    );
+    let objective = RewardObjective {
+        pad_id: rlhf_data::pad_id(&tok)?,
+        center_rewards_coefficient: cfg.reward.center_rewards_coefficient,
+    };
+    if cfg.reward.eval_on_start && !eval_set.is_empty() && resume_dir.is_none() {
+        let m = objective.evaluate(&model, &eval_set, args.per_device_eval_batch_size)?;
+        tracing::info!("before training: eval accuracy {:.4}, eval loss {:.4}", m["accuracy"], m["loss"]);
+    }
+    // The tokenizer travels with the output so `rlhf score` and PEFT users find it.
+    tok.save(&args.output_dir)?;
+    trainer::train(args, &model, &objective, &train_set, &eval_set, Heads::Score, resume_dir.as_deref())
+}
