@@ -386,12 +386,21 @@ impl Model {
     /// Hidden states for a padded batch (positions from the mask, causal + padding mask).
     // batch: (b, t) -> (b, t, hidden)
     pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
-        let ids = batch.ids_tensor(&self.device)?;
         let positions = self.backbone.positions(&batch.attention_mask);
+        self.hidden_at(batch, &positions)
+    }
+
+    /// Hidden states with explicit position ids (as transformers' `position_ids`). With
+    /// `arange` for every row this reproduces transformers' forward on a left-padded batch
+    /// without position_ids, whose absolute-position models (GPT-2, OPT aside) then see
+    /// shifted positions; [`hidden`](Self::hidden) avoids that.
+    // batch: (b, t), positions: b rows of t -> (b, t, hidden)
+    pub fn hidden_at(&self, batch: &Batch, positions: &[Vec<u32>]) -> Result<Tensor> {
+        let ids = batch.ids_tensor(&self.device)?;
         let t = ids.dim(1)?;
         let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?
             .to_dtype(self.dtype)?;
-        self.backbone.forward(&ids, &positions, &bias, None)
+        self.backbone.forward(&ids, positions, &bias, None)
     }
 
     /// One step with a KV cache: `key_mask` covers past + new tokens, `positions` the new ones.

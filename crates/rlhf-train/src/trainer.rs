@@ -343,7 +343,7 @@ fn run_eval<O: Objective>(
 }
 
 fn epoch_of(sampler: &Sampler) -> f64 {
-    sampler.epoch() as f64 + sampler.epoch_progress()
+    sampler.epoch_progress()
 }
 
 /// Adds the gradients of `g` to `acc` for every trainable parameter.
