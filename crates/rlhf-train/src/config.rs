@@ -135,6 +135,10 @@ pub fn load_table(path: &Path, overrides: &[String], allowed: &[&str]) -> Result
     let mut table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
+    // transformers' old name; one spelling internally so an override replaces the file's value.
+    if let Some(v) = table.remove("evaluation_strategy") {
+        table.insert("eval_strategy".into(), v);
+    }
     for o in overrides {
         apply_override(&mut table, o)?;
     }
@@ -163,7 +167,11 @@ pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let key = match key.trim() {
+        "evaluation_strategy" => "eval_strategy",
+        k => k,
+    };
+    let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().unwrap_or_default();
     let mut t = table;
     for p in parts {
