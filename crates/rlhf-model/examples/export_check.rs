@@ -12,12 +12,21 @@ use rlhf_model::lora::{LoraConfig, TargetModules};
 use rlhf_model::{Batch, Heads, LoadOptions, Model, Training};
 
 fn main() -> rlhf_model::Result<()> {
-    let out = PathBuf::from(std::env::args().nth(1).expect("usage: export_check OUT_DIR"));
-    let fixtures = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/models"));
+    let out = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .expect("usage: export_check OUT_DIR"),
+    );
+    let fixtures = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/models"
+    ));
     let mut report = serde_json::Map::new();
     for arch in ["llama-gqa", "qwen2", "gpt2", "opt"] {
-        let golden: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixtures.join(arch).join("golden.json")).unwrap()).unwrap();
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join(arch).join("golden.json")).unwrap(),
+        )
+        .unwrap();
         let batch = Batch {
             input_ids: serde_json::from_value(golden["input_ids"].clone()).unwrap(),
             attention_mask: serde_json::from_value(golden["attention_mask"].clone()).unwrap(),
@@ -39,7 +48,11 @@ fn main() -> rlhf_model::Result<()> {
         };
         let rm = Model::load(
             &fixtures.join(arch),
-            &LoadOptions { heads: Heads::Score, training: Training::Lora(lora), ..Default::default() },
+            &LoadOptions {
+                heads: Heads::Score,
+                training: Training::Lora(lora),
+                ..Default::default()
+            },
         )?;
         perturb(&rm)?;
         let scores = rm.scores(&rm.hidden(&batch)?, &batch)?.to_vec1::<f32>()?;
@@ -48,7 +61,11 @@ fn main() -> rlhf_model::Result<()> {
         // A fully fine-tuned causal LM.
         let lm = Model::load(
             &fixtures.join(arch),
-            &LoadOptions { heads: Heads::Lm, training: Training::Full, ..Default::default() },
+            &LoadOptions {
+                heads: Heads::Lm,
+                training: Training::Full,
+                ..Default::default()
+            },
         )?;
         perturb(&lm)?;
         let logits = lm.logits(&lm.hidden(&batch)?)?;
@@ -60,7 +77,11 @@ fn main() -> rlhf_model::Result<()> {
                                 "input_ids": golden["input_ids"], "attention_mask": golden["attention_mask"]}),
         );
     }
-    std::fs::write(out.join("expected.json"), serde_json::to_string(&report).unwrap()).unwrap();
+    std::fs::write(
+        out.join("expected.json"),
+        serde_json::to_string(&report).unwrap(),
+    )
+    .unwrap();
     eprintln!("wrote {}", out.display());
     Ok(())
 }

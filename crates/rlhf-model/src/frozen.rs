@@ -32,7 +32,11 @@ impl CustomOp2 for LinearOp {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = (xl.dims()[0], xl.dims()[1]);
-        let wl = if self.conv1d { wl.clone() } else { wl.transpose(0, 1)? };
+        let wl = if self.conv1d {
+            wl.clone()
+        } else {
+            wl.transpose(0, 1)?
+        };
         let n = wl.dims()[1];
         let y = x.matmul(w, (1, m, n, k), xl, &wl)?;
         Ok((y, Shape::from((m, n))))

@@ -56,12 +56,18 @@ pub struct Generation {
 }
 
 /// Generates a continuation for every prompt in one left-padded batch.
-pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Generation>> {
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generation>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
     if prompts.iter().any(|p| p.is_empty()) {
-        return Err(crate::Error::Config("cannot generate from an empty prompt".into()));
+        return Err(crate::Error::Config(
+            "cannot generate from an empty prompt".into(),
+        ));
     }
     let device = model.device().clone();
     let batch = Batch::pad(prompts, cfg.pad_token_id, true);
@@ -139,12 +145,19 @@ fn argmax(row: &[f32]) -> u32 {
 /// Samples from log-probabilities after top-k and top-p filtering.
 fn sample(logp: &[f32], top_k: Option<usize>, top_p: Option<f64>, rng: &mut impl Rng) -> u32 {
     let mut idx: Vec<u32> = (0..logp.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| logp[b as usize].total_cmp(&logp[a as usize]).then(a.cmp(&b)));
+    idx.sort_unstable_by(|&a, &b| {
+        logp[b as usize]
+            .total_cmp(&logp[a as usize])
+            .then(a.cmp(&b))
+    });
     let mut keep = idx.len();
     if let Some(k) = top_k.filter(|&k| k > 0) {
         keep = keep.min(k);
     }
-    let probs: Vec<f64> = idx[..keep].iter().map(|&i| (logp[i as usize] as f64).exp()).collect();
+    let probs: Vec<f64> = idx[..keep]
+        .iter()
+        .map(|&i| (logp[i as usize] as f64).exp())
+        .collect();
     if let Some(p) = top_p.filter(|&p| p < 1.0) {
         let total: f64 = probs.iter().sum();
         let mut acc = 0.0;
@@ -175,7 +188,9 @@ fn sample(logp: &[f32], top_k: Option<usize>, top_p: Option<f64>, rng: &mut impl
 // logits: (b, t, vocab), targets: (b, t) u32 -> (b, t)
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lp = crate::ops::log_softmax(logits)?;
-    Ok(lp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?)
+    Ok(lp
+        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?)
 }
 
 #[cfg(test)]

@@ -47,9 +47,12 @@ impl Meta<'_> {
         self.get(&format!("{}.{key}", self.arch))
     }
     fn need_u64(&self, key: &str) -> Result<u64> {
-        let v = self
-            .arch_key(key)
-            .ok_or_else(|| Error::bad_file(self.path, format!("metadata {}.{key} is missing", self.arch)))?;
+        let v = self.arch_key(key).ok_or_else(|| {
+            Error::bad_file(
+                self.path,
+                format!("metadata {}.{key} is missing", self.arch),
+            )
+        })?;
         v.to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .map_err(|e| Error::bad_file(self.path, format!("metadata {}.{key}: {e}", self.arch)))
@@ -63,14 +66,18 @@ impl Meta<'_> {
         self.get(key).and_then(|v| v.to_u32().ok())
     }
     fn str_of(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
+        self.get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
     }
 }
 
 /// Converts `gguf_path` into an HF directory at `out_dir` with weights in `dtype` (F32 or BF16).
 pub fn convert_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertReport> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-        return Err(Error::Config(format!("GGUF conversion writes f32, bf16 or f16, not {dtype:?}")));
+        return Err(Error::Config(format!(
+            "GGUF conversion writes f32, bf16 or f16, not {dtype:?}"
+        )));
     }
     let mut file = File::open(gguf_path).map_err(|e| Error::io(gguf_path, e))?;
     let content = Content::read(&mut file)
@@ -87,24 +94,39 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Co
             format!("general.architecture is {arch:?}; only llama-architecture GGUF files (llama, mistral, qwen2) convert"),
         ));
     }
-    let meta = Meta { content: &content, path: gguf_path, arch: arch.clone() };
+    let meta = Meta {
+        content: &content,
+        path: gguf_path,
+        arch: arch.clone(),
+    };
     let n_layers = meta.need_u64("block_count")? as usize;
     let hidden = meta.need_u64("embedding_length")? as usize;
     let n_head = meta.need_u64("attention.head_count")? as usize;
-    let n_kv = meta.need_u64("attention.head_count_kv").unwrap_or(n_head as u64) as usize;
+    let n_kv = meta
+        .need_u64("attention.head_count_kv")
+        .unwrap_or(n_head as u64) as usize;
 
     let device = Device::Cpu;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for name in content.tensor_infos.keys() {
         let hf = hf_name(name).ok_or_else(|| {
-            Error::bad_file(gguf_path, format!("tensor {name:?} has no Hugging Face counterpart in a llama model"))
+            Error::bad_file(
+                gguf_path,
+                format!("tensor {name:?} has no Hugging Face counterpart in a llama model"),
+            )
         })?;
         let q = content
             .tensor(&mut file, name, &device)
             .map_err(|e| Error::bad_file(gguf_path, format!("tensor {name:?}: {e}")))?;
-        let t = q
-            .dequantize(&device)
-            .map_err(|e| Error::bad_file(gguf_path, format!("tensor {name:?} ({:?}) cannot be dequantised: {e}", q.dtype())))?;
+        let t = q.dequantize(&device).map_err(|e| {
+            Error::bad_file(
+                gguf_path,
+                format!(
+                    "tensor {name:?} ({:?}) cannot be dequantised: {e}",
+                    q.dtype()
+                ),
+            )
+        })?;
         let t = if name.ends_with("attn_q.weight") {
             unpermute(&t, n_head)?
         } else if name.ends_with("attn_k.weight") {
@@ -120,7 +142,13 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Co
         .ok_or_else(|| Error::bad_file(gguf_path, "no token_embd.weight tensor"))?;
     let vocab_size = embed.dim(0)?;
     if embed.dim(1)? != hidden {
-        return Err(Error::bad_file(gguf_path, format!("token_embd has width {} but embedding_length is {hidden}", embed.dim(1)?)));
+        return Err(Error::bad_file(
+            gguf_path,
+            format!(
+                "token_embd has width {} but embedding_length is {hidden}",
+                embed.dim(1)?
+            ),
+        ));
     }
 
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -229,7 +257,12 @@ fn hf_name(name: &str) -> Option<String> {
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    write_atomic(path, serde_json::to_string_pretty(v).expect("json serialises").as_bytes())
+    write_atomic(
+        path,
+        serde_json::to_string_pretty(v)
+            .expect("json serialises")
+            .as_bytes(),
+    )
 }
 
 /// Rebuilds tokenizer.json and tokenizer_config.json; returns the number of tokens.
@@ -260,8 +293,11 @@ fn write_tokenizer(meta: &Meta, out_dir: &Path) -> Result<usize> {
         .filter_map(|v| v.to_string().ok())
         .filter_map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])))
         .collect();
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     // Token type 3 is CONTROL (special); 4 is USER_DEFINED (added, not special).
     let added: Vec<serde_json::Value> = tokens
         .iter()
@@ -302,7 +338,10 @@ fn write_tokenizer(meta: &Meta, out_dir: &Path) -> Result<usize> {
     tokenizers::Tokenizer::from_bytes(text.as_bytes())
         .map_err(|e| Error::Tokenizer(format!("rebuilt tokenizer does not load: {e}")))?;
     write_atomic(&out_dir.join("tokenizer.json"), text.as_bytes())?;
-    let name = |key: &str| meta.u32_of(key).and_then(|i| tokens.get(i as usize).cloned());
+    let name = |key: &str| {
+        meta.u32_of(key)
+            .and_then(|i| tokens.get(i as usize).cloned())
+    };
     let mut cfg = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": name("tokenizer.ggml.bos_token_id"),

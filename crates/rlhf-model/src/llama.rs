@@ -146,7 +146,11 @@ impl Config {
 
 /// cos and sin of the rotary angles for each row's own positions.
 // positions: (b, t) -> cos, sin: (b, 1, t, head_dim)
-pub fn rope_cos_sin(inv_freq: &[f64], positions: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_cos_sin(
+    inv_freq: &[f64],
+    positions: &[Vec<u32>],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let b = positions.len();
     let t = positions.first().map(|r| r.len()).unwrap_or(0);
     let half = inv_freq.len();
@@ -191,7 +195,13 @@ impl Attention {
             q_proj: Linear::load(&b.pp("q_proj"), cfg.hidden_size, nh * hd, bias, sw)?,
             k_proj: Linear::load(&b.pp("k_proj"), cfg.hidden_size, nkv * hd, bias, sw)?,
             v_proj: Linear::load(&b.pp("v_proj"), cfg.hidden_size, nkv * hd, bias, sw)?,
-            o_proj: Linear::load(&b.pp("o_proj"), nh * hd, cfg.hidden_size, cfg.attention_bias, sw)?,
+            o_proj: Linear::load(
+                &b.pp("o_proj"),
+                nh * hd,
+                cfg.hidden_size,
+                cfg.attention_bias,
+                sw,
+            )?,
             n_heads: nh,
             n_kv: nkv,
             head_dim: hd,
@@ -209,7 +219,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.n_kv)?;
@@ -224,7 +236,9 @@ impl Attention {
         let k = repeat_kv(&k, rep)?;
         let v = repeat_kv(&v, rep)?;
         let y = attention(&q, &k, &v, bias, 1.0 / (self.head_dim as f64).sqrt())?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
@@ -278,7 +292,11 @@ impl Llama {
             .map(|i| {
                 let l = m.pp("layers").pp(i);
                 Ok(Block {
-                    input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+                    input_layernorm: RmsNorm::load(
+                        &l.pp("input_layernorm"),
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                    )?,
                     self_attn: Attention::load(&l.pp("self_attn"), cfg, sw)?,
                     post_attention_layernorm: RmsNorm::load(
                         &l.pp("post_attention_layernorm"),
@@ -333,7 +351,6 @@ impl crate::model::Backbone for Llama {
     fn embed_weight(&self) -> &Tensor {
         self.embed_tokens.weight()
     }
-
 }
 
 #[cfg(test)]
@@ -367,7 +384,11 @@ mod tests {
             (31, 3.76732259610435e-07),
         ];
         for (i, w) in want {
-            assert!((inv[i] - w).abs() <= 1e-6 * w, "inv_freq[{i}] = {} vs {w}", inv[i]);
+            assert!(
+                (inv[i] - w).abs() <= 1e-6 * w,
+                "inv_freq[{i}] = {} vs {w}",
+                inv[i]
+            );
         }
     }
 

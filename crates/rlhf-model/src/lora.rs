@@ -160,22 +160,32 @@ impl LoraConfig {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::MissingFile {
             path: path.clone(),
             what: "PEFT adapter config",
-            hint: format!("{e}; an adapter directory holds adapter_config.json and adapter_model.safetensors"),
+            hint: format!(
+                "{e}; an adapter directory holds adapter_config.json and adapter_model.safetensors"
+            ),
         })?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e))?;
         if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
             if t != "LORA" {
-                return Err(Error::bad_file(&path, format!("peft_type {t:?} is not supported; only LORA")));
+                return Err(Error::bad_file(
+                    &path,
+                    format!("peft_type {t:?} is not supported; only LORA"),
+                ));
             }
         }
         if v.get("use_dora").and_then(|d| d.as_bool()) == Some(true) {
-            return Err(Error::bad_file(&path, "DoRA adapters (use_dora = true) are not supported"));
+            return Err(Error::bad_file(
+                &path,
+                "DoRA adapters (use_dora = true) are not supported",
+            ));
         }
         let get_f = |k: &str, d: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
         let target_modules = match v.get("target_modules") {
             Some(serde_json::Value::Array(a)) => Some(TargetModules::List(
-                a.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect(),
             )),
             Some(serde_json::Value::String(s)) => Some(TargetModules::One(s.clone())),
             _ => None,
@@ -185,14 +195,28 @@ impl LoraConfig {
             lora_alpha: get_f("lora_alpha", 8.0),
             lora_dropout: get_f("lora_dropout", 0.0),
             target_modules,
-            bias: v.get("bias").and_then(|x| x.as_str()).unwrap_or("none").to_string(),
-            task_type: v.get("task_type").and_then(|x| x.as_str()).map(String::from),
+            bias: v
+                .get("bias")
+                .and_then(|x| x.as_str())
+                .unwrap_or("none")
+                .to_string(),
+            task_type: v
+                .get("task_type")
+                .and_then(|x| x.as_str())
+                .map(String::from),
             modules_to_save: v
                 .get("modules_to_save")
                 .and_then(|x| x.as_array())
-                .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default(),
-            use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
+            use_rslora: v
+                .get("use_rslora")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
         })
     }
 }
@@ -217,7 +241,10 @@ fn regex_full_match(pattern: &str, path: &str) -> bool {
     // regex engine is not pulled in for it. Support `.*` prefixes and `(a|b)` alternations.
     let p = pattern.trim_start_matches('^').trim_end_matches('$');
     if let Some(rest) = p.strip_prefix(".*") {
-        let alts = rest.trim_start_matches("\\.").trim_start_matches('(').trim_end_matches(')');
+        let alts = rest
+            .trim_start_matches("\\.")
+            .trim_start_matches('(')
+            .trim_end_matches(')');
         return alts.split('|').any(|a| path.ends_with(a));
     }
     let alts = p.trim_start_matches('(').trim_end_matches(')');
@@ -284,7 +311,10 @@ mod tests {
         }
         .resolved("llama")
         .unwrap();
-        assert_eq!(cfg.modules_to_save, vec!["scores".to_string(), "score".to_string()]);
+        assert_eq!(
+            cfg.modules_to_save,
+            vec!["scores".to_string(), "score".to_string()]
+        );
         assert_eq!(cfg.scale(), 1.0);
         assert_eq!(
             cfg.target_modules,
@@ -299,7 +329,9 @@ mod tests {
             "base_model.model.score.weight"
         );
         assert_eq!(
-            normalize_adapter_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
+            normalize_adapter_key(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+            ),
             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         );
     }

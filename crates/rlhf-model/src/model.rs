@@ -77,7 +77,9 @@ fn parse_config(path: &Path, json: &serde_json::Value) -> Result<(Arch, CommonCo
         .to_string();
     let from = |e: serde_json::Error| Error::bad_file(path, format!("{model_type} config: {e}"));
     let arch = match model_type.as_str() {
-        "llama" | "mistral" | "qwen2" => Arch::Llama(serde_json::from_value(json.clone()).map_err(from)?),
+        "llama" | "mistral" | "qwen2" => {
+            Arch::Llama(serde_json::from_value(json.clone()).map_err(from)?)
+        }
         "gpt2" => Arch::Gpt2(serde_json::from_value(json.clone()).map_err(from)?),
         "opt" => Arch::Opt(serde_json::from_value(json.clone()).map_err(from)?),
         other => {
@@ -90,8 +92,13 @@ fn parse_config(path: &Path, json: &serde_json::Value) -> Result<(Arch, CommonCo
     };
     let ids = |v: Option<&serde_json::Value>| -> Vec<u32> {
         match v {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             _ => Vec::new(),
         }
     };
@@ -106,9 +113,15 @@ fn parse_config(path: &Path, json: &serde_json::Value) -> Result<(Arch, CommonCo
         vocab_size,
         hidden_size,
         tie_word_embeddings: tie,
-        pad_token_id: json.get("pad_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
+        pad_token_id: json
+            .get("pad_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32),
         eos_token_ids: ids(json.get("eos_token_id")),
-        initializer_range: json.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02),
+        initializer_range: json
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02),
     };
     Ok((arch, common))
 }
@@ -202,7 +215,10 @@ impl Batch {
             input_ids.push(ids);
             attention_mask.push(m);
         }
-        Self { input_ids, attention_mask }
+        Self {
+            input_ids,
+            attention_mask,
+        }
     }
 
     /// Number of rows.
@@ -256,7 +272,12 @@ impl Model {
 
     /// A randomly initialised model for a config.json (benchmarks and tests).
     pub fn random(raw: serde_json::Value, opts: &LoadOptions) -> Result<Self> {
-        Self::from_config(Path::new("<random init>"), raw, WeightSource::random(), opts)
+        Self::from_config(
+            Path::new("<random init>"),
+            raw,
+            WeightSource::random(),
+            opts,
+        )
     }
 
     /// Builds a model from a parsed config.json and tensors.
@@ -296,7 +317,11 @@ impl Model {
         let lm_head = if !want_lm {
             None
         } else if config.tie_word_embeddings && !b.contains("lm_head.weight") {
-            Some(Linear::from_weight(backbone.embed_weight().clone(), None, &switches))
+            Some(Linear::from_weight(
+                backbone.embed_weight().clone(),
+                None,
+                &switches,
+            ))
         } else {
             Some(Linear::load(&b.pp("lm_head"), h, v, false, &switches)?)
         };
@@ -473,7 +498,9 @@ pub fn check_dir(dir: &Path) -> Result<&Path> {
         && s.matches('/').count() == 1
         && !s.ends_with('/');
     if looks_like_hub {
-        return Err(Error::HubName { name: s.into_owned() });
+        return Err(Error::HubName {
+            name: s.into_owned(),
+        });
     }
     Err(Error::MissingFile {
         path: dir.to_path_buf(),

@@ -57,7 +57,13 @@ impl Switches {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let keep = 1.0 / (1.0 - p);
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep as f32 })
+            .map(|_| {
+                if rng.random::<f64>() < p {
+                    0.0
+                } else {
+                    keep as f32
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
@@ -360,4 +366,3 @@ impl KvCache {
         Ok(())
     }
 }
-

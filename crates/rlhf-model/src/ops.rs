@@ -131,7 +131,9 @@ pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
 // logits: (n, vocab), labels: (n) i64 -> scalar
 pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let n = labels.len();
-    let keep: Vec<u32> = (0..n as u32).filter(|&i| labels[i as usize] != -100).collect();
+    let keep: Vec<u32> = (0..n as u32)
+        .filter(|&i| labels[i as usize] != -100)
+        .collect();
     let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
     let device = logits.device();
     let idx = Tensor::new(keep.as_slice(), device)?;

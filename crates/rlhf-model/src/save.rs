@@ -35,7 +35,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model.safetensors");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.safetensors");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let contiguous: HashMap<String, Tensor> = tensors
         .iter()
@@ -92,7 +95,7 @@ impl Model {
                 .get(&wname)
                 .ok_or_else(|| Error::Config(format!("adapter for {module} has no base weight")))?;
             let delta = (b.matmul(&a)? * scale)?; // (out, in)
-            // GPT-2's Conv1D stores (in, out).
+                                                  // GPT-2's Conv1D stores (in, out).
             let delta = if conv1d { delta.t()? } else { delta };
             out.insert(wname, (w + delta)?);
         }
@@ -195,10 +198,19 @@ impl Model {
             used += 1;
         }
         if used != saved.len() {
-            let mine: Vec<String> = self.params().trainable().into_iter().map(|(n, _)| n).collect();
+            let mine: Vec<String> = self
+                .params()
+                .trainable()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
             let extra: Vec<&String> = saved
                 .keys()
-                .filter(|k| !mine.iter().any(|m| *k == m || **k == format!("base_model.model.{m}")))
+                .filter(|k| {
+                    !mine
+                        .iter()
+                        .any(|m| *k == m || **k == format!("base_model.model.{m}"))
+                })
                 .take(3)
                 .collect();
             return Err(Error::bad_file(

@@ -372,7 +372,10 @@ impl Builder {
         if self.shared.source.contains(&full) || self.shared.source.is_random() {
             return self.get(shape, name);
         }
-        tracing::info!("{full} not in the checkpoint: initialised N(0, {})", self.shared.init_std);
+        tracing::info!(
+            "{full} not in the checkpoint: initialised N(0, {})",
+            self.shared.init_std
+        );
         let t = self.randn(shape, self.shared.init_std)?;
         let trainable = match &self.shared.training {
             Training::Frozen => false,
@@ -429,9 +432,10 @@ impl Builder {
     /// the module name or its last component).
     fn in_modules_to_save(&self, cfg: &LoraConfig) -> bool {
         let module = &self.prefix;
-        let hit = cfg.modules_to_save.iter().find(|m| {
-            module == *m || module.ends_with(&format!(".{m}"))
-        });
+        let hit = cfg
+            .modules_to_save
+            .iter()
+            .find(|m| module == *m || module.ends_with(&format!(".{m}")));
         if let Some(m) = hit {
             let mut seen = self.shared.matched_saves.borrow_mut();
             if !seen.contains(m) {

@@ -38,9 +38,17 @@ fn loss(model: &Model, batch: &Batch) -> Tensor {
             labels.push(next);
         }
     }
-    let logits = logits.reshape((b * t, v)).unwrap().to_dtype(DType::F64).unwrap();
+    let logits = logits
+        .reshape((b * t, v))
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let ce = rlhf_model::ops::cross_entropy(&logits, &labels).unwrap();
-    let scores = model.scores(&hidden, batch).unwrap().to_dtype(DType::F64).unwrap();
+    let scores = model
+        .scores(&hidden, batch)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     (ce + scores.sum_all().unwrap()).unwrap()
 }
 
@@ -62,11 +70,22 @@ fn every_parameter_gets_a_gradient(arch: &str) {
     let batch = golden_batch(arch);
     let grads = loss(&model, &batch).backward().unwrap();
     let trainable = model.params().trainable();
-    assert!(trainable.len() > 10, "{arch}: only {} trainable tensors", trainable.len());
+    assert!(
+        trainable.len() > 10,
+        "{arch}: only {} trainable tensors",
+        trainable.len()
+    );
     let mut missing = Vec::new();
     for (name, var) in &trainable {
         match grads.get(var.as_tensor()) {
-            Some(g) if g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0 => {}
+            Some(g)
+                if g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0 => {}
             _ => missing.push(name.clone()),
         }
     }
@@ -79,24 +98,46 @@ fn autograd_matches_finite_differences(arch: &str) {
     let batch = golden_batch(arch);
     let grads = loss(&model, &batch).backward().unwrap();
     let trainable = model.params().trainable();
-    let picks = [0usize, trainable.len() / 3, trainable.len() / 2, trainable.len() - 1];
+    let picks = [
+        0usize,
+        trainable.len() / 3,
+        trainable.len() / 2,
+        trainable.len() - 1,
+    ];
     for &p in &picks {
         let (name, var) = &trainable[p];
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let shape = var.as_tensor().shape().clone();
         for &k in &[0usize, orig.len() / 2, orig.len() - 1] {
             let eps = 1e-5;
             let at = |delta: f64| {
                 let mut v = orig.clone();
                 v[k] += delta;
-                var.set(&Tensor::from_vec(v, shape.clone(), var.device()).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, shape.clone(), var.device()).unwrap())
+                    .unwrap();
                 loss(&model, &batch).to_scalar::<f64>().unwrap()
             };
             let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(orig.clone(), shape.clone(), var.device()).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(orig.clone(), shape.clone(), var.device()).unwrap())
+                .unwrap();
             let tol = 1e-6 + 1e-4 * fd.abs().max(g[k].abs());
-            assert!((fd - g[k]).abs() < tol, "{arch}: {name}[{k}] autograd {} vs finite difference {fd}", g[k]);
+            assert!(
+                (fd - g[k]).abs() < tol,
+                "{arch}: {name}[{k}] autograd {} vs finite difference {fd}",
+                g[k]
+            );
         }
     }
 }
@@ -113,7 +154,8 @@ fn lora_trains_only_adapters(arch: &str) {
     };
     let model = load(arch, Training::Lora(cfg), DType::F32);
     let batch = golden_batch(arch);
-    let base = rlhf_model::ops::to_vec_f32(&model.logits(&model.hidden(&batch).unwrap()).unwrap()).unwrap();
+    let base = rlhf_model::ops::to_vec_f32(&model.logits(&model.hidden(&batch).unwrap()).unwrap())
+        .unwrap();
     // B starts at zero (the adapted model equals the base); move it so A gets a gradient too.
     for (name, var) in model.params().trainable() {
         if name.ends_with("lora_B.weight") {
@@ -131,18 +173,42 @@ fn lora_trains_only_adapters(arch: &str) {
                     "{arch}: {name} should be frozen"
                 );
                 n_lora += name.contains("lora_") as usize;
-                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{arch}: no grad for {name}"));
-                assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{arch}: zero grad for {name}");
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{arch}: no grad for {name}"));
+                assert!(
+                    g.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0,
+                    "{arch}: zero grad for {name}"
+                );
             }
-            Param::Frozen(t) => assert!(grads.get(t).is_none(), "{arch}: frozen {name} got a gradient"),
+            Param::Frozen(t) => assert!(
+                grads.get(t).is_none(),
+                "{arch}: frozen {name} got a gradient"
+            ),
         }
     }
     assert!(n_lora >= 2 * 4, "{arch}: only {n_lora} LoRA tensors");
-    let adapted = rlhf_model::ops::to_vec_f32(&model.logits(&model.hidden(&batch).unwrap()).unwrap()).unwrap();
-    assert!(max_abs_diff(&adapted, &base) > 1e-3, "{arch}: adapters change nothing");
+    let adapted =
+        rlhf_model::ops::to_vec_f32(&model.logits(&model.hidden(&batch).unwrap()).unwrap())
+            .unwrap();
+    assert!(
+        max_abs_diff(&adapted, &base) > 1e-3,
+        "{arch}: adapters change nothing"
+    );
     model.set_adapters_enabled(false);
-    let off = rlhf_model::ops::to_vec_f32(&model.logits(&model.hidden(&batch).unwrap()).unwrap()).unwrap();
-    assert_eq!(max_abs_diff(&off, &base), 0.0, "{arch}: disabled adapters differ from base");
+    let off = rlhf_model::ops::to_vec_f32(&model.logits(&model.hidden(&batch).unwrap()).unwrap())
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&off, &base),
+        0.0,
+        "{arch}: disabled adapters differ from base"
+    );
 }
 
 macro_rules! grad_tests {

@@ -40,7 +40,10 @@ fn check_logits_and_scores(arch: &str) {
     flat_f32(&g["reward_scores"], &mut want);
     let d = max_abs_diff(&scores, &want);
     eprintln!("{arch}: max |scores - transformers| = {d:e}");
-    assert!(d < 1e-4, "{arch}: scores {scores:?} vs transformers {want:?}");
+    assert!(
+        d < 1e-4,
+        "{arch}: scores {scores:?} vs transformers {want:?}"
+    );
 }
 
 #[test]
@@ -114,7 +117,10 @@ fn check_greedy(arch: &str) {
         let prompt = ids1(&case["prompt_ids"]);
         let want = ids1(&case["greedy_ids"]);
         let got = generate(&model, std::slice::from_ref(&prompt), &cfg).unwrap();
-        assert_eq!(got[0].completion_ids, want, "{arch}: unbatched greedy tokens");
+        assert_eq!(
+            got[0].completion_ids, want,
+            "{arch}: unbatched greedy tokens"
+        );
         prompts.push(prompt);
         wants.push(want);
     }
@@ -125,12 +131,24 @@ fn check_greedy(arch: &str) {
     let unpadded: Vec<Vec<u32>> = ids
         .iter()
         .zip(&mask)
-        .map(|(r, m)| r.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect())
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, &m)| m == 1)
+                .map(|(&i, _)| i)
+                .collect()
+        })
         .collect();
-    assert_eq!(unpadded, prompts, "{arch}: golden batch rows are the prompts");
+    assert_eq!(
+        unpadded, prompts,
+        "{arch}: golden batch rows are the prompts"
+    );
     let got = generate(&model, &unpadded, &cfg).unwrap();
     for (r, want) in ids2(&lp["greedy_ids"]).iter().enumerate() {
-        assert_eq!(&got[r].completion_ids, want, "{arch}: left-padded batch row {r}");
+        assert_eq!(
+            &got[r].completion_ids, want,
+            "{arch}: left-padded batch row {r}"
+        );
         assert_eq!(want, &wants[r]);
     }
 }
@@ -174,14 +192,21 @@ fn check_left_padding(arch: &str) {
     let batched = generate(&model, &prompts, &cfg).unwrap();
     for (r, p) in prompts.iter().enumerate() {
         let alone = generate(&model, std::slice::from_ref(p), &cfg).unwrap();
-        assert_eq!(batched[r].completion_ids, alone[0].completion_ids, "{arch}: row {r}");
+        assert_eq!(
+            batched[r].completion_ids, alone[0].completion_ids,
+            "{arch}: row {r}"
+        );
         for (a, b) in batched[r].logprobs.iter().zip(&alone[0].logprobs) {
             assert!((a - b).abs() < 1e-4, "{arch}: row {r} logprob {a} vs {b}");
         }
     }
     // The long row continues the golden greedy sequence it was cut from.
     let want = ids1(&cases[1]["greedy_ids"]);
-    assert_eq!(batched[1].completion_ids[..7], want[5..], "{arch}: continuation");
+    assert_eq!(
+        batched[1].completion_ids[..7],
+        want[5..],
+        "{arch}: continuation"
+    );
 }
 
 #[test]

@@ -111,17 +111,47 @@ impl Default for TrainingArgs {
 
 /// Keys of the shared arguments, for unknown-key suggestions.
 pub const TRAINING_KEYS: &[&str] = &[
-    "model", "train_file", "eval_file", "output_dir", "max_steps", "num_train_epochs",
-    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "save_steps",
-    "save_total_limit", "logging_steps", "eval_strategy", "evaluation_strategy", "eval_steps",
-    "report_to", "seed", "max_length", "skip_invalid", "shuffle",
+    "model",
+    "train_file",
+    "eval_file",
+    "output_dir",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "optim",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "eval_strategy",
+    "evaluation_strategy",
+    "eval_steps",
+    "report_to",
+    "seed",
+    "max_length",
+    "skip_invalid",
+    "shuffle",
 ];
 
 /// Keys of the `[lora]` table (PEFT's LoraConfig names).
 pub const LORA_KEYS: &[&str] = &[
-    "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type", "modules_to_save",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "bias",
+    "task_type",
+    "modules_to_save",
     "use_rslora",
 ];
 
@@ -150,7 +180,10 @@ pub fn load_table(path: &Path, overrides: &[String], allowed: &[&str]) -> Result
             let p = Path::new(s);
             if p.is_relative() && !s.is_empty() {
                 let joined = base.join(p);
-                table.insert(key.into(), toml::Value::String(joined.to_string_lossy().into_owned()));
+                table.insert(
+                    key.into(),
+                    toml::Value::String(joined.to_string_lossy().into_owned()),
+                );
             }
         }
     }
@@ -189,7 +222,10 @@ fn check_keys(path: &Path, table: &toml::Table, allowed: &[&str]) -> Result<()> 
     for (k, v) in table {
         if k == "lora" {
             let t = v.as_table().ok_or_else(|| {
-                Error::Config(format!("{}: `lora` must be a table ([lora])", path.display()))
+                Error::Config(format!(
+                    "{}: `lora` must be a table ([lora])",
+                    path.display()
+                ))
             })?;
             for lk in t.keys() {
                 if !LORA_KEYS.contains(&lk.as_str()) {
@@ -248,23 +284,40 @@ impl TrainingArgs {
             return bad("`train_file` is required".into());
         }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad("per_device_train_batch_size and gradient_accumulation_steps must be at least 1".into());
+            return bad(
+                "per_device_train_batch_size and gradient_accumulation_steps must be at least 1"
+                    .into(),
+            );
         }
-        if !matches!(self.optim.as_str(), "adamw_torch" | "adamw" | "adamw_torch_fused") {
-            return bad(format!("optim = {:?}: only adamw_torch is implemented", self.optim));
+        if !matches!(
+            self.optim.as_str(),
+            "adamw_torch" | "adamw" | "adamw_torch_fused"
+        ) {
+            return bad(format!(
+                "optim = {:?}: only adamw_torch is implemented",
+                self.optim
+            ));
         }
         if !matches!(self.eval_strategy.as_str(), "no" | "steps" | "epoch") {
-            return bad(format!("eval_strategy = {:?}: use \"no\", \"steps\" or \"epoch\"", self.eval_strategy));
+            return bad(format!(
+                "eval_strategy = {:?}: use \"no\", \"steps\" or \"epoch\"",
+                self.eval_strategy
+            ));
         }
         if self.eval_strategy != "no" && self.eval_file.is_none() {
-            return bad(format!("eval_strategy = {:?} needs an `eval_file`", self.eval_strategy));
+            return bad(format!(
+                "eval_strategy = {:?} needs an `eval_file`",
+                self.eval_strategy
+            ));
         }
         if self.logging_steps == 0 {
             return bad("logging_steps must be at least 1".into());
         }
         for r in &self.report_to {
             if !matches!(r.as_str(), "tensorboard" | "jsonl" | "all" | "none") {
-                return bad(format!("report_to {r:?}: use \"tensorboard\", \"jsonl\", \"all\" or \"none\""));
+                return bad(format!(
+                    "report_to {r:?}: use \"tensorboard\", \"jsonl\", \"all\" or \"none\""
+                ));
             }
         }
         Ok(())
@@ -281,7 +334,10 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "model = \"m\"\nlearning_rte = 1e-4\n").unwrap();
         let err = load_table(&p, &[], TRAINING_KEYS).unwrap_err().to_string();
-        assert!(err.contains("`learning_rte`") && err.contains("`learning_rate`"), "{err}");
+        assert!(
+            err.contains("`learning_rte`") && err.contains("`learning_rate`"),
+            "{err}"
+        );
         std::fs::write(&p, "[lora]\nrank = 4\n").unwrap();
         let err = load_table(&p, &[], TRAINING_KEYS).unwrap_err().to_string();
         assert!(err.contains("`lora.rank`") && err.contains("`r`"), "{err}");
@@ -294,12 +350,19 @@ mod tests {
         std::fs::write(&p, "model = \"m\"\ntrain_file = \"t.jsonl\"\nevaluation_strategy = \"steps\"\n[lora]\nr = 16\n").unwrap();
         let t = load_table(
             &p,
-            &["learning_rate=1e-3".into(), "lora.r=8".into(), "optim=adamw".into()],
+            &[
+                "learning_rate=1e-3".into(),
+                "lora.r=8".into(),
+                "optim=adamw".into(),
+            ],
             TRAINING_KEYS,
         )
         .unwrap();
         assert_eq!(t["lora"]["r"].as_integer(), Some(8));
-        assert_eq!(t["model"].as_str().unwrap(), dir.path().join("m").to_str().unwrap());
+        assert_eq!(
+            t["model"].as_str().unwrap(),
+            dir.path().join("m").to_str().unwrap()
+        );
         let mut t2 = t.clone();
         t2.remove("lora");
         let args: TrainingArgs = parse(&p, t2).unwrap();

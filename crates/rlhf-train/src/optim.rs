@@ -38,7 +38,13 @@ fn decays(name: &str) -> bool {
 
 impl AdamW {
     /// An optimiser over `params` (name, var) with zeroed moments.
-    pub fn new(params: Vec<(String, Var)>, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
+    pub fn new(
+        params: Vec<(String, Var)>,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
         let slots = params
             .into_iter()
             .map(|(name, var)| {
@@ -77,13 +83,24 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt();
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         for slot in &mut self.slots {
-            let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
             let shape = slot.var.shape().clone();
             let dtype = slot.var.dtype();
             let device = slot.var.device().clone();
             let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let mut p: Vec<f32> = slot.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let decay = if slot.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
+            let mut p: Vec<f32> = slot
+                .var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let decay = if slot.decay {
+                1.0 - lr * self.weight_decay
+            } else {
+                1.0
+            };
             for i in 0..p.len() {
                 // torch: p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
                 // p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
@@ -106,10 +123,19 @@ impl AdamW {
         let mut out = HashMap::new();
         for s in &self.slots {
             let shape = s.var.shape().clone();
-            out.insert(format!("{}.exp_avg", s.name), Tensor::from_vec(s.exp_avg.clone(), shape.clone(), &Device::Cpu)?);
-            out.insert(format!("{}.exp_avg_sq", s.name), Tensor::from_vec(s.exp_avg_sq.clone(), shape, &Device::Cpu)?);
+            out.insert(
+                format!("{}.exp_avg", s.name),
+                Tensor::from_vec(s.exp_avg.clone(), shape.clone(), &Device::Cpu)?,
+            );
+            out.insert(
+                format!("{}.exp_avg_sq", s.name),
+                Tensor::from_vec(s.exp_avg_sq.clone(), shape, &Device::Cpu)?,
+            );
         }
-        out.insert("step".into(), Tensor::new(&[self.step as i64], &Device::Cpu)?);
+        out.insert(
+            "step".into(),
+            Tensor::new(&[self.step as i64], &Device::Cpu)?,
+        );
         Ok(out)
     }
 
@@ -120,7 +146,10 @@ impl AdamW {
             .ok_or_else(|| Error::Resume("optimizer state has no `step`".into()))?;
         self.step = step.to_vec1::<i64>()?[0] as u64;
         for s in &mut self.slots {
-            for (suffix, buf) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+            for (suffix, buf) in [
+                ("exp_avg", &mut s.exp_avg),
+                ("exp_avg_sq", &mut s.exp_avg_sq),
+            ] {
                 let key = format!("{}.{suffix}", s.name);
                 let t = tensors.remove(&key).ok_or_else(|| {
                     Error::Resume(format!(
@@ -128,7 +157,11 @@ impl AdamW {
                     ))
                 })?;
                 if t.elem_count() != buf.len() {
-                    return Err(Error::Resume(format!("optimizer state {key} has {} values, the parameter {}", t.elem_count(), buf.len())));
+                    return Err(Error::Resume(format!(
+                        "optimizer state {key} has {} values, the parameter {}",
+                        t.elem_count(),
+                        buf.len()
+                    )));
                 }
                 *buf = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             }
@@ -141,11 +174,19 @@ impl AdamW {
 /// clip_grad_norm_, factor max_norm / (norm + 1e-6)); returns the norm before clipping, what
 /// transformers logs as `grad_norm`. A non-finite norm is returned unscaled: the caller skips
 /// the step.
-pub fn clip_grad_norm(grads: &mut GradStore, params: &[(String, Var)], max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    params: &[(String, Var)],
+    max_norm: f64,
+) -> Result<f64> {
     let mut total = 0.0f64;
     for (_, v) in params {
         if let Some(g) = grads.get(v.as_tensor()) {
-            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            total += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();
@@ -173,8 +214,20 @@ mod tests {
         for g in steps {
             // A GradStore comes only from backward: build one whose grads are exactly g
             // (loss = sum(p * g) has gradient g).
-            let loss = (vars[0].as_tensor().mul(&Tensor::new(g[0].as_slice(), &Device::Cpu).unwrap()).unwrap().sum_all().unwrap()
-                + vars[1].as_tensor().flatten_all().unwrap().mul(&Tensor::new(g[1].as_slice(), &Device::Cpu).unwrap()).unwrap().sum_all().unwrap())
+            let loss = (vars[0]
+                .as_tensor()
+                .mul(&Tensor::new(g[0].as_slice(), &Device::Cpu).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + vars[1]
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .mul(&Tensor::new(g[1].as_slice(), &Device::Cpu).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
             .unwrap();
             let grads = loss.backward().unwrap();
             opt.step(&grads, 1e-2).unwrap();
@@ -184,7 +237,17 @@ mod tests {
     fn fresh() -> (Vec<Var>, AdamW) {
         let a = Var::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
         let b = Var::new(&[[0.1f32, 0.2], [0.3, -0.4]], &Device::Cpu).unwrap();
-        let opt = AdamW::new(vec![("a.weight".into(), a.clone()), ("b.weight".into(), b.clone())], 0.9, 0.999, 1e-8, 0.1).unwrap();
+        let opt = AdamW::new(
+            vec![
+                ("a.weight".into(), a.clone()),
+                ("b.weight".into(), b.clone()),
+            ],
+            0.9,
+            0.999,
+            1e-8,
+            0.1,
+        )
+        .unwrap();
         (vec![a, b], opt)
     }
 
@@ -202,12 +265,26 @@ mod tests {
     fn matches_torch_adamw() {
         let (vars, mut opt) = fresh();
         run(&grads(), &mut opt, &vars);
-        let want_a = [0.4962334632873535f32, -0.9890623092651367, 1.9696722030639648];
-        let want_b = [0.07549038529396057f32, 0.21786168217658997, 0.28752458095550537, -0.4119873642921448];
+        let want_a = [
+            0.4962334632873535f64,
+            -0.9890623092651367,
+            1.9696722030639648,
+        ];
+        let want_b = [
+            0.07549038529396057f64,
+            0.21786168217658997,
+            0.28752458095550537,
+            -0.4119873642921448,
+        ];
         let got_a = vars[0].as_tensor().to_vec1::<f32>().unwrap();
-        let got_b = vars[1].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got_b = vars[1]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (g, w) in got_a.iter().chain(&got_b).zip(want_a.iter().chain(&want_b)) {
-            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+            assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w}");
         }
     }
 
@@ -220,13 +297,26 @@ mod tests {
         let (vars2, mut opt2) = fresh();
         run(&g, &mut opt2, &vars2);
         let state = opt2.state_tensors().unwrap();
-        let params: Vec<(String, Var)> = vec![("a.weight".into(), vars2[0].clone()), ("b.weight".into(), vars2[1].clone())];
+        let params: Vec<(String, Var)> = vec![
+            ("a.weight".into(), vars2[0].clone()),
+            ("b.weight".into(), vars2[1].clone()),
+        ];
         let mut opt3 = AdamW::new(params, 0.9, 0.999, 1e-8, 0.1).unwrap();
         opt3.load_state(state).unwrap();
         run(&g, &mut opt3, &vars2);
         for (x, y) in vars.iter().zip(&vars2) {
-            let a = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = y.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let a = x
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = y
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(a, b);
         }
     }
@@ -242,12 +332,20 @@ mod tests {
     #[test]
     fn clipping_scales_to_max_norm_and_reports_the_norm() {
         let a = Var::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
-        let loss = a.as_tensor().mul(&Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
+        let loss = a
+            .as_tensor()
+            .mul(&Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let mut grads = loss.backward().unwrap();
         let params = vec![("a".to_string(), a.clone())];
         let n = clip_grad_norm(&mut grads, &params, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-9);
         let g = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
-        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
+        assert!(
+            (g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6,
+            "{g:?}"
+        );
     }
 }

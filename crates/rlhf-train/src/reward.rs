@@ -42,7 +42,12 @@ impl Default for RewardArgs {
 /// Every key a reward config may hold.
 fn allowed_keys() -> Vec<&'static str> {
     let mut v = config::TRAINING_KEYS.to_vec();
-    v.extend(["center_rewards_coefficient", "margin_table", "eval_on_start", "lora"]);
+    v.extend([
+        "center_rewards_coefficient",
+        "margin_table",
+        "eval_on_start",
+        "lora",
+    ]);
     v
 }
 
@@ -63,16 +68,25 @@ impl RewardConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut table = config::load_table(path, overrides, &allowed_keys())?;
         let lora = match table.remove("lora") {
-            Some(v) => Some(config::parse::<rlhf_model::lora::LoraConfig>(path, v.as_table().cloned().unwrap_or_default())?),
+            Some(v) => Some(config::parse::<rlhf_model::lora::LoraConfig>(
+                path,
+                v.as_table().cloned().unwrap_or_default(),
+            )?),
             None => None,
         };
         let mut reward_table = toml::Table::new();
-        for k in ["center_rewards_coefficient", "margin_table", "eval_on_start"] {
+        for k in [
+            "center_rewards_coefficient",
+            "margin_table",
+            "eval_on_start",
+        ] {
             if let Some(v) = table.remove(k) {
                 reward_table.insert(k.into(), v);
             }
         }
-        table.entry("learning_rate").or_insert(toml::Value::Float(1e-4));
+        table
+            .entry("learning_rate")
+            .or_insert(toml::Value::Float(1e-4));
         let args: TrainingArgs = config::parse(path, table)?;
         args.validate()?;
         let reward: RewardArgs = config::parse(path, reward_table)?;
@@ -90,7 +104,11 @@ pub struct RewardObjective {
 
 impl RewardObjective {
     // groups -> (scaled loss, stats, pairs, tokens)
-    fn forward(&self, model: &Model, groups: &[&RewardGroup]) -> Result<(Tensor, crate::losses::RewardStats, usize, usize)> {
+    fn forward(
+        &self,
+        model: &Model,
+        groups: &[&RewardGroup],
+    ) -> Result<(Tensor, crate::losses::RewardStats, usize, usize)> {
         let rb = collate_reward(groups.iter().copied(), self.pad_id);
         let p = rb.num_pairs;
         let hidden = model.hidden(&rb.batch)?;
@@ -102,7 +120,10 @@ impl RewardObjective {
             Some(m) => Some(Tensor::new(m.as_slice(), device)?.to_dtype(scores.dtype())?),
             None => None,
         };
-        let uniform = rb.pair_weights.iter().all(|&w| (w - 1.0 / p as f32).abs() < 1e-9);
+        let uniform = rb
+            .pair_weights
+            .iter()
+            .all(|&w| (w - 1.0 / p as f32).abs() < 1e-9);
         let weights = if uniform {
             None
         } else {
@@ -115,7 +136,13 @@ impl RewardObjective {
             weights.as_ref(),
             self.center_rewards_coefficient,
         )?;
-        let tokens = rb.batch.attention_mask.iter().flatten().filter(|&&m| m == 1).count();
+        let tokens = rb
+            .batch
+            .attention_mask
+            .iter()
+            .flatten()
+            .filter(|&&m| m == 1)
+            .count();
         Ok((loss, stats, p, tokens))
     }
 }
@@ -141,7 +168,12 @@ impl Objective for RewardObjective {
         })
     }
 
-    fn evaluate(&self, model: &Model, examples: &[RewardGroup], batch_size: usize) -> Result<BTreeMap<String, f64>> {
+    fn evaluate(
+        &self,
+        model: &Model,
+        examples: &[RewardGroup],
+        batch_size: usize,
+    ) -> Result<BTreeMap<String, f64>> {
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut n = 0.0;
         for chunk in examples.chunks(batch_size.max(1)) {
@@ -171,7 +203,12 @@ pub fn load_groups(
     args: &TrainingArgs,
     margin_table: rlhf_data::MarginTable,
 ) -> Result<Vec<RewardGroup>> {
-    let data = rlhf_data::load::<Comparison>(path, &rlhf_data::ReadOptions { skip_invalid: args.skip_invalid })?;
+    let data = rlhf_data::load::<Comparison>(
+        path,
+        &rlhf_data::ReadOptions {
+            skip_invalid: args.skip_invalid,
+        },
+    )?;
     if data.report.skipped > 0 {
         tracing::warn!("{}", data.report);
     }
@@ -187,7 +224,11 @@ pub fn load_groups(
 }
 
 /// `rlhf reward --config FILE [--set k=v]... [--resume [DIR]]`.
-pub fn run(config_path: &Path, overrides: &[String], resume: Option<Option<&Path>>) -> Result<Summary> {
+pub fn run(
+    config_path: &Path,
+    overrides: &[String],
+    resume: Option<Option<&Path>>,
+) -> Result<Summary> {
     let cfg = RewardConfig::load(config_path, overrides)?;
     let args = &cfg.args;
     let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
@@ -200,7 +241,12 @@ pub fn run(config_path: &Path, overrides: &[String], resume: Option<Option<&Path
         Some(given) => Some(trainer::resolve_resume(&args.output_dir, given)?),
         None => None,
     };
-    let model = crate::checkpoint::load_model(args, cfg.lora.as_ref(), Heads::Score, resume_dir.as_deref())?;
+    let model = crate::checkpoint::load_model(
+        args,
+        cfg.lora.as_ref(),
+        Heads::Score,
+        resume_dir.as_deref(),
+    )?;
     let (trainable, all) = model.params().counts();
     tracing::info!(
         "reward model: {trainable} trainable of {all} parameters ({:.2}%), {} train groups, {} eval groups",
@@ -214,9 +260,21 @@ pub fn run(config_path: &Path, overrides: &[String], resume: Option<Option<&Path
     };
     if cfg.reward.eval_on_start && !eval_set.is_empty() && resume_dir.is_none() {
         let m = objective.evaluate(&model, &eval_set, args.per_device_eval_batch_size)?;
-        tracing::info!("before training: eval accuracy {:.4}, eval loss {:.4}", m["accuracy"], m["loss"]);
+        tracing::info!(
+            "before training: eval accuracy {:.4}, eval loss {:.4}",
+            m["accuracy"],
+            m["loss"]
+        );
     }
     // The tokenizer travels with the output so `rlhf score` and PEFT users find it.
     tok.save(&args.output_dir)?;
-    trainer::train(args, &model, &objective, &train_set, &eval_set, Heads::Score, resume_dir.as_deref())
+    trainer::train(
+        args,
+        &model,
+        &objective,
+        &train_set,
+        &eval_set,
+        Heads::Score,
+        resume_dir.as_deref(),
+    )
 }

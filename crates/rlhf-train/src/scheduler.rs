@@ -28,11 +28,9 @@ impl LrScheduler {
             "constant_with_warmup" => Kind::ConstantWithWarmup,
             "linear" => Kind::Linear,
             "cosine" => Kind::Cosine,
-            other => {
-                return Err(Error::Config(format!(
-                    "lr_scheduler_type {other:?}: use constant, constant_with_warmup, linear or cosine"
-                )))
-            }
+            other => return Err(Error::Config(format!(
+                "lr_scheduler_type {other:?}: use constant, constant_with_warmup, linear or cosine"
+            ))),
         };
         Ok(Self {
             kind,
@@ -78,14 +76,41 @@ mod tests {
         let steps = [0usize, 1, 3, 5, 9, 10];
         let cases: [(&str, [f64; 6]); 4] = [
             ("constant", [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]),
-            ("constant_with_warmup", [0.0, 3.333333333333333e-4, 1e-3, 1e-3, 1e-3, 1e-3]),
-            ("linear", [0.0, 3.333333333333333e-4, 1e-3, 7.142857142857143e-4, 1.4285714285714284e-4, 0.0]),
-            ("cosine", [0.0, 3.333333333333333e-4, 1e-3, 8.117449009293668e-4, 4.9515566048790485e-5, 0.0]),
+            (
+                "constant_with_warmup",
+                [0.0, 3.333333333333333e-4, 1e-3, 1e-3, 1e-3, 1e-3],
+            ),
+            (
+                "linear",
+                [
+                    0.0,
+                    3.333333333333333e-4,
+                    1e-3,
+                    7.142857142857143e-4,
+                    1.4285714285714284e-4,
+                    0.0,
+                ],
+            ),
+            (
+                "cosine",
+                [
+                    0.0,
+                    3.333333333333333e-4,
+                    1e-3,
+                    8.117449009293668e-4,
+                    4.9515566048790485e-5,
+                    0.0,
+                ],
+            ),
         ];
         for (kind, want) in cases {
             let s = LrScheduler::new(kind, 1e-3, 3, 10).unwrap();
             for (st, w) in steps.iter().zip(want) {
-                assert!((s.lr_at(*st) - w).abs() < 1e-12, "{kind} at {st}: {} vs {w}", s.lr_at(*st));
+                assert!(
+                    (s.lr_at(*st) - w).abs() < 1e-12,
+                    "{kind} at {st}: {} vs {w}",
+                    s.lr_at(*st)
+                );
             }
         }
         assert!(LrScheduler::new("polynomial_decay", 1e-3, 0, 10).is_err());

@@ -37,7 +37,11 @@ impl Default for SftArgs {
     }
 }
 
-const SFT_KEYS: [&str; 3] = ["completion_only_loss", "assistant_only_loss", "eval_on_start"];
+const SFT_KEYS: [&str; 3] = [
+    "completion_only_loss",
+    "assistant_only_loss",
+    "eval_on_start",
+];
 
 /// A parsed SFT config.
 #[derive(Debug, Clone)]
@@ -59,7 +63,10 @@ impl SftConfig {
         allowed.push("lora");
         let mut table = config::load_table(path, overrides, &allowed)?;
         let lora = match table.remove("lora") {
-            Some(v) => Some(config::parse(path, v.as_table().cloned().unwrap_or_default())?),
+            Some(v) => Some(config::parse(
+                path,
+                v.as_table().cloned().unwrap_or_default(),
+            )?),
             None => None,
         };
         let mut own = toml::Table::new();
@@ -68,7 +75,9 @@ impl SftConfig {
                 own.insert(k.into(), v);
             }
         }
-        table.entry("learning_rate").or_insert(toml::Value::Float(2e-5));
+        table
+            .entry("learning_rate")
+            .or_insert(toml::Value::Float(2e-5));
         let args: TrainingArgs = config::parse(path, table)?;
         args.validate()?;
         Ok(Self {
@@ -94,13 +103,23 @@ fn shifted(labels: &[i64]) -> Vec<i64> {
 
 impl SftObjective {
     // examples -> (sum of token NLL, labelled tokens, non-pad tokens)
-    fn nll(&self, model: &Model, examples: &[&SftExample]) -> Result<(candle_core::Tensor, usize, usize)> {
+    fn nll(
+        &self,
+        model: &Model,
+        examples: &[&SftExample],
+    ) -> Result<(candle_core::Tensor, usize, usize)> {
         let b = collate_sft(examples.iter().copied(), self.pad_id);
         let hidden = model.hidden(&b.batch)?;
         let logits = model.logits(&hidden)?;
         let labels: Vec<Vec<i64>> = b.labels.iter().map(|l| shifted(l)).collect();
         let (sum, n) = token_nll_sum(&logits, &labels)?;
-        let tokens = b.batch.attention_mask.iter().flatten().filter(|&&m| m == 1).count();
+        let tokens = b
+            .batch
+            .attention_mask
+            .iter()
+            .flatten()
+            .filter(|&&m| m == 1)
+            .count();
         Ok((sum, n, tokens))
     }
 }
@@ -109,13 +128,19 @@ impl Objective for SftObjective {
     type Example = SftExample;
 
     fn items(&self, ex: &SftExample) -> usize {
-        ex.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        ex.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 
     fn loss(&self, model: &Model, batch: &[&SftExample], scale: StepScale) -> Result<MicroOut> {
         let (sum, n, tokens) = self.nll(model, batch)?;
         let loss = (sum / scale.step_items.max(1) as f64)?;
-        let micro_mean = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * scale.step_items.max(1) as f64 / n.max(1) as f64;
+        let micro_mean = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?
+            * scale.step_items.max(1) as f64
+            / n.max(1) as f64;
         Ok(MicroOut {
             loss,
             metrics: vec![("mean_token_nll", micro_mean)],
@@ -124,7 +149,12 @@ impl Objective for SftObjective {
         })
     }
 
-    fn evaluate(&self, model: &Model, examples: &[SftExample], batch_size: usize) -> Result<BTreeMap<String, f64>> {
+    fn evaluate(
+        &self,
+        model: &Model,
+        examples: &[SftExample],
+        batch_size: usize,
+    ) -> Result<BTreeMap<String, f64>> {
         let (mut sum, mut n) = (0.0, 0usize);
         for chunk in examples.chunks(batch_size.max(1)) {
             let refs: Vec<&SftExample> = chunk.iter().collect();
@@ -133,7 +163,10 @@ impl Objective for SftObjective {
             n += k;
         }
         let loss = sum / n.max(1) as f64;
-        Ok(BTreeMap::from([("loss".to_string(), loss), ("perplexity".to_string(), loss.exp())]))
+        Ok(BTreeMap::from([
+            ("loss".to_string(), loss),
+            ("perplexity".to_string(), loss.exp()),
+        ]))
     }
 }
 
@@ -144,7 +177,12 @@ pub fn load_examples(
     args: &TrainingArgs,
     sft: &SftArgs,
 ) -> Result<Vec<SftExample>> {
-    let data = rlhf_data::load::<Demonstration>(path, &rlhf_data::ReadOptions { skip_invalid: args.skip_invalid })?;
+    let data = rlhf_data::load::<Demonstration>(
+        path,
+        &rlhf_data::ReadOptions {
+            skip_invalid: args.skip_invalid,
+        },
+    )?;
     if data.report.skipped > 0 {
         tracing::warn!("{}", data.report);
     }
@@ -161,7 +199,11 @@ pub fn load_examples(
 }
 
 /// `rlhf sft --config FILE [--set k=v]... [--resume [DIR]]`.
-pub fn run(config_path: &Path, overrides: &[String], resume: Option<Option<&Path>>) -> Result<Summary> {
+pub fn run(
+    config_path: &Path,
+    overrides: &[String],
+    resume: Option<Option<&Path>>,
+) -> Result<Summary> {
     let cfg = SftConfig::load(config_path, overrides)?;
     let args = &cfg.args;
     let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
@@ -174,12 +216,23 @@ pub fn run(config_path: &Path, overrides: &[String], resume: Option<Option<&Path
         Some(given) => Some(trainer::resolve_resume(&args.output_dir, given)?),
         None => None,
     };
-    let model = crate::checkpoint::load_model(args, cfg.lora.as_ref(), Heads::Lm, resume_dir.as_deref())?;
-    let objective = SftObjective { pad_id: rlhf_data::pad_id(&tok)? };
+    let model =
+        crate::checkpoint::load_model(args, cfg.lora.as_ref(), Heads::Lm, resume_dir.as_deref())?;
+    let objective = SftObjective {
+        pad_id: rlhf_data::pad_id(&tok)?,
+    };
     if cfg.sft.eval_on_start && !eval_set.is_empty() && resume_dir.is_none() {
         let m = objective.evaluate(&model, &eval_set, args.per_device_eval_batch_size)?;
         tracing::info!("before training: eval loss {:.4}", m["loss"]);
     }
     tok.save(&args.output_dir)?;
-    trainer::train(args, &model, &objective, &train_set, &eval_set, Heads::Lm, resume_dir.as_deref())
+    trainer::train(
+        args,
+        &model,
+        &objective,
+        &train_set,
+        &eval_set,
+        Heads::Lm,
+        resume_dir.as_deref(),
+    )
 }

@@ -113,7 +113,10 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join("trainer_state.json").exists().then(|| (step, e.path()))
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (step, e.path()))
         })
         .collect();
     v.sort();
@@ -124,12 +127,15 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
 pub fn resolve_resume(output_dir: &Path, given: Option<&Path>) -> Result<PathBuf> {
     match given {
         Some(p) => Ok(p.to_path_buf()),
-        None => checkpoints(output_dir).pop().map(|(_, p)| p).ok_or_else(|| {
-            Error::Config(format!(
-                "--resume: no checkpoint-N directory with trainer_state.json in {}",
-                output_dir.display()
-            ))
-        }),
+        None => checkpoints(output_dir)
+            .pop()
+            .map(|(_, p)| p)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "--resume: no checkpoint-N directory with trainer_state.json in {}",
+                    output_dir.display()
+                ))
+            }),
     }
 }
 
@@ -152,7 +158,9 @@ pub fn train<O: Objective>(
     }
     let params = model.params().trainable();
     if params.is_empty() {
-        return Err(Error::Config("the model has no trainable parameters".into()));
+        return Err(Error::Config(
+            "the model has no trainable parameters".into(),
+        ));
     }
     let max_steps = total_steps(args, train_set.len());
     let warmup = if args.warmup_steps > 0 {
@@ -160,7 +168,12 @@ pub fn train<O: Objective>(
     } else {
         (args.warmup_ratio * max_steps as f64).ceil() as usize
     };
-    let scheduler = LrScheduler::new(&args.lr_scheduler_type, args.learning_rate, warmup, max_steps)?;
+    let scheduler = LrScheduler::new(
+        &args.lr_scheduler_type,
+        args.learning_rate,
+        warmup,
+        max_steps,
+    )?;
     let mut opt = AdamW::new(
         params.clone(),
         args.adam_beta1,
@@ -222,7 +235,10 @@ pub fn train<O: Objective>(
             model.set_dropout_seed(mix(args.seed, step as u64, k as u64));
             let batch: Vec<&O::Example> = idx.iter().map(|&i| &train_set[i]).collect();
             let out = objective.loss(model, &batch, scale)?;
-            step_loss += out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            step_loss += out
+                .loss
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
             step_metrics.extend(out.metrics);
             state.samples_seen += out.samples;
             state.tokens_seen += out.tokens;
@@ -282,7 +298,10 @@ pub fn train<O: Objective>(
             }
             log.insert("num_tokens".into(), state.tokens_seen as f64);
             log.insert("epoch".into(), epoch_of(&sampler));
-            bar.set_message(format!("loss {:.4}", log.get("loss").copied().unwrap_or(f64::NAN)));
+            bar.set_message(format!(
+                "loss {:.4}",
+                log.get("loss").copied().unwrap_or(f64::NAN)
+            ));
             logger.log(gs, &log)?;
             log.insert("step".into(), gs as f64);
             state.log_history.push(log);
@@ -291,7 +310,13 @@ pub fn train<O: Objective>(
             window_metrics.clear();
         }
         if args.eval_strategy == "steps" && gs % eval_every == 0 && !eval_set.is_empty() {
-            let ev = run_eval(objective, model, eval_set, args.per_device_eval_batch_size, &sampler)?;
+            let ev = run_eval(
+                objective,
+                model,
+                eval_set,
+                args.per_device_eval_batch_size,
+                &sampler,
+            )?;
             logger.log(gs, &ev)?;
             let mut ev = ev;
             ev.insert("step".into(), gs as f64);
@@ -309,15 +334,27 @@ pub fn train<O: Objective>(
     let mut summary = Summary::new();
     summary.insert("train_runtime".into(), runtime);
     let samples = (state.samples_seen - samples_at_start) as f64;
-    summary.insert("train_samples_per_second".into(), samples / runtime.max(1e-9));
+    summary.insert(
+        "train_samples_per_second".into(),
+        samples / runtime.max(1e-9),
+    );
     let steps_run = state.global_step as f64;
-    summary.insert("train_steps_per_second".into(), steps_run / runtime.max(1e-9));
+    summary.insert(
+        "train_steps_per_second".into(),
+        steps_run / runtime.max(1e-9),
+    );
     let good = (state.global_step - state.skipped_steps).max(1) as f64;
     summary.insert("train_loss".into(), state.total_loss / good);
     summary.insert("epoch".into(), epoch_of(&sampler));
     summary.insert("skipped_steps".into(), state.skipped_steps as f64);
     if !eval_set.is_empty() && args.eval_strategy != "no" {
-        let ev = run_eval(objective, model, eval_set, args.per_device_eval_batch_size, &sampler)?;
+        let ev = run_eval(
+            objective,
+            model,
+            eval_set,
+            args.per_device_eval_batch_size,
+            &sampler,
+        )?;
         summary.extend(ev);
     }
     logger.summary(state.global_step, &summary)?;
@@ -334,10 +371,16 @@ fn run_eval<O: Objective>(
     model.set_training(false);
     let started = Instant::now();
     let m = objective.evaluate(model, eval_set, batch_size)?;
-    let mut out: BTreeMap<String, f64> = m.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect();
+    let mut out: BTreeMap<String, f64> = m
+        .into_iter()
+        .map(|(k, v)| (format!("eval_{k}"), v))
+        .collect();
     let secs = started.elapsed().as_secs_f64();
     out.insert("eval_runtime".into(), secs);
-    out.insert("eval_samples_per_second".into(), eval_set.len() as f64 / secs.max(1e-9));
+    out.insert(
+        "eval_samples_per_second".into(),
+        eval_set.len() as f64 / secs.max(1e-9),
+    );
     out.insert("epoch".into(), epoch_of(sampler));
     Ok(out)
 }
@@ -370,7 +413,8 @@ fn accumulate(
 
 /// Seed of a micro-batch's dropout masks: a pure function of (seed, step, micro-batch).
 fn mix(seed: u64, step: u64, micro: u64) -> u64 {
-    let mut x = seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ micro.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
+    let mut x =
+        seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ micro.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
     x ^= x >> 31;
     x = x.wrapping_mul(0x7FB5_D329_728E_A185);
     x ^ (x >> 27)
@@ -385,9 +429,11 @@ fn read_state(dir: &Path) -> Result<TrainerState> {
 fn progress(total: usize, done: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_position(done as u64);
     bar

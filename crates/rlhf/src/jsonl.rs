@@ -16,7 +16,8 @@ pub struct Row {
 
 /// Reads every non-empty line of a JSONL file as an object.
 pub fn read(path: &Path) -> Result<Vec<Row>> {
-    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.with_context(|| format!("{}:{}: cannot read", path.display(), i + 1))?;
@@ -24,10 +25,19 @@ pub fn read(path: &Path) -> Result<Vec<Row>> {
             continue;
         }
         let v: Value = serde_json::from_str(&line).with_context(|| {
-            format!("{}:{}: not valid JSON (each line must be one JSON object)", path.display(), i + 1)
+            format!(
+                "{}:{}: not valid JSON (each line must be one JSON object)",
+                path.display(),
+                i + 1
+            )
         })?;
         let Value::Object(value) = v else {
-            bail!("{}:{}: expected a JSON object, found {}", path.display(), i + 1, kind(&v));
+            bail!(
+                "{}:{}: expected a JSON object, found {}",
+                path.display(),
+                i + 1,
+                kind(&v)
+            );
         };
         rows.push(Row { line: i + 1, value });
     }

@@ -12,7 +12,11 @@ mod jsonl;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "RLHF in Rust: SFT, reward models, PPO, DPO and more")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "RLHF in Rust: SFT, reward models, PPO, DPO and more"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,6 +24,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmark the model core (training steps, generation); prints JSON lines.
+    Bench {
+        #[command(subcommand)]
+        what: cmd::bench::Bench,
+    },
     /// Convert a checkpoint into a Hugging Face directory.
     Convert {
         #[command(subcommand)]
@@ -29,6 +38,10 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Score prompt/response pairs with a reward model (JSONL in, JSONL out).
     Score(cmd::score::Args),
+    /// Supervised fine-tuning on demonstrations (loss on completions only).
+    Sft(cmd::train::Args),
+    /// Train a reward model on preference pairs or rankings.
+    Reward(cmd::train::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,9 +56,12 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench { what } => cmd::bench::run(what),
         Command::Convert { what } => cmd::convert::run(what),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Score(a) => cmd::score::run(a),
+        Command::Sft(a) => cmd::train::sft(a),
+        Command::Reward(a) => cmd::train::reward(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

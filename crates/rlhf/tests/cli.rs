@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/models"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures/models"
+    ))
 }
 
 fn golden(arch: &str) -> serde_json::Value {
@@ -14,7 +17,10 @@ fn golden(arch: &str) -> serde_json::Value {
 }
 
 fn rlhf(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -23,7 +29,10 @@ fn rlhf(args: &[&str]) -> (bool, String, String) {
 }
 
 fn rows(stdout: &str) -> Vec<serde_json::Value> {
-    stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -40,8 +49,15 @@ fn generate_greedy_matches_transformers() {
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let model = fixtures().join("llama-gqa");
     let (ok, out, err) = rlhf(&[
-        "generate", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--max-new-tokens", "12", "--temperature", "0",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
     ]);
     assert!(ok, "{err}");
     let rows = rows(&out);
@@ -49,8 +65,18 @@ fn generate_greedy_matches_transformers() {
     for (row, case) in rows.iter().zip(g["greedy"].as_array().unwrap()) {
         assert_eq!(row["id"], case["prompt"], "input fields are kept");
         // EOS (id 0) may end a row early; the tokens before it must match.
-        let got: Vec<u64> = row["completion_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
-        let want: Vec<u64> = case["greedy_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        let got: Vec<u64> = row["completion_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = case["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
         assert_eq!(got[..], want[..got.len()], "greedy tokens");
         assert!(row["completion"].is_string());
     }
@@ -65,9 +91,23 @@ fn sampling_is_seeded_and_writes_the_output_file() {
     let run = |seed: &str, out: &str| {
         let o = dir.path().join(out);
         let (ok, _, err) = rlhf(&[
-            "generate", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-            "--output", o.to_str().unwrap(), "--max-new-tokens", "16", "--temperature", "1.0",
-            "--top-k", "50", "--num-return-sequences", "3", "--seed", seed,
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            o.to_str().unwrap(),
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "50",
+            "--num-return-sequences",
+            "3",
+            "--seed",
+            seed,
         ]);
         assert!(ok, "{err}");
         rows(&std::fs::read_to_string(o).unwrap())
@@ -95,9 +135,18 @@ fn score_matches_transformers_reward_model() {
             .collect();
         std::fs::write(&input, lines.join("\n")).unwrap();
         let model = fixtures().join(g["reward_model_dir"].as_str().unwrap());
-        let (ok, out, err) = rlhf(&["score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()]);
+        let (ok, out, err) = rlhf(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ]);
         assert!(ok, "{err}");
-        for (row, want) in rows(&out).iter().zip(g["reward_scores"].as_array().unwrap()) {
+        for (row, want) in rows(&out)
+            .iter()
+            .zip(g["reward_scores"].as_array().unwrap())
+        {
             let d = (row["score"].as_f64().unwrap() - want.as_f64().unwrap()).abs();
             assert!(d < 1e-4, "{arch}: score {} vs {want}", row["score"]);
         }
@@ -110,22 +159,53 @@ fn bad_input_names_file_line_and_field() {
     let input = dir.path().join("bad.jsonl");
     std::fs::write(&input, "{\"prompt\": \"ok\"}\n{\"prompt\": 3}\n").unwrap();
     let model = fixtures().join("llama-gqa");
-    let (ok, _, err) = rlhf(&["generate", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    let (ok, _, err) = rlhf(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
     assert!(!ok);
-    assert!(err.contains("bad.jsonl:2") && err.contains("\"prompt\""), "{err}");
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("\"prompt\""),
+        "{err}"
+    );
 
     std::fs::write(&input, "{\"prompt\": \"ok\"}\nnot json\n").unwrap();
-    let (ok, _, err) = rlhf(&["score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    let (ok, _, err) = rlhf(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
     assert!(!ok);
-    assert!(err.contains("bad.jsonl:2") && err.contains("not valid JSON"), "{err}");
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("not valid JSON"),
+        "{err}"
+    );
 
-    let (ok, _, err) = rlhf(&["generate", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--input", input.to_str().unwrap()]);
+    let (ok, _, err) = rlhf(&[
+        "generate",
+        "--model",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(err.contains("never downloads"), "{err}");
 
     // The fixture tokenizers have no chat template: --chat must say so, not crash.
     std::fs::write(&input, "{\"prompt\": \"hi\"}\n").unwrap();
-    let (ok, _, err) = rlhf(&["generate", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--chat"]);
+    let (ok, _, err) = rlhf(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--chat",
+    ]);
     assert!(!ok);
     assert!(err.contains("chat template"), "{err}");
 }

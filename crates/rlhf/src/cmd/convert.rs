@@ -23,7 +23,11 @@ pub enum Convert {
 /// Runs a conversion.
 pub fn run(c: Convert) -> Result<()> {
     match c {
-        Convert::Gguf { file, out_dir, dtype } => {
+        Convert::Gguf {
+            file,
+            out_dir,
+            dtype,
+        } => {
             let dtype = match dtype.as_str() {
                 "f32" | "float32" => candle_core::DType::F32,
                 "bf16" | "bfloat16" => candle_core::DType::BF16,

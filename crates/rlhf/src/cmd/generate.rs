@@ -85,7 +85,9 @@ pub fn eos_ids(model: &Model, tok: &Tokenizer) -> Vec<u32> {
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
             match v.get("eos_token_id") {
                 Some(Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+                Some(Value::Array(a)) => {
+                    ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+                }
                 _ => {}
             }
         }
@@ -139,9 +141,15 @@ pub fn run(a: Args) -> Result<()> {
         let gens = generate(&model, &batch, &cfg)?;
         for (&(r, s), g) in chunk.iter().zip(gens) {
             let mut row = rows[r].value.clone();
-            row.insert("completion".into(), tok.decode(&g.completion_ids, true)?.into());
+            row.insert(
+                "completion".into(),
+                tok.decode(&g.completion_ids, true)?.into(),
+            );
             row.insert("completion_ids".into(), serde_json::json!(g.completion_ids));
-            row.insert("finish_reason".into(), if g.finished { "eos" } else { "length" }.into());
+            row.insert(
+                "finish_reason".into(),
+                if g.finished { "eos" } else { "length" }.into(),
+            );
             if a.num_return_sequences > 1 {
                 row.insert("sequence_index".into(), s.into());
             }

@@ -75,12 +75,23 @@ pub fn run(a: Args) -> Result<()> {
             ..Default::default()
         },
     )?;
-    if !model.params().iter().any(|(n, _)| n.ends_with("score.weight")) {
+    if !model
+        .params()
+        .iter()
+        .any(|(n, _)| n.ends_with("score.weight"))
+    {
         bail!("{}: no score head", a.model.display());
     }
     let rows = jsonl::read(&a.input)?;
-    let ids: Vec<Vec<u32>> = rows.iter().map(|r| row_ids(&tok, &a.input, r)).collect::<Result<_>>()?;
-    let pad = model.config.pad_token_id.or(tok.pad_or_eos_token_id()).unwrap_or(0);
+    let ids: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| row_ids(&tok, &a.input, r))
+        .collect::<Result<_>>()?;
+    let pad = model
+        .config
+        .pad_token_id
+        .or(tok.pad_or_eos_token_id())
+        .unwrap_or(0);
     let pb = super::progress(rows.len() as u64, "score");
     let mut out = jsonl::Output::new(a.output.as_deref());
     for (chunk_rows, chunk_ids) in rows.chunks(a.batch_size).zip(ids.chunks(a.batch_size)) {

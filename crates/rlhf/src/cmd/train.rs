@@ -20,9 +20,13 @@ pub struct Args {
 
 impl Args {
     fn resume(&self) -> Option<Option<&std::path::Path>> {
-        self.resume
-            .as_deref()
-            .map(|p| if p.as_os_str().is_empty() { None } else { Some(p) })
+        self.resume.as_deref().map(|p| {
+            if p.as_os_str().is_empty() {
+                None
+            } else {
+                Some(p)
+            }
+        })
     }
 }
 
