@@ -103,7 +103,13 @@ mod tests {
         let x = Tensor::new(&[-100f32, -2.0, 0.0, 3.0, 100.0], &Device::Cpu).unwrap();
         let got = log_sigmoid(&x).unwrap().to_vec1::<f32>().unwrap();
         // torch.nn.functional.logsigmoid(torch.tensor([-100., -2., 0., 3., 100.]))
-        let want = [-100.0f32, -2.126928, -std::f32::consts::LN_2, -0.04858735, 0.0];
+        let want = [
+            -100.0f32,
+            -2.126928,
+            -std::f32::consts::LN_2,
+            -0.04858735,
+            0.0,
+        ];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
         }

@@ -28,9 +28,11 @@ impl LrScheduler {
             "constant_with_warmup" => Kind::ConstantWithWarmup,
             "linear" => Kind::Linear,
             "cosine" => Kind::Cosine,
-            other => return Err(Error::Config(format!(
+            other => {
+                return Err(Error::Config(format!(
                 "lr_scheduler_type {other:?}: use constant, constant_with_warmup, linear or cosine"
-            ))),
+            )))
+            }
         };
         Ok(Self {
             kind,
