@@ -71,6 +71,8 @@ pub struct TrainingArgs {
     pub skip_invalid: bool,
     /// Shuffle the training data each epoch (transformers' default).
     pub shuffle: bool,
+    /// Evaluate once before the first step, logged at step 0 (transformers' `eval_on_start`).
+    pub eval_on_start: bool,
 }
 
 impl Default for TrainingArgs {
@@ -105,6 +107,7 @@ impl Default for TrainingArgs {
             max_length: 1024,
             skip_invalid: false,
             shuffle: true,
+            eval_on_start: false,
         }
     }
 }
@@ -305,6 +308,7 @@ impl TrainingArgs {
             ));
         }
         if self.eval_strategy != "no" && self.eval_file.is_none() {
+            // Evaluation needs data; say which key is missing rather than skipping silently.
             return bad(format!(
                 "eval_strategy = {:?} needs an `eval_file`",
                 self.eval_strategy

@@ -25,8 +25,6 @@ pub struct RewardArgs {
     /// Llama 2 margin table for rows with a `degree`: "small" {1, 2/3, 1/3, 0} or
     /// "large" {3, 2, 1, 0}.
     pub margin_table: rlhf_data::MarginTable,
-    /// Evaluate once before the first step (transformers' `eval_on_start`).
-    pub eval_on_start: bool,
 }
 
 impl Default for RewardArgs {
@@ -34,7 +32,6 @@ impl Default for RewardArgs {
         Self {
             center_rewards_coefficient: None,
             margin_table: rlhf_data::MarginTable::Small,
-            eval_on_start: false,
         }
     }
 }
@@ -42,12 +39,7 @@ impl Default for RewardArgs {
 /// Every key a reward config may hold.
 fn allowed_keys() -> Vec<&'static str> {
     let mut v = config::TRAINING_KEYS.to_vec();
-    v.extend([
-        "center_rewards_coefficient",
-        "margin_table",
-        "eval_on_start",
-        "lora",
-    ]);
+    v.extend(["center_rewards_coefficient", "margin_table", "lora"]);
     v
 }
 
@@ -75,11 +67,7 @@ impl RewardConfig {
             None => None,
         };
         let mut reward_table = toml::Table::new();
-        for k in [
-            "center_rewards_coefficient",
-            "margin_table",
-            "eval_on_start",
-        ] {
+        for k in ["center_rewards_coefficient", "margin_table"] {
             if let Some(v) = table.remove(k) {
                 reward_table.insert(k.into(), v);
             }
@@ -258,14 +246,6 @@ pub fn run(
         pad_id: rlhf_data::pad_id(&tok)?,
         center_rewards_coefficient: cfg.reward.center_rewards_coefficient,
     };
-    if cfg.reward.eval_on_start && !eval_set.is_empty() && resume_dir.is_none() {
-        let m = objective.evaluate(&model, &eval_set, args.per_device_eval_batch_size)?;
-        tracing::info!(
-            "before training: eval accuracy {:.4}, eval loss {:.4}",
-            m["accuracy"],
-            m["loss"]
-        );
-    }
     // The tokenizer travels with the output so `rlhf score` and PEFT users find it.
     tok.save(&args.output_dir)?;
     trainer::train(

@@ -23,8 +23,6 @@ pub struct SftArgs {
     pub completion_only_loss: bool,
     /// Loss on assistant turns only for `messages` rows.
     pub assistant_only_loss: bool,
-    /// Evaluate once before the first step.
-    pub eval_on_start: bool,
 }
 
 impl Default for SftArgs {
@@ -32,16 +30,11 @@ impl Default for SftArgs {
         Self {
             completion_only_loss: true,
             assistant_only_loss: true,
-            eval_on_start: false,
         }
     }
 }
 
-const SFT_KEYS: [&str; 3] = [
-    "completion_only_loss",
-    "assistant_only_loss",
-    "eval_on_start",
-];
+const SFT_KEYS: [&str; 2] = ["completion_only_loss", "assistant_only_loss"];
 
 /// A parsed SFT config.
 #[derive(Debug, Clone)]
@@ -221,10 +214,6 @@ pub fn run(
     let objective = SftObjective {
         pad_id: rlhf_data::pad_id(&tok)?,
     };
-    if cfg.sft.eval_on_start && !eval_set.is_empty() && resume_dir.is_none() {
-        let m = objective.evaluate(&model, &eval_set, args.per_device_eval_batch_size)?;
-        tracing::info!("before training: eval loss {:.4}", m["loss"]);
-    }
     tok.save(&args.output_dir)?;
     trainer::train(
         args,

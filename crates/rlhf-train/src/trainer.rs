@@ -203,6 +203,25 @@ pub fn train<O: Objective>(
     std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut logger = MetricsLogger::open(&args.output_dir, &args.report_to, state.global_step)?;
 
+    if args.eval_on_start && resume.is_none() && !eval_set.is_empty() {
+        let ev = run_eval(
+            objective,
+            model,
+            eval_set,
+            args.per_device_eval_batch_size,
+            &sampler,
+        )?;
+        let show: Vec<String> = ev
+            .iter()
+            .filter(|(k, _)| matches!(k.as_str(), "eval_loss" | "eval_accuracy"))
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        tracing::info!("before training: {}", show.join(", "));
+        logger.log(0, &ev)?;
+        let mut ev = ev;
+        ev.insert("step".into(), 0.0);
+        state.log_history.push(ev);
+    }
     let bar = progress(max_steps, state.global_step);
     let started = Instant::now();
     let samples_at_start = state.samples_seen;
@@ -347,7 +366,9 @@ pub fn train<O: Objective>(
     summary.insert("train_loss".into(), state.total_loss / good);
     summary.insert("epoch".into(), epoch_of(&sampler));
     summary.insert("skipped_steps".into(), state.skipped_steps as f64);
-    if !eval_set.is_empty() && args.eval_strategy != "no" {
+    // A run given an eval_file always ends with its eval_* in the summary (what a user reads
+    // after `trainer.train(); trainer.evaluate()`), whatever eval_strategy says for mid-run.
+    if !eval_set.is_empty() {
         let ev = run_eval(
             objective,
             model,

@@ -30,9 +30,12 @@ impl Args {
     }
 }
 
+/// The run's summary (the last line of metrics.jsonl) as one JSON line on stdout, for scripts.
 fn print_summary(summary: &std::collections::BTreeMap<String, f64>) {
-    let line: Vec<String> = summary.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
-    tracing::info!("done: {}", line.join(" "));
+    println!(
+        "{}",
+        serde_json::to_string(summary).expect("numbers serialise")
+    );
 }
 
 /// `rlhf reward`.
