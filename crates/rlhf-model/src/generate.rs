@@ -69,6 +69,18 @@ pub fn generate(
             "cannot generate from an empty prompt".into(),
         ));
     }
+    // Sampling never backpropagates: keep no graph.
+    let was = model.set_grad_enabled(false);
+    let out = generate_inner(model, prompts, cfg);
+    model.set_grad_enabled(was);
+    out
+}
+
+fn generate_inner(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generation>> {
     let device = model.device().clone();
     let batch = Batch::pad(prompts, cfg.pad_token_id, true);
     let b = batch.len();

@@ -403,6 +403,14 @@ impl Model {
         self.switches.set_training(on)
     }
 
+    /// Turns graph recording on or off (see `Switches::set_grad_enabled`); returns the previous
+    /// setting so callers can restore it.
+    pub fn set_grad_enabled(&self, on: bool) -> bool {
+        let was = self.switches.grad_enabled();
+        self.switches.set_grad_enabled(on);
+        was
+    }
+
     /// Seeds the dropout masks of the next forward pass (see `Switches::set_dropout_seed`).
     pub fn set_dropout_seed(&self, seed: u64) {
         self.switches.set_dropout_seed(seed)

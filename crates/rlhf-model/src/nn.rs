@@ -20,6 +20,8 @@ pub struct Switches {
     dropout_seed: Cell<u64>,
     /// Dropout calls since the seed was set: each call gets its own stream.
     dropout_calls: Cell<u64>,
+    /// When true, layer outputs are detached: no graph is kept (evaluation, generation).
+    grad_disabled: Cell<bool>,
 }
 
 impl Switches {
@@ -30,6 +32,16 @@ impl Switches {
     /// Enables or disables every adapter of the model.
     pub fn set_adapters_enabled(&self, on: bool) {
         self.adapters_disabled.set(!on)
+    }
+    /// Whether forward passes record the graph for a backward pass.
+    pub fn grad_enabled(&self) -> bool {
+        !self.grad_disabled.get()
+    }
+    /// Turns graph recording off (evaluation, generation) or back on. candle has no global
+    /// no-grad mode: with trainable parameters every forward keeps its whole graph, i.e. every
+    /// activation, alive until the output is dropped.
+    pub fn set_grad_enabled(&self, on: bool) {
+        self.grad_disabled.set(!on)
     }
     /// Whether dropout is active.
     pub fn training(&self) -> bool {
@@ -192,6 +204,10 @@ impl Linear {
                 let delta = xin.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
                 y = (y + (delta * l.scale)?)?;
             }
+        }
+        if !self.switches.grad_enabled() {
+            // Cut the graph here: what feeds this layer can be freed as soon as it is used.
+            y = y.detach();
         }
         let out_dim = y.dim(1)?;
         let mut out_shape = dims;

@@ -144,6 +144,7 @@ pub const TRAINING_KEYS: &[&str] = &[
     "max_length",
     "skip_invalid",
     "shuffle",
+    "eval_on_start",
 ];
 
 /// Keys of the `[lora]` table (PEFT's LoraConfig names).

@@ -391,7 +391,10 @@ fn run_eval<O: Objective>(
 ) -> Result<BTreeMap<String, f64>> {
     model.set_training(false);
     let started = Instant::now();
-    let m = objective.evaluate(model, eval_set, batch_size)?;
+    let was = model.set_grad_enabled(false);
+    let m = objective.evaluate(model, eval_set, batch_size);
+    model.set_grad_enabled(was);
+    let m = m?;
     let mut out: BTreeMap<String, f64> = m
         .into_iter()
         .map(|(k, v)| (format!("eval_{k}"), v))
