@@ -1,4 +1,5 @@
-//! The one error type of `rlhf-train`: each variant says what to fix.
+//! The one error type of `rlhf-train`: each variant says what to fix, naming the path, key or
+//! parameter involved and, where a value is wrong, what was expected and what was found.
 
 use std::path::PathBuf;
 
@@ -8,12 +9,65 @@ pub enum Error {
     /// A config value or combination is invalid; the message names the key.
     #[error("config: {0}")]
     Config(String),
+    /// A setting has a value this crate does not accept (an unknown scheduler, a β outside
+    /// [0, 1), ...).
+    #[error("{key} = {found}: expected {expected}")]
+    InvalidValue {
+        /// The setting, as named in the config (`lr_scheduler_type`, `adam_beta1`, ...).
+        key: String,
+        /// What was given.
+        found: String,
+        /// What is accepted.
+        expected: String,
+    },
     /// Losses or gradients stayed non-finite; no poisoned weights were saved.
     #[error("training diverged: {0}")]
     Diverged(String),
     /// Resuming is impossible (checkpoint and run disagree).
     #[error("resume: {0}")]
     Resume(String),
+    /// The optimiser state being loaded lacks an entry this run's parameters need.
+    #[error(
+        "optimizer state has no `{key}`: the checkpoint was written for other trainable \
+         parameters (were the model, the LoRA settings or the trainer changed since?)"
+    )]
+    MissingState {
+        /// The missing entry (`{param}.exp_avg`, `{param}.exp_avg_sq` or `step`).
+        key: String,
+    },
+    /// An optimiser state entry has a different shape than the parameter it belongs to.
+    #[error(
+        "optimizer state `{key}` has shape {found:?}, the parameter has {expected:?}: the \
+         checkpoint was written for a different model or LoRA rank"
+    )]
+    StateShape {
+        /// The entry.
+        key: String,
+        /// The parameter's shape.
+        expected: Vec<usize>,
+        /// The entry's shape.
+        found: Vec<usize>,
+    },
+    /// The optimiser state holds moments for parameters this run does not train.
+    #[error(
+        "optimizer state has entries for parameters this run does not train ({}): the \
+         checkpoint was written for other trainable parameters",
+        .keys.join(", ")
+    )]
+    UnknownState {
+        /// Some of the unexpected entries (at most a handful, sorted).
+        keys: Vec<String>,
+    },
+    /// A gradient does not have its parameter's shape (a bug in the code that built it).
+    #[error("gradient of `{param}` has shape {found:?}, the parameter has {expected:?}")]
+    GradShape {
+        /// The parameter.
+        param: String,
+        /// The parameter's shape.
+        expected: Vec<usize>,
+        /// The gradient's shape.
+        found: Vec<usize>,
+    },
     /// I/O with the path it happened on.
     #[error("{path}: {source}")]
     Io {
@@ -46,6 +100,19 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// An [`Error::InvalidValue`] for `key`.
+    pub fn invalid(
+        key: impl Into<String>,
+        found: impl std::fmt::Display,
+        expected: impl Into<String>,
+    ) -> Self {
+        Error::InvalidValue {
+            key: key.into(),
+            found: found.to_string(),
+            expected: expected.into(),
         }
     }
 }

@@ -310,8 +310,8 @@ pub fn train<O: Objective>(
                 log.insert("loss".to_string(), window_loss / window_steps as f64);
             }
             log.insert("grad_norm".into(), last_grad_norm);
-            // transformers logs the rate the scheduler holds after this step.
-            log.insert("learning_rate".into(), scheduler.lr_at(gs));
+            // transformers 5 logs the rate the update of this step used.
+            log.insert("learning_rate".into(), scheduler.logged_lr(gs));
             for (k, (sum, n)) in &window_metrics {
                 log.insert((*k).to_string(), sum / *n as f64);
             }
