@@ -2,15 +2,45 @@
 //!
 //! Every function here has a composed reference built from ops candle differentiates; tests
 //! check values and gradients of the two against each other.
+//!
+//! The fused versions are candle custom ops (`CustomOp1/2/3`) whose `bwd` is itself a fused
+//! custom op, so one forward and one backward each make a single allocation and a few passes
+//! over each row while it sits in L1, instead of the 4-8 full-size temporaries of the composed
+//! graph. They run on the CPU in f32: f16/bf16 inputs are converted to f32 and back (so the row
+//! statistics are f32 too), anything else (f64, other devices, unusual shapes) takes the
+//! composed path. Rows are split over candle's own CPU thread pool
+//! ([`candle_core::utils::barrier_pool`]), the one its element-wise ops use.
+//!
+//! Gradients of custom ops are first order only (the backward ops have no backward).
 
-use candle_core::{Tensor, D};
+use std::ops::Range;
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D,
+};
 
 use crate::Result;
+
+type CResult<T> = candle_core::Result<T>;
+
+// ---------------------------------------------------------------------------------------------
+// Public entry points
+// ---------------------------------------------------------------------------------------------
 
 /// Softmax over the last dimension.
 // x: (..., n) -> (..., n)
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    softmax_composed(x)
+    if x.rank() == 0 || !x.device().is_cpu() {
+        return softmax_composed(x);
+    }
+    match x.dtype() {
+        DType::F32 => Ok(unit_stride(x)?.apply_op1(Softmax)?),
+        DType::F16 | DType::BF16 => {
+            let y = unit_stride(&x.to_dtype(DType::F32)?)?.apply_op1(Softmax)?;
+            Ok(y.to_dtype(x.dtype())?)
+        }
+        _ => softmax_composed(x),
+    }
 }
 
 /// The composed softmax: exp(x - max) / sum.
@@ -25,7 +55,18 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
 /// RMSNorm: x / sqrt(mean(x²) + eps) * weight.
 // x: (..., h), weight: (h) -> (..., h)
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    rms_norm_composed(x, weight, eps)
+    if !fusable(&[x, weight]) || x.rank() == 0 || weight.dims() != [x.dim(D::Minus1)?] {
+        return rms_norm_composed(x, weight, eps);
+    }
+    let op = RmsNorm { eps: eps as f32 };
+    match x.dtype() {
+        DType::F32 => Ok(unit_stride(x)?.apply_op2(&unit_stride(weight)?, op)?),
+        _ => {
+            let (x32, w32) = (x.to_dtype(DType::F32)?, weight.to_dtype(DType::F32)?);
+            let y = unit_stride(&x32)?.apply_op2(&unit_stride(&w32)?, op)?;
+            Ok(y.to_dtype(x.dtype())?)
+        }
+    }
 }
 
 /// The composed RMSNorm.
@@ -38,7 +79,25 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
 /// LayerNorm with weight and bias.
 // x: (..., h), weight/bias: (h) -> (..., h)
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    layer_norm_composed(x, weight, bias, eps)
+    if !fusable(&[x, weight, bias])
+        || x.rank() == 0
+        || weight.dims() != [x.dim(D::Minus1)?]
+        || bias.dims() != weight.dims()
+    {
+        return layer_norm_composed(x, weight, bias, eps);
+    }
+    let op = LayerNorm { eps: eps as f32 };
+    match x.dtype() {
+        DType::F32 => {
+            Ok(unit_stride(x)?.apply_op3(&unit_stride(weight)?, &unit_stride(bias)?, op)?)
+        }
+        _ => {
+            let x32 = unit_stride(&x.to_dtype(DType::F32)?)?;
+            let w32 = unit_stride(&weight.to_dtype(DType::F32)?)?;
+            let b32 = unit_stride(&bias.to_dtype(DType::F32)?)?;
+            Ok(x32.apply_op3(&w32, &b32, op)?.to_dtype(x.dtype())?)
+        }
+    }
 }
 
 /// The composed LayerNorm.
@@ -54,7 +113,1541 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 }
 
 /// Rotary embedding (HF half-split layout).
+///
+/// The gradient flows to `x` only; if `cos` or `sin` carry gradients themselves, the composed
+/// version runs so that theirs are not dropped.
 // x: (b, h, t, d), cos/sin: (b, 1, t, d) -> (b, h, t, d)
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    crate::ops::apply_rope_composed(x, cos, sin)
+    let ok = fusable(&[x, cos, sin])
+        && !cos.track_op()
+        && !sin.track_op()
+        && x.rank() == 4
+        && cos.rank() == 4
+        && cos.dims() == sin.dims()
+        && {
+            let (b, _, t, d) = x.dims4()?;
+            let (cb, one, ct, cd) = cos.dims4()?;
+            (cb == b || cb == 1) && one == 1 && ct == t && cd == d && d % 2 == 0
+        };
+    if !ok {
+        return crate::ops::apply_rope_composed(x, cos, sin);
+    }
+    match x.dtype() {
+        DType::F32 => {
+            Ok(unit_stride(x)?.apply_op3(&unit_stride(cos)?, &unit_stride(sin)?, Rope)?)
+        }
+        _ => {
+            let x32 = unit_stride(&x.to_dtype(DType::F32)?)?;
+            let c32 = unit_stride(&cos.to_dtype(DType::F32)?)?;
+            let s32 = unit_stride(&sin.to_dtype(DType::F32)?)?;
+            Ok(x32.apply_op3(&c32, &s32, Rope)?.to_dtype(x.dtype())?)
+        }
+    }
+}
+
+/// Whether the fused kernels can take these tensors: all on the CPU, all f32 or all the same
+/// half type (converted to f32 around the kernel).
+fn fusable(ts: &[&Tensor]) -> bool {
+    let dt = ts[0].dtype();
+    matches!(dt, DType::F32 | DType::F16 | DType::BF16)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
+}
+
+/// The kernels read each row (last dimension) as a slice: any layout whose last dimension has
+/// stride 1 works as is (a transposed (b, t, h, d) -> (b, h, t, d) view, a broadcast batch);
+/// anything else is copied first.
+fn unit_stride(t: &Tensor) -> CResult<Tensor> {
+    let n = t.dims().last().copied().unwrap_or(1);
+    if n <= 1 || t.stride().last() == Some(&1) {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row access and threading
+// ---------------------------------------------------------------------------------------------
+
+/// Where each row (the last dimension) of a tensor starts in its storage.
+struct Rows {
+    /// Row length (the last dimension).
+    n: usize,
+    /// Number of rows (product of the other dimensions).
+    count: usize,
+    start: usize,
+    /// `None` for a contiguous layout (rows at `start + r * n`).
+    starts: Option<Vec<usize>>,
+}
+
+impl Rows {
+    fn new(layout: &Layout) -> CResult<Self> {
+        let dims = layout.dims();
+        let strides = layout.stride();
+        let Some((&n, outer)) = dims.split_last() else {
+            bail!("fused kernels need at least one dimension")
+        };
+        if n > 1 && strides[dims.len() - 1] != 1 {
+            bail!("fused kernels need a unit stride on the last dimension")
+        }
+        let count: usize = outer.iter().product();
+        let start = layout.start_offset();
+        if layout.is_contiguous() {
+            return Ok(Rows {
+                n,
+                count,
+                start,
+                starts: None,
+            });
+        }
+        // Odometer over the outer dimensions, row-major.
+        let mut starts = Vec::with_capacity(count);
+        let mut idx = vec![0usize; outer.len()];
+        let mut off = start;
+        for _ in 0..count {
+            starts.push(off);
+            for d in (0..outer.len()).rev() {
+                idx[d] += 1;
+                off += strides[d];
+                if idx[d] < outer[d] {
+                    break;
+                }
+                off -= strides[d] * outer[d];
+                idx[d] = 0;
+            }
+        }
+        Ok(Rows {
+            n,
+            count,
+            start,
+            starts: Some(starts),
+        })
+    }
+
+    #[inline(always)]
+    fn row<'a>(&self, data: &'a [f32], r: usize) -> &'a [f32] {
+        let s = match &self.starts {
+            None => self.start + r * self.n,
+            Some(v) => v[r],
+        };
+        &data[s..s + self.n]
+    }
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> CResult<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        other => bail!(
+            "fused {what}: expected f32, got {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    }
+}
+
+/// A raw output pointer shared by the workers; each writes disjoint rows.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `start + n` is within the allocation and no other thread touches these elements.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row<'a>(self, start: usize, n: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), n)
+    }
+}
+
+/// An output buffer every element of which the kernel writes.
+struct OutBuf(Vec<f32>);
+
+impl OutBuf {
+    fn new(len: usize) -> Self {
+        OutBuf(Vec::with_capacity(len))
+    }
+    fn ptr(&mut self) -> Out {
+        Out(self.0.as_mut_ptr())
+    }
+    /// # Safety
+    /// All `len` elements have been written.
+    unsafe fn finish(mut self, len: usize) -> Vec<f32> {
+        self.0.set_len(len);
+        self.0
+    }
+}
+
+/// Below this many elements a single thread is faster than waking the pool.
+const PAR_MIN_ELEMS: usize = 64 * 1024;
+/// Elements per work unit: enough to amortise dispatch, small enough to balance.
+const UNIT_ELEMS: usize = 16 * 1024;
+
+fn rows_per_unit(n: usize) -> usize {
+    (UNIT_ELEMS / n.max(1)).max(1)
+}
+
+fn n_units(count: usize, n: usize) -> usize {
+    count.div_ceil(rows_per_unit(n))
+}
+
+/// Runs `f(unit, rows)` over all rows in fixed units (the split into units depends on the shape
+/// only, so reductions over units are deterministic), on candle's CPU pool when large enough.
+fn par_units(count: usize, n: usize, f: impl Fn(usize, Range<usize>) + Sync) {
+    let rpu = rows_per_unit(n);
+    let units = count.div_ceil(rpu);
+    let run = |us: Range<usize>| {
+        for u in us {
+            f(u, u * rpu..((u + 1) * rpu).min(count))
+        }
+    };
+    if count * n < PAR_MIN_ELEMS || units < 2 {
+        run(0..units)
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units, run)
+    }
+}
+
+/// Sums per-unit partial rows (`units` rows of `n`) in unit order into `dst`.
+fn reduce_partials(partials: &[f32], n: usize, dst: &mut [f32]) {
+    dst.fill(0.0);
+    for p in partials.chunks_exact(n.max(1)) {
+        for (d, v) in dst.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+}
+
+/// Tests set this to run the baseline (non-AVX2) build of the kernels.
+#[cfg(test)]
+static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn use_avx2() -> bool {
+    #[cfg(test)]
+    if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// Compiles the body twice, once for the baseline target and once with AVX2+FMA, and picks at
+/// run time (the row helpers below are `inline(always)` so they take the caller's features).
+macro_rules! simd_fn {
+    (fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($a: $t),*) {
+                    imp($($a),*)
+                }
+                if use_avx2() {
+                    // SAFETY: the CPU has the features `avx2` was compiled for.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            imp($($a),*)
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels (vectorisable: independent lanes, no branches in the inner loops)
+// ---------------------------------------------------------------------------------------------
+
+/// Accumulator lanes for reductions: lets the compiler keep several vector registers busy.
+const L: usize = 16;
+
+#[inline(always)]
+fn hsum(acc: [f32; L]) -> f32 {
+    let mut h = [0f32; L / 2];
+    for j in 0..L / 2 {
+        h[j] = acc[j] + acc[j + L / 2];
+    }
+    let mut q = [0f32; L / 4];
+    for j in 0..L / 4 {
+        q[j] = h[j] + h[j + L / 4];
+    }
+    q.iter().sum()
+}
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let c = x.chunks_exact(L);
+    let r = c.remainder();
+    for c in c {
+        for j in 0..L {
+            acc[j] += c[j];
+        }
+    }
+    r.iter().fold(hsum(acc), |s, v| s + v)
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (a, b) in ca.zip(cb) {
+        for j in 0..L {
+            acc[j] += a[j] * b[j];
+        }
+    }
+    ra.iter().zip(rb).fold(hsum(acc), |s, (a, b)| s + a * b)
+}
+
+/// sum((x - c)²)
+#[inline(always)]
+fn sum_sq_centered(x: &[f32], c: f32) -> f32 {
+    let mut acc = [0f32; L];
+    let ch = x.chunks_exact(L);
+    let r = ch.remainder();
+    for x in ch {
+        for j in 0..L {
+            let d = x[j] - c;
+            acc[j] += d * d;
+        }
+    }
+    r.iter().fold(hsum(acc), |s, v| s + (v - c) * (v - c))
+}
+
+/// sum(a * b * c)
+#[inline(always)]
+fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let (ca, cb, cc) = (a.chunks_exact(L), b.chunks_exact(L), c.chunks_exact(L));
+    let (ra, rb, rc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((a, b), c) in ca.zip(cb).zip(cc) {
+        for j in 0..L {
+            acc[j] += a[j] * b[j] * c[j];
+        }
+    }
+    let mut s = hsum(acc);
+    for i in 0..ra.len() {
+        s += ra[i] * rb[i] * rc[i];
+    }
+    s
+}
+
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; L];
+    let c = x.chunks_exact(L);
+    let r = c.remainder();
+    for c in c {
+        for j in 0..L {
+            acc[j] = acc[j].max(c[j]);
+        }
+    }
+    r.iter().fold(
+        acc.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)),
+        |m, v| m.max(*v),
+    )
+}
+
+/// exp for softmax (x <= 0 after the max shift; larger x saturate at e^88.37): Cephes' expf
+/// range reduction and polynomial, branch-free so loops over it vectorise. Relative error about
+/// 2e-7; results below e^-87.3 (subnormal) flush to 0; NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LO: f32 = -87.336_55; // ln(f32::MIN_POSITIVE)
+    const HI: f32 = 88.376_26; // keeps the exponent at most 127
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let xc = x.clamp(LO, HI);
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let k = t - MAGIC;
+    let ki = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    // r = x - k ln2, with ln2 split so k * LN2_HI is exact.
+    let r = xc - k * 0.693_359_4 - k * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let y = y * f32::from_bits(((ki + 127) as u32) << 23);
+    let y = if x < LO { 0.0 } else { y };
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    let m = max(x);
+    let mut acc = [0f32; L];
+    let main = x.len() / L * L;
+    for (x, y) in x[..main].chunks_exact(L).zip(y[..main].chunks_exact_mut(L)) {
+        for j in 0..L {
+            let e = exp_f32(x[j] - m);
+            y[j] = e;
+            acc[j] += e;
+        }
+    }
+    let mut s = hsum(acc);
+    for (x, y) in x[main..].iter().zip(&mut y[main..]) {
+        let e = exp_f32(x - m);
+        *y = e;
+        s += e;
+    }
+    let inv = 1.0 / s;
+    for y in y.iter_mut() {
+        *y *= inv;
+    }
+}
+
+// dx = y * (dy - sum(dy * y))
+#[inline(always)]
+fn softmax_bwd_row(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let s = dot(y, dy);
+    for ((dx, y), dy) in dx.iter_mut().zip(y).zip(dy) {
+        *dx = y * (dy - s);
+    }
+}
+
+#[inline(always)]
+fn rms_inv(x: &[f32], eps: f32) -> f32 {
+    1.0 / (sum_sq_centered(x, 0.0) / x.len() as f32 + eps).sqrt()
+}
+
+#[inline(always)]
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let inv = rms_inv(x, eps);
+    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+        *y = x * inv * w;
+    }
+}
+
+// With x̂ = x·inv and g = dy·w: dx = inv·(g − x̂·mean(g·x̂)), dw += dy·x̂.
+#[inline(always)]
+fn rms_norm_bwd_row(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dw: Option<&mut [f32]>,
+) {
+    let inv = rms_inv(x, eps);
+    let c = dot3(dy, w, x) * inv * inv / x.len() as f32;
+    for (((dx, x), w), dy) in dx.iter_mut().zip(x).zip(w).zip(dy) {
+        *dx = inv * (dy * w - x * c);
+    }
+    if let Some(dw) = dw {
+        for ((dw, x), dy) in dw.iter_mut().zip(x).zip(dy) {
+            *dw += dy * (x * inv);
+        }
+    }
+}
+
+#[inline(always)]
+fn ln_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = sum(x) / n;
+    let inv = 1.0 / (sum_sq_centered(x, mean) / n + eps).sqrt();
+    (mean, inv)
+}
+
+#[inline(always)]
+fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let (mean, inv) = ln_stats(x, eps);
+    for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+        *y = (x - mean) * inv * w + b;
+    }
+}
+
+// With x̂ = (x − mean)·inv and g = dy·w: dx = inv·(g − mean(g) − x̂·mean(g·x̂)),
+// dw += dy·x̂, db += dy.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_bwd_row(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dwb: Option<(&mut [f32], &mut [f32])>,
+) {
+    let n = x.len() as f32;
+    let (mean, inv) = ln_stats(x, eps);
+    let mut acc_g = [0f32; L];
+    let mut acc_gx = [0f32; L];
+    let main = x.len() / L * L;
+    for ((x, w), dy) in x[..main]
+        .chunks_exact(L)
+        .zip(w[..main].chunks_exact(L))
+        .zip(dy[..main].chunks_exact(L))
+    {
+        for j in 0..L {
+            let g = dy[j] * w[j];
+            acc_g[j] += g;
+            acc_gx[j] += g * (x[j] - mean);
+        }
+    }
+    let (mut sg, mut sgx) = (hsum(acc_g), hsum(acc_gx));
+    for i in main..x.len() {
+        let g = dy[i] * w[i];
+        sg += g;
+        sgx += g * (x[i] - mean);
+    }
+    let mg = sg / n;
+    let mgx = sgx * inv / n;
+    for (((dx, x), w), dy) in dx.iter_mut().zip(x).zip(w).zip(dy) {
+        *dx = inv * (dy * w - mg - (x - mean) * inv * mgx);
+    }
+    if let Some((dw, db)) = dwb {
+        for (((dw, db), x), dy) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
+            *dw += dy * ((x - mean) * inv);
+            *db += dy;
+        }
+    }
+}
+
+// out = x·cos + rotate_half(x)·sin, rotate_half(x) = cat(−x2, x1)
+#[inline(always)]
+fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
+    let h = x.len() / 2;
+    let (x1, x2) = x.split_at(h);
+    let (c1, c2) = c.split_at(h);
+    let (s1, s2) = s.split_at(h);
+    let (y1, y2) = y.split_at_mut(h);
+    for i in 0..h {
+        y1[i] = x1[i] * c1[i] - x2[i] * s1[i];
+        y2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+    }
+}
+
+// dx = dy·cos + rotate_half_transpose(dy·sin), rotate_half_transpose(g) = cat(g2, −g1)
+#[inline(always)]
+fn rope_bwd_row(g: &[f32], c: &[f32], s: &[f32], dx: &mut [f32]) {
+    let h = g.len() / 2;
+    let (g1, g2) = g.split_at(h);
+    let (c1, c2) = c.split_at(h);
+    let (s1, s2) = s.split_at(h);
+    let (d1, d2) = dx.split_at_mut(h);
+    for i in 0..h {
+        d1[i] = g1[i] * c1[i] + g2[i] * s2[i];
+        d2[i] = g2[i] * c2[i] - g1[i] * s1[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unit kernels (a range of rows each), dispatched on the CPU's features
+// ---------------------------------------------------------------------------------------------
+
+simd_fn! {
+    fn softmax_rows(x: &[f32], xr: &Rows, out: Out, rows: Range<usize>) {
+        let n = xr.n;
+        for r in rows {
+            // SAFETY: row r of the contiguous output belongs to this unit only.
+            let y = unsafe { out.row(r * n, n) };
+            softmax_row(xr.row(x, r), y);
+        }
+    }
+}
+
+simd_fn! {
+    fn softmax_bwd_rows(y: &[f32], yr: &Rows, dy: &[f32], dyr: &Rows, out: Out, rows: Range<usize>) {
+        let n = yr.n;
+        for r in rows {
+            // SAFETY: as in softmax_rows.
+            let dx = unsafe { out.row(r * n, n) };
+            softmax_bwd_row(yr.row(y, r), dyr.row(dy, r), dx);
+        }
+    }
+}
+
+simd_fn! {
+    fn rms_norm_rows(x: &[f32], xr: &Rows, w: &[f32], eps: f32, out: Out, rows: Range<usize>) {
+        let n = xr.n;
+        for r in rows {
+            // SAFETY: as in softmax_rows.
+            let y = unsafe { out.row(r * n, n) };
+            rms_norm_row(xr.row(x, r), w, eps, y);
+        }
+    }
+}
+
+simd_fn! {
+    fn rms_norm_bwd_rows(
+        x: &[f32], xr: &Rows, w: &[f32], dy: &[f32], dyr: &Rows, eps: f32,
+        out: Out, partial: Option<Out>, unit: usize, rows: Range<usize>,
+    ) {
+        let n = xr.n;
+        // SAFETY: each unit owns its partial row.
+        let mut dw = partial.map(|p| unsafe { p.row(unit * n, n) });
+        if let Some(dw) = dw.as_deref_mut() {
+            dw.fill(0.0);
+        }
+        for r in rows {
+            // SAFETY: as in softmax_rows.
+            let dx = unsafe { out.row(r * n, n) };
+            rms_norm_bwd_row(xr.row(x, r), w, dyr.row(dy, r), eps, dx, dw.as_deref_mut());
+        }
+    }
+}
+
+simd_fn! {
+    fn layer_norm_rows(x: &[f32], xr: &Rows, w: &[f32], b: &[f32], eps: f32, out: Out, rows: Range<usize>) {
+        let n = xr.n;
+        for r in rows {
+            // SAFETY: as in softmax_rows.
+            let y = unsafe { out.row(r * n, n) };
+            layer_norm_row(xr.row(x, r), w, b, eps, y);
+        }
+    }
+}
+
+simd_fn! {
+    fn layer_norm_bwd_rows(
+        x: &[f32], xr: &Rows, w: &[f32], dy: &[f32], dyr: &Rows, eps: f32,
+        out: Out, partial: Option<Out>, unit: usize, rows: Range<usize>,
+    ) {
+        let n = xr.n;
+        // SAFETY: each unit owns its two partial rows (dw, db).
+        let mut dwb = partial.map(|p| unsafe { (p.row(2 * unit * n, n), p.row((2 * unit + 1) * n, n)) });
+        if let Some((dw, db)) = dwb.as_mut() {
+            dw.fill(0.0);
+            db.fill(0.0);
+        }
+        for r in rows {
+            // SAFETY: as in softmax_rows.
+            let dx = unsafe { out.row(r * n, n) };
+            let dwb = dwb.as_mut().map(|(a, b)| (&mut **a, &mut **b));
+            layer_norm_bwd_row(xr.row(x, r), w, dyr.row(dy, r), eps, dx, dwb);
+        }
+    }
+}
+
+/// Geometry of a rope call: x rows are (b, h, t), cos/sin rows are (cb, t) with cb = b or 1.
+#[derive(Clone, Copy)]
+struct RopeDims {
+    h: usize,
+    t: usize,
+    cos_batched: bool,
+}
+
+impl RopeDims {
+    fn new(x: &Layout, cos: &Layout, sin: &Layout) -> CResult<Self> {
+        let (xd, cd) = (x.dims(), cos.dims());
+        let ok = xd.len() == 4
+            && cd.len() == 4
+            && cos.dims() == sin.dims()
+            && (cd[0] == xd[0] || cd[0] == 1)
+            && cd[1] == 1
+            && cd[2] == xd[2]
+            && cd[3] == xd[3]
+            && xd[3] % 2 == 0;
+        if !ok {
+            bail!(
+                "fused rope: x {xd:?} and cos/sin {cd:?} {:?} do not match (b,h,t,d) / (b,1,t,d)",
+                sin.dims()
+            )
+        }
+        Ok(RopeDims {
+            h: xd[1],
+            t: xd[2],
+            cos_batched: cd[0] != 1,
+        })
+    }
+
+    #[inline(always)]
+    fn cos_row(&self, r: usize) -> usize {
+        let ti = r % self.t;
+        if self.cos_batched {
+            r / (self.h * self.t) * self.t + ti
+        } else {
+            ti
+        }
+    }
+}
+
+simd_fn! {
+    fn rope_rows(
+        x: &[f32], xr: &Rows, c: &[f32], cr: &Rows, s: &[f32], sr: &Rows, g: RopeDims,
+        bwd: bool, out: Out, rows: Range<usize>,
+    ) {
+        let n = xr.n;
+        for r in rows {
+            let cs = g.cos_row(r);
+            // SAFETY: as in softmax_rows.
+            let y = unsafe { out.row(r * n, n) };
+            if bwd {
+                rope_bwd_row(xr.row(x, r), cr.row(c, cs), sr.row(s, cs), y);
+            } else {
+                rope_row(xr.row(x, r), cr.row(c, cs), sr.row(s, cs), y);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Custom ops
+// ---------------------------------------------------------------------------------------------
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s, "softmax")?;
+        let xr = Rows::new(l)?;
+        let len = xr.count * xr.n;
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        par_units(xr.count, xr.n, |_, rows| softmax_rows(x, &xr, out, rows));
+        // SAFETY: every row was written.
+        let y = unsafe { buf.finish(len) };
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&unit_stride(dy)?, &SoftmaxBwd)?))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (y, dy) = (f32_data(s1, "softmax bwd")?, f32_data(s2, "softmax bwd")?);
+        let (yr, dyr) = (Rows::new(l1)?, Rows::new(l2)?);
+        if l1.dims() != l2.dims() {
+            bail!(
+                "fused softmax bwd: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let len = yr.count * yr.n;
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        par_units(yr.count, yr.n, |_, rows| {
+            softmax_bwd_rows(y, &yr, dy, &dyr, out, rows)
+        });
+        // SAFETY: every row was written.
+        let dx = unsafe { buf.finish(len) };
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Checks that `w` is a single row of length n and returns it.
+fn weight_row<'a>(s: &'a CpuStorage, l: &Layout, n: usize, what: &str) -> CResult<&'a [f32]> {
+    let w = f32_data(s, what)?;
+    let wr = Rows::new(l)?;
+    if l.dims() != [n] {
+        bail!("fused {what}: weight shape {:?}, expected [{n}]", l.dims())
+    }
+    Ok(wr.row(w, 0))
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, "rms_norm")?;
+        let xr = Rows::new(l1)?;
+        let w = weight_row(s2, l2, xr.n, "rms_norm")?;
+        let len = xr.count * xr.n;
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        par_units(xr.count, xr.n, |_, rows| {
+            rms_norm_rows(x, &xr, w, self.eps, out, rows)
+        });
+        // SAFETY: every row was written.
+        let y = unsafe { buf.finish(len) };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let need_dw = w.track_op();
+        let op = RmsNormBwd {
+            eps: self.eps,
+            need_dw,
+        };
+        let packed = x.apply_op3_no_bwd(w, &unit_stride(dy)?, &op)?;
+        let h = w.elem_count();
+        let rows = x.elem_count() / h.max(1);
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = if need_dw {
+            Some(packed.narrow(0, rows, 1)?.reshape(h)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+/// (x, w, dy) -> (rows [+ 1], h): dx, then dw when asked for.
+struct RmsNormBwd {
+    eps: f32,
+    need_dw: bool,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, "rms_norm bwd")?;
+        let xr = Rows::new(l1)?;
+        let w = weight_row(s2, l2, xr.n, "rms_norm bwd")?;
+        let dy = f32_data(s3, "rms_norm bwd")?;
+        let dyr = Rows::new(l3)?;
+        if l1.dims() != l3.dims() {
+            bail!(
+                "fused rms_norm bwd: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l3.dims()
+            )
+        }
+        let (n, count) = (xr.n, xr.count);
+        let extra = usize::from(self.need_dw);
+        let len = (count + extra) * n;
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        let mut partials = vec![
+            0f32;
+            if self.need_dw {
+                n_units(count, n) * n
+            } else {
+                0
+            }
+        ];
+        let part = self.need_dw.then_some(Out(partials.as_mut_ptr()));
+        par_units(count, n, |u, rows| {
+            rms_norm_bwd_rows(x, &xr, w, dy, &dyr, self.eps, out, part, u, rows)
+        });
+        if self.need_dw {
+            // SAFETY: the last row is written here, after the workers are done.
+            reduce_partials(&partials, n, unsafe { out.row(count * n, n) });
+        }
+        // SAFETY: every row was written.
+        let v = unsafe { buf.finish(len) };
+        Ok((CpuStorage::F32(v), Shape::from((count + extra, n))))
+    }
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, "layer_norm")?;
+        let xr = Rows::new(l1)?;
+        let w = weight_row(s2, l2, xr.n, "layer_norm")?;
+        let b = weight_row(s3, l3, xr.n, "layer_norm")?;
+        let len = xr.count * xr.n;
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        par_units(xr.count, xr.n, |_, rows| {
+            layer_norm_rows(x, &xr, w, b, self.eps, out, rows)
+        });
+        // SAFETY: every row was written.
+        let y = unsafe { buf.finish(len) };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_dw, need_db) = (w.track_op(), b.track_op());
+        let op = LayerNormBwd {
+            eps: self.eps,
+            need_dwb: need_dw || need_db,
+        };
+        let packed = x.apply_op3_no_bwd(w, &unit_stride(dy)?, &op)?;
+        let h = w.elem_count();
+        let rows = x.elem_count() / h.max(1);
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = if need_dw {
+            Some(packed.narrow(0, rows, 1)?.reshape(h)?)
+        } else {
+            None
+        };
+        let db = if need_db {
+            Some(packed.narrow(0, rows + 1, 1)?.reshape(h)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw, db))
+    }
+}
+
+/// (x, w, dy) -> (rows [+ 2], h): dx, then dw and db when asked for.
+struct LayerNormBwd {
+    eps: f32,
+    need_dwb: bool,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_data(s1, "layer_norm bwd")?;
+        let xr = Rows::new(l1)?;
+        let w = weight_row(s2, l2, xr.n, "layer_norm bwd")?;
+        let dy = f32_data(s3, "layer_norm bwd")?;
+        let dyr = Rows::new(l3)?;
+        if l1.dims() != l3.dims() {
+            bail!(
+                "fused layer_norm bwd: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l3.dims()
+            )
+        }
+        let (n, count) = (xr.n, xr.count);
+        let extra = if self.need_dwb { 2 } else { 0 };
+        let len = (count + extra) * n;
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        let units = n_units(count, n);
+        let mut partials = vec![0f32; if self.need_dwb { 2 * units * n } else { 0 }];
+        let part = self.need_dwb.then_some(Out(partials.as_mut_ptr()));
+        par_units(count, n, |u, rows| {
+            layer_norm_bwd_rows(x, &xr, w, dy, &dyr, self.eps, out, part, u, rows)
+        });
+        if self.need_dwb {
+            // Partials are [dw_u, db_u] per unit; reduce each in unit order.
+            let (mut dw, mut db) = (vec![0f32; n], vec![0f32; n]);
+            for p in partials.chunks_exact(2 * n.max(1)) {
+                let (pw, pb) = p.split_at(n);
+                dw.iter_mut().zip(pw).for_each(|(d, v)| *d += v);
+                db.iter_mut().zip(pb).for_each(|(d, v)| *d += v);
+            }
+            // SAFETY: the last two rows are written here, after the workers are done.
+            unsafe {
+                out.row(count * n, n).copy_from_slice(&dw);
+                out.row((count + 1) * n, n).copy_from_slice(&db);
+            }
+        }
+        // SAFETY: every row was written.
+        let v = unsafe { buf.finish(len) };
+        Ok((CpuStorage::F32(v), Shape::from((count + extra, n))))
+    }
+}
+
+struct Rope;
+
+fn rope_cpu(
+    bwd: bool,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+) -> CResult<(CpuStorage, Shape)> {
+    let g = RopeDims::new(l1, l2, l3)?;
+    let (x, c, s) = (
+        f32_data(s1, "rope")?,
+        f32_data(s2, "rope")?,
+        f32_data(s3, "rope")?,
+    );
+    let (xr, cr, sr) = (Rows::new(l1)?, Rows::new(l2)?, Rows::new(l3)?);
+    let len = xr.count * xr.n;
+    let mut buf = OutBuf::new(len);
+    let out = buf.ptr();
+    par_units(xr.count, xr.n, |_, rows| {
+        rope_rows(x, &xr, c, &cr, s, &sr, g, bwd, out, rows)
+    });
+    // SAFETY: every row was written.
+    let y = unsafe { buf.finish(len) };
+    Ok((CpuStorage::F32(y), l1.shape().clone()))
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        rope_cpu(false, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = unit_stride(dy)?.apply_op3_no_bwd(cos, sin, &RopeBwd)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// (dy, cos, sin) -> dx.
+struct RopeBwd;
+
+impl CustomOp3 for RopeBwd {
+    fn name(&self) -> &'static str {
+        "fused-rope-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        rope_cpu(true, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    type TResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn randn(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
+        // Deterministic pseudo-random normals (Box-Muller over a splitmix64 stream).
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+        let mut next = || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2) = (next().max(1e-12), next());
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) -> TResult {
+        let d = max_diff(a, b)?;
+        assert!(d <= tol, "{what}: max |diff| = {d:e} > {tol:e}");
+        Ok(())
+    }
+
+    /// Shapes every op is checked on: (..., n) with odd sizes and a lane remainder.
+    const SHAPES: &[&[usize]] = &[&[7], &[3, 17], &[2, 3, 5, 8], &[4, 33], &[2, 70, 128]];
+
+    /// How a test input is laid out when it reaches the op. A `Var` always owns contiguous
+    /// storage, so the transposes are applied to the variable inside the graph.
+    #[derive(Clone, Copy, Debug)]
+    enum View {
+        Contiguous,
+        /// Last two dims transposed: last stride != 1, the wrapper copies it first.
+        LastTransposed,
+        /// First two dims transposed: non-contiguous but rows intact, read in place.
+        OuterTransposed,
+    }
+
+    impl View {
+        fn apply(self, t: &Tensor) -> candle_core::Result<Tensor> {
+            let r = t.rank();
+            let v = match self {
+                View::Contiguous => t.clone(),
+                View::LastTransposed => t.transpose(r - 2, r - 1)?,
+                View::OuterTransposed => t.transpose(0, 1)?,
+            };
+            match self {
+                View::Contiguous => assert!(v.is_contiguous()),
+                View::LastTransposed => assert!(v.stride()[r - 1] != 1),
+                View::OuterTransposed => assert!(!v.is_contiguous() && v.stride()[r - 1] == 1),
+            }
+            Ok(v)
+        }
+    }
+
+    /// The inputs each op is checked on, as (variable contents, view giving `shape`), values
+    /// `randn * scale + shift`.
+    fn inputs(
+        shape: &[usize],
+        seed: u64,
+        scale: f64,
+        shift: f64,
+    ) -> candle_core::Result<Vec<(Tensor, View)>> {
+        let r = shape.len();
+        let mut v = vec![(randn(shape, seed)?.affine(scale, shift)?, View::Contiguous)];
+        if r >= 2 && shape[r - 2] > 1 && shape[r - 1] > 1 {
+            let mut s = shape.to_vec();
+            s.swap(r - 2, r - 1);
+            v.push((
+                randn(&s, seed + 1)?.affine(scale, shift)?,
+                View::LastTransposed,
+            ));
+        }
+        if r >= 3 && shape[0] > 1 && shape[1] > 1 {
+            let mut s = shape.to_vec();
+            s.swap(0, 1);
+            v.push((
+                randn(&s, seed + 7)?.affine(scale, shift)?,
+                View::OuterTransposed,
+            ));
+        }
+        Ok(v)
+    }
+
+    #[test]
+    fn softmax_matches_composed() -> TResult {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let seed = i as u64 * 10;
+            for (x0, view) in inputs(shape, seed, 3.0, 0.0)? {
+                let r = randn(shape, seed + 2)?;
+                let x = Var::from_tensor(&x0)?;
+                let y = softmax_last_dim(&view.apply(x.as_tensor())?)?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+                let dx = g.get(x.as_tensor()).expect("no gradient for x");
+
+                let xr = Var::from_tensor(&x0)?;
+                let yr = softmax_composed(&view.apply(xr.as_tensor())?)?;
+                let gr = (&yr * &r)?.sum_all()?.backward()?;
+                let dxr = gr.get(xr.as_tensor()).unwrap();
+
+                assert_close(&format!("softmax {shape:?} {view:?} value"), &y, &yr, 1e-5)?;
+                assert_close(&format!("softmax {shape:?} {view:?} grad"), dx, dxr, 1e-4)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_edge_values() -> TResult {
+        // Large masked values, -inf, and a large spread.
+        let x = Tensor::new(
+            &[[0f32, -1e9, 3.0, f32::NEG_INFINITY, -100.0, 50.0, -50.0, 1.0]],
+            &Device::Cpu,
+        )?;
+        let y = softmax_last_dim(&x)?;
+        let yr = softmax_composed(&x)?;
+        assert_close("softmax edge", &y, &yr, 1e-6)?;
+        let total: f32 = y.sum_all()?.to_scalar()?;
+        assert!((total - 1.0).abs() < 1e-6);
+        // exp itself, over the range softmax uses.
+        for i in 0..2000 {
+            let v = -(i as f32) * 0.05;
+            let (a, b) = (exp_f32(v), v.exp());
+            assert!(
+                (a - b).abs() <= 3e-7 * b + 1.2e-38,
+                "exp({v}) = {a}, expected {b}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_composed() -> TResult {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let seed = 100 + i as u64 * 10;
+            let h = *shape.last().unwrap();
+            for (x0, view) in inputs(shape, seed, 1.0, 0.0)? {
+                let w0 = (randn(&[h], seed + 3)? + 1.0)?;
+                let r = randn(shape, seed + 2)?;
+                let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+                let y = rms_norm(&view.apply(x.as_tensor())?, w.as_tensor(), 1e-5)?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+
+                let (xr, wr) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+                let yr = rms_norm_composed(&view.apply(xr.as_tensor())?, wr.as_tensor(), 1e-5)?;
+                let gr = (&yr * &r)?.sum_all()?.backward()?;
+
+                assert_close(&format!("rms_norm {shape:?} {view:?} value"), &y, &yr, 1e-5)?;
+                let (dx, dxr) = (
+                    g.get(x.as_tensor()).unwrap(),
+                    gr.get(xr.as_tensor()).unwrap(),
+                );
+                assert_close(&format!("rms_norm {shape:?} {view:?} dx"), dx, dxr, 1e-4)?;
+                let (dw, dwr) = (
+                    g.get(w.as_tensor()).unwrap(),
+                    gr.get(wr.as_tensor()).unwrap(),
+                );
+                assert_close(&format!("rms_norm {shape:?} {view:?} dw"), dw, dwr, 1e-4)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_large_is_parallel_and_matches() -> TResult {
+        // Big enough to be split over the thread pool and into several dw partials.
+        let (x0, w0, r) = (
+            randn(&[4, 128, 576], 7)?,
+            randn(&[576], 8)?,
+            randn(&[4, 128, 576], 9)?,
+        );
+        let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+        let g = (rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)? * &r)?
+            .sum_all()?
+            .backward()?;
+        let (xr, wr) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+        let gr = (rms_norm_composed(xr.as_tensor(), wr.as_tensor(), 1e-6)? * &r)?
+            .sum_all()?
+            .backward()?;
+        assert_close(
+            "rms dx",
+            g.get(x.as_tensor()).unwrap(),
+            gr.get(xr.as_tensor()).unwrap(),
+            1e-4,
+        )?;
+        // dw sums 512 rows: compare relative to its scale.
+        let (dw, dwr) = (
+            g.get(w.as_tensor()).unwrap(),
+            gr.get(wr.as_tensor()).unwrap(),
+        );
+        let scale = dwr.abs()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+        assert!(max_diff(dw, dwr)? <= 1e-4 * scale);
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_finite_differences() -> TResult {
+        // Finite differences in f64 on the f32 kernel are noisy; use a small problem and a
+        // central difference with a step that keeps the f32 rounding error well below 1e-2.
+        let (x0, w0, r) = (
+            randn(&[3, 6], 21)?,
+            (randn(&[6], 22)? + 1.0)?,
+            randn(&[3, 6], 23)?,
+        );
+        let eps = 1e-5;
+        let loss = |x: &Tensor, w: &Tensor| -> candle_core::Result<f64> {
+            let y = rms_norm(x, w, eps).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            (y * &r)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()
+        };
+        let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+        let y = rms_norm(x.as_tensor(), w.as_tensor(), eps)?;
+        let g = (y * &r)?.sum_all()?.backward()?;
+        let dx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        let dw: Vec<f32> = g.get(w.as_tensor()).unwrap().to_vec1()?;
+        let h = 1e-2f32;
+        let bump = |t: &Tensor, i: usize, d: f32| -> candle_core::Result<Tensor> {
+            let mut v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            v[i] += d;
+            Tensor::from_vec(v, t.shape(), t.device())
+        };
+        for i in [0usize, 5, 7, 17] {
+            let fd =
+                (loss(&bump(&x0, i, h)?, &w0)? - loss(&bump(&x0, i, -h)?, &w0)?) / (2.0 * h as f64);
+            assert!(
+                (fd - dx[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "dx[{i}]: fd {fd} vs {}",
+                dx[i]
+            );
+        }
+        for i in [0usize, 3, 5] {
+            let fd =
+                (loss(&x0, &bump(&w0, i, h)?)? - loss(&x0, &bump(&w0, i, -h)?)?) / (2.0 * h as f64);
+            assert!(
+                (fd - dw[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "dw[{i}]: fd {fd} vs {}",
+                dw[i]
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_frozen_weight_and_half() -> TResult {
+        // Weight a plain tensor (no gradient): x still gets its gradient.
+        let (x0, w0, r) = (
+            randn(&[5, 24], 31)?,
+            randn(&[24], 32)?,
+            randn(&[5, 24], 33)?,
+        );
+        let x = Var::from_tensor(&x0)?;
+        let g = (rms_norm(x.as_tensor(), &w0, 1e-5)? * &r)?
+            .sum_all()?
+            .backward()?;
+        let xr = Var::from_tensor(&x0)?;
+        let gr = (rms_norm_composed(xr.as_tensor(), &w0, 1e-5)? * &r)?
+            .sum_all()?
+            .backward()?;
+        assert_close(
+            "frozen w dx",
+            g.get(x.as_tensor()).unwrap(),
+            gr.get(xr.as_tensor()).unwrap(),
+            1e-4,
+        )?;
+        // bf16 goes through f32 and comes back as bf16.
+        let xb = x0.to_dtype(DType::BF16)?;
+        let yb = rms_norm(&xb, &w0.to_dtype(DType::BF16)?, 1e-5)?;
+        assert_eq!(yb.dtype(), DType::BF16);
+        let yr = rms_norm_composed(&x0, &w0, 1e-5)?;
+        assert_close("bf16", &yb.to_dtype(DType::F32)?, &yr, 0.1)?;
+        // ... and its gradients still reach x and weight (through the dtype conversions).
+        let (xv, wv) = (
+            Var::from_tensor(&xb)?,
+            Var::from_tensor(&w0.to_dtype(DType::BF16)?)?,
+        );
+        let rb = r.to_dtype(DType::BF16)?;
+        let g = (rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5)? * &rb)?
+            .sum_all()?
+            .backward()?;
+        let (x32, w32) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+        let gr = (rms_norm_composed(x32.as_tensor(), w32.as_tensor(), 1e-5)? * &r)?
+            .sum_all()?
+            .backward()?;
+        for (name, a, b) in [("dx", &xv, &x32), ("dw", &wv, &w32)] {
+            let d = g
+                .get(a.as_tensor())
+                .expect("bf16 gradient")
+                .to_dtype(DType::F32)?;
+            let dr = gr.get(b.as_tensor()).unwrap();
+            let scale = dr.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(max_diff(&d, dr)? <= 0.05 * scale, "bf16 {name}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_matches_composed() -> TResult {
+        for (i, &shape) in SHAPES.iter().enumerate() {
+            let seed = 200 + i as u64 * 10;
+            let h = *shape.last().unwrap();
+            for (x0, view) in inputs(shape, seed, 1.0, 0.5)? {
+                let (w0, b0) = ((randn(&[h], seed + 3)? + 1.0)?, randn(&[h], seed + 4)?);
+                let r = randn(shape, seed + 2)?;
+                let (x, w, b) = (
+                    Var::from_tensor(&x0)?,
+                    Var::from_tensor(&w0)?,
+                    Var::from_tensor(&b0)?,
+                );
+                let y = layer_norm(
+                    &view.apply(x.as_tensor())?,
+                    w.as_tensor(),
+                    b.as_tensor(),
+                    1e-5,
+                )?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+
+                let (xr, wr, br) = (
+                    Var::from_tensor(&x0)?,
+                    Var::from_tensor(&w0)?,
+                    Var::from_tensor(&b0)?,
+                );
+                let yr = layer_norm_composed(
+                    &view.apply(xr.as_tensor())?,
+                    wr.as_tensor(),
+                    br.as_tensor(),
+                    1e-5,
+                )?;
+                let gr = (&yr * &r)?.sum_all()?.backward()?;
+
+                assert_close(
+                    &format!("layer_norm {shape:?} {view:?} value"),
+                    &y,
+                    &yr,
+                    1e-5,
+                )?;
+                for (name, a, b) in [("dx", &x, &xr), ("dw", &w, &wr), ("db", &b, &br)] {
+                    let (d, dr) = (
+                        g.get(a.as_tensor()).unwrap(),
+                        gr.get(b.as_tensor()).unwrap(),
+                    );
+                    assert_close(
+                        &format!("layer_norm {shape:?} {view:?} {name}"),
+                        d,
+                        dr,
+                        1e-4,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rope_matches_composed() -> TResult {
+        let cases: &[(&[usize], bool)] = &[
+            (&[2, 3, 5, 8], true),
+            (&[1, 2, 4, 6], true),
+            (&[2, 4, 9, 64], true),
+            (&[3, 2, 7, 32], false), // cos/sin shared over the batch: (1, 1, t, d)
+        ];
+        for (i, &(shape, batched)) in cases.iter().enumerate() {
+            let (b, h, t, d) = (shape[0], shape[1], shape[2], shape[3]);
+            let seed = 300 + i as u64 * 10;
+            let cb = if batched { b } else { 1 };
+            let ang = randn(&[cb, 1, t, d], seed + 5)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            // Contiguous, and the attention layout: (b, t, h, d) transposed to (b, h, t, d).
+            let x_c = randn(shape, seed)?;
+            let x_t = randn(&[b, t, h, d], seed + 1)?;
+            for (x0, transposed) in [(x_c, false), (x_t, true)] {
+                let view = |x: &Var| -> candle_core::Result<Tensor> {
+                    let x = x.as_tensor();
+                    if transposed {
+                        let v = x.transpose(1, 2)?;
+                        assert!(!v.is_contiguous());
+                        Ok(v)
+                    } else {
+                        Ok(x.clone())
+                    }
+                };
+                let r = randn(shape, seed + 2)?;
+                let x = Var::from_tensor(&x0)?;
+                let y = rope(&view(&x)?, &cos, &sin)?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+                let xr = Var::from_tensor(&x0)?;
+                let yr = crate::ops::apply_rope_composed(&view(&xr)?, &cos, &sin)?;
+                let gr = (&yr * &r)?.sum_all()?.backward()?;
+                assert_close(
+                    &format!("rope {shape:?} transposed={transposed} value"),
+                    &y,
+                    &yr,
+                    1e-5,
+                )?;
+                let (dx, dxr) = (
+                    g.get(x.as_tensor()).unwrap(),
+                    gr.get(xr.as_tensor()).unwrap(),
+                );
+                assert_close(
+                    &format!("rope {shape:?} transposed={transposed} dx"),
+                    dx,
+                    dxr,
+                    1e-4,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn baseline_build_of_the_kernels_matches() -> TResult {
+        // The same checks on the kernels compiled without AVX2 (other tests running meanwhile
+        // may take this path too, which they pass as well).
+        FORCE_BASELINE.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = (|| -> TResult {
+            softmax_matches_composed()?;
+            softmax_edge_values()?;
+            rms_norm_matches_composed()?;
+            layer_norm_matches_composed()?;
+            rope_matches_composed()
+        })();
+        FORCE_BASELINE.store(false, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    #[test]
+    fn non_unit_stride_gradient_is_handled() -> TResult {
+        // A per-row weight on out.sum(-1) hands the op a gradient with stride 0 on the last
+        // dimension; x itself has a non-unit last stride (transposed).
+        let x0 = randn(&[6, 4], 41)?;
+        let w0 = randn(&[6], 42)?;
+        let r = randn(&[4, 1], 43)?;
+        let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+            let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+            let y = f(&x.as_tensor().t()?, w.as_tensor()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let g = y.sum_keepdim(1)?.broadcast_mul(&r)?.sum_all()?.backward()?;
+            Ok((y, g.get(x.as_tensor()).unwrap().clone(), g.get(w.as_tensor()).cloned()))
+        };
+        let (y, dx, dw) = run(&|x, w| rms_norm(x, w, 1e-5))?;
+        let (yr, dxr, dwr) = run(&|x, w| rms_norm_composed(x, w, 1e-5))?;
+        assert_close("rms strided value", &y, &yr, 1e-5)?;
+        assert_close("rms strided dx", &dx, &dxr, 1e-4)?;
+        assert_close("rms strided dw", &dw.unwrap(), &dwr.unwrap(), 1e-4)?;
+        let (y, dx, _) = run(&|x, _| softmax_last_dim(&(x * 2.0)?))?;
+        let (yr, dxr, _) = run(&|x, _| softmax_composed(&(x * 2.0)?))?;
+        assert_close("softmax strided value", &y, &yr, 1e-5)?;
+        assert_close("softmax strided dx", &dx, &dxr, 1e-4)?;
+        Ok(())
+    }
 }

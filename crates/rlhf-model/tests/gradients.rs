@@ -205,8 +205,14 @@ fn lora_trains_only_adapters(arch: &str) {
     model.set_grad_enabled(false);
     let h = model.hidden(&batch).unwrap();
     let logits = model.logits(&h).unwrap();
-    assert!(!logits.track_op(), "{arch}: no-grad forward still records a graph");
-    assert_eq!(max_abs_diff(&rlhf_model::ops::to_vec_f32(&logits).unwrap(), &adapted), 0.0);
+    assert!(
+        !logits.track_op(),
+        "{arch}: no-grad forward still records a graph"
+    );
+    assert_eq!(
+        max_abs_diff(&rlhf_model::ops::to_vec_f32(&logits).unwrap(), &adapted),
+        0.0
+    );
     model.set_grad_enabled(true);
     model.set_adapters_enabled(false);
     let off = rlhf_model::ops::to_vec_f32(&model.logits(&model.hidden(&batch).unwrap()).unwrap())
