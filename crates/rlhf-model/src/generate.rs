@@ -76,6 +76,27 @@ pub fn generate(
     out
 }
 
+/// EOS ids from config.json, generation_config.json and the tokenizer.
+pub fn eos_ids(model: &Model, tok: &crate::tokenizer::Tokenizer) -> Vec<u32> {
+    let mut ids = model.config.eos_token_ids.clone();
+    let gen = model.dir().join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+                Some(serde_json::Value::Array(a)) => {
+                    ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+                }
+                _ => {}
+            }
+        }
+    }
+    ids.extend(tok.eos_token_id());
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 fn generate_inner(
     model: &Model,
     prompts: &[Vec<u32>],

@@ -3,6 +3,7 @@
 //! The score head is transformers' `AutoModelForSequenceClassification` with one label:
 //! `score.weight` (1, hidden), no bias, read at the last non-pad token of each row.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -180,6 +181,9 @@ pub struct Model {
     params: ParamStore,
     lora: Option<LoraConfig>,
     dir: PathBuf,
+    /// What adapters saved from this model name as their base (`dir`, or the adapter
+    /// directory the weights were merged from).
+    base_name: PathBuf,
     device: Device,
     dtype: DType,
 }
@@ -243,17 +247,30 @@ impl Batch {
 impl Model {
     /// Loads a Hugging Face model directory. A path that does not exist but looks like a hub
     /// name (`org/model`) gets an error saying how to fetch it: nothing is downloaded here.
+    ///
+    /// `dir` may also be a PEFT adapter directory (what a LoRA run writes): its adapter is
+    /// merged into its base in memory, so one stage's output is the next stage's `model`.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let source = WeightSource::from_dir(check_dir(dir)?, &opts.device, opts.dtype)?;
-        let Some(adapter) = &opts.adapter else {
-            return Self::from_source(dir, source, opts);
+        Self::load_cached(dir, opts, &mut SourceCache::default())
+    }
+
+    /// [`load`](Self::load) sharing base weights through `cache`: models loaded from the same
+    /// base directory (a policy and its reward model, say) hold one copy of the frozen weights.
+    pub fn load_cached(dir: &Path, opts: &LoadOptions, cache: &mut SourceCache) -> Result<Self> {
+        let (config_dir, source) = cache.resolve(dir, &opts.device, opts.dtype)?;
+        let mut model = match &opts.adapter {
+            None => Self::from_source(&config_dir, source, opts)?,
+            Some(adapter) => {
+                let mut opts = opts.clone();
+                if !matches!(opts.training, Training::Lora(_)) {
+                    opts.training = Training::Lora(LoraConfig::from_peft_dir(adapter)?);
+                }
+                let model = Self::from_source(&config_dir, source, &opts)?;
+                model.load_adapter_weights(adapter)?;
+                model
+            }
         };
-        let mut opts = opts.clone();
-        if !matches!(opts.training, Training::Lora(_)) {
-            opts.training = Training::Lora(LoraConfig::from_peft_dir(adapter)?);
-        }
-        let model = Self::from_source(dir, source, &opts)?;
-        model.load_adapter_weights(adapter)?;
+        model.base_name = dir.to_path_buf();
         Ok(model)
     }
 
@@ -357,9 +374,16 @@ impl Model {
             params,
             lora,
             dir: dir.to_path_buf(),
+            base_name: dir.to_path_buf(),
             device: opts.device.clone(),
             dtype: opts.dtype,
         })
+    }
+
+    /// What a saved adapter records as `base_model_name_or_path`: the directory the user
+    /// named (an adapter directory, when the weights were merged from one).
+    pub fn base_name(&self) -> &Path {
+        &self.base_name
     }
 
     /// The directory the model came from.
@@ -492,6 +516,107 @@ impl Model {
             .collect();
         let idx = Tensor::new(idx.as_slice(), &self.device)?.unsqueeze(1)?;
         Ok(values.gather(&idx, 1)?.squeeze(1)?)
+    }
+}
+
+/// Resolved weight sources by directory, so several models built on one base share its
+/// tensors (candle tensors are reference-counted: a clone is not a copy).
+#[derive(Default)]
+pub struct SourceCache {
+    sources: HashMap<PathBuf, (PathBuf, WeightSource)>,
+}
+
+impl SourceCache {
+    /// The config directory and the weights of `dir`: a Hugging Face directory as it is, or a
+    /// PEFT adapter directory merged into its base (`base_model_name_or_path`, itself
+    /// resolved the same way, so adapters trained on adapters work).
+    pub fn resolve(
+        &mut self,
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(PathBuf, WeightSource)> {
+        let dir = check_dir(dir)?;
+        let key = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        if let Some(hit) = self.sources.get(&key) {
+            return Ok(hit.clone());
+        }
+        let resolved = if dir.join("adapter_config.json").exists()
+            && !dir.join("model.safetensors").exists()
+            && !dir.join("model.safetensors.index.json").exists()
+        {
+            self.merge_adapter(dir, device, dtype)?
+        } else {
+            (
+                dir.to_path_buf(),
+                WeightSource::from_dir(dir, device, dtype)?,
+            )
+        };
+        self.sources.insert(key, resolved.clone());
+        Ok(resolved)
+    }
+
+    fn merge_adapter(
+        &mut self,
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(PathBuf, WeightSource)> {
+        let cfg_path = dir.join("adapter_config.json");
+        let lora = LoraConfig::from_peft_dir(dir)?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e))?;
+        let named = json
+            .get("base_model_name_or_path")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| {
+                Error::bad_file(
+                    &cfg_path,
+                    "no base_model_name_or_path: cannot tell which model this adapter is for",
+                )
+            })?;
+        // As written (absolute, or relative to the working directory), else relative to the
+        // adapter directory's parent (a run directory moved with its base beside it).
+        let as_named = PathBuf::from(named);
+        let beside = dir.parent().unwrap_or(Path::new(".")).join(named);
+        let base = if as_named.is_dir() {
+            as_named
+        } else if beside.is_dir() {
+            beside
+        } else {
+            check_dir(&as_named).map_err(|_| {
+                Error::bad_file(
+                    &cfg_path,
+                    format!(
+                        "base_model_name_or_path {named:?} is not a directory here; edit it \
+                         to the base model's local path"
+                    ),
+                )
+            })?;
+            as_named
+        };
+        let (config_dir, base_source) = self.resolve(&base, device, dtype)?;
+        let heads = if lora.task_type.as_deref() == Some("SEQ_CLS") {
+            Heads::Score
+        } else {
+            Heads::Lm
+        };
+        let opts = LoadOptions {
+            heads,
+            training: Training::Lora(lora),
+            dtype,
+            device: device.clone(),
+            ..Default::default()
+        };
+        let model = Model::from_source(&config_dir, base_source.clone(), &opts)?;
+        model.load_adapter_weights(dir)?;
+        let mut merged = base_source;
+        for (name, t) in model.merged_weights()? {
+            merged.insert(name, t);
+        }
+        tracing::debug!("merged adapter {} into {}", dir.display(), base.display());
+        Ok((config_dir, merged))
     }
 }
 

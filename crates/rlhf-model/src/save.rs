@@ -162,7 +162,12 @@ impl Model {
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
-        let cfg = lora.to_peft_json(&self.dir().to_string_lossy());
+        // An absolute path, so the adapter finds its base from any working directory.
+        let base = self
+            .base_name()
+            .canonicalize()
+            .unwrap_or_else(|_| self.base_name().to_path_buf());
+        let cfg = lora.to_peft_json(&base.to_string_lossy());
         let text = serde_json::to_string_pretty(&cfg).expect("json value serialises");
         write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
         self.copy_companions(dir)

@@ -97,6 +97,16 @@ impl WeightSource {
         }
     }
 
+    /// Adds or replaces a tensor (e.g. a head initialised from another model).
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    /// The tensor `name` as stored, if present (no shape check).
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
     /// The file the tensors came from.
     pub fn path(&self) -> &Path {
         &self.path

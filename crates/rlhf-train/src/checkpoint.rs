@@ -16,7 +16,7 @@ use crate::{Error, Result};
 
 /// Writes the model the way the run's output is written: an adapter for LoRA runs, a full HF
 /// directory otherwise.
-fn save_weights(model: &Model, heads: Heads, dir: &Path) -> Result<()> {
+pub fn save_weights(model: &Model, heads: Heads, dir: &Path) -> Result<()> {
     if model.lora().is_some() {
         model.save_adapter(dir)?;
     } else {
@@ -33,29 +33,66 @@ pub fn save(
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
-    let name = format!("checkpoint-{}", state.global_step);
-    let dir = args.output_dir.join(&name);
-    let tmp = args.output_dir.join(format!(".{name}.tmp"));
+    write_checkpoint(
+        &args.output_dir,
+        state.global_step,
+        args.save_total_limit,
+        |tmp| {
+            save_weights(model, heads, tmp)?;
+            save_optimizer(tmp, opt)?;
+            write_json(&tmp.join("trainer_state.json"), state)
+        },
+    )
+}
+
+/// Writes `output_dir/checkpoint-{step}`: `fill` writes the files into a hidden temporary
+/// directory, which is then renamed into place; older checkpoints beyond `limit` are deleted.
+pub fn write_checkpoint(
+    output_dir: &Path,
+    step: usize,
+    limit: Option<usize>,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let name = format!("checkpoint-{step}");
+    let dir = output_dir.join(&name);
+    let tmp = output_dir.join(format!(".{name}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    save_weights(model, heads, &tmp)?;
-    rlhf_model::save::save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors()?)?;
-    let json = serde_json::to_string_pretty(state).expect("state serialises");
-    rlhf_model::save::write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    fill(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
     tracing::info!("saved {}", dir.display());
-    if let Some(limit) = args.save_total_limit {
-        let all = checkpoints(&args.output_dir);
+    if let Some(limit) = limit {
+        let all = checkpoints(output_dir);
         let excess = all.len().saturating_sub(limit.max(1));
         for (_, old) in all.into_iter().take(excess) {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
     }
     Ok(dir)
+}
+
+/// Writes the optimiser state as `optimizer.safetensors` in `dir`.
+pub fn save_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
+    rlhf_model::save::save_safetensors(&dir.join("optimizer.safetensors"), &opt.state_tensors()?)?;
+    Ok(())
+}
+
+/// Writes `value` as pretty JSON, atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let json = serde_json::to_string_pretty(value).expect("state serialises");
+    rlhf_model::save::write_atomic(path, json.as_bytes())?;
+    Ok(())
+}
+
+/// Reads a JSON file written by [`write_json`].
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
 /// Writes the trained model into `output_dir` itself (what the next stage loads).

@@ -414,7 +414,7 @@ fn epoch_of(sampler: &Sampler) -> f64 {
 }
 
 /// Adds the gradients of `g` to `acc` for every trainable parameter.
-fn accumulate(
+pub(crate) fn accumulate(
     mut acc: GradStore,
     g: GradStore,
     params: &[(String, candle_core::Var)],
@@ -436,7 +436,7 @@ fn accumulate(
 }
 
 /// Seed of a micro-batch's dropout masks: a pure function of (seed, step, micro-batch).
-fn mix(seed: u64, step: u64, micro: u64) -> u64 {
+pub(crate) fn mix(seed: u64, step: u64, micro: u64) -> u64 {
     let mut x =
         seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ micro.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
     x ^= x >> 31;
@@ -445,12 +445,10 @@ fn mix(seed: u64, step: u64, micro: u64) -> u64 {
 }
 
 fn read_state(dir: &Path) -> Result<TrainerState> {
-    let p = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))
+    crate::checkpoint::read_json(&dir.join("trainer_state.json"))
 }
 
-fn progress(total: usize, done: usize) -> indicatif::ProgressBar {
+pub(crate) fn progress(total: usize, done: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

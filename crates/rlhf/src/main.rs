@@ -42,6 +42,10 @@ enum Command {
     Sft(cmd::train::Args),
     /// Train a reward model on preference pairs or rankings.
     Reward(cmd::train::Args),
+    /// Optimise a policy with PPO against a reward model (InstructGPT step 3, Llama 2 gate).
+    Ppo(cmd::train::Args),
+    /// The InstructGPT pipeline: SFT → reward model → PPO, each stage feeding the next.
+    Pipeline(cmd::train::PipelineArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +66,8 @@ fn main() -> std::process::ExitCode {
         Command::Score(a) => cmd::score::run(a),
         Command::Sft(a) => cmd::train::sft(a),
         Command::Reward(a) => cmd::train::reward(a),
+        Command::Ppo(a) => cmd::train::ppo(a),
+        Command::Pipeline(a) => cmd::train::pipeline(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -46,6 +46,26 @@ pub struct TrainArgs {
     /// Seed of the init and of the token batches.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// AdamW implementation: "rlhf" (rlhf-train's, what `rlhf sft` and `rlhf reward` use) or
+    /// "candle-nn" (candle_nn::optim::AdamW, a dozen allocating tensor ops per parameter).
+    #[arg(long, default_value = "rlhf")]
+    optimizer: String,
+}
+
+/// The optimiser under test; both get lr 1e-4, betas (0.9, 0.999), eps 1e-8, no decay.
+enum Opt {
+    Rlhf(rlhf_train::optim::AdamW),
+    CandleNn(AdamW),
+}
+
+impl Opt {
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        match self {
+            Opt::Rlhf(o) => o.step(grads, 1e-4)?,
+            Opt::CandleNn(o) => o.step(grads)?,
+        }
+        Ok(())
+    }
 }
 
 /// Options of `rlhf bench generate`.
@@ -179,20 +199,19 @@ fn train(a: TrainArgs) -> Result<()> {
         },
     )?;
     let (_, params) = model.params().counts();
-    let vars: Vec<_> = model
-        .params()
-        .trainable()
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr: 1e-4,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let named = model.params().trainable();
+    let mut opt = match a.optimizer.as_str() {
+        "rlhf" => Opt::Rlhf(rlhf_train::optim::AdamW::new(named, 0.9, 0.999, 1e-8, 0.0)?),
+        "candle-nn" => Opt::CandleNn(AdamW::new(
+            named.into_iter().map(|(_, v)| v).collect(),
+            ParamsAdamW {
+                lr: 1e-4,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?),
+        other => bail!("unknown --optimizer {other:?} (rlhf, candle-nn)"),
+    };
     let mut rng = SplitMix64(a.seed);
     // Next-token labels without a copy of the logits: each row's last position has no target.
     let labels: Vec<i64> = (0..a.batch)
@@ -250,6 +269,7 @@ fn train(a: TrainArgs) -> Result<()> {
         "batch": a.batch,
         "seq": a.seq,
         "steps": a.steps,
+        "optimizer": a.optimizer,
         "threads": candle_core::utils::get_num_threads(),
         "step_s_median": r4(step_s),
         "forward_s_median": r4(median(&fwd)),

@@ -77,27 +77,6 @@ pub fn prompt_ids(tok: &Tokenizer, path: &Path, row: &Row, chat: bool) -> Result
     }
 }
 
-/// EOS ids from config.json, generation_config.json and the tokenizer.
-pub fn eos_ids(model: &Model, tok: &Tokenizer) -> Vec<u32> {
-    let mut ids = model.config.eos_token_ids.clone();
-    let gen = model.dir().join("generation_config.json");
-    if let Ok(text) = std::fs::read_to_string(&gen) {
-        if let Ok(v) = serde_json::from_str::<Value>(&text) {
-            match v.get("eos_token_id") {
-                Some(Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(Value::Array(a)) => {
-                    ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-                }
-                _ => {}
-            }
-        }
-    }
-    ids.extend(tok.eos_token_id());
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 /// Runs `rlhf generate`.
 pub fn run(a: Args) -> Result<()> {
     if a.batch_size == 0 || a.num_return_sequences == 0 {
@@ -122,7 +101,7 @@ pub fn run(a: Args) -> Result<()> {
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
-        eos_token_ids: eos_ids(&model, &tok),
+        eos_token_ids: rlhf_model::generate::eos_ids(&model, &tok),
         pad_token_id: tok.pad_or_eos_token_id().unwrap_or(0),
         seed: a.seed,
     };

@@ -51,3 +51,47 @@ pub fn sft(a: Args) -> Result<()> {
     print_summary(&s);
     Ok(())
 }
+
+/// `rlhf ppo`.
+pub fn ppo(a: Args) -> Result<()> {
+    let s = rlhf_train::ppo::run(&a.config, &a.set, a.resume())?;
+    print_summary(&s);
+    Ok(())
+}
+
+/// Options of `rlhf pipeline`.
+#[derive(clap::Args)]
+pub struct PipelineArgs {
+    /// TOML config: shared keys and one table per stage ([sft], [reward], [ppo]).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a key (`--set ppo.max_steps=10`, `--set seed=1`); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Skip the stages an earlier run finished and resume the interrupted one.
+    #[arg(long)]
+    resume: bool,
+}
+
+/// `rlhf pipeline`: SFT → reward model → PPO; prints each stage's summary as a JSON line and,
+/// on stderr, the held-out answers before and after PPO.
+pub fn pipeline(a: PipelineArgs) -> Result<()> {
+    let done = rlhf_train::pipeline::run(&a.config, &a.set, a.resume)?;
+    println!(
+        "{}",
+        serde_json::to_string(&done).expect("numbers serialise")
+    );
+    let stages = rlhf_train::pipeline::stage_tables(&a.config, &a.set)?;
+    if let Some(dir) = stages
+        .iter()
+        .find(|(n, _)| n == "ppo")
+        .and_then(|(_, t)| t.get("output_dir"))
+        .and_then(|v| v.as_str())
+    {
+        eprintln!(
+            "\n{}",
+            rlhf_train::pipeline::report(std::path::Path::new(dir), 3)?
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The InstructGPT pipeline as one command: SFT → reward model → PPO, each stage's output
+//! directory feeding the next (`rlhf pipeline --config pipeline.toml`).
+//!
+//! The config has top-level keys shared by every stage (`model`, `output_dir`, `seed`,
+//! `report_to`, `logging_steps`, `max_length`, ...) and one table per stage, `[sft]`,
+//! `[reward]` and `[ppo]`, each holding what that stage's own config holds (its `[lora]` as
+//! `[sft.lora]`, ...). A stage table wins over the shared keys. Where a stage is silent:
+//! SFT trains `model`; the reward model and the policy start from SFT's output (a LoRA
+//! adapter is merged into its base in memory); PPO's `reward_model` is the reward stage's
+//! output; outputs go to `output_dir/{sft,reward,ppo}`. The exact config each stage ran is
+//! written beside its output (`output_dir/STAGE.toml`), and `pipeline_state.json` records
+//! the stages done, so `--resume` skips them and resumes the interrupted one from its newest
+//! checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::trainer::Summary;
+use crate::{Error, Result};
+
+/// The stages, in order.
+pub const STAGES: [&str; 3] = ["sft", "reward", "ppo"];
+
+/// Keys whose values are paths, made absolute against the pipeline config's directory.
+const PATH_KEYS: [&str; 6] = [
+    "model",
+    "train_file",
+    "eval_file",
+    "output_dir",
+    "ptx_file",
+    "reward_model",
+];
+
+/// What `pipeline_state.json` holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PipelineState {
+    /// Stages finished, with their summaries.
+    pub done: BTreeMap<String, Summary>,
+}
+
+/// What a pipeline run reports: each stage's summary.
+pub type PipelineSummary = BTreeMap<String, Summary>;
+
+fn absolute(base: &Path, v: &mut toml::Value) {
+    if let toml::Value::String(s) = v {
+        let p = Path::new(s.as_str());
+        if !s.is_empty() && p.is_relative() {
+            let joined = base.join(p);
+            *s = joined
+                .canonicalize()
+                .unwrap_or(joined)
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+}
+
+/// The config of each stage, as full standalone configs with absolute paths.
+pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Vec<(String, toml::Table)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut top: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
+    for o in overrides {
+        crate::config::apply_override(&mut top, o)?;
+    }
+    let base = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."));
+    let mut stages: BTreeMap<String, toml::Table> = BTreeMap::new();
+    for s in STAGES {
+        match top.remove(s) {
+            Some(toml::Value::Table(t)) => {
+                stages.insert(s.to_string(), t);
+            }
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "{}: `{s}` must be a table ([{s}])",
+                    path.display()
+                )))
+            }
+            None => {
+                return Err(Error::Config(format!(
+                    "{}: no [{s}] table; the pipeline runs sft, reward and ppo in turn",
+                    path.display()
+                )))
+            }
+        }
+    }
+    for (k, v) in top.iter_mut() {
+        if PATH_KEYS.contains(&k.as_str()) {
+            absolute(base, v);
+        }
+    }
+    let model = top
+        .get("model")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::Config(format!("{}: `model` is required", path.display())))?;
+    let out = top
+        .get("output_dir")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::Config(format!("{}: `output_dir` is required", path.display())))?;
+    let out_of = |s: &str| out.join(s).to_string_lossy().into_owned();
+    let mut result = Vec::new();
+    for s in STAGES {
+        let mut t = stages.remove(s).expect("every stage checked above");
+        for (k, v) in t.iter_mut() {
+            if PATH_KEYS.contains(&k.as_str()) {
+                absolute(base, v);
+            }
+            if k == "reward_models" {
+                if let toml::Value::Table(rm) = v {
+                    for (_, x) in rm.iter_mut() {
+                        absolute(base, x);
+                    }
+                }
+            }
+        }
+        // Shared keys fill in what the stage does not set; the pipeline's own keys do not.
+        for (k, v) in &top {
+            if k != "model" && k != "output_dir" && !t.contains_key(k) {
+                t.insert(k.clone(), v.clone());
+            }
+        }
+        let default_model = match s {
+            "sft" => model.to_string_lossy().into_owned(),
+            _ => out_of("sft"),
+        };
+        t.entry("model")
+            .or_insert(toml::Value::String(default_model));
+        t.entry("output_dir")
+            .or_insert(toml::Value::String(out_of(s)));
+        if s == "ppo" && !t.contains_key("reward_models") {
+            t.entry("reward_model")
+                .or_insert(toml::Value::String(out_of("reward")));
+        }
+        result.push((s.to_string(), t));
+    }
+    Ok(result)
+}
+
+/// `rlhf pipeline --config FILE [--set k=v]... [--resume]`. Overrides apply to the whole
+/// file (`--set ppo.max_steps=10`).
+pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSummary> {
+    let stages = stage_tables(path, overrides)?;
+    let out = PathBuf::from(
+        stages[0]
+            .1
+            .get("output_dir")
+            .and_then(|v| v.as_str())
+            .unwrap_or("."),
+    )
+    .parent()
+    .map(Path::to_path_buf)
+    .unwrap_or_default();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let state_path = out.join("pipeline_state.json");
+    let mut state: PipelineState = if resume && state_path.exists() {
+        crate::checkpoint::read_json(&state_path)?
+    } else {
+        PipelineState::default()
+    };
+    for (name, table) in stages {
+        if state.done.contains_key(&name) {
+            tracing::info!("== {name}: done in an earlier run, skipped");
+            continue;
+        }
+        let cfg_path = out.join(format!("{name}.toml"));
+        let text = toml::to_string(&table)
+            .map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
+        rlhf_model::save::write_atomic(&cfg_path, text.as_bytes())?;
+        let stage_out = PathBuf::from(
+            table
+                .get("output_dir")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default(),
+        );
+        // Resume the interrupted stage from its newest checkpoint, if it wrote one.
+        let resume_stage = resume && !crate::trainer::checkpoints(&stage_out).is_empty();
+        let r = resume_stage.then_some(None);
+        tracing::info!("== {name}: {}", cfg_path.display());
+        let summary = match name.as_str() {
+            "sft" => crate::sft::run(&cfg_path, &[], r)?,
+            "reward" => crate::reward::run(&cfg_path, &[], r)?,
+            _ => crate::ppo::run(&cfg_path, &[], r)?,
+        };
+        state.done.insert(name.clone(), summary);
+        crate::checkpoint::write_json(&state_path, &state)?;
+    }
+    Ok(state.done)
+}
+
+/// For the held-out prompts PPO evaluated: the reward-model score before PPO (the SFT
+/// policy) and after, and the first `show` answers side by side.
+pub fn report(ppo_dir: &Path, show: usize) -> Result<String> {
+    let mut evals: Vec<(usize, PathBuf)> = std::fs::read_dir(ppo_dir)
+        .map_err(|e| Error::io(ppo_dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name
+                .strip_prefix("eval_step")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    evals.sort();
+    let (Some((_, first)), Some((last_step, last))) = (evals.first(), evals.last()) else {
+        return Ok(format!(
+            "{}: no eval_step*.jsonl (give [ppo] an eval_file to compare answers)",
+            ppo_dir.display()
+        ));
+    };
+    let read = |p: &Path| -> Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    };
+    let (before, after) = (read(first)?, read(last)?);
+    let score = |rows: &[serde_json::Value]| {
+        rows.iter().filter_map(|r| r["score"].as_f64()).sum::<f64>() / rows.len().max(1) as f64
+    };
+    let won = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| a["score"].as_f64() > b["score"].as_f64())
+        .count();
+    let mut out = format!(
+        "held-out prompts ({}): mean reward {:.3} before PPO (the SFT policy) -> {:.3} after \
+         {last_step} PPO steps; the answer after PPO scores higher on {won} of {}\n",
+        before.len(),
+        score(&before),
+        score(&after),
+        before.len()
+    );
+    let clip = |v: &serde_json::Value| -> String {
+        let s = v.as_str().unwrap_or("").replace('\n', " ");
+        let s = s.trim();
+        if s.chars().count() > 90 {
+            format!("{}…", s.chars().take(90).collect::<String>())
+        } else {
+            s.to_string()
+        }
+    };
+    for (b, a) in before.iter().zip(&after).take(show) {
+        let prompt = b
+            .get("prompt")
+            .map(|p| match p {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "\nprompt: {}\n  before ({:+.2}): {}\n  after  ({:+.2}): {}\n",
+            clip(&serde_json::Value::String(prompt)),
+            b["score"].as_f64().unwrap_or(f64::NAN),
+            clip(&b["completion"]),
+            a["score"].as_f64().unwrap_or(f64::NAN),
+            clip(&a["completion"]),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,1434 @@
+//! PPO against a reward model (InstructGPT step 3; TRL's `PPOTrainer`), with the Llama 2
+//! combination of a helpfulness and a safety reward model and InstructGPT's PPO-ptx.
+//!
+//! One PPO step, in the order of the algorithm box:
+//! 1. **rollout**: sample prompts, generate `num_generations` completions each with the policy;
+//! 2. **evaluate the rollout** (no gradients): the policy's log-probs and values, the frozen
+//!    reference's log-probs (the adapter-disabled forward for LoRA policies, a second model
+//!    otherwise), the reward model score(s) of each completion;
+//! 3. **rewards**: −β·KL per token, the score added at the last token (after the missing-EOS
+//!    penalty and clipping), optionally whitened;
+//! 4. **advantages**: GAE(γ, λ), whitened; returns = advantages + values;
+//! 5. **update**: `num_ppo_epochs` passes over shuffled mini-batches, each an optimiser step
+//!    over `gradient_accumulation_steps` micro-batches of the clipped policy loss +
+//!    `vf_coef`·clipped value loss (+ `ptx_coef`·the SFT loss on `ptx_file`);
+//! 6. the adaptive KL controller, metrics (TRL's names), checkpoints.
+//!
+//! The value head is a `Linear(hidden, 1)` on the policy's last hidden state (TRL's
+//! `AutoModelForCausalLMWithValueHead`, saved as `value_head.safetensors` with its
+//! `v_head.summary.*` names), initialised from the reward model's score head as InstructGPT
+//! initialises its value function from the reward model. Runs resume exactly: generation and
+//! shuffling seeds are functions of (seed, step), and a checkpoint holds the adapter, the value
+//! head, the optimiser, the KL coefficient and the prompt order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rlhf_data::{PromptRecord, Sampler, SamplerState, SftExample};
+use rlhf_model::generate::{generate, GenerationConfig};
+use rlhf_model::model::SourceCache;
+use rlhf_model::tokenizer::Tokenizer;
+use rlhf_model::{Batch, Heads, LoadOptions, Model, Training};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, TrainingArgs};
+use crate::metrics::MetricsLogger;
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::rl::{self, AdaptiveKl, KlEstimator};
+use crate::scheduler::LrScheduler;
+pub use crate::scoring::{Completions, ModelScorer, RewardModel, Scorer};
+use crate::trainer::{accumulate, mix, progress, Summary};
+use crate::{Error, Result};
+
+/// The PPO keys beyond the shared training ones, named as TRL's PPOConfig names them (and,
+/// for what it no longer has, as its older versions did: `adap_kl_ctrl`, `target`,
+/// `horizon`, `score_clip`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PpoArgs {
+    /// The reward model directory (an HF sequence-classification model or a SEQ_CLS adapter).
+    pub reward_model: Option<PathBuf>,
+    /// Llama 2's pair: `{ helpfulness = "...", safety = "..." }`, combined by `[llama2]`.
+    pub reward_models: Option<RewardModels>,
+    /// The Llama 2 safety gate.
+    pub llama2: Llama2Gate,
+    /// New tokens per completion at most.
+    pub response_length: usize,
+    /// Completions per prompt; `per_device_train_batch_size` counts completions.
+    pub num_generations: usize,
+    /// Sampling temperature of rollouts (log-probs are taken at this temperature too).
+    pub temperature: f64,
+    /// Top-k filtering of rollouts (0: none).
+    pub top_k: usize,
+    /// Top-p filtering of rollouts (1.0: none).
+    pub top_p: f64,
+    /// Passes over each rollout batch.
+    pub num_ppo_epochs: usize,
+    /// Mini-batches (optimiser steps) per pass.
+    pub num_mini_batches: usize,
+    /// β of the per-token KL penalty (the initial β with `adap_kl_ctrl`).
+    pub kl_coef: f64,
+    /// "k1" (logπ − logπ_ref, TRL's default) or "k3" (unbiased, non-negative); "k2" too.
+    pub kl_estimator: KlEstimator,
+    /// Adapt β towards `target` KL (Ziegler et al. 2019).
+    pub adap_kl_ctrl: bool,
+    /// Target KL (nats per completion) of the adaptive controller.
+    pub target: f64,
+    /// Horizon of the adaptive controller.
+    pub horizon: f64,
+    /// PPO's policy ratio clip.
+    pub cliprange: f64,
+    /// PPO's value clip.
+    pub cliprange_value: f64,
+    /// Weight of the value loss.
+    pub vf_coef: f64,
+    /// GAE discount.
+    pub gamma: f64,
+    /// GAE λ.
+    pub lam: f64,
+    /// Whiten the per-token rewards before GAE.
+    pub whiten_rewards: bool,
+    /// Clip scores to [−score_clip, score_clip].
+    pub score_clip: Option<f64>,
+    /// Subtracted from the score of a completion that ends without EOS.
+    pub missing_eos_penalty: Option<f64>,
+    /// Demonstrations for PPO-ptx (InstructGPT): their LM loss is added with `ptx_coef`.
+    pub ptx_file: Option<PathBuf>,
+    /// γ of PPO-ptx.
+    pub ptx_coef: f64,
+    /// "reward_model" (copy the reward model's score head) or "zeros".
+    pub value_head_init: String,
+    /// Evaluation prompts (greedy) scored on `eval_file` at most this many.
+    pub eval_prompts: usize,
+}
+
+impl Default for PpoArgs {
+    fn default() -> Self {
+        Self {
+            reward_model: None,
+            reward_models: None,
+            llama2: Llama2Gate::default(),
+            response_length: 53,
+            num_generations: 1,
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+            num_ppo_epochs: 4,
+            num_mini_batches: 1,
+            kl_coef: 0.05,
+            kl_estimator: KlEstimator::K1,
+            adap_kl_ctrl: false,
+            target: 6.0,
+            horizon: 10000.0,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            gamma: 1.0,
+            lam: 0.95,
+            whiten_rewards: false,
+            score_clip: None,
+            missing_eos_penalty: None,
+            ptx_file: None,
+            ptx_coef: 0.0,
+            value_head_init: "reward_model".into(),
+            eval_prompts: 64,
+        }
+    }
+}
+
+/// Llama 2's two reward models.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RewardModels {
+    /// Helpfulness reward model directory.
+    pub helpfulness: PathBuf,
+    /// Safety reward model directory.
+    pub safety: PathBuf,
+}
+
+/// The Llama 2 gate: R = R_safety if the prompt is tagged `safety_tag` or
+/// σ(R_safety) < `safety_threshold`, else R_helpfulness; then whitened across the batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Llama2Gate {
+    /// Threshold on σ(safety score) (Llama 2: 0.15).
+    pub safety_threshold: f64,
+    /// The prompt tag that always routes to the safety model.
+    pub safety_tag: String,
+    /// Whiten the combined score across the rollout batch (Llama 2 does).
+    pub whiten: bool,
+}
+
+impl Default for Llama2Gate {
+    fn default() -> Self {
+        Self {
+            safety_threshold: 0.15,
+            safety_tag: "safety".into(),
+            whiten: true,
+        }
+    }
+}
+
+const PPO_KEYS: &[&str] = &[
+    "reward_model",
+    "reward_models",
+    "llama2",
+    "response_length",
+    "num_generations",
+    "temperature",
+    "top_k",
+    "top_p",
+    "num_ppo_epochs",
+    "num_mini_batches",
+    "kl_coef",
+    "kl_estimator",
+    "adap_kl_ctrl",
+    "target",
+    "horizon",
+    "cliprange",
+    "cliprange_value",
+    "vf_coef",
+    "gamma",
+    "lam",
+    "whiten_rewards",
+    "score_clip",
+    "missing_eos_penalty",
+    "ptx_file",
+    "ptx_coef",
+    "value_head_init",
+    "eval_prompts",
+];
+
+/// A parsed PPO config.
+#[derive(Debug, Clone)]
+pub struct PpoConfig {
+    /// Shared training arguments (`train_file` holds the prompts).
+    pub args: TrainingArgs,
+    /// PPO's own.
+    pub ppo: PpoArgs,
+    /// LoRA on the policy (the reference is then the adapter-disabled forward).
+    pub lora: Option<rlhf_model::lora::LoraConfig>,
+}
+
+impl PpoConfig {
+    /// Reads `path` with `--set` overrides. Where the file is silent: learning_rate 3e-6
+    /// (TRL's PPOConfig), per_device_train_batch_size 8, logging_steps 1.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut allowed = config::TRAINING_KEYS.to_vec();
+        allowed.extend(PPO_KEYS);
+        allowed.push("lora");
+        let mut table = config::load_table(path, overrides, &allowed)?;
+        Self::from_table(path, &mut table)
+    }
+
+    /// Builds the config from an already checked table (the pipeline's `[ppo]` section).
+    pub fn from_table(path: &Path, table: &mut toml::Table) -> Result<Self> {
+        let lora = match table.remove("lora") {
+            Some(v) => Some(config::parse(
+                path,
+                v.as_table().cloned().unwrap_or_default(),
+            )?),
+            None => None,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |v: &mut toml::Value| {
+            if let toml::Value::String(s) = v {
+                if !s.is_empty() && Path::new(s.as_str()).is_relative() {
+                    *s = base.join(s.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        };
+        let mut own = toml::Table::new();
+        for k in PPO_KEYS {
+            if let Some(mut v) = table.remove(*k) {
+                match *k {
+                    "reward_model" => rel(&mut v),
+                    "reward_models" => {
+                        if let toml::Value::Table(t) = &mut v {
+                            for (_, x) in t.iter_mut() {
+                                rel(x);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                own.insert((*k).into(), v);
+            }
+        }
+        table
+            .entry("learning_rate")
+            .or_insert(toml::Value::Float(3e-6));
+        table
+            .entry("logging_steps")
+            .or_insert(toml::Value::Integer(1));
+        let args: TrainingArgs = config::parse(path, table.clone())?;
+        args.validate()?;
+        let ppo: PpoArgs = config::parse(path, own)?;
+        let bad = |m: String| Err(Error::Config(format!("{}: {m}", path.display())));
+        match (&ppo.reward_model, &ppo.reward_models) {
+            (Some(_), Some(_)) => {
+                return bad("give `reward_model` or `reward_models`, not both".into())
+            }
+            (None, None) => {
+                return bad(
+                    "`reward_model` is required (or `reward_models = { helpfulness, safety }`)"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        if ppo.num_generations == 0 || ppo.num_ppo_epochs == 0 || ppo.num_mini_batches == 0 {
+            return bad("num_generations, num_ppo_epochs and num_mini_batches must be >= 1".into());
+        }
+        if ppo.response_length == 0 {
+            return bad("response_length must be at least 1".into());
+        }
+        let per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps;
+        if !per_step.is_multiple_of(ppo.num_generations) {
+            return bad(format!(
+                "per_device_train_batch_size × gradient_accumulation_steps = {per_step} \
+                 completions per mini-batch is not a multiple of num_generations = {}",
+                ppo.num_generations
+            ));
+        }
+        if !matches!(ppo.value_head_init.as_str(), "reward_model" | "zeros") {
+            return bad(format!(
+                "value_head_init = {:?}: use \"reward_model\" or \"zeros\"",
+                ppo.value_head_init
+            ));
+        }
+        Ok(Self { args, ppo, lora })
+    }
+
+    /// Completions per PPO step (TRL's local batch size).
+    pub fn completions_per_step(&self) -> usize {
+        self.args.per_device_train_batch_size
+            * self.args.gradient_accumulation_steps
+            * self.ppo.num_mini_batches
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The policy and its value head
+
+/// `Linear(hidden, 1)` on the policy's last hidden state.
+pub struct ValueHead {
+    weight: Var,
+    bias: Var,
+}
+
+/// TRL's names for the value head's tensors.
+const V_WEIGHT: &str = "v_head.summary.weight";
+const V_BIAS: &str = "v_head.summary.bias";
+
+impl ValueHead {
+    /// A head from `weight` (1, hidden) (zeros if None) and a zero bias.
+    pub fn new(weight: Option<Tensor>, hidden: usize, device: &Device) -> Result<Self> {
+        let w = match weight {
+            Some(w) if w.dims() == [1, hidden] => w.to_dtype(DType::F32)?,
+            Some(w) => {
+                tracing::warn!(
+                    "the reward model's score head is {:?}, the policy's hidden size {hidden}: \
+                     the value head starts at zero instead",
+                    w.dims()
+                );
+                Tensor::zeros((1, hidden), DType::F32, device)?
+            }
+            None => Tensor::zeros((1, hidden), DType::F32, device)?,
+        };
+        Ok(Self {
+            weight: Var::from_tensor(&w)?,
+            bias: Var::zeros(1, DType::F32, device)?,
+        })
+    }
+
+    /// Values of every position.
+    // hidden: (b, t, h) -> (b, t)
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self.weight.as_tensor().squeeze(0)?; // (h)
+        let v = hidden.broadcast_mul(&w)?.sum(D::Minus1)?;
+        Ok(v.broadcast_add(self.bias.as_tensor())?)
+    }
+
+    /// The trainable tensors, under TRL's names.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        vec![
+            (V_WEIGHT.into(), self.weight.clone()),
+            (V_BIAS.into(), self.bias.clone()),
+        ]
+    }
+
+    /// Writes `value_head.safetensors`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let t: HashMap<String, Tensor> = self
+            .params()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
+        rlhf_model::save::save_safetensors(&dir.join("value_head.safetensors"), &t)?;
+        Ok(())
+    }
+
+    /// Restores from `value_head.safetensors`.
+    pub fn load_into(&self, dir: &Path) -> Result<()> {
+        let p = dir.join("value_head.safetensors");
+        let t = candle_core::safetensors::load(&p, self.weight.device())
+            .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+        for (name, var) in self.params() {
+            let x = t
+                .get(&name)
+                .ok_or_else(|| Error::Config(format!("{}: no tensor {name}", p.display())))?;
+            var.set(x)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rollout rows laid out for one forward pass: each row is its prompt left-padded to the
+/// longest prompt, then its response right-padded to the longest response, so response
+/// token j of every row sits at column P + j.
+struct Packed {
+    batch: Batch,
+    prompt_len: usize,
+    response_len: usize,
+    /// (b, R) response token ids (pad where the row has ended).
+    targets: Tensor,
+    /// (b, R) 1.0 on real response tokens.
+    mask: Tensor,
+}
+
+fn pack(prompts: &[&[u32]], responses: &[&[u32]], pad: u32, device: &Device) -> Result<Packed> {
+    let p = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
+    let r = responses.iter().map(|x| x.len()).max().unwrap_or(0).max(1);
+    let mut input_ids = Vec::with_capacity(prompts.len());
+    let mut attention_mask = Vec::with_capacity(prompts.len());
+    let mut targets = Vec::with_capacity(prompts.len() * r);
+    let mut mask = Vec::with_capacity(prompts.len() * r);
+    for (pr, re) in prompts.iter().zip(responses) {
+        let mut ids = vec![pad; p - pr.len()];
+        let mut m = vec![0u8; p - pr.len()];
+        ids.extend_from_slice(pr);
+        m.extend(std::iter::repeat_n(1u8, pr.len()));
+        ids.extend_from_slice(re);
+        m.extend(std::iter::repeat_n(1u8, re.len()));
+        ids.extend(std::iter::repeat_n(pad, r - re.len()));
+        m.extend(std::iter::repeat_n(0u8, r - re.len()));
+        input_ids.push(ids);
+        attention_mask.push(m);
+        targets.extend_from_slice(re);
+        targets.extend(std::iter::repeat_n(pad, r - re.len()));
+        mask.extend((0..r).map(|j| (j < re.len()) as u8 as f32));
+    }
+    let b = prompts.len();
+    Ok(Packed {
+        batch: Batch {
+            input_ids,
+            attention_mask,
+        },
+        prompt_len: p,
+        response_len: r,
+        targets: Tensor::from_vec(targets, (b, r), device)?,
+        mask: Tensor::from_vec(mask, (b, r), device)?,
+    })
+}
+
+/// Temperature-scaled log-probs of each response token and (with a value head) the value of
+/// the state before it, as TRL reads them: positions P−1 .. P+R−2 predict the response.
+// -> ((b, R), Option<(b, R)>)
+fn response_logprobs(
+    model: &Model,
+    value_head: Option<&ValueHead>,
+    packed: &Packed,
+    temperature: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let hidden = model.hidden(&packed.batch)?;
+    let h = hidden.narrow(1, packed.prompt_len - 1, packed.response_len)?;
+    let logits = model.logits(&h)?.to_dtype(DType::F32)?;
+    let scaled = if temperature > 0.0 && (temperature - 1.0).abs() > 1e-12 {
+        (logits / temperature)?
+    } else {
+        logits
+    };
+    let logp = rlhf_model::generate::token_logprobs(&scaled, &packed.targets)?;
+    let values = match value_head {
+        Some(v) => Some(v.forward(&h.to_dtype(DType::F32)?)?),
+        None => None,
+    };
+    Ok((logp, values))
+}
+
+fn rows_of(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f32>>> {
+    let all: Vec<Vec<f32>> = t.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(all
+        .into_iter()
+        .zip(lens)
+        .map(|(mut r, &n)| {
+            r.truncate(n);
+            r
+        })
+        .collect())
+}
+
+fn padded(rows: &[&Vec<f32>], width: usize, device: &Device) -> Result<Tensor> {
+    let mut flat = Vec::with_capacity(rows.len() * width);
+    for r in rows {
+        flat.extend_from_slice(r);
+        flat.extend(std::iter::repeat_n(0.0, width - r.len()));
+    }
+    Ok(Tensor::from_vec(flat, (rows.len(), width), device)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trainer
+
+/// The loop's state, saved as trainer_state.json in each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PpoState {
+    /// PPO steps done (rollout + update).
+    pub global_step: usize,
+    /// Steps of the run.
+    pub max_steps: usize,
+    /// Prompt order position.
+    pub sampler: SamplerState,
+    /// Demonstration order position (PPO-ptx).
+    pub ptx_sampler: Option<SamplerState>,
+    /// The KL coefficient now (changes with `adap_kl_ctrl`).
+    pub kl_coef: f64,
+    /// Completions generated so far (TRL's `episode`).
+    pub episodes: usize,
+    /// Steps whose update was skipped for a non-finite loss.
+    pub skipped_steps: usize,
+    /// Everything logged, as transformers' `log_history`.
+    pub log_history: Vec<BTreeMap<String, f64>>,
+}
+
+/// One rollout batch after scoring and advantage estimation (ragged rows: response tokens).
+struct Rollout {
+    prompts: Vec<Vec<u32>>,
+    responses: Vec<Vec<u32>>,
+    logprobs: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    advantages: Vec<Vec<f32>>,
+    returns: Vec<Vec<f32>>,
+}
+
+/// Everything a PPO run holds.
+pub struct PpoTrainer<'a> {
+    cfg: PpoConfig,
+    policy: Model,
+    /// The frozen reference when the policy is fully fine-tuned (LoRA uses the
+    /// adapter-disabled policy).
+    reference: Option<Model>,
+    value_head: ValueHead,
+    tok: Tokenizer,
+    pad_id: u32,
+    eos_ids: Vec<u32>,
+    scorer: &'a mut dyn Scorer,
+    prompts: Vec<PromptRecord>,
+    prompt_ids: Vec<Vec<u32>>,
+    eval_prompts: Vec<PromptRecord>,
+    eval_ids: Vec<Vec<u32>>,
+    ptx: Vec<SftExample>,
+    opt: AdamW,
+    params: Vec<(String, Var)>,
+    scheduler: LrScheduler,
+    state: PpoState,
+    sampler: Sampler,
+    ptx_sampler: Option<Sampler>,
+}
+
+/// Loads a prompt file and tokenises each prompt (text as is with special tokens, messages
+/// through the chat template with the generation prompt), keeping at most `max_prompt`
+/// tokens (the last ones; counted and reported).
+pub fn load_prompts(
+    path: &Path,
+    tok: &Tokenizer,
+    skip_invalid: bool,
+    max_prompt: usize,
+) -> Result<(Vec<PromptRecord>, Vec<Vec<u32>>)> {
+    let data = rlhf_data::load::<PromptRecord>(path, &rlhf_data::ReadOptions { skip_invalid })?;
+    if data.report.skipped > 0 {
+        tracing::warn!("{}", data.report);
+    }
+    let mut ids = Vec::with_capacity(data.records.len());
+    let mut truncated = 0;
+    for r in &data.records {
+        let mut p = rlhf_data::prompt_ids(tok, &r.prompt)?;
+        if p.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: the prompt tokenises to nothing",
+                r.at
+            )));
+        }
+        if p.len() > max_prompt {
+            p.drain(..p.len() - max_prompt);
+            truncated += 1;
+        }
+        ids.push(p);
+    }
+    if truncated > 0 {
+        tracing::warn!(
+            "{}: {truncated} prompts longer than max_length − response_length = {max_prompt} \
+             tokens kept their last {max_prompt} tokens",
+            path.display()
+        );
+    }
+    Ok((data.records, ids))
+}
+
+/// The metrics of one PPO step, TRL's names.
+type StepMetrics = BTreeMap<String, f64>;
+
+impl<'a> PpoTrainer<'a> {
+    /// Builds the trainer: loads the policy (LoRA or full), its reference, the prompts and the
+    /// value head, and restores a checkpoint when `resume` is given.
+    pub fn new(
+        cfg: PpoConfig,
+        scorer: &'a mut dyn Scorer,
+        cache: &mut SourceCache,
+        resume: Option<&Path>,
+    ) -> Result<Self> {
+        let args = &cfg.args;
+        let tok = Tokenizer::from_dir(&args.model)?;
+        let pad_id = rlhf_data::pad_id(&tok)?;
+        let (training, adapter) = match (&cfg.lora, resume) {
+            (Some(l), Some(dir)) => (Training::Lora(l.clone()), Some(dir.to_path_buf())),
+            (Some(l), None) => (Training::Lora(l.clone()), None),
+            (None, _) => (Training::Full, None),
+        };
+        let model_dir = match (&cfg.lora, resume) {
+            (None, Some(dir)) => dir.to_path_buf(),
+            _ => args.model.clone(),
+        };
+        let policy = Model::load_cached(
+            &model_dir,
+            &LoadOptions {
+                heads: Heads::Lm,
+                training,
+                seed: args.seed,
+                adapter,
+                ..Default::default()
+            },
+            cache,
+        )?;
+        let reference = if cfg.lora.is_some() {
+            None
+        } else {
+            tracing::info!("full fine-tuning: loading a frozen copy of the policy as reference");
+            Some(Model::load_cached(
+                &args.model,
+                &LoadOptions::default(),
+                cache,
+            )?)
+        };
+        let init = if cfg.ppo.value_head_init == "reward_model" {
+            scorer.value_head_init()
+        } else {
+            None
+        };
+        let value_head = ValueHead::new(init, policy.config.hidden_size, policy.device())?;
+        let eos_ids = rlhf_model::generate::eos_ids(&policy, &tok);
+        if eos_ids.is_empty() {
+            tracing::warn!(
+                "the model names no EOS token: every completion runs to response_length"
+            );
+        }
+        let max_prompt = args
+            .max_length
+            .saturating_sub(cfg.ppo.response_length)
+            .max(1);
+        let (prompts, prompt_ids) =
+            load_prompts(&args.train_file, &tok, args.skip_invalid, max_prompt)?;
+        if prompts.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: no prompts",
+                args.train_file.display()
+            )));
+        }
+        let (mut eval_prompts, mut eval_ids) = match &args.eval_file {
+            Some(p) => load_prompts(p, &tok, args.skip_invalid, max_prompt)?,
+            None => (Vec::new(), Vec::new()),
+        };
+        eval_prompts.truncate(cfg.ppo.eval_prompts);
+        eval_ids.truncate(cfg.ppo.eval_prompts);
+        let ptx = match &cfg.ppo.ptx_file {
+            Some(p) if cfg.ppo.ptx_coef != 0.0 => {
+                crate::sft::load_examples(p, &tok, args, &crate::sft::SftArgs::default())?
+            }
+            _ => Vec::new(),
+        };
+        let mut params = policy.params().trainable();
+        params.extend(value_head.params());
+        let opt = AdamW::new(
+            params.clone(),
+            args.adam_beta1,
+            args.adam_beta2,
+            args.adam_epsilon,
+            args.weight_decay,
+        )?;
+        let prompts_per_step = cfg.completions_per_step() / cfg.ppo.num_generations;
+        let max_steps = if args.max_steps > 0 {
+            args.max_steps as usize
+        } else {
+            ((args.num_train_epochs * prompts.len() as f64) / prompts_per_step as f64).ceil()
+                as usize
+        }
+        .max(1);
+        let warmup =
+            crate::scheduler::warmup_steps(args.warmup_steps as f64, args.warmup_ratio, max_steps);
+        let scheduler = LrScheduler::new(
+            &args.lr_scheduler_type,
+            args.learning_rate,
+            warmup,
+            max_steps,
+        )?;
+        let ptx_sampler = (!ptx.is_empty()).then(|| Sampler::new(ptx.len(), args.seed, true));
+        let mut me = Self {
+            state: PpoState {
+                global_step: 0,
+                max_steps,
+                sampler: Sampler::new(prompts.len(), args.seed, args.shuffle).state(),
+                ptx_sampler: ptx_sampler.as_ref().map(|s| s.state()),
+                kl_coef: cfg.ppo.kl_coef,
+                episodes: 0,
+                skipped_steps: 0,
+                log_history: Vec::new(),
+            },
+            sampler: Sampler::new(prompts.len(), args.seed, args.shuffle),
+            ptx_sampler,
+            cfg,
+            policy,
+            reference,
+            value_head,
+            tok,
+            pad_id,
+            eos_ids,
+            scorer,
+            prompts,
+            prompt_ids,
+            eval_prompts,
+            eval_ids,
+            ptx,
+            opt,
+            params,
+            scheduler,
+        };
+        if let Some(dir) = resume {
+            me.restore(dir)?;
+        }
+        Ok(me)
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        let state: PpoState = crate::checkpoint::read_json(&dir.join("trainer_state.json"))?;
+        self.value_head.load_into(dir)?;
+        self.opt
+            .load_state(crate::checkpoint::read_optimizer(dir)?)?;
+        self.sampler = Sampler::from_state(state.sampler, self.prompts.len())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        if let (Some(s), false) = (&state.ptx_sampler, self.ptx.is_empty()) {
+            self.ptx_sampler = Some(
+                Sampler::from_state(*s, self.ptx.len())
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            );
+        }
+        self.state = state;
+        tracing::info!(
+            "resumed from {} at step {}",
+            dir.display(),
+            self.state.global_step
+        );
+        Ok(())
+    }
+
+    /// The policy being trained.
+    pub fn policy(&self) -> &Model {
+        &self.policy
+    }
+
+    /// The run's state.
+    pub fn state(&self) -> &PpoState {
+        &self.state
+    }
+
+    fn gen_config(&self, temperature: f64, seed: u64) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: self.cfg.ppo.response_length,
+            temperature,
+            top_k: (self.cfg.ppo.top_k > 0).then_some(self.cfg.ppo.top_k),
+            top_p: (self.cfg.ppo.top_p < 1.0).then_some(self.cfg.ppo.top_p),
+            eos_token_ids: self.eos_ids.clone(),
+            pad_token_id: self.pad_id,
+            seed,
+        }
+    }
+
+    /// Completion text for scoring: the generated tokens without the EOS that ended them.
+    fn completion_text(&self, ids: &[u32]) -> Result<String> {
+        let body = match ids.last() {
+            Some(l) if self.eos_ids.contains(l) => &ids[..ids.len() - 1],
+            _ => ids,
+        };
+        Ok(self.tok.decode(body, true)?)
+    }
+
+    /// Log-probs under the frozen reference (adapters off, or the reference copy).
+    fn reference_logprobs(&self, packed: &Packed) -> Result<Tensor> {
+        let t = self.cfg.ppo.temperature;
+        match &self.reference {
+            Some(r) => Ok(response_logprobs(r, None, packed, t)?.0),
+            None => {
+                self.policy.set_adapters_enabled(false);
+                let out = response_logprobs(&self.policy, None, packed, t);
+                self.policy.set_adapters_enabled(true);
+                Ok(out?.0)
+            }
+        }
+    }
+
+    /// Runs the whole training; returns the summary (the last line of metrics.jsonl).
+    pub fn train(&mut self) -> Result<Summary> {
+        let args = self.cfg.args.clone();
+        std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+        self.tok.save(&args.output_dir)?;
+        let mut logger =
+            MetricsLogger::open(&args.output_dir, &args.report_to, self.state.global_step)?;
+        let started = Instant::now();
+        let episodes_at_start = self.state.episodes;
+        if self.state.global_step == 0 && !self.eval_prompts.is_empty() {
+            let ev = self.evaluate(0)?;
+            tracing::info!(
+                "before training: eval mean score {:.4} over {} prompts",
+                ev["eval_objective/scores"],
+                self.eval_prompts.len()
+            );
+            logger.log(0, &ev)?;
+            self.push_history(0, ev);
+        }
+        let bar = progress(self.state.max_steps, self.state.global_step);
+        let mut consecutive_bad = 0;
+        let mut window: Vec<StepMetrics> = Vec::new();
+        while self.state.global_step < self.state.max_steps {
+            let m = self.step()?;
+            let ok = m.get("loss/policy_avg").is_some_and(|v| v.is_finite());
+            if ok {
+                consecutive_bad = 0;
+            } else {
+                consecutive_bad += 1;
+                if consecutive_bad >= 5 {
+                    return Err(Error::Diverged(format!(
+                        "5 PPO steps in a row had a non-finite loss or gradient (last at step \
+                         {}); lower learning_rate or kl_coef; the last good checkpoint is kept",
+                        self.state.global_step
+                    )));
+                }
+            }
+            bar.inc(1);
+            bar.set_message(format!(
+                "score {:.3} kl {:.3}",
+                m.get("objective/scores").copied().unwrap_or(f64::NAN),
+                m.get("objective/kl").copied().unwrap_or(f64::NAN)
+            ));
+            window.push(m);
+            let gs = self.state.global_step;
+            if gs.is_multiple_of(args.logging_steps) || gs == self.state.max_steps {
+                let log = average(&window);
+                window.clear();
+                logger.log(gs, &log)?;
+                self.push_history(gs, log);
+            }
+            let eval_every = args.eval_steps.unwrap_or(0);
+            if args.eval_strategy == "steps"
+                && eval_every > 0
+                && gs.is_multiple_of(eval_every)
+                && gs < self.state.max_steps
+                && !self.eval_prompts.is_empty()
+            {
+                let ev = self.evaluate(gs)?;
+                logger.log(gs, &ev)?;
+                self.push_history(gs, ev);
+            }
+            if args.save_steps > 0
+                && gs.is_multiple_of(args.save_steps)
+                && gs < self.state.max_steps
+            {
+                self.save_checkpoint()?;
+            }
+        }
+        bar.finish_and_clear();
+        self.save_final(&args.output_dir)?;
+        let runtime = started.elapsed().as_secs_f64();
+        let mut summary = Summary::new();
+        summary.insert("train_runtime".into(), runtime);
+        summary.insert(
+            "train_samples_per_second".into(),
+            (self.state.episodes - episodes_at_start) as f64 / runtime.max(1e-9),
+        );
+        summary.insert("episode".into(), self.state.episodes as f64);
+        summary.insert("skipped_steps".into(), self.state.skipped_steps as f64);
+        for key in ["objective/scores", "objective/kl"] {
+            let vals: Vec<f64> = self
+                .state
+                .log_history
+                .iter()
+                .filter_map(|h| h.get(key).copied())
+                .collect();
+            if let (Some(first), Some(last)) = (vals.first(), vals.last()) {
+                summary.insert(format!("{key}_first"), *first);
+                summary.insert(format!("{key}_last"), *last);
+            }
+        }
+        if !self.eval_prompts.is_empty() {
+            let ev = self.evaluate(self.state.global_step)?;
+            tracing::info!(
+                "after training: eval mean score {:.4}",
+                ev["eval_objective/scores"]
+            );
+            summary.extend(ev);
+        }
+        logger.summary(self.state.global_step, &summary)?;
+        Ok(summary)
+    }
+
+    fn push_history(&mut self, step: usize, mut m: StepMetrics) {
+        m.insert("step".into(), step as f64);
+        self.state.log_history.push(m);
+    }
+
+    /// One PPO step: rollout → score → advantages → update. Returns its metrics.
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let step = self.state.global_step;
+        let ppo = self.cfg.ppo.clone();
+        let args = self.cfg.args.clone();
+        let device = self.policy.device().clone();
+        let t_step = Instant::now();
+        let mut m = StepMetrics::new();
+
+        // 1. Rollout: prompts × num_generations completions, sampled in micro-batches.
+        let n_prompts = self.cfg.completions_per_step() / ppo.num_generations;
+        let picked = self.sampler.next_batch(n_prompts);
+        let rows: Vec<usize> = picked
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(i, ppo.num_generations))
+            .collect();
+        let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| self.prompt_ids[i].clone()).collect();
+        let t_gen = Instant::now();
+        let micro = args.per_device_train_batch_size;
+        let mut gens = Vec::with_capacity(rows.len());
+        for (k, chunk) in prompts.chunks(micro).enumerate() {
+            let seed = mix(args.seed, step as u64, 1_000 + k as u64);
+            gens.extend(generate(
+                &self.policy,
+                chunk,
+                &self.gen_config(ppo.temperature, seed),
+            )?);
+        }
+        let gen_secs = t_gen.elapsed().as_secs_f64();
+        let responses: Vec<Vec<u32>> = gens.iter().map(|g| g.completion_ids.clone()).collect();
+        let finished: Vec<bool> = gens.iter().map(|g| g.finished).collect();
+        let lens: Vec<usize> = responses.iter().map(|r| r.len()).collect();
+        // A completion of zero tokens cannot happen (max_new_tokens ≥ 1), but guard the packing.
+        if lens.contains(&0) {
+            return Err(Error::Config(
+                "a rollout produced an empty completion".into(),
+            ));
+        }
+
+        // 2. Evaluate the rollout without gradients: policy log-probs and values, the
+        //    reference's log-probs, the scores.
+        let t_fwd = Instant::now();
+        let was = self.policy.set_grad_enabled(false);
+        let fwd = (|| -> Result<[Vec<Vec<f32>>; 3]> {
+            let (mut lp, mut rlp, mut val) = (Vec::new(), Vec::new(), Vec::new());
+            for (pc, rc) in prompts.chunks(micro).zip(responses.chunks(micro)) {
+                let pr: Vec<&[u32]> = pc.iter().map(|x| x.as_slice()).collect();
+                let re: Vec<&[u32]> = rc.iter().map(|x| x.as_slice()).collect();
+                let l: Vec<usize> = re.iter().map(|x| x.len()).collect();
+                let packed = pack(&pr, &re, self.pad_id, &device)?;
+                let (logp, values) = response_logprobs(
+                    &self.policy,
+                    Some(&self.value_head),
+                    &packed,
+                    ppo.temperature,
+                )?;
+                lp.extend(rows_of(&logp, &l)?);
+                val.extend(rows_of(&values.expect("value head given"), &l)?);
+                rlp.extend(rows_of(&self.reference_logprobs(&packed)?, &l)?);
+            }
+            Ok([lp, rlp, val])
+        })();
+        self.policy.set_grad_enabled(was);
+        let [logprobs, ref_logprobs, values] = fwd?;
+        let fwd_secs = t_fwd.elapsed().as_secs_f64();
+
+        let t_score = Instant::now();
+        let texts: Vec<String> = responses
+            .iter()
+            .map(|r| self.completion_text(r))
+            .collect::<Result<_>>()?;
+        let records: Vec<&PromptRecord> = rows.iter().map(|&i| &self.prompts[i]).collect();
+        let mut extra = Vec::new();
+        let raw_scores = self.scorer.score(
+            &Completions {
+                prompts: &records,
+                texts: &texts,
+                ids: &responses,
+            },
+            &mut extra,
+        )?;
+        let score_secs = t_score.elapsed().as_secs_f64();
+        let mut scores = raw_scores.clone();
+        if let Some(p) = ppo.missing_eos_penalty {
+            for (s, &f) in scores.iter_mut().zip(&finished) {
+                if !f {
+                    *s -= p as f32;
+                }
+            }
+        }
+        if let Some(c) = ppo.score_clip {
+            for s in &mut scores {
+                *s = s.clamp(-c as f32, c as f32);
+            }
+        }
+
+        // 3. Rewards: −β·KL per token, the score at the last token.
+        let beta = self.state.kl_coef;
+        let kl: Vec<Vec<f32>> = logprobs
+            .iter()
+            .zip(&ref_logprobs)
+            .map(|(a, b)| {
+                a.iter()
+                    .zip(b)
+                    .map(|(&x, &y)| ppo.kl_estimator.per_token(x, y))
+                    .collect()
+            })
+            .collect();
+        let mut rewards: Vec<Vec<f32>> = kl
+            .iter()
+            .map(|row| row.iter().map(|&k| -(beta as f32) * k).collect())
+            .collect();
+        let non_score: Vec<f64> = rewards
+            .iter()
+            .map(|r| r.iter().map(|&x| x as f64).sum())
+            .collect();
+        for (r, &s) in rewards.iter_mut().zip(&scores) {
+            if let Some(last) = r.last_mut() {
+                *last += s;
+            }
+        }
+        if ppo.whiten_rewards {
+            rewards = rl::whiten(&rewards, false);
+        }
+
+        // 4. Advantages: GAE, whitened.
+        let (advantages, returns) = rl::gae(&rewards, &values, ppo.gamma, ppo.lam);
+        let advantages = rl::whiten(&advantages, true);
+        let rollout = Rollout {
+            prompts,
+            responses,
+            logprobs,
+            values,
+            advantages,
+            returns,
+        };
+
+        // 5. Update.
+        let t_train = Instant::now();
+        let upd = self.update(&rollout, step)?;
+        let train_secs = t_train.elapsed().as_secs_f64() + fwd_secs;
+
+        // 6. Bookkeeping: KL controller, metrics.
+        let n = rollout.responses.len() as f64;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let kl_sums: Vec<f64> = kl
+            .iter()
+            .map(|r| r.iter().map(|&x| x as f64).sum())
+            .collect();
+        let mean_kl = mean(&kl_sums);
+        if ppo.adap_kl_ctrl {
+            let mut c = AdaptiveKl {
+                value: self.state.kl_coef,
+                target: ppo.target,
+                horizon: ppo.horizon,
+            };
+            c.update(mean_kl, rollout.responses.len());
+            self.state.kl_coef = c.value;
+        }
+        let entropy: Vec<f64> = rollout
+            .logprobs
+            .iter()
+            .map(|r| -r.iter().map(|&x| x as f64).sum::<f64>())
+            .collect();
+        let scores_f: Vec<f64> = scores.iter().map(|&x| x as f64).collect();
+        let tokens: usize = lens.iter().sum();
+        m.insert("objective/kl".into(), mean_kl);
+        m.insert("objective/entropy".into(), mean(&entropy));
+        m.insert("objective/non_score_reward".into(), mean(&non_score));
+        m.insert("objective/scores".into(), mean(&scores_f));
+        m.insert(
+            "objective/rlhf_reward".into(),
+            mean(&scores_f) + mean(&non_score),
+        );
+        m.insert("objective/kl_coef".into(), beta);
+        for (k, v) in extra {
+            m.insert(k, v);
+        }
+        m.insert("completions/mean_length".into(), tokens as f64 / n);
+        m.insert(
+            "completions/clipped_ratio".into(),
+            finished.iter().filter(|&&f| !f).count() as f64 / n,
+        );
+        m.insert(
+            "val/num_eos_tokens".into(),
+            finished.iter().filter(|&&f| f).count() as f64,
+        );
+        m.extend(upd);
+        m.insert("learning_rate".into(), self.scheduler.lr_at(step));
+        self.state.episodes += rollout.responses.len();
+        m.insert("episode".into(), self.state.episodes as f64);
+        m.insert("epoch".into(), self.sampler.epoch_progress());
+        let step_secs = t_step.elapsed().as_secs_f64();
+        m.insert("time/step".into(), step_secs);
+        m.insert("time/generation".into(), gen_secs);
+        m.insert("time/scoring".into(), score_secs);
+        m.insert("time/training".into(), train_secs);
+        m.insert(
+            "time/generation_tokens_per_second".into(),
+            tokens as f64 / gen_secs.max(1e-9),
+        );
+        m.insert(
+            "time/tokens_per_second".into(),
+            tokens as f64 / step_secs.max(1e-9),
+        );
+        self.state.sampler = self.sampler.state();
+        self.state.ptx_sampler = self.ptx_sampler.as_ref().map(|s| s.state());
+        self.state.global_step += 1;
+        Ok(m)
+    }
+
+    /// `num_ppo_epochs` passes of shuffled mini-batches over the rollout.
+    fn update(&mut self, ro: &Rollout, step: usize) -> Result<StepMetrics> {
+        let ppo = &self.cfg.ppo;
+        let args = &self.cfg.args;
+        let device = self.policy.device().clone();
+        let n = ro.responses.len();
+        let mb_size = (n / ppo.num_mini_batches).max(1);
+        let micro = args.per_device_train_batch_size.max(1);
+        let lr = self.scheduler.lr_at(step);
+        let mut acc: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
+        let mut add = |k: &'static str, v: f64| {
+            let e = acc.entry(k).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        };
+        let mut skipped = false;
+        for epoch in 0..ppo.num_ppo_epochs {
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(mix(args.seed, step as u64, epoch as u64));
+            order.shuffle(&mut rng);
+            for mb in order.chunks(mb_size) {
+                let micro_batches: Vec<&[usize]> = mb.chunks(micro).collect();
+                let k = micro_batches.len() as f64;
+                let mut grads: Option<GradStore> = None;
+                let mut loss_sum = 0.0;
+                for idx in micro_batches {
+                    let pr: Vec<&[u32]> = idx.iter().map(|&i| ro.prompts[i].as_slice()).collect();
+                    let re: Vec<&[u32]> = idx.iter().map(|&i| ro.responses[i].as_slice()).collect();
+                    let packed = pack(&pr, &re, self.pad_id, &device)?;
+                    let width = packed.response_len;
+                    fn sel<'v>(v: &'v [Vec<f32>], idx: &[usize]) -> Vec<&'v Vec<f32>> {
+                        idx.iter().map(|&i| &v[i]).collect()
+                    }
+                    let old_logp = padded(&sel(&ro.logprobs, idx), width, &device)?;
+                    let old_values = padded(&sel(&ro.values, idx), width, &device)?;
+                    let adv = padded(&sel(&ro.advantages, idx), width, &device)?;
+                    let ret = padded(&sel(&ro.returns, idx), width, &device)?;
+                    let (logp, vpred) = response_logprobs(
+                        &self.policy,
+                        Some(&self.value_head),
+                        &packed,
+                        ppo.temperature,
+                    )?;
+                    let vpred = vpred.expect("value head given");
+                    let (pg_loss, ps) = rl::clipped_policy_loss(
+                        &logp,
+                        &old_logp,
+                        &adv,
+                        &packed.mask,
+                        ppo.cliprange,
+                    )?;
+                    let (vf_loss, vf_clipfrac) = rl::clipped_value_loss(
+                        &vpred,
+                        &old_values,
+                        &ret,
+                        &packed.mask,
+                        ppo.cliprange_value,
+                    )?;
+                    let mut loss = (&pg_loss + (&vf_loss * ppo.vf_coef)?)?;
+                    if let Some(s) = self.ptx_sampler.as_mut() {
+                        let ex: Vec<&SftExample> = s
+                            .next_batch(idx.len())
+                            .into_iter()
+                            .map(|i| &self.ptx[i])
+                            .collect();
+                        let ptx_loss = ptx_nll(&self.policy, &ex, self.pad_id)?;
+                        add("loss/ptx_avg", scalar(&ptx_loss)?);
+                        loss = (loss + (ptx_loss * ppo.ptx_coef)?)?;
+                    }
+                    let loss = (loss / k)?;
+                    loss_sum += scalar(&loss)?;
+                    add("loss/policy_avg", scalar(&pg_loss)?);
+                    add("loss/value_avg", scalar(&vf_loss)?);
+                    add("policy/clipfrac_avg", ps.clipfrac);
+                    add("policy/approxkl_avg", ps.approxkl);
+                    add("val/clipfrac_avg", vf_clipfrac);
+                    add("val/ratio", ps.ratio_mean);
+                    add("val/ratio_var", ps.ratio_var);
+                    let g = loss.backward()?;
+                    grads = Some(match grads {
+                        None => g,
+                        Some(a) => accumulate(a, g, &self.params)?,
+                    });
+                }
+                let mut grads = grads.expect("a mini-batch has a micro-batch");
+                let norm = clip_grad_norm(&mut grads, &self.params, args.max_grad_norm)?;
+                if !loss_sum.is_finite() || !norm.is_finite() {
+                    // Never let NaN/inf into the weights.
+                    tracing::warn!(
+                        "step {}: loss {loss_sum} / grad_norm {norm} is not finite; the \
+                         update of this mini-batch is skipped",
+                        step + 1
+                    );
+                    skipped = true;
+                    continue;
+                }
+                add("grad_norm", norm);
+                self.opt.step(&grads, lr)?;
+            }
+        }
+        if skipped {
+            self.state.skipped_steps += 1;
+        }
+        let mut out: StepMetrics = acc
+            .into_iter()
+            .map(|(k, (s, c))| (k.to_string(), s / c as f64))
+            .collect();
+        if skipped {
+            out.insert("loss/policy_avg".into(), f64::NAN);
+        }
+        Ok(out)
+    }
+
+    /// Greedy completions for the eval prompts, scored; written to `eval_step{N}.jsonl`.
+    pub fn evaluate(&mut self, step: usize) -> Result<StepMetrics> {
+        let started = Instant::now();
+        let bs = self.cfg.args.per_device_eval_batch_size.max(1);
+        let mut texts = Vec::new();
+        let mut ids = Vec::new();
+        for chunk in self.eval_ids.chunks(bs) {
+            for g in generate(&self.policy, chunk, &self.gen_config(0.0, 0))? {
+                texts.push(self.completion_text(&g.completion_ids)?);
+                ids.push(g.completion_ids);
+            }
+        }
+        let lens: Vec<f64> = ids.iter().map(|x| x.len() as f64).collect();
+        let records: Vec<&PromptRecord> = self.eval_prompts.iter().collect();
+        let mut extra = Vec::new();
+        let scores = self.scorer.score(
+            &Completions {
+                prompts: &records,
+                texts: &texts,
+                ids: &ids,
+            },
+            &mut extra,
+        )?;
+        let path = self
+            .cfg
+            .args
+            .output_dir
+            .join(format!("eval_step{step}.jsonl"));
+        let mut out = String::new();
+        for ((r, t), s) in self.eval_prompts.iter().zip(&texts).zip(&scores) {
+            let mut row = r.row.clone();
+            row.insert("completion".into(), t.clone().into());
+            row.insert("score".into(), (*s as f64).into());
+            out.push_str(&serde_json::Value::Object(row).to_string());
+            out.push('\n');
+        }
+        rlhf_model::save::write_atomic(&path, out.as_bytes())?;
+        let n = scores.len().max(1) as f64;
+        let mut m = StepMetrics::new();
+        m.insert(
+            "eval_objective/scores".into(),
+            scores.iter().map(|&x| x as f64).sum::<f64>() / n,
+        );
+        m.insert(
+            "eval_completions/mean_length".into(),
+            lens.iter().sum::<f64>() / n,
+        );
+        m.insert("eval_runtime".into(), started.elapsed().as_secs_f64());
+        Ok(m)
+    }
+
+    fn save_weights(&self, dir: &Path) -> Result<()> {
+        crate::checkpoint::save_weights(&self.policy, Heads::Lm, dir)?;
+        self.value_head.save(dir)
+    }
+
+    /// Writes `checkpoint-{step}`: weights, value head, optimiser, state.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let args = &self.cfg.args;
+        crate::checkpoint::write_checkpoint(
+            &args.output_dir,
+            self.state.global_step,
+            args.save_total_limit,
+            |tmp| {
+                self.save_weights(tmp)?;
+                crate::checkpoint::save_optimizer(tmp, &self.opt)?;
+                crate::checkpoint::write_json(&tmp.join("trainer_state.json"), &self.state)
+            },
+        )
+    }
+
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        self.save_weights(dir)?;
+        tracing::info!("saved the trained policy to {}", dir.display());
+        Ok(())
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn average(window: &[StepMetrics]) -> StepMetrics {
+    let mut sum: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for m in window {
+        for (k, v) in m {
+            let e = sum.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+    sum.into_iter()
+        .map(|(k, (s, c))| (k, s / c as f64))
+        .collect()
+}
+
+/// Mean next-token NLL of demonstrations on their labelled tokens (PPO-ptx's term).
+fn ptx_nll(model: &Model, examples: &[&SftExample], pad: u32) -> Result<Tensor> {
+    let b = rlhf_data::collate_sft(examples.iter().copied(), pad);
+    let hidden = model.hidden(&b.batch)?;
+    let logits = model.logits(&hidden)?;
+    let labels: Vec<Vec<i64>> = b
+        .labels
+        .iter()
+        .map(|l| {
+            let mut v: Vec<i64> = l.iter().skip(1).copied().collect();
+            v.push(rlhf_data::IGNORE_INDEX);
+            v
+        })
+        .collect();
+    let (sum, n) = crate::losses::token_nll_sum(&logits, &labels)?;
+    Ok((sum / n.max(1) as f64)?)
+}
+
+/// Loads the reward model(s) a config names.
+pub fn load_scorer(cfg: &PpoConfig, cache: &mut SourceCache) -> Result<ModelScorer> {
+    let bs = cfg.args.per_device_eval_batch_size;
+    match (&cfg.ppo.reward_model, &cfg.ppo.reward_models) {
+        (Some(dir), _) => Ok(ModelScorer::Single(Box::new(RewardModel::load(
+            dir, bs, cache,
+        )?))),
+        (None, Some(rm)) => Ok(ModelScorer::Llama2 {
+            helpfulness: Box::new(RewardModel::load(&rm.helpfulness, bs, cache)?),
+            safety: Box::new(RewardModel::load(&rm.safety, bs, cache)?),
+            gate: cfg.ppo.llama2.clone(),
+        }),
+        (None, None) => Err(Error::Config("no reward model configured".into())),
+    }
+}
+
+/// `rlhf ppo --config FILE [--set k=v]... [--resume [DIR]]`.
+pub fn run(
+    config_path: &Path,
+    overrides: &[String],
+    resume: Option<Option<&Path>>,
+) -> Result<Summary> {
+    let cfg = PpoConfig::load(config_path, overrides)?;
+    run_config(cfg, resume)
+}
+
+/// Runs a parsed config (also the pipeline's third stage).
+pub fn run_config(cfg: PpoConfig, resume: Option<Option<&Path>>) -> Result<Summary> {
+    let resume_dir = match resume {
+        Some(given) => Some(crate::trainer::resolve_resume(&cfg.args.output_dir, given)?),
+        None => None,
+    };
+    let mut cache = SourceCache::default();
+    let mut scorer = load_scorer(&cfg, &mut cache)?;
+    let mut trainer = PpoTrainer::new(cfg, &mut scorer, &mut cache, resume_dir.as_deref())?;
+    trainer.train()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/fixtures/models"
+        ))
+        .join(name)
+    }
+
+    /// One plain gradient step on the clipped loss raises the log-prob of a completion with
+    /// a positive advantage and lowers that of one with a negative advantage.
+    #[test]
+    fn a_policy_step_follows_the_advantage() {
+        let lora: rlhf_model::lora::LoraConfig = serde_json::from_value(serde_json::json!({
+            "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM"
+        }))
+        .unwrap();
+        let model = Model::load(
+            &fixture("llama-gqa"),
+            &LoadOptions {
+                training: Training::Lora(lora),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let prompts: Vec<&[u32]> = vec![&[5, 6, 7], &[8, 9]];
+        let responses: Vec<&[u32]> = vec![&[10, 11, 12], &[13, 14]];
+        let packed = pack(&prompts, &responses, 1, &Device::Cpu).unwrap();
+        let sums = |m: &Model| -> Vec<f32> {
+            let (lp, _) = response_logprobs(m, None, &packed, 1.0).unwrap();
+            let lp = (lp * &packed.mask).unwrap();
+            lp.sum(1).unwrap().to_vec1::<f32>().unwrap()
+        };
+        let before = sums(&model);
+        for _ in 0..3 {
+            let (lp, _) = response_logprobs(&model, None, &packed, 1.0).unwrap();
+            let adv = Tensor::new(&[[1f32, 1., 1.], [-1., -1., 0.]], &Device::Cpu).unwrap();
+            let (loss, _) =
+                rl::clipped_policy_loss(&lp, &lp.detach(), &adv, &packed.mask, 0.2).unwrap();
+            let g = loss.backward().unwrap();
+            for (_, v) in model.params().trainable() {
+                if let Some(gr) = g.get(v.as_tensor()) {
+                    v.set(&(v.as_tensor() - (gr * 0.5).unwrap()).unwrap())
+                        .unwrap();
+                }
+            }
+        }
+        let after = sums(&model);
+        assert!(after[0] > before[0] + 1e-3, "{before:?} -> {after:?}");
+        assert!(after[1] < before[1] - 1e-3, "{before:?} -> {after:?}");
+    }
+}

@@ -1,0 +1,252 @@
+//! PPO end to end on the tiny fixture Llama: a policy learns a reward it can earn (a rule that
+//! pays for one target string) while the KL to its reference stays bounded; a run stopped at a
+//! checkpoint and resumed ends at the same weights; the reward model path runs through
+//! `rlhf_train::ppo::run` with the Llama 2 gate of two reward models.
+
+use std::path::{Path, PathBuf};
+
+use rlhf_model::model::SourceCache;
+use rlhf_train::ppo::{Completions, PpoConfig, PpoTrainer, Scorer};
+
+fn shared() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
+}
+
+fn prompts_file(dir: &Path) -> PathBuf {
+    let words = [
+        "The cat",
+        "A dog",
+        "Once upon",
+        "In the",
+        "We saw",
+        "She said",
+        "It was",
+        "They ran",
+    ];
+    let rows: Vec<String> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            if i % 4 == 3 {
+                serde_json::json!({"prompt": w, "tags": ["safety"]}).to_string()
+            } else {
+                serde_json::json!({"prompt": w}).to_string()
+            }
+        })
+        .collect();
+    let p = dir.join("prompts.jsonl");
+    std::fs::write(&p, rows.join("\n") + "\n").unwrap();
+    p
+}
+
+fn config(dir: &Path, out: &str, extra: &str) -> PathBuf {
+    let model = shared().join("models/llama-gqa");
+    let rm = shared().join("models/llama-gqa-reward");
+    let prompts = prompts_file(dir);
+    let text = format!(
+        "model = {model:?}\ntrain_file = {prompts:?}\neval_file = {prompts:?}\n\
+         output_dir = {out:?}\nreward_model = {rm:?}\n\
+         per_device_train_batch_size = 8\ngradient_accumulation_steps = 1\n\
+         num_generations = 2\nresponse_length = 8\ntemperature = 1.0\n\
+         num_ppo_epochs = 2\nnum_mini_batches = 2\nlearning_rate = 3e-3\n\
+         lr_scheduler_type = \"constant\"\nkl_coef = 0.05\nlogging_steps = 1\n\
+         seed = 3\neval_prompts = 4\n{extra}\n\
+         [lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"\ntask_type = \"CAUSAL_LM\"\n",
+        out = dir.join(out)
+    );
+    let p = dir.join(format!("{out}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Pays the share of completion tokens that belong to `targets`.
+struct TargetRule {
+    targets: Vec<u32>,
+}
+
+impl Scorer for TargetRule {
+    fn score(
+        &mut self,
+        batch: &Completions,
+        _metrics: &mut Vec<(String, f64)>,
+    ) -> rlhf_train::Result<Vec<f32>> {
+        Ok(batch
+            .ids
+            .iter()
+            .map(|c| {
+                c.iter().filter(|t| self.targets.contains(t)).count() as f32 / c.len().max(1) as f32
+            })
+            .collect())
+    }
+}
+
+/// A target the base model samples now and then (about one completion in ten): the decoded
+/// text of a frequent sampled token, so the reward is sparse but reachable.
+fn targets() -> Vec<u32> {
+    const K: usize = 16;
+    use rlhf_model::generate::{generate, GenerationConfig};
+    let dir = shared().join("models/llama-gqa");
+    let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let model = rlhf_model::Model::load(&dir, &Default::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = ["The cat", "A dog", "Once upon", "In the"]
+        .iter()
+        .map(|p| tok.encode(p, true).unwrap())
+        .collect();
+    let mut counts = std::collections::HashMap::<u32, usize>::new();
+    for seed in 0..8 {
+        let cfg = GenerationConfig {
+            max_new_tokens: 8,
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        };
+        for g in generate(&model, &prompts, &cfg).unwrap() {
+            for id in g.completion_ids {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+    }
+    let mut by: Vec<(usize, u32)> = counts.into_iter().map(|(id, n)| (n, id)).collect();
+    by.sort_unstable_by(|a, b| b.cmp(a));
+    let set: Vec<u32> = by.iter().take(K).map(|&(_, id)| id).collect();
+    let n: usize = by.iter().take(K).map(|&(n, _)| n).sum();
+    eprintln!("target tokens {set:?}: {n} of 256 sampled tokens");
+    set
+}
+
+fn mean_of(
+    history: &[std::collections::BTreeMap<String, f64>],
+    key: &str,
+    range: std::ops::Range<usize>,
+) -> f64 {
+    let v: Vec<f64> = history
+        .iter()
+        .filter(|h| {
+            h.get("step")
+                .is_some_and(|s| range.contains(&(*s as usize)))
+        })
+        .filter_map(|h| h.get(key).copied())
+        .collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+#[test]
+fn ppo_learns_a_rule_reward_with_bounded_kl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg_path = config(tmp.path(), "learn", "max_steps = 40\nsave_steps = 0\n");
+    // 8 prompts × 4 completions a step, 2 mini-batches of 16, 2 PPO epochs.
+    let sets = [
+        "per_device_train_batch_size=16".to_string(),
+        "num_generations=4".to_string(),
+    ];
+    let cfg = PpoConfig::load(&cfg_path, &sets).unwrap();
+    let mut rule = TargetRule { targets: targets() };
+    let mut cache = SourceCache::default();
+    let mut tr = PpoTrainer::new(cfg, &mut rule, &mut cache, None).unwrap();
+    tr.train().unwrap();
+    let h = &tr.state().log_history;
+    let early = mean_of(h, "objective/scores", 1..6);
+    let late = mean_of(h, "objective/scores", 36..41);
+    let kl_late = mean_of(h, "objective/kl", 36..41);
+    eprintln!("mean score {early:.3} -> {late:.3}, KL {kl_late:.3} nats");
+    assert!(
+        late > early + 0.06 && late > 1.5 * early,
+        "the mean score went from {early} to {late} only"
+    );
+    assert!(kl_late < 8.0, "KL to the reference grew to {kl_late} nats");
+    for key in [
+        "objective/kl",
+        "objective/entropy",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "policy/clipfrac_avg",
+        "policy/approxkl_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/ratio",
+        "completions/mean_length",
+        "time/step",
+        "time/generation",
+        "time/scoring",
+        "time/training",
+        "time/tokens_per_second",
+    ] {
+        assert!(h.iter().any(|r| r.contains_key(key)), "no {key} logged");
+    }
+}
+
+fn tensors(p: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// Stopped after the step-2 checkpoint and resumed, a run ends at the weights, value head and
+/// logged metrics of the run that never stopped (TRL's PPO cannot resume at all).
+#[test]
+fn ppo_resumes_exactly_and_runs_the_llama2_gate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = format!(
+        "max_steps = 4\nsave_steps = 2\nkl_estimator = \"k3\"\n\
+         adap_kl_ctrl = true\ntarget = 1.0\nhorizon = 100\nmissing_eos_penalty = 1.0\n\
+         whiten_rewards = true\nscore_clip = 5.0\n\
+         [reward_models]\nhelpfulness = {rm:?}\nsafety = {rm2:?}\n\
+         [llama2]\nsafety_threshold = 0.5\n",
+        rm = shared().join("models/llama-gqa-reward"),
+        rm2 = shared().join("models/qwen2-reward"),
+    );
+    let full_cfg = config(tmp.path(), "full", &gate);
+    // The config names one reward model by default; drop it for the Llama 2 pair.
+    let strip = |p: &Path| {
+        let t = std::fs::read_to_string(p).unwrap();
+        let t: String = t
+            .lines()
+            .filter(|l| !l.starts_with("reward_model ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(p, t).unwrap();
+    };
+    strip(&full_cfg);
+    let summary = rlhf_train::ppo::run(&full_cfg, &[], None).unwrap();
+    assert_eq!(summary["episode"], 64.0, "4 steps × 16 completions");
+    let full = tmp.path().join("full");
+    assert!(full.join("adapter_model.safetensors").exists());
+    assert!(full.join("value_head.safetensors").exists());
+    assert!(full
+        .join("checkpoint-2")
+        .join("optimizer.safetensors")
+        .exists());
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(full.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows
+        .iter()
+        .any(|r| r.get("objective/safety_gated").is_some()));
+
+    // The same run killed after checkpoint-2: copy it alone and resume.
+    let part = tmp.path().join("part");
+    let ck = part.join("checkpoint-2");
+    std::fs::create_dir_all(&ck).unwrap();
+    for e in std::fs::read_dir(full.join("checkpoint-2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+    }
+    let part_cfg = config(tmp.path(), "part", &gate);
+    strip(&part_cfg);
+    rlhf_train::ppo::run(&part_cfg, &[], Some(None)).unwrap();
+    for f in ["adapter_model.safetensors", "value_head.safetensors"] {
+        let (a, b) = (tensors(&full.join(f)), tensors(&part.join(f)));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (k, v) in &a {
+            assert_eq!(v, &b[k], "{f}: {k} differs after resume");
+        }
+    }
+}
