@@ -61,8 +61,28 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<Vec<Generation>> {
+    Ok(generate_states(model, prompts, cfg, false)?.0)
+}
+
+/// [`generate`], also returning for each row the final hidden states that predicted its
+/// generated tokens, (n_generated, hidden): what a value head reads (PPO's values), without
+/// a second forward pass over the completions.
+pub fn generate_with_states(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<(Vec<Generation>, Vec<Tensor>)> {
+    generate_states(model, prompts, cfg, true)
+}
+
+fn generate_states(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    keep_states: bool,
+) -> Result<(Vec<Generation>, Vec<Tensor>)> {
     if prompts.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     if prompts.iter().any(|p| p.is_empty()) {
         return Err(crate::Error::Config(
@@ -71,7 +91,7 @@ pub fn generate(
     }
     // Sampling never backpropagates: keep no graph.
     let was = model.set_grad_enabled(false);
-    let out = generate_inner(model, prompts, cfg);
+    let out = generate_inner(model, prompts, cfg, keep_states);
     model.set_grad_enabled(was);
     out
 }
@@ -101,7 +121,8 @@ fn generate_inner(
     model: &Model,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
-) -> Result<Vec<Generation>> {
+    keep_states: bool,
+) -> Result<(Vec<Generation>, Vec<Tensor>)> {
     let device = model.device().clone();
     let batch = Batch::pad(prompts, cfg.pad_token_id, true);
     let b = batch.len();
@@ -117,11 +138,15 @@ fn generate_inner(
         })
         .collect();
 
+    let mut states: Vec<Tensor> = Vec::new();
     let mut ids = batch.ids_tensor(&device)?;
     for _step in 0..cfg.max_new_tokens {
         let hidden = model.hidden_cached(&ids, &positions, &key_mask, &mut cache)?;
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?;
+        if keep_states {
+            states.push(last.squeeze(1)?.detach()); // (b, h)
+        }
         let logits = model.logits(&last)?.squeeze(1)?; // (b, vocab)
         let logits = logits.to_dtype(candle_core::DType::F32)?;
         let scaled = if cfg.temperature > 0.0 {
@@ -161,7 +186,16 @@ fn generate_inner(
         }
         ids = Tensor::from_vec(next, (b, 1), &device)?;
     }
-    Ok(out)
+    let per_row = if keep_states && !states.is_empty() {
+        let all = Tensor::stack(&states, 1)?; // (b, steps, h)
+        out.iter()
+            .enumerate()
+            .map(|(r, g)| Ok(all.get(r)?.narrow(0, 0, g.completion_ids.len())?))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    Ok((out, per_row))
 }
 
 fn argmax(row: &[f32]) -> u32 {

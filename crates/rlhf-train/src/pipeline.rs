@@ -48,11 +48,12 @@ fn absolute(base: &Path, v: &mut toml::Value) {
         let p = Path::new(s.as_str());
         if !s.is_empty() && p.is_relative() {
             let joined = base.join(p);
-            *s = joined
+            // Canonical when it exists; else absolute against the working directory (outputs).
+            let abs = joined
                 .canonicalize()
-                .unwrap_or(joined)
-                .to_string_lossy()
-                .into_owned();
+                .or_else(|_| std::path::absolute(&joined))
+                .unwrap_or(joined);
+            *s = abs.to_string_lossy().into_owned();
         }
     }
 }

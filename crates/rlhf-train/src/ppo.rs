@@ -30,7 +30,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rlhf_data::{PromptRecord, Sampler, SamplerState, SftExample};
-use rlhf_model::generate::{generate, GenerationConfig};
+use rlhf_model::generate::{generate, generate_with_states, GenerationConfig};
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::Tokenizer;
 use rlhf_model::{Batch, Heads, LoadOptions, Model, Training};
@@ -919,14 +919,17 @@ impl<'a> PpoTrainer<'a> {
         let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| self.prompt_ids[i].clone()).collect();
         let t_gen = Instant::now();
         let micro = args.per_device_train_batch_size;
+        // Generation also yields what the no-grad policy pass of TRL recomputes: the log-prob
+        // of each sampled token (temperature-scaled, before top-k/top-p) and the hidden state
+        // that predicted it, which the value head reads. One forward pass saved per step.
         let mut gens = Vec::with_capacity(rows.len());
+        let mut states = Vec::with_capacity(rows.len());
         for (k, chunk) in prompts.chunks(micro).enumerate() {
             let seed = mix(args.seed, step as u64, 1_000 + k as u64);
-            gens.extend(generate(
-                &self.policy,
-                chunk,
-                &self.gen_config(ppo.temperature, seed),
-            )?);
+            let (g, st) =
+                generate_with_states(&self.policy, chunk, &self.gen_config(ppo.temperature, seed))?;
+            gens.extend(g);
+            states.extend(st);
         }
         let gen_secs = t_gen.elapsed().as_secs_f64();
         let responses: Vec<Vec<u32>> = gens.iter().map(|g| g.completion_ids.clone()).collect();
@@ -939,31 +942,34 @@ impl<'a> PpoTrainer<'a> {
             ));
         }
 
-        // 2. Evaluate the rollout without gradients: policy log-probs and values, the
-        //    reference's log-probs, the scores.
+        // 2. Evaluate the rollout without gradients: the values of the states generation
+        //    saw, the reference's log-probs (adapters off), then the scores.
         let t_fwd = Instant::now();
+        let logprobs: Vec<Vec<f32>> = gens.into_iter().map(|g| g.logprobs).collect();
+        let values: Vec<Vec<f32>> = states
+            .iter()
+            .map(|h| -> Result<Vec<f32>> {
+                let v = self
+                    .value_head
+                    .forward(&h.to_dtype(DType::F32)?.unsqueeze(0)?)?;
+                Ok(v.squeeze(0)?.detach().to_vec1::<f32>()?)
+            })
+            .collect::<Result<_>>()?;
+        drop(states);
         let was = self.policy.set_grad_enabled(false);
-        let fwd = (|| -> Result<[Vec<Vec<f32>>; 3]> {
-            let (mut lp, mut rlp, mut val) = (Vec::new(), Vec::new(), Vec::new());
+        let fwd = (|| -> Result<Vec<Vec<f32>>> {
+            let mut rlp = Vec::new();
             for (pc, rc) in prompts.chunks(micro).zip(responses.chunks(micro)) {
                 let pr: Vec<&[u32]> = pc.iter().map(|x| x.as_slice()).collect();
                 let re: Vec<&[u32]> = rc.iter().map(|x| x.as_slice()).collect();
                 let l: Vec<usize> = re.iter().map(|x| x.len()).collect();
                 let packed = pack(&pr, &re, self.pad_id, &device)?;
-                let (logp, values) = response_logprobs(
-                    &self.policy,
-                    Some(&self.value_head),
-                    &packed,
-                    ppo.temperature,
-                )?;
-                lp.extend(rows_of(&logp, &l)?);
-                val.extend(rows_of(&values.expect("value head given"), &l)?);
                 rlp.extend(rows_of(&self.reference_logprobs(&packed)?, &l)?);
             }
-            Ok([lp, rlp, val])
+            Ok(rlp)
         })();
         self.policy.set_grad_enabled(was);
-        let [logprobs, ref_logprobs, values] = fwd?;
+        let ref_logprobs = fwd?;
         let fwd_secs = t_fwd.elapsed().as_secs_f64();
 
         let t_score = Instant::now();
@@ -1097,6 +1103,7 @@ impl<'a> PpoTrainer<'a> {
         m.insert("time/generation".into(), gen_secs);
         m.insert("time/scoring".into(), score_secs);
         m.insert("time/training".into(), train_secs);
+        m.insert("time/reference".into(), fwd_secs);
         m.insert(
             "time/generation_tokens_per_second".into(),
             tokens as f64 / gen_secs.max(1e-9),
@@ -1430,5 +1437,45 @@ mod tests {
         let after = sums(&model);
         assert!(after[0] > before[0] + 1e-3, "{before:?} -> {after:?}");
         assert!(after[1] < before[1] - 1e-3, "{before:?} -> {after:?}");
+    }
+
+    /// The log-probs and value-head inputs kept from generation equal what a full forward
+    /// pass over prompt + completion computes (TRL recomputes them; this saves the pass).
+    #[test]
+    fn generation_states_match_a_full_forward() {
+        let model = Model::load(&fixture("qwen2"), &LoadOptions::default()).unwrap();
+        let prompts = vec![vec![5u32, 6, 7, 8], vec![9u32, 10]];
+        let cfg = GenerationConfig {
+            max_new_tokens: 6,
+            temperature: 0.8,
+            seed: 1,
+            ..Default::default()
+        };
+        let (gens, states) = generate_with_states(&model, &prompts, &cfg).unwrap();
+        let vh = ValueHead::new(
+            Some(Tensor::randn(0f32, 1.0, (1, model.config.hidden_size), &Device::Cpu).unwrap()),
+            model.config.hidden_size,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let pr: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let re: Vec<&[u32]> = gens.iter().map(|g| g.completion_ids.as_slice()).collect();
+        let packed = pack(&pr, &re, 1, &Device::Cpu).unwrap();
+        let (lp, v) = response_logprobs(&model, Some(&vh), &packed, 0.8).unwrap();
+        let lp: Vec<Vec<f32>> = lp.to_vec2().unwrap();
+        let v: Vec<Vec<f32>> = v.unwrap().to_vec2().unwrap();
+        for (i, g) in gens.iter().enumerate() {
+            let from_states: Vec<f32> = vh
+                .forward(&states[i].unsqueeze(0).unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for j in 0..g.completion_ids.len() {
+                assert!((g.logprobs[j] - lp[i][j]).abs() < 1e-4, "logprob {i},{j}");
+                assert!((from_states[j] - v[i][j]).abs() < 1e-4, "value {i},{j}");
+            }
+        }
     }
 }

@@ -250,3 +250,74 @@ fn ppo_resumes_exactly_and_runs_the_llama2_gate() {
         }
     }
 }
+
+/// The whole pipeline on the tiny Llama: SFT (LoRA) → reward model (LoRA on the SFT adapter,
+/// merged in memory) → PPO (LoRA on SFT, scored by the reward adapter), then `--resume`
+/// skips every finished stage.
+#[test]
+fn pipeline_chains_sft_reward_and_ppo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let demos: Vec<String> = (0..8)
+        .map(|i| serde_json::json!({"prompt": format!("Q{i}:"), "completion": " yes"}).to_string())
+        .collect();
+    std::fs::write(d.join("sft.jsonl"), demos.join("\n")).unwrap();
+    let prefs: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Q{i}:"), "chosen": " yes", "rejected": " no no",
+                               "degree": "better"})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(d.join("prefs.jsonl"), prefs.join("\n")).unwrap();
+    prompts_file(d);
+    let cfg = format!(
+        "model = {model:?}\noutput_dir = \"out\"\nseed = 1\nlogging_steps = 1\nreport_to = [\"jsonl\"]\n\
+         [sft]\ntrain_file = \"sft.jsonl\"\nmax_steps = 2\nper_device_train_batch_size = 4\nlearning_rate = 1e-3\n\
+         [sft.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"CAUSAL_LM\"\n\
+         [reward]\ntrain_file = \"prefs.jsonl\"\neval_file = \"prefs.jsonl\"\nmax_steps = 2\n\
+         per_device_train_batch_size = 4\n\
+         [reward.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"SEQ_CLS\"\n\
+         [ppo]\ntrain_file = \"prompts.jsonl\"\neval_file = \"prompts.jsonl\"\neval_prompts = 2\n\
+         max_steps = 2\nper_device_train_batch_size = 4\nnum_generations = 2\nresponse_length = 4\n\
+         learning_rate = 1e-3\n\
+         [ppo.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"CAUSAL_LM\"\n",
+        model = shared().join("models/llama-gqa"),
+    );
+    let path = d.join("pipeline.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let done = rlhf_train::pipeline::run(&path, &[], false).unwrap();
+    assert_eq!(
+        done.keys().collect::<Vec<_>>(),
+        ["ppo", "reward", "sft"],
+        "every stage ran"
+    );
+    let out = d.join("out");
+    // Each stage's adapter names the previous stage's output as its base.
+    let base_of = |s: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(s).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        v["base_model_name_or_path"].as_str().unwrap().to_string()
+    };
+    let sft = out.join("sft").canonicalize().unwrap();
+    assert_eq!(base_of("reward"), sft.to_string_lossy());
+    assert_eq!(base_of("ppo"), sft.to_string_lossy());
+    assert!(done["reward"].contains_key("eval_accuracy"));
+    assert!(done["ppo"].contains_key("eval_objective/scores"));
+    let report = rlhf_train::pipeline::report(&out.join("ppo"), 2).unwrap();
+    assert!(report.contains("before PPO"), "{report}");
+    // The PPO policy loads as a model (the adapter chain merged) and generates.
+    let policy = rlhf_model::Model::load(&out.join("ppo"), &Default::default()).unwrap();
+    let g = rlhf_model::generate::generate(
+        &policy,
+        &[vec![5, 6]],
+        &rlhf_model::generate::GenerationConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(g[0].completion_ids.len(), 64);
+    // Resume with every stage done runs nothing again.
+    let again = rlhf_train::pipeline::run(&path, &[], true).unwrap();
+    assert_eq!(again["ppo"], done["ppo"]);
+}
