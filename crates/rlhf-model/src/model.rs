@@ -609,7 +609,16 @@ impl SourceCache {
             device: device.clone(),
             ..Default::default()
         };
-        let model = Model::from_source(&config_dir, base_source.clone(), &opts)?;
+        // A reward adapter carries its score head; hand it to the builder so it is not first
+        // initialised at random (and reported so) only to be overwritten.
+        let mut with_head = base_source.clone();
+        if heads == Heads::Score {
+            let saved = crate::lora::read_adapter_tensors(dir, device)?;
+            if let Some(t) = saved.get("base_model.model.score.weight") {
+                with_head.insert("score.weight", t.to_dtype(dtype)?);
+            }
+        }
+        let model = Model::from_source(&config_dir, with_head, &opts)?;
         model.load_adapter_weights(dir)?;
         let mut merged = base_source;
         for (name, t) in model.merged_weights()? {

@@ -105,6 +105,9 @@ pub struct PpoArgs {
     pub value_head_init: String,
     /// Evaluation prompts (greedy) scored on `eval_file` at most this many.
     pub eval_prompts: usize,
+    /// Rows per generation batch and per no-grad reference forward (TRL's name). Decoding
+    /// reads every weight once per token for the whole batch, so bigger is faster.
+    pub local_rollout_forward_batch_size: usize,
 }
 
 impl Default for PpoArgs {
@@ -137,6 +140,7 @@ impl Default for PpoArgs {
             ptx_coef: 0.0,
             value_head_init: "reward_model".into(),
             eval_prompts: 64,
+            local_rollout_forward_batch_size: 64,
         }
     }
 }
@@ -202,6 +206,7 @@ const PPO_KEYS: &[&str] = &[
     "ptx_coef",
     "value_head_init",
     "eval_prompts",
+    "local_rollout_forward_batch_size",
 ];
 
 /// A parsed PPO config.
@@ -918,7 +923,7 @@ impl<'a> PpoTrainer<'a> {
             .collect();
         let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| self.prompt_ids[i].clone()).collect();
         let t_gen = Instant::now();
-        let micro = args.per_device_train_batch_size;
+        let micro = ppo.local_rollout_forward_batch_size.max(1);
         // Generation also yields what the no-grad policy pass of TRL recomputes: the log-prob
         // of each sampled token (temperature-scaled, before top-k/top-p) and the hidden state
         // that predicted it, which the value head reads. One forward pass saved per step.
@@ -1314,13 +1319,20 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
+/// Averages a logging window's step metrics; counters (`episode`, `epoch`) and the current
+/// KL coefficient and learning rate take their last value.
 fn average(window: &[StepMetrics]) -> StepMetrics {
+    const LAST: [&str; 4] = ["episode", "epoch", "objective/kl_coef", "learning_rate"];
     let mut sum: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     for m in window {
         for (k, v) in m {
             let e = sum.entry(k.clone()).or_insert((0.0, 0));
-            e.0 += v;
-            e.1 += 1;
+            if LAST.contains(&k.as_str()) {
+                *e = (*v, 1);
+            } else {
+                e.0 += v;
+                e.1 += 1;
+            }
         }
     }
     sum.into_iter()

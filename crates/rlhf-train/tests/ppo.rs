@@ -319,5 +319,14 @@ fn pipeline_chains_sft_reward_and_ppo() {
     assert_eq!(g[0].completion_ids.len(), 64);
     // Resume with every stage done runs nothing again.
     let again = rlhf_train::pipeline::run(&path, &[], true).unwrap();
-    assert_eq!(again["ppo"], done["ppo"]);
+    for stage in ["sft", "reward", "ppo"] {
+        let (a, b) = (&again[stage], &done[stage]);
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (k, v) in b {
+            assert!(
+                (a[k] - v).abs() <= 1e-9 * v.abs().max(1.0),
+                "{stage}: {k} was rerun"
+            );
+        }
+    }
 }
