@@ -48,7 +48,18 @@ enum Command {
     Pipeline(cmd::train::PipelineArgs),
 }
 
+/// mimalloc's `purge_delay` option (mimalloc v3's `mi_option_e`).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> std::process::ExitCode {
+    // Never hand freed memory back to the OS: candle frees and reallocates tensors of the same
+    // sizes every step, and each purge made the kernel zero the pages again on the next touch
+    // (28% of a PPO step, measured with perf; BENCHMARKS.md). Peak RSS is unchanged.
+    // MIMALLOC_PURGE_DELAY in the environment still wins.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide allocator option before any thread is started.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
