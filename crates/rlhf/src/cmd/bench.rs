@@ -20,6 +20,42 @@ pub enum Bench {
     Train(TrainArgs),
     /// Time greedy generation with a KV cache from a model directory.
     Generate(GenerateArgs),
+    /// GFLOP/s of candle's f32 and bf16 matmul on n×n matrices (the ceiling of training).
+    Matmul(MatmulArgs),
+}
+
+/// Options of `rlhf bench matmul`.
+#[derive(clap::Args)]
+pub struct MatmulArgs {
+    /// Matrix size.
+    #[arg(long, default_value_t = 2048)]
+    n: usize,
+    /// Timed repetitions (after one untimed).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+}
+
+fn matmul_bench(a: MatmulArgs) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    for dtype in [DType::F32, DType::BF16] {
+        let x = Tensor::randn(0f32, 1.0, (a.n, a.n), &Device::Cpu)?.to_dtype(dtype)?;
+        let y = Tensor::randn(0f32, 1.0, (a.n, a.n), &Device::Cpu)?.to_dtype(dtype)?;
+        x.matmul(&y)?;
+        let t = std::time::Instant::now();
+        for _ in 0..a.reps {
+            x.matmul(&y)?;
+        }
+        let secs = t.elapsed().as_secs_f64() / a.reps as f64;
+        println!(
+            "{}",
+            json!({
+                "impl": "rlhf-rs (candle)", "job": "matmul", "dtype": format!("{dtype:?}").to_lowercase(),
+                "n": a.n, "threads": candle_core::utils::get_num_threads(),
+                "gflops": r4(2.0 * (a.n as f64).powi(3) / secs / 1e9),
+            })
+        );
+    }
+    Ok(())
 }
 
 /// Options of `rlhf bench train`.
@@ -96,6 +132,7 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Train(a) => train(a),
         Bench::Generate(a) => generate_bench(a),
+        Bench::Matmul(a) => matmul_bench(a),
     }
 }
 
