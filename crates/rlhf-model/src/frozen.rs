@@ -12,6 +12,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::Result;
 
+/// Up to this many rows, `LinearOp` computes (W·xᵀ)ᵀ instead of x·Wᵀ.
+const SKINNY_ROWS: usize = 64;
+
 /// y = x·Wᵀ (nn.Linear layout) or y = x·W (Conv1D layout).
 struct LinearOp {
     /// W is stored (in, out), GPT-2's Conv1D.
@@ -32,6 +35,24 @@ impl CustomOp2 for LinearOp {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = (xl.dims()[0], xl.dims()[1]);
+        if !self.conv1d && m <= SKINNY_ROWS {
+            if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w) {
+                // Few rows (decoding): yᵀ = W·xᵀ streams the weight once without packing it,
+                // 1.6-1.8× faster here than x·Wᵀ for m = 16 (examples/skinny.rs).
+                let n = wl.dims()[0];
+                let yt = w.matmul(x, (1, n, m, k), wl, &xl.transpose(0, 1)?)?;
+                let CpuStorage::F32(yt) = yt else {
+                    unreachable!("f32 matmul gives f32")
+                };
+                let mut y = vec![0f32; m * n];
+                for (j, col) in yt.chunks_exact(m).enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        y[i * n + j] = *v;
+                    }
+                }
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            }
+        }
         let wl = if self.conv1d {
             wl.clone()
         } else {

@@ -203,7 +203,7 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
 }
 
 /// For the held-out prompts PPO evaluated: the reward-model score before PPO (the SFT
-/// policy) and after, and the first `show` answers side by side.
+/// policy) and after, and `show` answers side by side (those that changed first).
 pub fn report(ppo_dir: &Path, show: usize) -> Result<String> {
     let mut evals: Vec<(usize, PathBuf)> = std::fs::read_dir(ppo_dir)
         .map_err(|e| Error::io(ppo_dir, e))?
@@ -258,7 +258,11 @@ pub fn report(ppo_dir: &Path, show: usize) -> Result<String> {
             s.to_string()
         }
     };
-    for (b, a) in before.iter().zip(&after).take(show) {
+    // Answers that changed first: they show what PPO did.
+    let mut pairs: Vec<(&serde_json::Value, &serde_json::Value)> =
+        before.iter().zip(&after).collect();
+    pairs.sort_by_key(|(b, a)| b["completion"] == a["completion"]);
+    for (b, a) in pairs.into_iter().take(show) {
         let prompt = b
             .get("prompt")
             .map(|p| match p {
