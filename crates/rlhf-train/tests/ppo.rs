@@ -190,10 +190,16 @@ fn tensors(p: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
 /// Stopped after the step-2 checkpoint and resumed, a run ends at the weights, value head and
 /// logged metrics of the run that never stopped (TRL's PPO cannot resume at all).
 #[test]
-fn ppo_resumes_exactly_and_runs_the_llama2_gate() {
+fn ppo_resumes_exactly_with_the_llama2_gate_and_ptx() {
     let tmp = tempfile::tempdir().unwrap();
+    // PPO-ptx demonstrations, so the resumed run must also continue their order exactly.
+    let demos: Vec<String> = (0..6)
+        .map(|i| serde_json::json!({"prompt": format!("Q{i}:"), "completion": " fine"}).to_string())
+        .collect();
+    std::fs::write(tmp.path().join("demos.jsonl"), demos.join("\n")).unwrap();
     let gate = format!(
         "max_steps = 4\nsave_steps = 2\nkl_estimator = \"k3\"\n\
+         ptx_file = \"demos.jsonl\"\nptx_coef = 0.5\n\
          adap_kl_ctrl = true\ntarget = 1.0\nhorizon = 100\nmissing_eos_penalty = 1.0\n\
          whiten_rewards = true\nscore_clip = 5.0\n\
          [reward_models]\nhelpfulness = {rm:?}\nsafety = {rm2:?}\n\
@@ -230,6 +236,7 @@ fn ppo_resumes_exactly_and_runs_the_llama2_gate() {
     assert!(rows
         .iter()
         .any(|r| r.get("objective/safety_gated").is_some()));
+    assert!(rows.iter().any(|r| r.get("loss/ptx_avg").is_some()));
 
     // The same run killed after checkpoint-2: copy it alone and resume.
     let part = tmp.path().join("part");
