@@ -181,17 +181,39 @@ pub fn load_table(path: &Path, overrides: &[String], allowed: &[&str]) -> Result
     let base = path.parent().unwrap_or(Path::new("."));
     for key in ["model", "train_file", "eval_file", "output_dir", "ptx_file"] {
         if let Some(toml::Value::String(s)) = table.get(key) {
-            let p = Path::new(s);
-            if p.is_relative() && !s.is_empty() {
-                let joined = base.join(p);
-                table.insert(
-                    key.into(),
-                    toml::Value::String(joined.to_string_lossy().into_owned()),
-                );
-            }
+            let resolved = if key == "model" {
+                relative_to(base, s)
+            } else {
+                joined_to(base, s)
+            };
+            table.insert(key.into(), toml::Value::String(resolved));
         }
     }
     Ok(table)
+}
+
+/// A data or output path from a config file, relative to the file's directory.
+pub fn joined_to(base: &Path, s: &str) -> String {
+    if s.is_empty() || Path::new(s).is_absolute() {
+        return s.to_string();
+    }
+    base.join(s).to_string_lossy().into_owned()
+}
+
+/// A model path from a config file, relative to the file's directory. A hub-style name
+/// (`org/model`) that is no directory there stays as written, so loading it gets the error
+/// that says how to fetch the files.
+pub fn relative_to(base: &Path, s: &str) -> String {
+    let p = Path::new(s);
+    if s.is_empty() || !p.is_relative() {
+        return s.to_string();
+    }
+    let joined = base.join(p);
+    let hub_like = !s.starts_with('.') && s.matches('/').count() == 1 && !s.ends_with('/');
+    if hub_like && !joined.exists() {
+        return s.to_string();
+    }
+    joined.to_string_lossy().into_owned()
 }
 
 /// Parses `key=value` (value as TOML, bare words as strings) into the table.

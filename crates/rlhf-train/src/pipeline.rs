@@ -46,6 +46,10 @@ pub type PipelineSummary = BTreeMap<String, Summary>;
 fn absolute(base: &Path, v: &mut toml::Value) {
     if let toml::Value::String(s) = v {
         let p = Path::new(s.as_str());
+        // A hub-style name stays as written, for the error that says how to fetch it.
+        if crate::config::relative_to(base, s) == *s {
+            return;
+        }
         if !s.is_empty() && p.is_relative() {
             let joined = base.join(p);
             // Canonical when it exists; else absolute against the working directory (outputs).

@@ -243,9 +243,7 @@ impl PpoConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |v: &mut toml::Value| {
             if let toml::Value::String(s) = v {
-                if !s.is_empty() && Path::new(s.as_str()).is_relative() {
-                    *s = base.join(s.as_str()).to_string_lossy().into_owned();
-                }
+                *s = config::relative_to(base, s);
             }
         };
         let mut own = toml::Table::new();

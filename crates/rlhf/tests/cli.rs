@@ -209,3 +209,60 @@ fn bad_input_names_file_line_and_field() {
     assert!(!ok);
     assert!(err.contains("chat template"), "{err}");
 }
+
+/// `rlhf ppo` runs from a config, prints its summary, and refuses bad configs with the key
+/// and a fix: a misspelt key, a missing reward model, an indivisible batch, a hub-style name.
+#[test]
+fn ppo_runs_and_bad_configs_say_what_to_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(
+        d.join("prompts.jsonl"),
+        "{\"prompt\": \"Hello\"}\n{\"prompt\": \"The cat\", \"tags\": [\"safety\"]}\n",
+    )
+    .unwrap();
+    let base = format!(
+        "model = {m:?}\ntrain_file = \"prompts.jsonl\"\noutput_dir = \"out\"\nmax_steps = 1\n\
+         per_device_train_batch_size = 4\nnum_generations = 2\nresponse_length = 4\n\
+         report_to = [\"jsonl\"]\n",
+        m = fixtures().join("llama-gqa")
+    );
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let rm = format!("reward_model = {:?}\n", fixtures().join("llama-gqa-reward"));
+    let ok = write(
+        "ok.toml",
+        &format!("{base}{rm}[lora]\nr = 4\nlora_alpha = 8\n"),
+    );
+    let (success, stdout, stderr) = rlhf(&["ppo", "--config", &ok]);
+    assert!(success, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["episode"], 4.0);
+    assert!(d.join("out/adapter_model.safetensors").exists());
+    assert!(d.join("out/value_head.safetensors").exists());
+
+    let cases = [
+        (format!("{base}{rm}kl_coeff = 0.1\n"), "kl_coef"),
+        (base.clone(), "reward_model"),
+        (
+            format!("{base}{rm}").replace("num_generations = 2", "num_generations = 3"),
+            "num_generations",
+        ),
+        (
+            format!("{base}reward_model = \"OpenAssistant/reward-model\"\n"),
+            "download",
+        ),
+    ];
+    for (i, (text, expect)) in cases.iter().enumerate() {
+        let p = write(&format!("bad{i}.toml"), text);
+        let (success, _, stderr) = rlhf(&["ppo", "--config", &p]);
+        assert!(!success, "case {i} should fail");
+        assert!(
+            stderr.contains(expect),
+            "case {i}: expected {expect:?} in: {stderr}"
+        );
+    }
+}
