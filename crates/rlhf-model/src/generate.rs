@@ -4,7 +4,7 @@
 //! Prompts are left-padded into one batch; each row's positions count from its first real
 //! token, so a row generates the same tokens batched or alone.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
 use crate::model::{Batch, Model};
@@ -276,10 +276,7 @@ fn sample(logp: &[f32], top_k: Option<usize>, top_p: Option<f64>, rng: &mut impl
 /// PPO/DPO quantity, differentiable when the model has trainable parameters.
 // logits: (b, t, vocab), targets: (b, t) u32 -> (b, t)
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let lp = crate::ops::log_softmax(logits)?;
-    Ok(lp
-        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?)
+    crate::logprob::token_logprobs(logits, targets)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gpt2;
 pub mod llama;
+pub mod logprob;
 pub mod lora;
 pub mod model;
 pub mod nn;

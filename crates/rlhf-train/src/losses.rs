@@ -1,6 +1,6 @@
 //! The losses of the trainers, each a short function findable by name (as in TRL).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::Result;
 
@@ -87,9 +87,10 @@ pub fn token_nll_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, us
     }
     let flat = logits.reshape((b * t, v))?;
     let picked_rows = flat.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
-    let lp = rlhf_model::ops::log_softmax(&picked_rows)?;
-    let tgt = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
-    let nll = lp.gather(&tgt, D::Minus1)?.squeeze(1)?.sum_all()?.neg()?;
+    let tgt = Tensor::new(targets.as_slice(), device)?;
+    let nll = rlhf_model::logprob::token_logprobs(&picked_rows, &tgt)?
+        .sum_all()?
+        .neg()?;
     Ok((nll, rows.len()))
 }
 
