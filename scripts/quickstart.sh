@@ -52,4 +52,5 @@ print(f"PPO: {len(steps)} logged steps, mean {sum(r['time/step'] for r in steps)
       f"objective/kl {steps[-1]['objective/kl']:.3f}")
 PY
 echo "== outputs in $OUT/{sft,reward,ppo}; try the PPO policy with:" >&2
-echo "   $RLHF generate --model $OUT/ppo --input data/quickstart_prompts.jsonl" >&2
+echo "   $RLHF generate --model $OUT/ppo --input data/ppo/eval.jsonl --max-new-tokens 32" >&2
+echo "   (the pipeline trained on \"Question: ...\\nAnswer:\" prompts, the format of data/ppo)" >&2
