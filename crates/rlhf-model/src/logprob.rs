@@ -45,20 +45,29 @@ fn lse(row: &[f32]) -> f32 {
     m + s.ln()
 }
 
-/// Splits `n_rows` rows over candle's thread count and runs `f(first_row, rows_out)` on each
-/// chunk of `out` (`per_row` values a row).
-fn par_rows(out: &mut [f32], per_row: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let n_rows = out.len() / per_row.max(1);
-    let threads = candle_core::utils::get_num_threads().max(1);
-    if threads == 1 || out.len() < 1 << 16 || n_rows < 2 {
-        f(0, out);
+/// Runs `f(row, out_row)` for every row of `out` (`per_row` values a row) on candle's CPU
+/// thread pool, the one its element-wise ops use (no threads are started per call), when the
+/// rows hold enough work (`work` input elements a row).
+fn par_rows(out: &mut [f32], per_row: usize, work: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    /// Rows written by different workers are disjoint.
+    struct Ptr(*mut f32);
+    unsafe impl Sync for Ptr {}
+    let per_row = per_row.max(1);
+    let n_rows = out.len() / per_row;
+    if n_rows * work < 1 << 16 || n_rows < 2 {
+        for (r, row) in out.chunks_exact_mut(per_row).enumerate() {
+            f(r, row);
+        }
         return;
     }
-    let chunk_rows = n_rows.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (k, chunk) in out.chunks_mut(chunk_rows * per_row).enumerate() {
-            let f = &f;
-            s.spawn(move || f(k * chunk_rows, chunk));
+    let ptr = Ptr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n_rows, |rows| {
+        let p = &ptr;
+        for r in rows {
+            // SAFETY: r < n_rows, so the row is inside `out`, and each row index is handed
+            // to exactly one worker.
+            let row = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * per_row), per_row) };
+            f(r, row);
         }
     });
 }
@@ -104,12 +113,9 @@ impl CustomOp2 for TokenLogprob {
             bail!("token log-probs: target id {bad} is outside the vocabulary of {v}")
         }
         let mut out = vec![0f32; rows];
-        par_rows(&mut out, 1, |first, chunk| {
-            for (k, o) in chunk.iter_mut().enumerate() {
-                let r = first + k;
-                let row = &x[r * v..(r + 1) * v];
-                *o = row[t[r] as usize] - lse(row);
-            }
+        par_rows(&mut out, 1, v, |r, o| {
+            let row = &x[r * v..(r + 1) * v];
+            o[0] = row[t[r] as usize] - lse(row);
         });
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
@@ -146,16 +152,13 @@ impl CustomOp3 for TokenLogprobBwd {
         let (rows, v) = l1.shape().dims2()?;
         let (x, t, g) = (data(s1, l1, "logits")?, ids(s2, l2)?, data(s3, l3, "grad")?);
         let mut dx = vec![0f32; rows * v];
-        par_rows(&mut dx, v, |first, chunk| {
-            for (k, d) in chunk.chunks_exact_mut(v).enumerate() {
-                let r = first + k;
-                let row = &x[r * v..(r + 1) * v];
-                let (l, gr) = (lse(row), g[r]);
-                for (dj, &xj) in d.iter_mut().zip(row) {
-                    *dj = -gr * (xj - l).exp();
-                }
-                d[t[r] as usize] += gr;
+        par_rows(&mut dx, v, v, |r, d| {
+            let row = &x[r * v..(r + 1) * v];
+            let (l, gr) = (lse(row), g[r]);
+            for (dj, &xj) in d.iter_mut().zip(row) {
+                *dj = -gr * (xj - l).exp();
             }
+            d[t[r] as usize] += gr;
         });
         Ok((CpuStorage::F32(dx), Shape::from((rows, v))))
     }

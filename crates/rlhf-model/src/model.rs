@@ -611,15 +611,15 @@ impl SourceCache {
         };
         // A reward adapter carries its score head; hand it to the builder so it is not first
         // initialised at random (and reported so) only to be overwritten.
+        let saved = crate::lora::read_adapter_tensors(dir, device)?;
         let mut with_head = base_source.clone();
         if heads == Heads::Score {
-            let saved = crate::lora::read_adapter_tensors(dir, device)?;
             if let Some(t) = saved.get("base_model.model.score.weight") {
                 with_head.insert("score.weight", t.to_dtype(dtype)?);
             }
         }
         let model = Model::from_source(&config_dir, with_head, &opts)?;
-        model.load_adapter_weights(dir)?;
+        model.set_adapter_tensors(dir, &saved)?;
         let mut merged = base_source;
         for (name, t) in model.merged_weights()? {
             merged.insert(name, t);
@@ -629,17 +629,19 @@ impl SourceCache {
     }
 }
 
+/// Whether a path is written like a hub model name (`org/model`): nothing is downloaded, so
+/// such a name that is not a local directory gets an error saying how to fetch the files.
+pub fn looks_like_hub_name(s: &str) -> bool {
+    !s.starts_with('/') && !s.starts_with('.') && s.matches('/').count() == 1 && !s.ends_with('/')
+}
+
 /// Refuses hub-style names (nothing is downloaded at run time) and missing directories.
 pub fn check_dir(dir: &Path) -> Result<&Path> {
     if dir.is_dir() {
         return Ok(dir);
     }
     let s = dir.to_string_lossy();
-    let looks_like_hub = !s.starts_with('/')
-        && !s.starts_with('.')
-        && s.matches('/').count() == 1
-        && !s.ends_with('/');
-    if looks_like_hub {
+    if looks_like_hub_name(&s) {
         return Err(Error::HubName {
             name: s.into_owned(),
         });

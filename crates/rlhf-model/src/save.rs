@@ -176,6 +176,12 @@ impl Model {
     /// Overwrites adapter (and modules_to_save) values with those saved in `dir`.
     pub fn load_adapter_weights(&self, dir: &Path) -> Result<()> {
         let saved = crate::lora::read_adapter_tensors(dir, self.device())?;
+        self.set_adapter_tensors(dir, &saved)
+    }
+
+    /// [`load_adapter_weights`](Self::load_adapter_weights) from tensors already read from
+    /// `dir`'s adapter file (named for error messages).
+    pub fn set_adapter_tensors(&self, dir: &Path, saved: &HashMap<String, Tensor>) -> Result<()> {
         let path = dir.join("adapter_model.safetensors");
         let mut used = 0;
         for (name, p) in self.params().iter() {

@@ -209,11 +209,31 @@ pub fn relative_to(base: &Path, s: &str) -> String {
         return s.to_string();
     }
     let joined = base.join(p);
-    let hub_like = !s.starts_with('.') && s.matches('/').count() == 1 && !s.ends_with('/');
-    if hub_like && !joined.exists() {
+    if rlhf_model::model::looks_like_hub_name(s) && !joined.exists() {
         return s.to_string();
     }
     joined.to_string_lossy().into_owned()
+}
+
+/// Removes the `[lora]` table from a config table and parses it (PEFT's LoraConfig names).
+pub fn take_lora(
+    path: &Path,
+    table: &mut toml::Table,
+) -> Result<Option<rlhf_model::lora::LoraConfig>> {
+    match table.remove("lora") {
+        Some(v) => Ok(Some(parse(
+            path,
+            v.as_table().cloned().unwrap_or_default(),
+        )?)),
+        None => Ok(None),
+    }
+}
+
+/// Moves a trainer's own `keys` out of a config table into a table of their own.
+pub fn take_keys(table: &mut toml::Table, keys: &[&str]) -> toml::Table {
+    keys.iter()
+        .filter_map(|k| table.remove(*k).map(|v| ((*k).to_string(), v)))
+        .collect()
 }
 
 /// Parses `key=value` (value as TOML, bare words as strings) into the table.

@@ -43,27 +43,51 @@ pub struct PipelineState {
 /// What a pipeline run reports: each stage's summary.
 pub type PipelineSummary = BTreeMap<String, Summary>;
 
-fn absolute(base: &Path, v: &mut toml::Value) {
-    if let toml::Value::String(s) = v {
-        let p = Path::new(s.as_str());
-        // A hub-style name stays as written, for the error that says how to fetch it.
-        if crate::config::relative_to(base, s) == *s {
-            return;
-        }
-        if !s.is_empty() && p.is_relative() {
-            let joined = base.join(p);
-            // Canonical when it exists; else absolute against the working directory (outputs).
-            let abs = joined
-                .canonicalize()
-                .or_else(|_| std::path::absolute(&joined))
-                .unwrap_or(joined);
-            *s = abs.to_string_lossy().into_owned();
-        }
+/// Resolves a path value against the pipeline config's directory the way a stage config
+/// would (`config::relative_to` for models, which keeps hub-style names for their error;
+/// `config::joined_to` for data and outputs), then makes it absolute, since the stage configs
+/// are written elsewhere.
+fn absolute(base: &Path, key: &str, v: &mut toml::Value) {
+    let toml::Value::String(s) = v else { return };
+    let resolved = if matches!(key, "model" | "reward_model" | "reward_models") {
+        crate::config::relative_to(base, s)
+    } else {
+        crate::config::joined_to(base, s)
+    };
+    if resolved == *s {
+        return; // absolute already, empty, or a hub-style name
+    }
+    let joined = PathBuf::from(resolved);
+    // Canonical when it exists; else absolute against the working directory (outputs).
+    let abs = joined
+        .canonicalize()
+        .or_else(|_| std::path::absolute(&joined))
+        .unwrap_or(joined);
+    *s = abs.to_string_lossy().into_owned();
+}
+
+/// A pipeline config split into its stages.
+pub struct Stages {
+    /// The pipeline's `output_dir` (holds `pipeline_state.json` and each stage's config).
+    pub output_dir: PathBuf,
+    /// Each stage's name and full standalone config, with absolute paths, in order.
+    pub stages: Vec<(String, toml::Table)>,
+}
+
+impl Stages {
+    /// The `output_dir` a stage writes to.
+    pub fn output_of(&self, stage: &str) -> Option<PathBuf> {
+        self.stages
+            .iter()
+            .find(|(n, _)| n == stage)
+            .and_then(|(_, t)| t.get("output_dir"))
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from)
     }
 }
 
 /// The config of each stage, as full standalone configs with absolute paths.
-pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Vec<(String, toml::Table)>> {
+pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut top: toml::Table = text
         .parse()
@@ -103,7 +127,7 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Vec<(String, to
     }
     for (k, v) in top.iter_mut() {
         if PATH_KEYS.contains(&k.as_str()) {
-            absolute(base, v);
+            absolute(base, k, v);
         }
     }
     let model = top
@@ -122,12 +146,12 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Vec<(String, to
         let mut t = stages.remove(s).expect("every stage checked above");
         for (k, v) in t.iter_mut() {
             if PATH_KEYS.contains(&k.as_str()) {
-                absolute(base, v);
+                absolute(base, k, v);
             }
             if k == "reward_models" {
                 if let toml::Value::Table(rm) = v {
                     for (_, x) in rm.iter_mut() {
-                        absolute(base, x);
+                        absolute(base, k, x);
                     }
                 }
             }
@@ -152,23 +176,19 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Vec<(String, to
         }
         result.push((s.to_string(), t));
     }
-    Ok(result)
+    Ok(Stages {
+        output_dir: out,
+        stages: result,
+    })
 }
 
 /// `rlhf pipeline --config FILE [--set k=v]... [--resume]`. Overrides apply to the whole
 /// file (`--set ppo.max_steps=10`).
 pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSummary> {
-    let stages = stage_tables(path, overrides)?;
-    let out = PathBuf::from(
-        stages[0]
-            .1
-            .get("output_dir")
-            .and_then(|v| v.as_str())
-            .unwrap_or("."),
-    )
-    .parent()
-    .map(Path::to_path_buf)
-    .unwrap_or_default();
+    let Stages {
+        output_dir: out,
+        stages,
+    } = stage_tables(path, overrides)?;
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let state_path = out.join("pipeline_state.json");
     let mut state: PipelineState = if resume && state_path.exists() {
@@ -189,7 +209,7 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
             table
                 .get("output_dir")
                 .and_then(|v| v.as_str())
-                .unwrap_or_default(),
+                .expect("stage_tables sets every output_dir"),
         );
         // Resume the interrupted stage from its newest checkpoint, if it wrote one.
         let resume_stage = resume && !crate::trainer::checkpoints(&stage_out).is_empty();

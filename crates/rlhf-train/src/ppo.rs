@@ -233,34 +233,20 @@ impl PpoConfig {
 
     /// Builds the config from an already checked table (the pipeline's `[ppo]` section).
     pub fn from_table(path: &Path, table: &mut toml::Table) -> Result<Self> {
-        let lora = match table.remove("lora") {
-            Some(v) => Some(config::parse(
-                path,
-                v.as_table().cloned().unwrap_or_default(),
-            )?),
-            None => None,
-        };
+        let lora = config::take_lora(path, table)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |v: &mut toml::Value| {
             if let toml::Value::String(s) = v {
                 *s = config::relative_to(base, s);
             }
         };
-        let mut own = toml::Table::new();
-        for k in PPO_KEYS {
-            if let Some(mut v) = table.remove(*k) {
-                match *k {
-                    "reward_model" => rel(&mut v),
-                    "reward_models" => {
-                        if let toml::Value::Table(t) = &mut v {
-                            for (_, x) in t.iter_mut() {
-                                rel(x);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                own.insert((*k).into(), v);
+        let mut own = config::take_keys(table, PPO_KEYS);
+        if let Some(v) = own.get_mut("reward_model") {
+            rel(v);
+        }
+        if let Some(toml::Value::Table(t)) = own.get_mut("reward_models") {
+            for (_, x) in t.iter_mut() {
+                rel(x);
             }
         }
         table
@@ -667,13 +653,7 @@ impl<'a> PpoTrainer<'a> {
         };
         let mut params = policy.params().trainable();
         params.extend(value_head.params());
-        let opt = AdamW::new(
-            params.clone(),
-            args.adam_beta1,
-            args.adam_beta2,
-            args.adam_epsilon,
-            args.weight_decay,
-        )?;
+        let opt = crate::trainer::optimizer(args, params.clone())?;
         let prompts_per_step = cfg.completions_per_step() / cfg.ppo.num_generations;
         let max_steps = if args.max_steps > 0 {
             args.max_steps as usize

@@ -59,19 +59,9 @@ impl RewardConfig {
     /// is silent (learning_rate 1e-4, max_length 1024).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut table = config::load_table(path, overrides, &allowed_keys())?;
-        let lora = match table.remove("lora") {
-            Some(v) => Some(config::parse::<rlhf_model::lora::LoraConfig>(
-                path,
-                v.as_table().cloned().unwrap_or_default(),
-            )?),
-            None => None,
-        };
-        let mut reward_table = toml::Table::new();
-        for k in ["center_rewards_coefficient", "margin_table"] {
-            if let Some(v) = table.remove(k) {
-                reward_table.insert(k.into(), v);
-            }
-        }
+        let lora = config::take_lora(path, &mut table)?;
+        let reward_table =
+            config::take_keys(&mut table, &["center_rewards_coefficient", "margin_table"]);
         table
             .entry("learning_rate")
             .or_insert(toml::Value::Float(1e-4));

@@ -55,19 +55,8 @@ impl SftConfig {
         allowed.extend(SFT_KEYS);
         allowed.push("lora");
         let mut table = config::load_table(path, overrides, &allowed)?;
-        let lora = match table.remove("lora") {
-            Some(v) => Some(config::parse(
-                path,
-                v.as_table().cloned().unwrap_or_default(),
-            )?),
-            None => None,
-        };
-        let mut own = toml::Table::new();
-        for k in SFT_KEYS {
-            if let Some(v) = table.remove(k) {
-                own.insert(k.into(), v);
-            }
-        }
+        let lora = config::take_lora(path, &mut table)?;
+        let own = config::take_keys(&mut table, &SFT_KEYS);
         table
             .entry("learning_rate")
             .or_insert(toml::Value::Float(2e-5));

@@ -174,13 +174,7 @@ pub fn train<O: Objective>(
         warmup,
         max_steps,
     )?;
-    let mut opt = AdamW::new(
-        params.clone(),
-        args.adam_beta1,
-        args.adam_beta2,
-        args.adam_epsilon,
-        args.weight_decay,
-    )?;
+    let mut opt = optimizer(args, params.clone())?;
     let mut state = match resume {
         Some(dir) => {
             let st = read_state(dir)?;
@@ -411,6 +405,20 @@ fn run_eval<O: Objective>(
 
 fn epoch_of(sampler: &Sampler) -> f64 {
     sampler.epoch_progress()
+}
+
+/// The configured AdamW (`adam_beta1/2`, `adam_epsilon`, `weight_decay`) over `params`.
+pub(crate) fn optimizer(
+    args: &TrainingArgs,
+    params: Vec<(String, candle_core::Var)>,
+) -> Result<AdamW> {
+    AdamW::new(
+        params,
+        args.adam_beta1,
+        args.adam_beta2,
+        args.adam_epsilon,
+        args.weight_decay,
+    )
 }
 
 /// Adds the gradients of `g` to `acc` for every trainable parameter.

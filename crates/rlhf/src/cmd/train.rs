@@ -82,16 +82,8 @@ pub fn pipeline(a: PipelineArgs) -> Result<()> {
         serde_json::to_string(&done).expect("numbers serialise")
     );
     let stages = rlhf_train::pipeline::stage_tables(&a.config, &a.set)?;
-    if let Some(dir) = stages
-        .iter()
-        .find(|(n, _)| n == "ppo")
-        .and_then(|(_, t)| t.get("output_dir"))
-        .and_then(|v| v.as_str())
-    {
-        eprintln!(
-            "\n{}",
-            rlhf_train::pipeline::report(std::path::Path::new(dir), 3)?
-        );
+    if let Some(dir) = stages.output_of("ppo") {
+        eprintln!("\n{}", rlhf_train::pipeline::report(&dir, 3)?);
     }
     Ok(())
 }
