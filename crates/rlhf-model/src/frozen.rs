@@ -10,7 +10,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::Result;
+use crate::{gemm, Result};
 
 /// Up to this many rows, `LinearOp` computes (W·xᵀ)ᵀ instead of x·Wᵀ.
 const SKINNY_ROWS: usize = 64;
@@ -59,6 +59,9 @@ impl CustomOp2 for LinearOp {
             wl.transpose(0, 1)?
         };
         let n = wl.dims()[1];
+        if let Some(y) = avx512_matmul(x, xl, w, &wl) {
+            return Ok((y, Shape::from((m, n))));
+        }
         let y = x.matmul(w, (1, m, n, k), xl, &wl)?;
         Ok((y, Shape::from((m, n))))
     }
@@ -71,21 +74,20 @@ impl CustomOp2 for LinearOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // grad: (m, n)
-        let dx = if self.conv1d {
-            grad.matmul(&w.t()?)?
-        } else {
-            grad.matmul(w)?
-        };
-        let dw = if w.track_op() {
-            Some(if self.conv1d {
-                x.t()?.matmul(grad)?
-            } else {
-                grad.t()?.matmul(x)?
-            })
-        } else {
+        let dx = if !x.track_op() {
             None
+        } else if self.conv1d {
+            Some(matmul(grad, &w.t()?)?)
+        } else {
+            Some(matmul(grad, w)?)
         };
-        let dx = if x.track_op() { Some(dx) } else { None };
+        let dw = if !w.track_op() {
+            None
+        } else if self.conv1d {
+            Some(matmul(&x.t()?, grad)?)
+        } else {
+            Some(matmul(&grad.t()?, x)?)
+        };
         Ok((dx, dw))
     }
 }
@@ -93,12 +95,64 @@ impl CustomOp2 for LinearOp {
 /// `x·Wᵀ` (or `x·W` for Conv1D) without a gradient for a frozen W.
 // x: (m, in), w: (out, in) | (in, out) -> (m, out)
 pub fn linear(x: &Tensor, w: &Tensor, conv1d: bool) -> Result<Tensor> {
-    if !x.device().is_cpu() || w.track_op() {
-        // A trainable weight needs its gradient anyway; plain ops run on every device.
+    if !x.device().is_cpu() {
+        // Plain ops run on every device.
         let wt = if conv1d { w.clone() } else { w.t()? };
         return Ok(x.matmul(&wt)?);
     }
     Ok(x.contiguous()?.apply_op2(w, LinearOp { conv1d })?)
+}
+
+/// A 2-D f32 storage as a strided view for [`gemm`], when it is one.
+fn view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<gemm::MatRef<'a>> {
+    let (CpuStorage::F32(data), [rows, cols], [rs, cs]) = (s, l.dims(), l.stride()) else {
+        return None;
+    };
+    Some(gemm::MatRef::new(
+        &data[l.start_offset()..],
+        *rows,
+        *cols,
+        *rs,
+        *cs,
+    ))
+}
+
+/// a·b with the AVX-512 kernel, where the CPU has one and both are 2-D f32.
+fn avx512_matmul(a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Option<CpuStorage> {
+    let (a, b) = (view(a, al)?, view(b, bl)?);
+    gemm::matmul(a, b).map(CpuStorage::F32)
+}
+
+/// Untracked 2-D product (the backward pass's own products), on the AVX-512 kernel where it
+/// runs.
+struct MatMulOp;
+
+impl CustomOp2 for MatMulOp {
+    fn name(&self) -> &'static str {
+        "avx512-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k, n) = (al.dims()[0], al.dims()[1], bl.dims()[1]);
+        if let Some(c) = avx512_matmul(a, al, b, bl) {
+            return Ok((c, Shape::from((m, n))));
+        }
+        Ok((a.matmul(b, (1, m, n, k), al, bl)?, Shape::from((m, n))))
+    }
+}
+
+/// a·b for 2-D tensors, without a backward pass of its own.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !a.device().is_cpu() {
+        return a.matmul(b);
+    }
+    a.apply_op2_no_bwd(b, &MatMulOp)
 }
 
 /// Embedding lookup that scatters no gradient into a frozen table.

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod frozen;
 pub mod fused;
+pub mod gemm;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;

@@ -37,6 +37,7 @@ pub struct MatmulArgs {
 
 fn matmul_bench(a: MatmulArgs) -> Result<()> {
     use candle_core::{DType, Device, Tensor};
+    use rlhf_model::gemm;
     for dtype in [DType::F32, DType::BF16] {
         let x = Tensor::randn(0f32, 1.0, (a.n, a.n), &Device::Cpu)?.to_dtype(dtype)?;
         let y = Tensor::randn(0f32, 1.0, (a.n, a.n), &Device::Cpu)?.to_dtype(dtype)?;
@@ -50,6 +51,28 @@ fn matmul_bench(a: MatmulArgs) -> Result<()> {
             "{}",
             json!({
                 "impl": "rlhf-rs (candle)", "job": "matmul", "dtype": format!("{dtype:?}").to_lowercase(),
+                "n": a.n, "threads": candle_core::utils::get_num_threads(),
+                "gflops": r4(2.0 * (a.n as f64).powi(3) / secs / 1e9),
+            })
+        );
+    }
+    // The AVX-512 kernel the linear layers use (rlhf_model::gemm), on the same matrices.
+    let x: Vec<f32> = Tensor::randn(0f32, 1.0, a.n * a.n, &Device::Cpu)?.to_vec1()?;
+    let y: Vec<f32> = Tensor::randn(0f32, 1.0, a.n * a.n, &Device::Cpu)?.to_vec1()?;
+    let (xm, ym) = (
+        gemm::MatRef::new(&x, a.n, a.n, a.n, 1),
+        gemm::MatRef::new(&y, a.n, a.n, a.n, 1),
+    );
+    if gemm::matmul(xm, ym).is_some() {
+        let t = std::time::Instant::now();
+        for _ in 0..a.reps {
+            gemm::matmul(xm, ym);
+        }
+        let secs = t.elapsed().as_secs_f64() / a.reps as f64;
+        println!(
+            "{}",
+            json!({
+                "impl": "rlhf-rs (avx512 kernel)", "job": "matmul", "dtype": "f32",
                 "n": a.n, "threads": candle_core::utils::get_num_threads(),
                 "gflops": r4(2.0 * (a.n as f64).powi(3) / secs / 1e9),
             })

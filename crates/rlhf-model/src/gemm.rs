@@ -1,0 +1,468 @@
+//! An f32 matrix product with an AVX-512 microkernel.
+//!
+//! candle's CPU matmul comes from the `gemm` crate, whose AVX-512 kernels sit behind its
+//! `nightly` feature; on stable Rust it runs its AVX2 kernels, a quarter slower than torch's
+//! GEMM on an AVX-512 CPU (BENCHMARKS.md). AVX-512 intrinsics are stable since Rust 1.89, so
+//! this module carries its own kernel in the usual BLIS shape:
+//!
+//! - C is cut into column slabs of at most `NC` columns (and into row parts where the slabs
+//!   alone would leave a thread idle); the slabs are shared out over candle's CPU thread pool,
+//!   each thread packing what it reads into its own buffers.
+//! - Within a slab, K is walked in slices of `KC`. For each slice the slab's columns of B are
+//!   packed once into panels of `NR` columns, then the rows of A, `MC` at a time, into panels
+//!   of `MR` rows (K-major), both zero-padded at the edges, so the microkernel never sees a
+//!   ragged tile.
+//! - The microkernel keeps an `MR × NR` tile of C in 28 zmm registers and, per k, loads two
+//!   vectors of B and broadcasts `MR` values of A: 28 FMAs for 16 loads.
+//!
+//! [`matmul`] takes any strides, so transposed operands (the backward pass's `gradᵀ·x` and
+//! `grad·W`) are read in place without a copy. It returns `None` where the CPU lacks
+//! AVX-512F; callers then use candle's matmul.
+
+use std::cell::RefCell;
+
+/// Rows of A (and C) per microkernel tile.
+const MR: usize = 14;
+/// Columns of B (and C) per microkernel tile: two zmm vectors.
+const NR: usize = 32;
+/// Depth of one packed slice: a B panel (KC × NR, 32 KB) stays in L1 while the kernel walks
+/// the A panels of a block.
+const KC: usize = 256;
+/// Rows of C per packed A block (8 tiles, 112 KB).
+const MC: usize = MR * 8;
+/// Most columns of C per slab (16 tiles); its packed B slice (KC × NC, 512 KB) stays in L2.
+const NC: usize = NR * 16;
+
+/// A read-only strided matrix: element (i, j) is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A view of `data` with the given shape and strides (in elements).
+    ///
+    /// # Panics
+    /// When the last element lies outside `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * rs + (cols - 1) * cs;
+            assert!(last < data.len(), "matrix view out of bounds");
+        }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// The same matrix transposed (no copy).
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// Whether this CPU runs the AVX-512 kernel (and `RLHF_GEMM=candle` does not turn it off, for
+/// side-by-side measurements).
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let off = std::env::var("RLHF_GEMM").is_ok_and(|v| v == "candle");
+        #[cfg(target_arch = "x86_64")]
+        {
+            !off && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = off;
+            false
+        }
+    })
+}
+
+/// C = A·B as a new row-major `(a.rows, b.cols)` buffer, or `None` without AVX-512F.
+///
+/// # Panics
+/// When the inner dimensions differ.
+pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    if !available() {
+        return None;
+    }
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 || k == 0 {
+        return Some(vec![0f32; m * n]);
+    }
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let units = Units::new(m, n, candle_core::utils::get_num_threads().max(1));
+    let out = SyncPtr(c.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for u in range {
+            let (rows, cols) = units.unit(u);
+            // SAFETY: AVX-512F was detected above; each unit writes its own block of C, and
+            // `out` points to `m * n` floats that live until every unit has finished.
+            unsafe { block(a, b, rows, cols, out.get(), n) };
+        }
+    };
+    if units.count() == 1 {
+        run(0..1);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units.count(), run);
+    }
+    // SAFETY: the units cover C, and the first K slice of each writes every element of its
+    // block (k > 0 here).
+    unsafe { c.set_len(m * n) };
+    Some(c)
+}
+
+/// How C is shared out: column slabs (each packs its slice of B once per K slice), cut into
+/// row parts too where the slabs alone would leave a thread idle.
+struct Units {
+    m: usize,
+    n: usize,
+    slab: usize,
+    slabs: usize,
+    part: usize,
+    parts: usize,
+}
+
+impl Units {
+    fn new(m: usize, n: usize, threads: usize) -> Self {
+        let slabs = n.div_ceil(NC);
+        let slab = n.div_ceil(slabs).next_multiple_of(NR);
+        let slabs = n.div_ceil(slab);
+        let balanced = slabs.is_multiple_of(threads) || slabs >= 4 * threads;
+        let parts = if balanced {
+            1
+        } else {
+            threads.min(m.div_ceil(MR))
+        };
+        let part = m.div_ceil(parts).next_multiple_of(MR);
+        let parts = m.div_ceil(part);
+        Units {
+            m,
+            n,
+            slab,
+            slabs,
+            part,
+            parts,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.slabs * self.parts
+    }
+
+    fn unit(&self, u: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (p, s) = (u / self.slabs, u % self.slabs);
+        (
+            p * self.part..((p + 1) * self.part).min(self.m),
+            s * self.slab..((s + 1) * self.slab).min(self.n),
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+
+impl SyncPtr {
+    // A method, so that closures capture the whole `SyncPtr` and not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: the threads given a `SyncPtr` write disjoint blocks of the buffer it points to.
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+
+/// A 64-byte aligned line of floats, the unit of the packing buffers.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+thread_local! {
+    /// Per-thread packing buffers for A (MC × KC) and B (KC × a slab's columns).
+    static PACK: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+fn lines(buf: &mut Vec<Line>, floats: usize) -> *mut f32 {
+    let need = floats.div_ceil(16);
+    if buf.len() < need {
+        buf.resize(need, Line([0.0; 16]));
+    }
+    buf.as_mut_ptr().cast()
+}
+
+/// One `rows × cols` block of C (row stride `ldc`), all of K.
+///
+/// # Safety
+/// AVX-512F must be available, and `c` must point to a buffer holding the whole of C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let k = a.cols;
+    let n_tiles = cols.len().div_ceil(NR);
+    PACK.with_borrow_mut(|(pa, pb)| {
+        let pa = lines(pa, MC * KC);
+        let pb = lines(pb, n_tiles * NR * KC);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            for t in 0..n_tiles {
+                let c0 = cols.start + t * NR;
+                let nr = NR.min(cols.end - c0);
+                // SAFETY: the buffer holds n_tiles panels of KC × NR.
+                unsafe { pack_b(b, k0, kc, c0, nr, pb.add(t * NR * kc)) };
+            }
+            let accumulate = k0 > 0;
+            let mut m0 = rows.start;
+            while m0 < rows.end {
+                let mb = MC.min(rows.end - m0);
+                let m_tiles = mb.div_ceil(MR);
+                for t in 0..m_tiles {
+                    let r0 = m0 + t * MR;
+                    let mr = MR.min(m0 + mb - r0);
+                    // SAFETY: the buffer holds MC / MR panels of MR × KC.
+                    unsafe { pack_a(a, r0, mr, k0, kc, pa.add(t * MR * kc)) };
+                }
+                for tj in 0..n_tiles {
+                    let c0 = cols.start + tj * NR;
+                    let nr = NR.min(cols.end - c0);
+                    for ti in 0..m_tiles {
+                        let r0 = m0 + ti * MR;
+                        let mr = MR.min(m0 + mb - r0);
+                        // SAFETY: panels are packed above; the tile lies inside C.
+                        unsafe {
+                            let ap = pa.add(ti * MR * kc);
+                            let bp = pb.add(tj * NR * kc);
+                            let cp = c.add(r0 * ldc + c0);
+                            if mr == MR && nr == NR {
+                                kernel(kc, ap, bp, cp, ldc, accumulate);
+                            } else {
+                                let mut tile = [Line([0.0; 16]); MR * NR / 16];
+                                let tp: *mut f32 = tile.as_mut_ptr().cast();
+                                kernel(kc, ap, bp, tp, NR, false);
+                                for i in 0..mr {
+                                    for j in 0..nr {
+                                        let dst = cp.add(i * ldc + j);
+                                        let v = *tp.add(i * NR + j);
+                                        *dst = if accumulate { *dst + v } else { v };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                m0 += mb;
+            }
+            k0 += kc;
+        }
+    });
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block(
+    _: MatRef<'_>,
+    _: MatRef<'_>,
+    _: std::ops::Range<usize>,
+    _: std::ops::Range<usize>,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("the AVX-512 kernel runs on x86_64 only")
+}
+
+/// Packs rows `r0..r0+mr` × columns `k0..k0+kc` of A as `kc` groups of `MR` floats
+/// (zero past `mr`).
+///
+/// # Safety
+/// `dst` must hold `MR * kc` floats.
+unsafe fn pack_a(a: MatRef<'_>, r0: usize, mr: usize, k0: usize, kc: usize, dst: *mut f32) {
+    let d = a.data;
+    // SAFETY: every index below is inside `dst` (p < kc, i < MR) and inside the view, whose
+    // bounds `MatRef::new` checked.
+    unsafe {
+        if a.cs == 1 {
+            for i in 0..mr {
+                let row = &d[(r0 + i) * a.rs + k0..][..kc];
+                for (p, v) in row.iter().enumerate() {
+                    *dst.add(p * MR + i) = *v;
+                }
+            }
+        } else {
+            for p in 0..kc {
+                let base = (k0 + p) * a.cs + r0 * a.rs;
+                for i in 0..mr {
+                    *dst.add(p * MR + i) = d[base + i * a.rs];
+                }
+            }
+        }
+        for p in 0..kc {
+            for i in mr..MR {
+                *dst.add(p * MR + i) = 0.0;
+            }
+        }
+    }
+}
+
+/// Packs rows `k0..k0+kc` × columns `c0..c0+nr` of B as `kc` rows of `NR` floats
+/// (zero past `nr`).
+///
+/// # Safety
+/// `dst` must hold `NR * kc` floats.
+unsafe fn pack_b(b: MatRef<'_>, k0: usize, kc: usize, c0: usize, nr: usize, dst: *mut f32) {
+    let d = b.data;
+    // SAFETY: as in `pack_a`.
+    unsafe {
+        if b.cs == 1 {
+            for p in 0..kc {
+                let row = &d[(k0 + p) * b.rs + c0..][..nr];
+                std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(p * NR), nr);
+                for j in nr..NR {
+                    *dst.add(p * NR + j) = 0.0;
+                }
+            }
+        } else {
+            for j in 0..nr {
+                let base = (c0 + j) * b.cs + k0 * b.rs;
+                for p in 0..kc {
+                    *dst.add(p * NR + j) = d[base + p * b.rs];
+                }
+            }
+            for p in 0..kc {
+                for j in nr..NR {
+                    *dst.add(p * NR + j) = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// C[MR × NR] (+)= A panel · B panel over `kc`.
+///
+/// # Safety
+/// AVX-512F must be available; `a` holds `kc × MR` floats, `b` holds `kc × NR`, and `c` an
+/// `MR × NR` tile with row stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+    use std::arch::x86_64::*;
+    let mut t = [[_mm512_setzero_ps(); 2]; MR];
+    // SAFETY: the caller guarantees the sizes read and written here.
+    unsafe {
+        for p in 0..kc {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            let ap = a.add(p * MR);
+            for (i, row) in t.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(i));
+                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            }
+        }
+        for (i, row) in t.iter().enumerate() {
+            let cp = c.add(i * ldc);
+            if acc {
+                _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
+                _mm512_storeu_ps(
+                    cp.add(16),
+                    _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
+                );
+            } else {
+                _mm512_storeu_ps(cp, row[0]);
+                _mm512_storeu_ps(cp.add(16), row[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
+        let mut c = vec![0f64; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let mut s = 0f64;
+                for p in 0..a.cols {
+                    s += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                }
+                c[i * b.cols + j] = s;
+            }
+        }
+        c
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_naive_product_for_every_layout_and_ragged_shape() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512F, callers use candle's matmul");
+            return;
+        }
+        // Shapes that cross every tile and block edge: MR 14, NR 32, KC 256, MC 112, NC 256.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (13, 7, 31),
+            (14, 256, 32),
+            (15, 257, 33),
+            (113, 300, 257),
+            (230, 520, 70),
+        ] {
+            let av = values(m * k, 1);
+            let bv = values(k * n, 2);
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = if ta {
+                    MatRef::new(&av, k, m, m, 1).t()
+                } else {
+                    MatRef::new(&av, m, k, k, 1)
+                };
+                let b = if tb {
+                    MatRef::new(&bv, n, k, k, 1).t()
+                } else {
+                    MatRef::new(&bv, k, n, n, 1)
+                };
+                let got = matmul(a, b).expect("avx512f is available");
+                let want = naive(a, b);
+                for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "({m},{k},{n}) ta={ta} tb={tb} at {idx}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
