@@ -324,7 +324,7 @@ static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn use_avx2() -> bool {
+pub(crate) fn use_avx2() -> bool {
     #[cfg(test)]
     if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
@@ -357,6 +357,8 @@ macro_rules! simd_fn {
         }
     };
 }
+
+pub(crate) use simd_fn;
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels (vectorisable: independent lanes, no branches in the inner loops)
@@ -457,7 +459,7 @@ fn max(x: &[f32]) -> f32 {
 /// range reduction and polynomial, branch-free so loops over it vectorise. Relative error about
 /// 2e-7; results below e^-87.3 (subnormal) flush to 0; NaN stays NaN.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LO: f32 = -87.336_55; // ln(f32::MIN_POSITIVE)
     const HI: f32 = 88.376_26; // keeps the exponent at most 127
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer

@@ -7,6 +7,7 @@ pub mod fused;
 pub mod gemm;
 pub mod generate;
 pub mod gguf;
+pub mod glu;
 pub mod gpt2;
 pub mod llama;
 pub mod logprob;

@@ -262,8 +262,13 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = crate::ops::activation(&self.act, &self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let h = if matches!(self.act.as_str(), "silu" | "swish") {
+            crate::glu::silu_mul(&gate, &up)?
+        } else {
+            (crate::ops::activation(&self.act, &gate)? * up)?
+        };
+        self.down_proj.forward(&h)
     }
 }
 
