@@ -12,7 +12,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::{gemm, Result};
 
-/// Up to this many rows, `LinearOp` computes (W·xᵀ)ᵀ instead of x·Wᵀ.
+/// Up to this many rows, `LinearOp` computes (W·xᵀ)ᵀ instead of x·Wᵀ (on CPUs without the
+/// AVX-512 kernel, which handles few rows itself).
 const SKINNY_ROWS: usize = 64;
 
 /// y = x·Wᵀ (nn.Linear layout) or y = x·W (Conv1D layout).
@@ -35,6 +36,14 @@ impl CustomOp2 for LinearOp {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = (xl.dims()[0], xl.dims()[1]);
+        let wt = if self.conv1d {
+            wl.clone()
+        } else {
+            wl.transpose(0, 1)?
+        };
+        if let Some(y) = avx512_matmul(x, xl, w, &wt) {
+            return Ok((y, Shape::from((m, wt.dims()[1]))));
+        }
         if !self.conv1d && m <= SKINNY_ROWS {
             if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w) {
                 // Few rows (decoding): yᵀ = W·xᵀ streams the weight once without packing it,
@@ -53,16 +62,8 @@ impl CustomOp2 for LinearOp {
                 return Ok((CpuStorage::F32(y), Shape::from((m, n))));
             }
         }
-        let wl = if self.conv1d {
-            wl.clone()
-        } else {
-            wl.transpose(0, 1)?
-        };
-        let n = wl.dims()[1];
-        if let Some(y) = avx512_matmul(x, xl, w, &wl) {
-            return Ok((y, Shape::from((m, n))));
-        }
-        let y = x.matmul(w, (1, m, n, k), xl, &wl)?;
+        let n = wt.dims()[1];
+        let y = x.matmul(w, (1, m, n, k), xl, &wt)?;
         Ok((y, Shape::from((m, n))))
     }
 

@@ -13,7 +13,8 @@
 //!   of `MR` rows (K-major), both zero-padded at the edges, so the microkernel never sees a
 //!   ragged tile.
 //! - The microkernel keeps an `MR × NR` tile of C in 28 zmm registers and, per k, loads two
-//!   vectors of B and broadcasts `MR` values of A: 28 FMAs for 16 loads.
+//!   vectors of B and broadcasts `MR` values of A: 28 FMAs for 16 loads. Products of at most
+//!   64 rows (decoding) use 8-row tiles instead.
 //!
 //! [`matmul`] takes any strides, so transposed operands (the backward pass's `gradᵀ·x` and
 //! `grad·W`) are read in place without a copy. It returns `None` where the CPU lacks
@@ -21,15 +22,18 @@
 
 use std::cell::RefCell;
 
-/// Rows of A (and C) per microkernel tile.
+/// Rows of A (and C) per microkernel tile: 14 (28 accumulators) for tall products; for at
+/// most `SMALL_M` rows (decoding) 8, which wastes less of a tile on 16 or 32 rows.
 const MR: usize = 14;
+const MR_SMALL: usize = 8;
+const SMALL_M: usize = 64;
 /// Columns of B (and C) per microkernel tile: two zmm vectors.
 const NR: usize = 32;
 /// Depth of one packed slice: a B panel (KC × NR, 32 KB) stays in L1 while the kernel walks
 /// the A panels of a block.
 const KC: usize = 256;
-/// Rows of C per packed A block (8 tiles, 112 KB).
-const MC: usize = MR * 8;
+/// Tiles of rows per packed A block (112 rows, 112 KB, for MR = 14).
+const MC_TILES: usize = 8;
 /// Most columns of C per slab (16 tiles); its packed B slice (KC × NC, 512 KB) stays in L2.
 const NC: usize = NR * 16;
 
@@ -106,14 +110,21 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
         return Some(vec![0f32; m * n]);
     }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let units = Units::new(m, n, candle_core::utils::get_num_threads().max(1));
+    let mr = if m <= SMALL_M { MR_SMALL } else { MR };
+    let units = Units::new(m, n, mr, candle_core::utils::get_num_threads().max(1));
     let out = SyncPtr(c.as_mut_ptr());
     let run = |range: std::ops::Range<usize>| {
         for u in range {
             let (rows, cols) = units.unit(u);
             // SAFETY: AVX-512F was detected above; each unit writes its own block of C, and
             // `out` points to `m * n` floats that live until every unit has finished.
-            unsafe { block(a, b, rows, cols, out.get(), n) };
+            unsafe {
+                if mr == MR {
+                    block::<MR>(a, b, rows, cols, out.get(), n)
+                } else {
+                    block::<MR_SMALL>(a, b, rows, cols, out.get(), n)
+                }
+            };
         }
     };
     if units.count() == 1 {
@@ -139,7 +150,7 @@ struct Units {
 }
 
 impl Units {
-    fn new(m: usize, n: usize, threads: usize) -> Self {
+    fn new(m: usize, n: usize, mr: usize, threads: usize) -> Self {
         let slabs = n.div_ceil(NC);
         let slab = n.div_ceil(slabs).next_multiple_of(NR);
         let slabs = n.div_ceil(slab);
@@ -147,9 +158,9 @@ impl Units {
         let parts = if balanced {
             1
         } else {
-            threads.min(m.div_ceil(MR))
+            threads.min(m.div_ceil(mr))
         };
-        let part = m.div_ceil(parts).next_multiple_of(MR);
+        let part = m.div_ceil(parts).next_multiple_of(mr);
         let parts = m.div_ceil(part);
         Units {
             m,
@@ -211,7 +222,7 @@ fn lines(buf: &mut Vec<Line>, floats: usize) -> *mut f32 {
 /// AVX-512F must be available, and `c` must point to a buffer holding the whole of C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block(
+unsafe fn block<const R: usize>(
     a: MatRef<'_>,
     b: MatRef<'_>,
     rows: std::ops::Range<usize>,
@@ -222,7 +233,7 @@ unsafe fn block(
     let k = a.cols;
     let n_tiles = cols.len().div_ceil(NR);
     PACK.with_borrow_mut(|(pa, pb)| {
-        let pa = lines(pa, MC * KC);
+        let pa = lines(pa, MC_TILES * R * KC);
         let pb = lines(pb, n_tiles * NR * KC);
         let mut k0 = 0;
         while k0 < k {
@@ -236,31 +247,31 @@ unsafe fn block(
             let accumulate = k0 > 0;
             let mut m0 = rows.start;
             while m0 < rows.end {
-                let mb = MC.min(rows.end - m0);
-                let m_tiles = mb.div_ceil(MR);
+                let mb = (MC_TILES * R).min(rows.end - m0);
+                let m_tiles = mb.div_ceil(R);
                 for t in 0..m_tiles {
-                    let r0 = m0 + t * MR;
-                    let mr = MR.min(m0 + mb - r0);
-                    // SAFETY: the buffer holds MC / MR panels of MR × KC.
-                    unsafe { pack_a(a, r0, mr, k0, kc, pa.add(t * MR * kc)) };
+                    let r0 = m0 + t * R;
+                    let mr = R.min(m0 + mb - r0);
+                    // SAFETY: the buffer holds MC_TILES panels of R × KC.
+                    unsafe { pack_a::<R>(a, r0, mr, k0, kc, pa.add(t * R * kc)) };
                 }
                 for tj in 0..n_tiles {
                     let c0 = cols.start + tj * NR;
                     let nr = NR.min(cols.end - c0);
                     for ti in 0..m_tiles {
-                        let r0 = m0 + ti * MR;
-                        let mr = MR.min(m0 + mb - r0);
+                        let r0 = m0 + ti * R;
+                        let mr = R.min(m0 + mb - r0);
                         // SAFETY: panels are packed above; the tile lies inside C.
                         unsafe {
-                            let ap = pa.add(ti * MR * kc);
+                            let ap = pa.add(ti * R * kc);
                             let bp = pb.add(tj * NR * kc);
                             let cp = c.add(r0 * ldc + c0);
-                            if mr == MR && nr == NR {
-                                kernel(kc, ap, bp, cp, ldc, accumulate);
+                            if mr == R && nr == NR {
+                                kernel::<R>(kc, ap, bp, cp, ldc, accumulate);
                             } else {
                                 let mut tile = [Line([0.0; 16]); MR * NR / 16];
                                 let tp: *mut f32 = tile.as_mut_ptr().cast();
-                                kernel(kc, ap, bp, tp, NR, false);
+                                kernel::<R>(kc, ap, bp, tp, NR, false);
                                 for i in 0..mr {
                                     for j in 0..nr {
                                         let dst = cp.add(i * ldc + j);
@@ -280,7 +291,7 @@ unsafe fn block(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block(
+unsafe fn block<const R: usize>(
     _: MatRef<'_>,
     _: MatRef<'_>,
     _: std::ops::Range<usize>,
@@ -291,34 +302,41 @@ unsafe fn block(
     unreachable!("the AVX-512 kernel runs on x86_64 only")
 }
 
-/// Packs rows `r0..r0+mr` × columns `k0..k0+kc` of A as `kc` groups of `MR` floats
+/// Packs rows `r0..r0+mr` × columns `k0..k0+kc` of A as `kc` groups of `R` floats
 /// (zero past `mr`).
 ///
 /// # Safety
-/// `dst` must hold `MR * kc` floats.
-unsafe fn pack_a(a: MatRef<'_>, r0: usize, mr: usize, k0: usize, kc: usize, dst: *mut f32) {
+/// `dst` must hold `R * kc` floats.
+unsafe fn pack_a<const R: usize>(
+    a: MatRef<'_>,
+    r0: usize,
+    mr: usize,
+    k0: usize,
+    kc: usize,
+    dst: *mut f32,
+) {
     let d = a.data;
-    // SAFETY: every index below is inside `dst` (p < kc, i < MR) and inside the view, whose
+    // SAFETY: every index below is inside `dst` (p < kc, i < R) and inside the view, whose
     // bounds `MatRef::new` checked.
     unsafe {
         if a.cs == 1 {
             for i in 0..mr {
                 let row = &d[(r0 + i) * a.rs + k0..][..kc];
                 for (p, v) in row.iter().enumerate() {
-                    *dst.add(p * MR + i) = *v;
+                    *dst.add(p * R + i) = *v;
                 }
             }
         } else {
             for p in 0..kc {
                 let base = (k0 + p) * a.cs + r0 * a.rs;
                 for i in 0..mr {
-                    *dst.add(p * MR + i) = d[base + i * a.rs];
+                    *dst.add(p * R + i) = d[base + i * a.rs];
                 }
             }
         }
         for p in 0..kc {
-            for i in mr..MR {
-                *dst.add(p * MR + i) = 0.0;
+            for i in mr..R {
+                *dst.add(p * R + i) = 0.0;
             }
         }
     }
@@ -341,6 +359,21 @@ unsafe fn pack_b(b: MatRef<'_>, k0: usize, kc: usize, c0: usize, nr: usize, dst:
                     *dst.add(p * NR + j) = 0.0;
                 }
             }
+        } else if b.rs == 1 && nr == NR && available() {
+            // B = Wᵀ of a row-major W: each column of B is a row of W. Transpose 16 × 16
+            // blocks in registers, then the K tail one element at a time.
+            let full = kc / 16 * 16;
+            for jb in (0..NR).step_by(16) {
+                let src = d.as_ptr().add((c0 + jb) * b.cs + k0);
+                for pb in (0..full).step_by(16) {
+                    transpose16(src.add(pb), b.cs, dst.add(pb * NR + jb), NR);
+                }
+            }
+            for p in full..kc {
+                for j in 0..NR {
+                    *dst.add(p * NR + j) = d[(c0 + j) * b.cs + k0 + p];
+                }
+            }
         } else {
             for j in 0..nr {
                 let base = (c0 + j) * b.cs + k0 * b.rs;
@@ -357,23 +390,83 @@ unsafe fn pack_b(b: MatRef<'_>, k0: usize, kc: usize, c0: usize, nr: usize, dst:
     }
 }
 
+/// Writes the transpose of the 16 × 16 block at `src` (row stride `lds`) to `dst` (row
+/// stride `ldd`): dst row c = src column c.
+///
+/// # Safety
+/// AVX-512F must be available; both blocks must lie inside their buffers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the 16 rows read and written.
+    unsafe {
+        let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * lds)));
+        // Pairs of rows interleaved: t[2i] holds columns 4L, 4L+1 of rows 2i, 2i+1 in each
+        // 128-bit lane L, t[2i+1] columns 4L+2, 4L+3.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + q] holds, in lane L, column 4L + q of rows 4i..4i+3.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            let a = _mm512_castps_pd(t[4 * i]);
+            let b = _mm512_castps_pd(t[4 * i + 1]);
+            let c = _mm512_castps_pd(t[4 * i + 2]);
+            let d = _mm512_castps_pd(t[4 * i + 3]);
+            u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+            u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+            u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+            u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+        }
+        // Column 4L + q gathers lane L of u[q], u[4 + q], u[8 + q], u[12 + q].
+        for q in 0..4 {
+            let s0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
+            let s1 = _mm512_shuffle_f32x4::<0xDD>(u[q], u[4 + q]);
+            let s2 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
+            let s3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + q], u[12 + q]);
+            _mm512_storeu_ps(dst.add(q * ldd), _mm512_shuffle_f32x4::<0x88>(s0, s2));
+            _mm512_storeu_ps(dst.add((8 + q) * ldd), _mm512_shuffle_f32x4::<0xDD>(s0, s2));
+            _mm512_storeu_ps(dst.add((4 + q) * ldd), _mm512_shuffle_f32x4::<0x88>(s1, s3));
+            _mm512_storeu_ps(
+                dst.add((12 + q) * ldd),
+                _mm512_shuffle_f32x4::<0xDD>(s1, s3),
+            );
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose16(_: *const f32, _: usize, _: *mut f32, _: usize) {
+    unreachable!("the AVX-512 kernel runs on x86_64 only")
+}
+
 /// C[MR × NR] (+)= A panel · B panel over `kc`.
 ///
 /// # Safety
-/// AVX-512F must be available; `a` holds `kc × MR` floats, `b` holds `kc × NR`, and `c` an
-/// `MR × NR` tile with row stride `ldc`.
+/// AVX-512F must be available; `a` holds `kc × R` floats, `b` holds `kc × NR`, and `c` an
+/// `R × NR` tile with row stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+unsafe fn kernel<const R: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
     use std::arch::x86_64::*;
-    let mut t = [[_mm512_setzero_ps(); 2]; MR];
+    let mut t = [[_mm512_setzero_ps(); 2]; R];
     // SAFETY: the caller guarantees the sizes read and written here.
     unsafe {
         for p in 0..kc {
             let b0 = _mm512_loadu_ps(b.add(p * NR));
             let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-            let ap = a.add(p * MR);
+            let ap = a.add(p * R);
             for (i, row) in t.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ap.add(i));
                 row[0] = _mm512_fmadd_ps(av, b0, row[0]);
@@ -424,6 +517,22 @@ mod tests {
                 (s % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn transposes_a_16_by_16_block() {
+        if !available() {
+            return;
+        }
+        let src: Vec<f32> = (0..20 * 16).map(|v| v as f32).collect();
+        let mut dst = vec![0f32; 16 * 24];
+        // SAFETY: AVX-512F is available; 16 rows of stride 20 and 24 lie inside the buffers.
+        unsafe { transpose16(src.as_ptr().add(2), 20, dst.as_mut_ptr(), 24) };
+        for r in 0..16 {
+            for c in 0..16 {
+                assert_eq!(dst[c * 24 + r], src[r * 20 + 2 + c], "row {r} column {c}");
+            }
+        }
     }
 
     #[test]
