@@ -43,6 +43,34 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// softmax(scores · scale + bias) over the last dimension, as attention computes it; `bias`
+/// (the additive mask) broadcasts to the shape of `scores` and gets no gradient.
+// scores: (b, h, tq, tk), bias: broadcastable, e.g. (b, 1, tq, tk) -> (b, h, tq, tk)
+pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if scores.rank() == 0
+        || !scores.device().is_cpu()
+        || scores.dtype() != DType::F32
+        || bias.dtype() != DType::F32
+        || bias.track_op()
+    {
+        return scaled_masked_softmax_composed(scores, bias, scale);
+    }
+    let bias = unit_stride(&bias.broadcast_as(scores.shape())?)?;
+    let op = ScaledMaskedSoftmax {
+        scale: scale as f32,
+    };
+    Ok(unit_stride(scores)?.apply_op2(&bias, op)?)
+}
+
+/// The composed reference: scale, add the bias, softmax.
+pub fn scaled_masked_softmax_composed(
+    scores: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    softmax_last_dim(&(scores * scale)?.broadcast_add(bias)?)
+}
+
 /// The composed softmax: exp(x - max) / sum.
 pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     // The max only shifts for stability; its gradient cancels exactly, so detach it.
@@ -509,12 +537,40 @@ fn softmax_row(x: &[f32], y: &mut [f32]) {
     }
 }
 
-// dx = y * (dy - sum(dy * y))
+// dx = scale * y * (dy - sum(dy * y))  (scale: of the softmax's input, 1 for a plain softmax)
 #[inline(always)]
-fn softmax_bwd_row(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+fn softmax_bwd_row(y: &[f32], dy: &[f32], scale: f32, dx: &mut [f32]) {
     let s = dot(y, dy);
     for ((dx, y), dy) in dx.iter_mut().zip(y).zip(dy) {
-        *dx = y * (dy - s);
+        *dx = scale * y * (dy - s);
+    }
+}
+
+// y = softmax(scale * x + b)
+#[inline(always)]
+fn scaled_masked_softmax_row(x: &[f32], b: &[f32], scale: f32, y: &mut [f32]) {
+    for ((y, x), b) in y.iter_mut().zip(x).zip(b) {
+        *y = scale * x + b;
+    }
+    let m = max(y);
+    let mut acc = [0f32; L];
+    let main = y.len() / L * L;
+    for y in y[..main].chunks_exact_mut(L) {
+        for j in 0..L {
+            let e = exp_f32(y[j] - m);
+            y[j] = e;
+            acc[j] += e;
+        }
+    }
+    let mut s = hsum(acc);
+    for y in &mut y[main..] {
+        let e = exp_f32(*y - m);
+        *y = e;
+        s += e;
+    }
+    let inv = 1.0 / s;
+    for y in y.iter_mut() {
+        *y *= inv;
     }
 }
 
@@ -660,12 +716,39 @@ simd_fn! {
 }
 
 simd_fn! {
-    fn softmax_bwd_rows(y: &[f32], yr: &Rows, dy: &[f32], dyr: &Rows, out: Out, rows: Range<usize>) {
+    fn softmax_bwd_rows(
+        y: &[f32],
+        yr: &Rows,
+        dy: &[f32],
+        dyr: &Rows,
+        scale: f32,
+        out: Out,
+        rows: Range<usize>,
+    ) {
         let n = yr.n;
         for r in rows {
             // SAFETY: as in softmax_rows.
             let dx = unsafe { out.row(r * n, n) };
-            softmax_bwd_row(yr.row(y, r), dyr.row(dy, r), dx);
+            softmax_bwd_row(yr.row(y, r), dyr.row(dy, r), scale, dx);
+        }
+    }
+}
+
+simd_fn! {
+    fn scaled_masked_softmax_rows(
+        x: &[f32],
+        xr: &Rows,
+        b: &[f32],
+        br: &Rows,
+        scale: f32,
+        out: Out,
+        rows: Range<usize>,
+    ) {
+        let n = xr.n;
+        for r in rows {
+            // SAFETY: as in softmax_rows.
+            let y = unsafe { out.row(r * n, n) };
+            scaled_masked_softmax_row(xr.row(x, r), br.row(b, r), scale, y);
         }
     }
 }
@@ -818,11 +901,67 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&unit_stride(dy)?, &SoftmaxBwd)?))
+        Ok(Some(y.apply_op2_no_bwd(
+            &unit_stride(dy)?,
+            &SoftmaxBwd { scale: 1.0 },
+        )?))
     }
 }
 
-struct SoftmaxBwd;
+/// softmax(scale · x + bias); the bias (broadcast to x's shape) gets no gradient.
+struct ScaledMaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, b) = (f32_data(s1, "softmax")?, f32_data(s2, "softmax bias")?);
+        let (xr, br) = (Rows::new(l1)?, Rows::new(l2)?);
+        if l1.dims() != l2.dims() {
+            bail!(
+                "fused softmax: scores {:?} and bias {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let len = xr.count * xr.n;
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        let scale = self.scale;
+        par_units(xr.count, xr.n, |_, rows| {
+            scaled_masked_softmax_rows(x, &xr, b, &br, scale, out, rows)
+        });
+        // SAFETY: every row was written.
+        let y = unsafe { buf.finish(len) };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let scale = self.scale;
+        let dx = y.apply_op2_no_bwd(&unit_stride(dy)?, &SoftmaxBwd { scale })?;
+        Ok((Some(dx), None))
+    }
+}
+
+struct SoftmaxBwd {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
@@ -848,8 +987,9 @@ impl CustomOp2 for SoftmaxBwd {
         let len = yr.count * yr.n;
         let mut buf = OutBuf::new(len);
         let out = buf.ptr();
+        let scale = self.scale;
         par_units(yr.count, yr.n, |_, rows| {
-            softmax_bwd_rows(y, &yr, dy, &dyr, out, rows)
+            softmax_bwd_rows(y, &yr, dy, &dyr, scale, out, rows)
         });
         // SAFETY: every row was written.
         let dx = unsafe { buf.finish(len) };
@@ -1306,6 +1446,38 @@ mod tests {
                 assert_close(&format!("softmax {shape:?} {view:?} grad"), dx, dxr, 1e-4)?;
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn scaled_masked_softmax_matches_composed() -> TResult {
+        // A causal mask with left padding, broadcast over 3 heads; rows of odd length.
+        let (b, h, t) = (2, 3, 19);
+        let x0 = randn(&[b, h, t, t], 7)?;
+        let mut bias = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for q in 0..t {
+                for k in 0..t {
+                    if k > q || (bi == 1 && k < 4) {
+                        bias[(bi * t + q) * t + k] = f32::MIN;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(bias, (b, 1, t, t), &Device::Cpu)?;
+        let r = randn(&[b, h, t, t], 8)?;
+        let x = Var::from_tensor(&x0)?;
+        let y = scaled_masked_softmax(x.as_tensor(), &bias, 0.125)?;
+        let g = (&y * &r)?.sum_all()?.backward()?;
+        let xr = Var::from_tensor(&x0)?;
+        let yr = scaled_masked_softmax_composed(xr.as_tensor(), &bias, 0.125)?;
+        let gr = (&yr * &r)?.sum_all()?.backward()?;
+        assert_close("scaled masked softmax value", &y, &yr, 1e-6)?;
+        let (dx, dxr) = (
+            g.get(x.as_tensor()).unwrap(),
+            gr.get(xr.as_tensor()).unwrap(),
+        );
+        assert_close("scaled masked softmax grad", dx, dxr, 1e-6)?;
         Ok(())
     }
 

@@ -136,11 +136,14 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
         .collect();
     let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
     let device = logits.device();
-    let idx = Tensor::new(keep.as_slice(), device)?;
-    let rows = logits.index_select(&idx, 0)?;
-    let lp = log_softmax(&rows)?;
-    let tgt = Tensor::new(targets.as_slice(), device)?.unsqueeze(1)?;
-    let picked = lp.gather(&tgt, 1)?.squeeze(1)?;
+    let rows = if keep.len() == n {
+        logits.clone()
+    } else {
+        logits.index_select(&Tensor::new(keep.as_slice(), device)?, 0)?
+    };
+    // The fused log-prob op: no vocabulary-sized intermediates, a one-pass backward.
+    let tgt = Tensor::new(targets.as_slice(), device)?;
+    let picked = crate::logprob::token_logprobs(&rows, &tgt)?;
     Ok(picked.mean(0)?.neg()?)
 }
 
