@@ -393,10 +393,10 @@ pub(crate) use simd_fn;
 // ---------------------------------------------------------------------------------------------
 
 /// Accumulator lanes for reductions: lets the compiler keep several vector registers busy.
-const L: usize = 16;
+pub(crate) const L: usize = 16;
 
 #[inline(always)]
-fn hsum(acc: [f32; L]) -> f32 {
+pub(crate) fn hsum(acc: [f32; L]) -> f32 {
     let mut h = [0f32; L / 2];
     for j in 0..L / 2 {
         h[j] = acc[j] + acc[j + L / 2];
@@ -468,7 +468,7 @@ fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn max(x: &[f32]) -> f32 {
+pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; L];
     let c = x.chunks_exact(L);
     let r = c.remainder();
