@@ -111,7 +111,7 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let mr = if m <= SMALL_M { MR_SMALL } else { MR };
-    let units = Units::new(m, n, mr, candle_core::utils::get_num_threads().max(1));
+    let units = Units::new(m, n, mr, threads());
     let out = SyncPtr(c.as_mut_ptr());
     let run = |range: std::ops::Range<usize>| {
         for u in range {
@@ -136,6 +136,13 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     // block (k > 0 here).
     unsafe { c.set_len(m * n) };
     Some(c)
+}
+
+/// candle's thread count, asked once: without RAYON_NUM_THREADS candle works it out from
+/// /proc/cpuinfo on every call.
+fn threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 /// How C is shared out: column slabs (each packs its slice of B once per K slice), cut into

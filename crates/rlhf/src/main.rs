@@ -60,6 +60,13 @@ fn main() -> std::process::ExitCode {
         // SAFETY: sets a process-wide allocator option before any thread is started.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+    // candle asks for its thread count on every matmul, and without RAYON_NUM_THREADS that
+    // means reading /proc/cpuinfo (num_cpus::get_physical) each time: a visible share of a
+    // LoRA step made of many small products. Decide once, before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
