@@ -496,6 +496,219 @@ unsafe fn kernel<const R: usize>(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 products (AVX512_BF16): operands rounded to bf16, f32 accumulation
+// ---------------------------------------------------------------------------------------------
+
+/// Whether this CPU runs the bf16 kernel (AVX512_BF16's `vdpbf16ps`).
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Depth of one packed bf16 slice (pairs of k are packed together; B panel 32 KB).
+const KC_BF16: usize = 512;
+
+/// C = A·B with A and B rounded to bf16 (nearest even) and the products summed in f32, as
+/// torch's CPU autocast computes a bf16 matmul; `None` without AVX512_BF16. `vdpbf16ps` does
+/// 32 products a vector where `vfmadd231ps` does 16.
+///
+/// # Panics
+/// When the inner dimensions differ.
+pub fn matmul_bf16(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    if !bf16_available() {
+        return None;
+    }
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 || k == 0 {
+        return Some(vec![0f32; m * n]);
+    }
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let units = Units::new(m, n, MR, threads());
+    let out = SyncPtr(c.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for u in range {
+            let (rows, cols) = units.unit(u);
+            // SAFETY: AVX512_BF16 was detected above; units write disjoint blocks of C.
+            unsafe { block_bf16(a, b, rows, cols, out.get(), n) };
+        }
+    };
+    if units.count() == 1 {
+        run(0..1);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units.count(), run);
+    }
+    // SAFETY: as in `matmul`.
+    unsafe { c.set_len(m * n) };
+    Some(c)
+}
+
+/// f32 → bf16 bits, rounding to nearest even (NaN payloads are not preserved).
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+thread_local! {
+    /// Per-thread bf16 packing buffers for A and B.
+    static PACK_BF16: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// # Safety
+/// AVX512_BF16 must be available, and `c` must point to a buffer holding the whole of C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block_bf16(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let k = a.cols;
+    let n_tiles = cols.len().div_ceil(NR);
+    PACK_BF16.with_borrow_mut(|(pa, pb)| {
+        // Two bf16 per f32 slot of the line buffers.
+        let pa: *mut u16 = lines(pa, MC_TILES * MR * KC_BF16 / 2).cast();
+        let pb: *mut u16 = lines(pb, n_tiles * NR * KC_BF16 / 2).cast();
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC_BF16.min(k - k0);
+            let kp = kc.div_ceil(2);
+            for t in 0..n_tiles {
+                let c0 = cols.start + t * NR;
+                let nr = NR.min(cols.end - c0);
+                let dst = pb.add(t * NR * 2 * kp);
+                for pp in 0..kp {
+                    for j in 0..NR {
+                        for h in 0..2 {
+                            let p = 2 * pp + h;
+                            let v = if j < nr && p < kc {
+                                b.data[(k0 + p) * b.rs + (c0 + j) * b.cs]
+                            } else {
+                                0.0
+                            };
+                            *dst.add((pp * NR + j) * 2 + h) = bf16_bits(v);
+                        }
+                    }
+                }
+            }
+            let accumulate = k0 > 0;
+            let mut m0 = rows.start;
+            while m0 < rows.end {
+                let mb = (MC_TILES * MR).min(rows.end - m0);
+                let m_tiles = mb.div_ceil(MR);
+                for t in 0..m_tiles {
+                    let r0 = m0 + t * MR;
+                    let mr = MR.min(m0 + mb - r0);
+                    let dst = pa.add(t * MR * 2 * kp);
+                    for pp in 0..kp {
+                        for i in 0..MR {
+                            for h in 0..2 {
+                                let p = 2 * pp + h;
+                                let v = if i < mr && p < kc {
+                                    a.data[(r0 + i) * a.rs + (k0 + p) * a.cs]
+                                } else {
+                                    0.0
+                                };
+                                *dst.add((pp * MR + i) * 2 + h) = bf16_bits(v);
+                            }
+                        }
+                    }
+                }
+                for tj in 0..n_tiles {
+                    let c0 = cols.start + tj * NR;
+                    let nr = NR.min(cols.end - c0);
+                    for ti in 0..m_tiles {
+                        let r0 = m0 + ti * MR;
+                        let mr = MR.min(m0 + mb - r0);
+                        let ap = pa.add(ti * MR * 2 * kp);
+                        let bp = pb.add(tj * NR * 2 * kp);
+                        let cp = c.add(r0 * ldc + c0);
+                        if mr == MR && nr == NR {
+                            kernel_bf16(kp, ap, bp, cp, ldc, accumulate);
+                        } else {
+                            let mut tile = [Line([0.0; 16]); MR * NR / 16];
+                            let tp: *mut f32 = tile.as_mut_ptr().cast();
+                            kernel_bf16(kp, ap, bp, tp, NR, false);
+                            for i in 0..mr {
+                                for j in 0..nr {
+                                    let dst = cp.add(i * ldc + j);
+                                    let v = *tp.add(i * NR + j);
+                                    *dst = if accumulate { *dst + v } else { v };
+                                }
+                            }
+                        }
+                    }
+                }
+                m0 += mb;
+            }
+            k0 += kc;
+        }
+    });
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_bf16(
+    _: MatRef<'_>,
+    _: MatRef<'_>,
+    _: std::ops::Range<usize>,
+    _: std::ops::Range<usize>,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("the bf16 kernel runs on x86_64 only")
+}
+
+/// C[MR × NR] (+)= A panel · B panel over `kp` pairs of k, in bf16 with f32 sums.
+///
+/// # Safety
+/// AVX512_BF16 must be available; `a` holds `kp × MR × 2` bf16, `b` `kp × NR × 2`, and `c`
+/// an `MR × NR` tile with row stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel_bf16(kp: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: usize, acc: bool) {
+    use std::arch::x86_64::*;
+    let mut t = [[_mm512_setzero_ps(); 2]; MR];
+    // SAFETY: the caller guarantees the sizes read and written here.
+    unsafe {
+        for pp in 0..kp {
+            let bp = b.add(pp * NR * 2);
+            let b0 = std::ptr::read_unaligned(bp.cast::<__m512bh>());
+            let b1 = std::ptr::read_unaligned(bp.add(32).cast::<__m512bh>());
+            let ap = a.add(pp * MR * 2).cast::<i32>();
+            for (i, row) in t.iter_mut().enumerate() {
+                let pair = std::ptr::read_unaligned(ap.add(i));
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            }
+        }
+        for (i, row) in t.iter().enumerate() {
+            let cp = c.add(i * ldc);
+            if acc {
+                _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
+                _mm512_storeu_ps(
+                    cp.add(16),
+                    _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
+                );
+            } else {
+                _mm512_storeu_ps(cp, row[0]);
+                _mm512_storeu_ps(cp.add(16), row[1]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,6 +737,41 @@ mod tests {
                 (s % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn bf16_product_matches_the_f32_product_of_rounded_operands() {
+        if !bf16_available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| f32::from_bits((bf16_bits(x) as u32) << 16))
+                .collect()
+        };
+        for &(m, k, n) in &[(1, 1, 1), (15, 7, 33), (113, 513, 70), (30, 1030, 257)] {
+            let (av, bv) = (values(m * k, 3), values(k * n, 4));
+            let (ar, br) = (round(&av), round(&bv));
+            for tb in [false, true] {
+                let view = |d| {
+                    if tb {
+                        MatRef::new(d, n, k, k, 1).t()
+                    } else {
+                        MatRef::new(d, k, n, n, 1)
+                    }
+                };
+                let a = MatRef::new(&av, m, k, k, 1);
+                let got = matmul_bf16(a, view(&bv)).expect("avx512bf16 is available");
+                let want = naive(MatRef::new(&ar, m, k, k, 1), view(&br));
+                for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "({m},{k},{n}) tb={tb} at {idx}: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

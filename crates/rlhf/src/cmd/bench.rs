@@ -20,7 +20,8 @@ pub enum Bench {
     Train(TrainArgs),
     /// Time greedy generation with a KV cache from a model directory.
     Generate(GenerateArgs),
-    /// GFLOP/s of candle's f32 and bf16 matmul on n×n matrices (the ceiling of training).
+    /// GFLOP/s of candle's f32 and bf16 matmul and of rlhf-model's AVX-512 kernels (f32, bf16) on
+    /// n×n matrices (the ceiling of training).
     Matmul(MatmulArgs),
 }
 
@@ -73,6 +74,22 @@ fn matmul_bench(a: MatmulArgs) -> Result<()> {
             "{}",
             json!({
                 "impl": "rlhf-rs (avx512 kernel)", "job": "matmul", "dtype": "f32",
+                "n": a.n, "threads": candle_core::utils::get_num_threads(),
+                "gflops": r4(2.0 * (a.n as f64).powi(3) / secs / 1e9),
+            })
+        );
+    }
+    // Its bf16 variant (operands rounded to bf16, f32 sums; AVX512_BF16), on the same matrices.
+    if gemm::matmul_bf16(xm, ym).is_some() {
+        let t = std::time::Instant::now();
+        for _ in 0..a.reps {
+            gemm::matmul_bf16(xm, ym);
+        }
+        let secs = t.elapsed().as_secs_f64() / a.reps as f64;
+        println!(
+            "{}",
+            json!({
+                "impl": "rlhf-rs (avx512-bf16 kernel)", "job": "matmul", "dtype": "bf16",
                 "n": a.n, "threads": candle_core::utils::get_num_threads(),
                 "gflops": r4(2.0 * (a.n as f64).powi(3) / secs / 1e9),
             })
