@@ -199,3 +199,104 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     }
     Ok(table.apply_op2(&ids.contiguous()?, EmbeddingOp)?)
 }
+
+/// A tensor of shape (..., rows, cols) as `batch` strided matrices `step` elements apart, when
+/// its leading dimensions collapse into one.
+fn batch_view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<(gemm::MatRef<'a>, usize, usize)> {
+    let CpuStorage::F32(data) = s else {
+        return None;
+    };
+    let (dims, strides) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r < 2 {
+        return None;
+    }
+    let (lead, lead_st) = (&dims[..r - 2], &strides[..r - 2]);
+    for d in 0..lead.len().saturating_sub(1) {
+        if lead_st[d] != lead_st[d + 1] * lead[d + 1] {
+            return None;
+        }
+    }
+    let batch: usize = lead.iter().product();
+    let step = lead_st.last().copied().unwrap_or(0);
+    let view = gemm::MatRef::new(
+        &data[l.start_offset()..],
+        dims[r - 2],
+        dims[r - 1],
+        strides[r - 2],
+        strides[r - 1],
+    );
+    // The last matrix must lie inside the buffer too.
+    if batch > 0 {
+        gemm::MatRef::new(
+            data.get(l.start_offset() + (batch - 1) * step..)?,
+            dims[r - 2],
+            dims[r - 1],
+            strides[r - 2],
+            strides[r - 1],
+        );
+    }
+    Some((view, step, batch))
+}
+
+/// Batched product of (..., m, k) and (..., k, n) with the same leading dimensions.
+struct BmmOp;
+
+impl CustomOp2 for BmmOp {
+    fn name(&self) -> &'static str {
+        "avx512-batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ad, bd) = (al.dims(), bl.dims());
+        let r = ad.len();
+        let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+        let mut out = ad[..r - 2].to_vec();
+        out.extend([m, n]);
+        if let (Some((av, ast, batch)), Some((bv, bst, _))) = (batch_view(a, al), batch_view(b, bl))
+        {
+            if let Some(c) = gemm::batched_matmul(av, ast, bv, bst, batch) {
+                return Ok((CpuStorage::F32(c), Shape::from(out)));
+            }
+        }
+        let batch: usize = ad[..r - 2].iter().product();
+        Ok((a.matmul(b, (batch, m, n, k), al, bl)?, Shape::from(out)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _c: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let da = if a.track_op() {
+            Some(grad.apply_op2_no_bwd(&b.t()?, &BmmOp)?)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            Some(a.t()?.apply_op2_no_bwd(grad, &BmmOp)?)
+        } else {
+            None
+        };
+        Ok((da, db))
+    }
+}
+
+/// a·b over the last two dimensions, the leading ones equal (attention's q·kᵀ and p·v), on
+/// the AVX-512 kernel one product per thread-pool unit, with its backward on the same kernel.
+pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let r = a.rank();
+    let same_lead = r >= 3 && b.rank() == r && a.dims()[..r - 2] == b.dims()[..r - 2];
+    if !a.device().is_cpu() || !same_lead || !gemm::available() {
+        return Ok(a.matmul(b)?);
+    }
+    Ok(a.apply_op2(b, BmmOp)?)
+}

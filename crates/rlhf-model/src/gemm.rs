@@ -140,6 +140,59 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     Some(c)
 }
 
+/// C[i] = A[i]·B[i] for `batch` products of small matrices (attention's q·kᵀ and p·v), as one
+/// row-major `(batch, a.rows, b.cols)` buffer; `None` without AVX-512F. `a_step` and `b_step`
+/// are the element distances between consecutive matrices. The batch is shared out over the
+/// thread pool, one product per unit, each on a single thread.
+///
+/// # Panics
+/// When the inner dimensions differ or a matrix lies outside its buffer.
+pub fn batched_matmul(
+    a: MatRef<'_>,
+    a_step: usize,
+    b: MatRef<'_>,
+    b_step: usize,
+    batch: usize,
+) -> Option<Vec<f32>> {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    if !available() {
+        return None;
+    }
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if batch == 0 || m == 0 || n == 0 || k == 0 {
+        return Some(vec![0f32; batch * m * n]);
+    }
+    fn item<'a>(x: MatRef<'a>, step: usize, i: usize) -> MatRef<'a> {
+        MatRef::new(&x.data[i * step..], x.rows, x.cols, x.rs, x.cs)
+    }
+    // Bounds of the last item checked up front, so the workers cannot panic midway.
+    let (_, _) = (item(a, a_step, batch - 1), item(b, b_step, batch - 1));
+    let mut c: Vec<f32> = Vec::with_capacity(batch * m * n);
+    let out = SyncPtr(c.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for i in range {
+            let (ai, bi) = (item(a, a_step, i), item(b, b_step, i));
+            // SAFETY: AVX-512F was detected above; item i writes its own m × n block.
+            unsafe {
+                let ci = out.get().add(i * m * n);
+                if m <= SMALL_M {
+                    block::<MR_SMALL>(ai, bi, 0..m, 0..n, ci, n)
+                } else {
+                    block::<MR>(ai, bi, 0..m, 0..n, ci, n)
+                }
+            }
+        }
+    };
+    if batch == 1 {
+        run(0..1);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(batch, run);
+    }
+    // SAFETY: every item wrote its whole block (k > 0).
+    unsafe { c.set_len(batch * m * n) };
+    Some(c)
+}
+
 /// candle's thread count, asked once: without RAYON_NUM_THREADS candle works it out from
 /// /proc/cpuinfo on every call.
 fn threads() -> usize {
@@ -772,6 +825,27 @@ mod tests {
                         "({m},{k},{n}) tb={tb} at {idx}: {g} vs {w}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn batched_products_match_one_by_one() {
+        if !available() {
+            return;
+        }
+        let (batch, m, k, n) = (5, 19, 40, 23);
+        let (av, bv) = (values(batch * m * k, 5), values(batch * n * k, 6));
+        // A row-major per item; B = (n × k per item)ᵀ, as q·kᵀ reads k.
+        let a = MatRef::new(&av, m, k, k, 1);
+        let b = MatRef::new(&bv, n, k, k, 1).t();
+        let got = batched_matmul(a, m * k, b, n * k, batch).expect("avx512f");
+        for i in 0..batch {
+            let ai = MatRef::new(&av[i * m * k..], m, k, k, 1);
+            let bi = MatRef::new(&bv[i * n * k..], n, k, k, 1).t();
+            let want = naive(ai, bi);
+            for (g, w) in got[i * m * n..(i + 1) * m * n].iter().zip(&want) {
+                assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "item {i}");
             }
         }
     }

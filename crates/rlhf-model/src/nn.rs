@@ -328,8 +328,9 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// Scaled dot-product attention with an additive bias.
 // q: (b, h, tq, d), k/v: (b, h, tk, d), bias: (b, 1, tq, tk) -> (b, h, tq, d)
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let probs = crate::fused::scaled_masked_softmax(&q.matmul(&k.t()?)?, bias, scale)?;
-    Ok(probs.matmul(v)?)
+    let scores = crate::frozen::bmm(q, &k.t()?)?;
+    let probs = crate::fused::scaled_masked_softmax(&scores, bias, scale)?;
+    crate::frozen::bmm(&probs, v)
 }
 
 /// Per-layer key/value cache for generation.
