@@ -104,23 +104,12 @@ pub fn linear(x: &Tensor, w: &Tensor, conv1d: bool) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(w, LinearOp { conv1d })?)
 }
 
-/// A 2-D f32 storage as a strided view for [`gemm`], when it is one.
-fn view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<gemm::MatRef<'a>> {
-    let (CpuStorage::F32(data), [rows, cols], [rs, cs]) = (s, l.dims(), l.stride()) else {
-        return None;
-    };
-    Some(gemm::MatRef::new(
-        &data[l.start_offset()..],
-        *rows,
-        *cols,
-        *rs,
-        *cs,
-    ))
-}
-
 /// a·b with the AVX-512 kernel, where the CPU has one and both are 2-D f32.
 fn avx512_matmul(a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Option<CpuStorage> {
-    let (a, b) = (view(a, al)?, view(b, bl)?);
+    if al.dims().len() != 2 || bl.dims().len() != 2 {
+        return None;
+    }
+    let ((a, _, _), (b, _, _)) = (batch_view(a, al)?, batch_view(b, bl)?);
     gemm::matmul(a, b).map(CpuStorage::F32)
 }
 

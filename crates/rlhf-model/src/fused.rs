@@ -274,7 +274,7 @@ fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> CResult<&'a [f32]> {
 
 /// A raw output pointer shared by the workers; each writes disjoint rows.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
@@ -283,24 +283,24 @@ impl Out {
     /// `start + n` is within the allocation and no other thread touches these elements.
     #[inline(always)]
     #[allow(clippy::mut_from_ref)]
-    unsafe fn row<'a>(self, start: usize, n: usize) -> &'a mut [f32] {
+    pub(crate) unsafe fn row<'a>(self, start: usize, n: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), n)
     }
 }
 
 /// An output buffer every element of which the kernel writes.
-struct OutBuf(Vec<f32>);
+pub(crate) struct OutBuf(Vec<f32>);
 
 impl OutBuf {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         OutBuf(Vec::with_capacity(len))
     }
-    fn ptr(&mut self) -> Out {
+    pub(crate) fn ptr(&mut self) -> Out {
         Out(self.0.as_mut_ptr())
     }
     /// # Safety
     /// All `len` elements have been written.
-    unsafe fn finish(mut self, len: usize) -> Vec<f32> {
+    pub(crate) unsafe fn finish(mut self, len: usize) -> Vec<f32> {
         self.0.set_len(len);
         self.0
     }
@@ -321,7 +321,7 @@ fn n_units(count: usize, n: usize) -> usize {
 
 /// Runs `f(unit, rows)` over all rows in fixed units (the split into units depends on the shape
 /// only, so reductions over units are deterministic), on candle's CPU pool when large enough.
-fn par_units(count: usize, n: usize, f: impl Fn(usize, Range<usize>) + Sync) {
+pub(crate) fn par_units(count: usize, n: usize, f: impl Fn(usize, Range<usize>) + Sync) {
     let rpu = rows_per_unit(n);
     let units = count.div_ceil(rpu);
     let run = |us: Range<usize>| {

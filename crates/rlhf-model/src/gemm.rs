@@ -334,13 +334,7 @@ unsafe fn block<const R: usize>(
                                 let mut tile = [Line([0.0; 16]); MR * NR / 16];
                                 let tp: *mut f32 = tile.as_mut_ptr().cast();
                                 kernel::<R>(kc, ap, bp, tp, NR, false);
-                                for i in 0..mr {
-                                    for j in 0..nr {
-                                        let dst = cp.add(i * ldc + j);
-                                        let v = *tp.add(i * NR + j);
-                                        *dst = if accumulate { *dst + v } else { v };
-                                    }
-                                }
+                                write_edge(tp, cp, ldc, mr, nr, accumulate);
                             }
                         }
                     }
@@ -452,6 +446,56 @@ unsafe fn pack_b(b: MatRef<'_>, k0: usize, kc: usize, c0: usize, nr: usize, dst:
     }
 }
 
+/// Writes (or adds, with `acc`) an `R × NR` accumulator tile to C (row stride `ldc`).
+///
+/// # Safety
+/// AVX-512F must be available; the tile must lie inside C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_tile<const R: usize>(
+    t: &[[std::arch::x86_64::__m512; 2]; R],
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the tile's rows lie inside C.
+    unsafe {
+        for (i, row) in t.iter().enumerate() {
+            let cp = c.add(i * ldc);
+            if acc {
+                _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
+                _mm512_storeu_ps(
+                    cp.add(16),
+                    _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
+                );
+            } else {
+                _mm512_storeu_ps(cp, row[0]);
+                _mm512_storeu_ps(cp.add(16), row[1]);
+            }
+        }
+    }
+}
+
+/// Copies (or adds, with `acc`) the `mr × nr` corner of a full tile computed into `tile`
+/// (row stride NR) to C: the ragged edge tiles.
+///
+/// # Safety
+/// `tile` holds MR × NR floats and the corner lies inside C.
+unsafe fn write_edge(tile: *const f32, c: *mut f32, ldc: usize, mr: usize, nr: usize, acc: bool) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        for i in 0..mr {
+            for j in 0..nr {
+                let dst = c.add(i * ldc + j);
+                let v = *tile.add(i * NR + j);
+                *dst = if acc { *dst + v } else { v };
+            }
+        }
+    }
+}
+
 /// Writes the transpose of the 16 × 16 block at `src` (row stride `lds`) to `dst` (row
 /// stride `ldd`): dst row c = src column c.
 ///
@@ -535,19 +579,7 @@ unsafe fn kernel<const R: usize>(
                 row[1] = _mm512_fmadd_ps(av, b1, row[1]);
             }
         }
-        for (i, row) in t.iter().enumerate() {
-            let cp = c.add(i * ldc);
-            if acc {
-                _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
-                _mm512_storeu_ps(
-                    cp.add(16),
-                    _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
-                );
-            } else {
-                _mm512_storeu_ps(cp, row[0]);
-                _mm512_storeu_ps(cp.add(16), row[1]);
-            }
-        }
+        store_tile(&t, c, ldc, acc);
     }
 }
 
@@ -695,13 +727,7 @@ unsafe fn block_bf16(
                             let mut tile = [Line([0.0; 16]); MR * NR / 16];
                             let tp: *mut f32 = tile.as_mut_ptr().cast();
                             kernel_bf16(kp, ap, bp, tp, NR, false);
-                            for i in 0..mr {
-                                for j in 0..nr {
-                                    let dst = cp.add(i * ldc + j);
-                                    let v = *tp.add(i * NR + j);
-                                    *dst = if accumulate { *dst + v } else { v };
-                                }
-                            }
+                            write_edge(tp, cp, ldc, mr, nr, accumulate);
                         }
                     }
                 }
@@ -748,19 +774,7 @@ unsafe fn kernel_bf16(kp: usize, a: *const u16, b: *const u16, c: *mut f32, ldc:
                 row[1] = _mm512_dpbf16_ps(row[1], av, b1);
             }
         }
-        for (i, row) in t.iter().enumerate() {
-            let cp = c.add(i * ldc);
-            if acc {
-                _mm512_storeu_ps(cp, _mm512_add_ps(_mm512_loadu_ps(cp), row[0]));
-                _mm512_storeu_ps(
-                    cp.add(16),
-                    _mm512_add_ps(_mm512_loadu_ps(cp.add(16)), row[1]),
-                );
-            } else {
-                _mm512_storeu_ps(cp, row[0]);
-                _mm512_storeu_ps(cp.add(16), row[1]);
-            }
-        }
+        store_tile(&t, c, ldc, acc);
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor}
 
 #[cfg(target_arch = "x86_64")]
 use crate::fused::use_avx2;
-use crate::fused::{exp_f32, simd_fn};
+use crate::fused::{exp_f32, par_units, simd_fn, OutBuf};
 use crate::Result;
 
 type CResult<T> = candle_core::Result<T>;
@@ -31,41 +31,6 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// The composed reference: candle's silu and product.
 pub fn silu_mul_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
-}
-
-/// Elements per work unit of the thread pool.
-const CHUNK: usize = 16 * 1024;
-
-/// Runs `f` over `0..len` in chunks, on candle's CPU pool when there is more than one chunk.
-fn par_chunks(len: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    let chunks = len.div_ceil(CHUNK);
-    let run = |cs: std::ops::Range<usize>| {
-        for c in cs {
-            f(c * CHUNK..((c + 1) * CHUNK).min(len))
-        }
-    };
-    if chunks < 2 {
-        run(0..chunks)
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(chunks, run)
-    }
-}
-
-/// A raw output pointer shared by the workers; each writes disjoint ranges.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: workers write disjoint ranges of the buffer behind it.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// # Safety
-    /// `start + n` lies within the allocation and no other thread touches these elements.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice<'a>(self, start: usize, n: usize) -> &'a mut [f32] {
-        // SAFETY: as the caller guarantees.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), n) }
-    }
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
@@ -124,15 +89,16 @@ impl CustomOp2 for SiluMul {
             bail!("fused silu·up: {} and {} elements", g.len(), u.len())
         }
         let len = g.len();
-        let mut y: Vec<f32> = Vec::with_capacity(len);
-        let out = Out(y.as_mut_ptr());
-        par_chunks(len, |r| {
-            // SAFETY: ranges are disjoint and inside the capacity.
-            let dst = unsafe { out.slice(r.start, r.len()) };
+        let mut buf = OutBuf::new(len);
+        let out = buf.ptr();
+        // The tensors as `len` rows of one element: fused.rs's units and thread pool.
+        par_units(len, 1, |_, r| {
+            // SAFETY: units are disjoint and inside the buffer.
+            let dst = unsafe { out.row(r.start, r.len()) };
             silu_mul_range(&g[r.clone()], &u[r], dst);
         });
         // SAFETY: every element was written.
-        unsafe { y.set_len(len) };
+        let y = unsafe { buf.finish(len) };
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
@@ -174,16 +140,16 @@ impl CustomOp3 for SiluMulBwd {
             bail!("fused silu·up bwd: element counts differ")
         }
         let len = g.len();
-        let mut both: Vec<f32> = Vec::with_capacity(2 * len);
-        let out = Out(both.as_mut_ptr());
-        par_chunks(len, |r| {
-            // SAFETY: the two halves' ranges are disjoint and inside the capacity.
-            let dg = unsafe { out.slice(r.start, r.len()) };
-            let du = unsafe { out.slice(len + r.start, r.len()) };
+        let mut buf = OutBuf::new(2 * len);
+        let out = buf.ptr();
+        par_units(len, 1, |_, r| {
+            // SAFETY: the two halves' ranges are disjoint and inside the buffer.
+            let dg = unsafe { out.row(r.start, r.len()) };
+            let du = unsafe { out.row(len + r.start, r.len()) };
             silu_mul_bwd_range(&g[r.clone()], &u[r.clone()], &dy[r], dg, du);
         });
         // SAFETY: every element of both halves was written.
-        unsafe { both.set_len(2 * len) };
+        let both = unsafe { buf.finish(2 * len) };
         let mut dims = vec![2];
         dims.extend_from_slice(gl.dims());
         Ok((CpuStorage::F32(both), Shape::from(dims)))
