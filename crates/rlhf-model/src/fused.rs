@@ -286,6 +286,15 @@ impl Out {
     pub(crate) unsafe fn row<'a>(self, start: usize, n: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), n)
     }
+
+    /// The address of element `offset`, for kernels that write through a raw pointer.
+    ///
+    /// # Safety
+    /// `offset` is within the allocation.
+    #[inline(always)]
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
 }
 
 /// An output buffer every element of which the kernel writes.
@@ -422,7 +431,7 @@ fn sum(x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; L];
     let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -552,7 +561,7 @@ fn softmax_bwd_row(y: &[f32], dy: &[f32], scale: f32, dx: &mut [f32]) {
 // y = softmax(scale * x + b). The logits are recomputed in the exp pass rather than stored
 // and re-read: read-only inputs and a write-only output keep the loop vectorised.
 #[inline(always)]
-fn scaled_masked_softmax_row(x: &[f32], b: &[f32], scale: f32, y: &mut [f32]) {
+pub(crate) fn scaled_masked_softmax_row(x: &[f32], b: &[f32], scale: f32, y: &mut [f32]) {
     let mut mx = [f32::NEG_INFINITY; L];
     let main = x.len() / L * L;
     for (x, b) in x[..main].chunks_exact(L).zip(b[..main].chunks_exact(L)) {
@@ -685,7 +694,7 @@ fn layer_norm_bwd_row(
 
 // out = x·cos + rotate_half(x)·sin, rotate_half(x) = cat(−x2, x1)
 #[inline(always)]
-fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
+pub(crate) fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
     let h = x.len() / 2;
     let (x1, x2) = x.split_at(h);
     let (c1, c2) = c.split_at(h);
@@ -699,7 +708,7 @@ fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
 
 // dx = dy·cos + rotate_half_transpose(dy·sin), rotate_half_transpose(g) = cat(g2, −g1)
 #[inline(always)]
-fn rope_bwd_row(g: &[f32], c: &[f32], s: &[f32], dx: &mut [f32]) {
+pub(crate) fn rope_bwd_row(g: &[f32], c: &[f32], s: &[f32], dx: &mut [f32]) {
     let h = g.len() / 2;
     let (g1, g2) = g.split_at(h);
     let (c1, c2) = c.split_at(h);

@@ -122,9 +122,9 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
             // `out` points to `m * n` floats that live until every unit has finished.
             unsafe {
                 if mr == MR {
-                    block::<MR>(a, b, rows, cols, out.get(), n)
+                    block::<MR>(a, b, rows, cols, out.get(), n, false)
                 } else {
-                    block::<MR_SMALL>(a, b, rows, cols, out.get(), n)
+                    block::<MR_SMALL>(a, b, rows, cols, out.get(), n, false)
                 }
             };
         }
@@ -176,9 +176,9 @@ pub fn batched_matmul(
             unsafe {
                 let ci = out.get().add(i * m * n);
                 if m <= SMALL_M {
-                    block::<MR_SMALL>(ai, bi, 0..m, 0..n, ci, n)
+                    block::<MR_SMALL>(ai, bi, 0..m, 0..n, ci, n, false)
                 } else {
-                    block::<MR>(ai, bi, 0..m, 0..n, ci, n)
+                    block::<MR>(ai, bi, 0..m, 0..n, ci, n, false)
                 }
             }
         }
@@ -191,6 +191,69 @@ pub fn batched_matmul(
     // SAFETY: every item wrote its whole block (k > 0).
     unsafe { c.set_len(batch * m * n) };
     Some(c)
+}
+
+/// C = A·B, or C += A·B with `acc`, on the calling thread, into `c` with row stride `ldc`:
+/// for work the caller has already shared out over the pool (one attention head per unit).
+/// Runs the AVX-512 kernel where the CPU has it and a plain loop elsewhere.
+///
+/// # Safety
+/// Element (i, j) of C is `c + i * ldc + j`: the `a.rows × b.cols` elements so addressed must
+/// lie inside one allocation, and no other thread may touch them during the call.
+///
+/// # Panics
+/// When the inner dimensions differ.
+pub(crate) unsafe fn matmul_into(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc: usize, acc: bool) {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                // SAFETY: row i of C lies inside the caller's allocation.
+                unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
+            }
+        }
+        return;
+    }
+    if available() {
+        // SAFETY: AVX-512F was detected; C is the caller's, as the contract says.
+        unsafe {
+            if m <= SMALL_M {
+                block::<MR_SMALL>(a, b, 0..m, 0..n, c, ldc, acc)
+            } else {
+                block::<MR>(a, b, 0..m, 0..n, c, ldc, acc)
+            }
+        }
+        return;
+    }
+    // SAFETY: as the caller guarantees.
+    unsafe { matmul_loop(a, b, c, ldc, acc) }
+}
+
+/// [`matmul_into`] without AVX-512: a plain loop the compiler vectorises.
+///
+/// # Safety
+/// As for [`matmul_into`].
+unsafe fn matmul_loop(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc: usize, acc: bool) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let mut row = vec![0f32; n];
+    for i in 0..m {
+        row.fill(0.0);
+        for p in 0..k {
+            let x = a.data[i * a.rs + p * a.cs];
+            for (j, r) in row.iter_mut().enumerate() {
+                *r += x * b.data[p * b.rs + j * b.cs];
+            }
+        }
+        // SAFETY: row i of C lies inside the caller's allocation.
+        let ci = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
+        for (c, r) in ci.iter_mut().zip(&row) {
+            *c = if acc { *c + r } else { *r };
+        }
+    }
 }
 
 /// candle's thread count, asked once: without RAYON_NUM_THREADS candle works it out from
@@ -278,7 +341,8 @@ fn lines(buf: &mut Vec<Line>, floats: usize) -> *mut f32 {
     buf.as_mut_ptr().cast()
 }
 
-/// One `rows × cols` block of C (row stride `ldc`), all of K.
+/// One `rows × cols` block of C (row stride `ldc`), all of K; with `acc` the product is added
+/// to what C holds.
 ///
 /// # Safety
 /// AVX-512F must be available, and `c` must point to a buffer holding the whole of C.
@@ -291,6 +355,7 @@ unsafe fn block<const R: usize>(
     cols: std::ops::Range<usize>,
     c: *mut f32,
     ldc: usize,
+    acc: bool,
 ) {
     let k = a.cols;
     let n_tiles = cols.len().div_ceil(NR);
@@ -306,7 +371,7 @@ unsafe fn block<const R: usize>(
                 // SAFETY: the buffer holds n_tiles panels of KC × NR.
                 unsafe { pack_b(b, k0, kc, c0, nr, pb.add(t * NR * kc)) };
             }
-            let accumulate = k0 > 0;
+            let accumulate = acc || k0 > 0;
             let mut m0 = rows.start;
             while m0 < rows.end {
                 let mb = (MC_TILES * R).min(rows.end - m0);
@@ -354,6 +419,7 @@ unsafe fn block<const R: usize>(
     _: std::ops::Range<usize>,
     _: *mut f32,
     _: usize,
+    _: bool,
 ) {
     unreachable!("the AVX-512 kernel runs on x86_64 only")
 }
@@ -746,6 +812,7 @@ unsafe fn block_bf16(
     _: std::ops::Range<usize>,
     _: *mut f32,
     _: usize,
+    _: bool,
 ) {
     unreachable!("the bf16 kernel runs on x86_64 only")
 }
@@ -917,6 +984,46 @@ mod tests {
                         (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
                         "({m},{k},{n}) ta={ta} tb={tb} at {idx}: {g} vs {w}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn serial_product_writes_or_adds_into_a_strided_destination() {
+        // Both the kernel (where the CPU has AVX-512F) and the plain loop, over tile edges.
+        for &(m, k, n) in &[(1, 1, 1), (13, 64, 31), (40, 64, 40), (70, 300, 33)] {
+            let av = values(m * k, 3);
+            let bv = values(n * k, 4);
+            let a = MatRef::new(&av, m, k, k, 1);
+            let b = MatRef::new(&bv, n, k, k, 1).t();
+            let want = naive(a, b);
+            let ldc = n + 5;
+            let base = values(m * ldc, 5);
+            for acc in [false, true] {
+                let mut via_kernel = base.clone();
+                let mut via_loop = base.clone();
+                // SAFETY: both buffers hold m rows of stride ldc; one thread.
+                unsafe {
+                    matmul_into(a, b, via_kernel.as_mut_ptr(), ldc, acc);
+                    matmul_loop(a, b, via_loop.as_mut_ptr(), ldc, acc);
+                }
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let idx = i * ldc + j;
+                        let w = if j >= n {
+                            base[idx] as f64
+                        } else {
+                            want[i * n + j] + if acc { base[idx] as f64 } else { 0.0 }
+                        };
+                        for (name, got) in [("kernel", &via_kernel), ("loop", &via_loop)] {
+                            assert!(
+                                (got[idx] as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                "{name} ({m},{k},{n}) acc={acc} at ({i},{j}): {} vs {w}",
+                                got[idx]
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! `rlhf-model`: decoder-only transformers that load Hugging Face checkpoints, train through
 //! candle's autograd (every op here has a backward pass), carry LoRA adapters, and generate.
 
+pub mod attn;
 pub mod error;
 pub mod frozen;
 pub mod fused;

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use crate::nn::{attention, repeat_kv, Embedding, KvCache, Linear, RmsNorm, Switches};
+use crate::nn::{Embedding, KvCache, Linear, RmsNorm, Switches};
 use crate::weights::Builder;
 use crate::Result;
 
@@ -183,7 +183,6 @@ struct Attention {
     o_proj: Linear,
     n_heads: usize,
     n_kv: usize,
-    head_dim: usize,
 }
 
 impl Attention {
@@ -204,7 +203,6 @@ impl Attention {
             )?,
             n_heads: nh,
             n_kv: nkv,
-            head_dim: hd,
         })
     }
 
@@ -217,28 +215,13 @@ impl Attention {
         bias: &Tensor,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.n_kv)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv)?;
-        let q = crate::ops::apply_rope(&q, cos, sin)?;
-        let k = crate::ops::apply_rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some((c, layer)) => c.append(layer, &k, &v)?,
-            None => (k, v),
-        };
-        let rep = self.n_heads / self.n_kv;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v, rep)?;
-        let y = attention(&q, &k, &v, bias, 1.0 / (self.head_dim as f64).sqrt())?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, self.n_heads * self.head_dim))?;
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let (nh, nkv) = (self.n_heads, self.n_kv);
+        let y = crate::attn::attention(&q, &k, &v, cos, sin, bias, nh, nkv, cache)?;
         self.o_proj.forward(&y)
     }
 }

@@ -1,0 +1,637 @@
+//! The attention core of the rotary models as one op: rope on q and k, grouped-query attention
+//! with an additive bias, y = softmax(scale · q·kᵀ + bias)·v, read from and written in the
+//! linear layers' `(b, t, heads · d)` layout, with a backward pass of its own.
+//!
+//! Composed from candle ops, the same computation is about twenty graph nodes per layer
+//! (reshapes, transposes and their copies, rope, repeat_kv's broadcast, two batched products,
+//! the softmax), and candle's backward allocates, zeroes and adds a gradient buffer for the
+//! inputs of every one of them. Here the whole core is one node. Its backward recomputes each
+//! head's probabilities from q and k (a t × t × d product, a few percent of the layer's work)
+//! instead of keeping them, so no scores or probabilities stay alive between the passes.
+//!
+//! The forward pass shares heads `(batch, head)` out over candle's CPU pool; the backward pass
+//! shares out key/value groups `(batch, kv head)`, so each unit owns the key and value
+//! gradients it accumulates over the query heads of its group. Within a unit the products run
+//! on [`gemm`]'s kernel on one thread.
+//!
+//! Used for full-sequence forwards (training, scoring, reference log-probs); decoding with a
+//! KV cache keeps the composed path, whose keys are cached after rope.
+
+use std::cell::RefCell;
+
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Layout, Result as CResult, Shape, Storage, Tensor,
+};
+
+use crate::fused::use_avx2;
+use crate::fused::{dot, rope_bwd_row, rope_row, scaled_masked_softmax_row, simd_fn, Out, OutBuf};
+use crate::gemm::{self, MatRef};
+use crate::nn::{repeat_kv, KvCache};
+use crate::Result;
+
+/// Attention over the outputs of the q/k/v projections.
+///
+/// `cos`/`sin` are the rotary tables of the query positions, `bias` the additive mask; none
+/// of the three may carry a gradient of its own (they never do in the models here). With a
+/// `cache`, on a CPU without AVX-512F, or for other dtypes and devices, the composed candle
+/// path runs instead.
+// q: (b, t, nh·d), k/v: (b, t, nkv·d), cos/sin: (b|1, 1, t, d), bias: (b|1, 1, t, past + t)
+// -> (b, t, nh·d)
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    n_heads: usize,
+    n_kv: usize,
+    cache: Option<(&mut KvCache, usize)>,
+) -> Result<Tensor> {
+    if cache.is_none() && enabled() {
+        if let Some(g) = Geometry::of(q, k, v, cos, sin, bias, n_heads, n_kv)? {
+            return fused(q, k, v, cos, sin, bias, g);
+        }
+    }
+    attention_composed(q, k, v, cos, sin, bias, n_heads, n_kv, cache)
+}
+
+/// Whether the fused op runs: on CPUs with AVX-512F (elsewhere candle's matmul beats the
+/// fallback loop), unless `RLHF_ATTN=composed` asks for the composed path (for side-by-side
+/// measurements).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        gemm::available() && !std::env::var("RLHF_ATTN").is_ok_and(|v| v == "composed")
+    })
+}
+
+/// The same attention from candle ops (and the fused rope and softmax): the path for decoding
+/// with a cache, and the reference the fused op is tested against.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    n_heads: usize,
+    n_kv: usize,
+    cache: Option<(&mut KvCache, usize)>,
+) -> Result<Tensor> {
+    let (b, t, width) = q.dims3()?;
+    let d = width / n_heads;
+    let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+        Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+    };
+    let q = crate::ops::apply_rope(&heads(q, n_heads)?, cos, sin)?;
+    let k = crate::ops::apply_rope(&heads(k, n_kv)?, cos, sin)?;
+    let v = heads(v, n_kv)?;
+    let (k, v) = match cache {
+        Some((c, layer)) => c.append(layer, &k, &v)?,
+        None => (k, v),
+    };
+    let rep = n_heads / n_kv;
+    let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+    let y = crate::nn::attention(&q, &k, &v, bias, 1.0 / (d as f64).sqrt())?;
+    Ok(y.transpose(1, 2)?.reshape((b, t, n_heads * d))?)
+}
+
+/// The shape of one fused call.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    b: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    scale: f32,
+    /// Whether cos/sin have a row per batch item (else one shared row).
+    cos_batched: bool,
+    /// Whether the bias has a matrix per batch item (else one shared matrix).
+    bias_batched: bool,
+}
+
+impl Geometry {
+    /// The geometry when the fused op can take these tensors, `None` when it cannot.
+    #[allow(clippy::too_many_arguments)]
+    fn of(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        nh: usize,
+        nkv: usize,
+    ) -> Result<Option<Self>> {
+        let all = [q, k, v, cos, sin, bias];
+        if !all
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            || cos.track_op()
+            || sin.track_op()
+            || bias.track_op()
+            || q.rank() != 3
+            || k.rank() != 3
+            || v.rank() != 3
+            || cos.rank() != 4
+            || bias.rank() != 4
+            || nh == 0
+            || nkv == 0
+            || !nh.is_multiple_of(nkv)
+        {
+            return Ok(None);
+        }
+        let (b, t, qw) = q.dims3()?;
+        let d = qw / nh;
+        let (cb, c1, ct, cd) = cos.dims4()?;
+        let (bb, b1, bt, bk) = bias.dims4()?;
+        let ok = d > 0
+            && d.is_multiple_of(2)
+            && qw == nh * d
+            && k.dims() == [b, t, nkv * d]
+            && v.dims() == [b, t, nkv * d]
+            && sin.dims() == cos.dims()
+            && (cb == b || cb == 1)
+            && (c1, ct, cd) == (1, t, d)
+            && (bb == b || bb == 1)
+            && (b1, bt, bk) == (1, t, t);
+        Ok(ok.then(|| Geometry {
+            b,
+            t,
+            nh,
+            nkv,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+            cos_batched: cb != 1 && b != 1,
+            bias_batched: bb != 1 && b != 1,
+        }))
+    }
+
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+
+    /// Row of cos/sin for position `ti` of batch item `bi`.
+    #[inline(always)]
+    fn cos_row(&self, bi: usize, ti: usize) -> usize {
+        if self.cos_batched {
+            bi * self.t + ti
+        } else {
+            ti
+        }
+    }
+
+    /// Row of the bias for query `ti` of batch item `bi`.
+    #[inline(always)]
+    fn bias_row(&self, bi: usize, ti: usize) -> usize {
+        if self.bias_batched {
+            bi * self.t + ti
+        } else {
+            ti
+        }
+    }
+}
+
+fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    g: Geometry,
+) -> Result<Tensor> {
+    let op = Attn {
+        g,
+        cos: cos.detach().contiguous()?,
+        sin: sin.detach().contiguous()?,
+        bias: bias.detach().contiguous()?,
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+struct Attn {
+    g: Geometry,
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+}
+
+/// The f32 data of a contiguous CPU tensor, from its first element.
+fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+        }
+        CpuStorage::F32(_) => bail!("fused attention: {what} is not contiguous"),
+        other => bail!(
+            "fused attention: {what} is {:?}, expected f32",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    }
+}
+
+/// Runs `f` with the f32 data of a (contiguous CPU) tensor.
+fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(data(c, l, what)?),
+        _ => bail!("fused attention: {what} is not on the CPU"),
+    }
+}
+
+/// The rotary tables and mask, borrowed for one pass.
+#[derive(Clone, Copy)]
+struct Tables<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
+    bias: &'a [f32],
+}
+
+impl Attn {
+    fn with_tables<R>(&self, f: impl FnOnce(Tables<'_>) -> CResult<R>) -> CResult<R> {
+        with_data(&self.cos, "cos", |cos| {
+            with_data(&self.sin, "sin", |sin| {
+                with_data(&self.bias, "bias", |bias| f(Tables { cos, sin, bias }))
+            })
+        })
+    }
+}
+
+impl CustomOp3 for Attn {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (q, k, v) = (data(s1, l1, "q")?, data(s2, l2, "k")?, data(s3, l3, "v")?);
+        let g = self.g;
+        let y = self.with_tables(|tab| Ok(forward(g, q, k, v, tab)))?;
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.t, g.nh * g.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.g;
+        let dy = dy.contiguous()?;
+        let (dq, dk, dv) = with_data(q, "q", |qd| {
+            with_data(k, "k", |kd| {
+                with_data(v, "v", |vd| {
+                    with_data(&dy, "grad", |dyd| {
+                        self.with_tables(|tab| Ok(backward(g, qd, kd, vd, dyd, tab)))
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for one unit: rotated q and k heads, scores, probabilities.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f(unit)` for every unit, on candle's pool when there is more than one.
+fn par(units: usize, f: impl Fn(usize) + Sync) {
+    let run = |r: std::ops::Range<usize>| r.for_each(&f);
+    if units <= 1 {
+        run(0..units)
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units, run)
+    }
+}
+
+fn forward(g: Geometry, q: &[f32], k: &[f32], v: &[f32], tab: Tables<'_>) -> Vec<f32> {
+    let len = g.b * g.t * g.nh * g.d;
+    let mut buf = OutBuf::new(len);
+    let out = buf.ptr();
+    par(g.b * g.nh, |u| {
+        SCRATCH.with_borrow_mut(|s| head_forward(&g, q, k, v, &tab, out, u / g.nh, u % g.nh, s))
+    });
+    // SAFETY: every head wrote its d columns of every row.
+    unsafe { buf.finish(len) }
+}
+
+/// Splits the scratch into `n` buffers of the given lengths.
+fn carve<'a, const N: usize>(s: &'a mut Vec<f32>, lens: [usize; N]) -> [&'a mut [f32]; N] {
+    let total: usize = lens.iter().sum();
+    if s.len() < total {
+        s.resize(total, 0.0);
+    }
+    let mut rest: &'a mut [f32] = &mut s[..];
+    lens.map(|n| {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        rest = tail;
+        head
+    })
+}
+
+simd_fn! {
+    // Rotates head `h` (of `n`) of batch item `bi` of x, (b, t, n·d), into dst, (t, d).
+    fn rope_head(g: &Geometry, x: &[f32], n: usize, bi: usize, h: usize, tab: &Tables<'_>,
+                 dst: &mut [f32]) {
+        let (t, d) = (g.t, g.d);
+        for ti in 0..t {
+            let c = g.cos_row(bi, ti) * d;
+            let src = &x[(bi * t + ti) * n * d + h * d..][..d];
+            rope_row(src, &tab.cos[c..c + d], &tab.sin[c..c + d], &mut dst[ti * d..(ti + 1) * d]);
+        }
+    }
+}
+
+simd_fn! {
+    // p = softmax(scale · s + bias) row by row, for batch item bi.
+    fn softmax_head(g: &Geometry, s: &[f32], bi: usize, tab: &Tables<'_>, p: &mut [f32]) {
+        let t = g.t;
+        for i in 0..t {
+            let br = g.bias_row(bi, i) * t;
+            scaled_masked_softmax_row(
+                &s[i * t..(i + 1) * t],
+                &tab.bias[br..br + t],
+                g.scale,
+                &mut p[i * t..(i + 1) * t],
+            );
+        }
+    }
+}
+
+simd_fn! {
+    // dp becomes the gradient of the scores: scale · p · (dp − rowsum(dp · p)).
+    fn softmax_bwd_head(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+        for (p, dp) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+            let s = dot(p, dp);
+            for (d, p) in dp.iter_mut().zip(p) {
+                *d = scale * p * (*d - s);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    // Writes rows of `src`, (t, d), through the inverse rotation into head `h` (of `n`) of
+    // batch item `bi` of `out`, (b, t, n·d).
+    fn unrope_head(g: &Geometry, src: &[f32], n: usize, bi: usize, h: usize, tab: &Tables<'_>,
+                   out: Out) {
+        let (t, d) = (g.t, g.d);
+        for ti in 0..t {
+            let c = g.cos_row(bi, ti) * d;
+            // SAFETY: this unit owns head h of batch item bi in `out`.
+            let dst = unsafe { out.row((bi * t + ti) * n * d + h * d, d) };
+            rope_bwd_row(&src[ti * d..(ti + 1) * d], &tab.cos[c..c + d], &tab.sin[c..c + d], dst);
+        }
+    }
+}
+
+/// Rows `(t, d)` of head `h` (of `n`) of batch item `bi` in a `(b, t, n·d)` buffer.
+fn head_view<'a>(g: &Geometry, x: &'a [f32], n: usize, bi: usize, h: usize) -> MatRef<'a> {
+    let (t, d) = (g.t, g.d);
+    MatRef::new(&x[(bi * t) * n * d + h * d..], t, d, n * d, 1)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn head_forward(
+    g: &Geometry,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    tab: &Tables<'_>,
+    out: Out,
+    bi: usize,
+    h: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let (t, d) = (g.t, g.d);
+    let kv = h / g.rep();
+    let [qh, kh, s, p] = carve(scratch, [t * d, t * d, t * t, t * t]);
+    rope_head(g, q, g.nh, bi, h, tab, qh);
+    rope_head(g, k, g.nkv, bi, kv, tab, kh);
+    let qm = MatRef::new(qh, t, d, d, 1);
+    let km = MatRef::new(kh, t, d, d, 1);
+    // SAFETY: s holds t × t floats and is this thread's own.
+    unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
+    softmax_head(g, s, bi, tab, p);
+    let pm = MatRef::new(p, t, t, t, 1);
+    // SAFETY: this unit owns head h of batch item bi: rows bi·t.., columns h·d..h·d+d.
+    unsafe {
+        let y = out.at(bi * t * g.nh * d + h * d);
+        gemm::matmul_into(pm, head_view(g, v, g.nkv, bi, kv), y, g.nh * d, false);
+    }
+}
+
+fn backward(
+    g: Geometry,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dy: &[f32],
+    tab: Tables<'_>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (qlen, kvlen) = (g.b * g.t * g.nh * g.d, g.b * g.t * g.nkv * g.d);
+    let (mut dq, mut dk, mut dv) = (OutBuf::new(qlen), OutBuf::new(kvlen), OutBuf::new(kvlen));
+    let outs = (dq.ptr(), dk.ptr(), dv.ptr());
+    par(g.b * g.nkv, |u| {
+        SCRATCH.with_borrow_mut(|s| {
+            group_backward(&g, q, k, v, dy, &tab, outs, u / g.nkv, u % g.nkv, s)
+        })
+    });
+    // SAFETY: every group wrote its kv head of dk and dv and its query heads of dq, all rows.
+    unsafe { (dq.finish(qlen), dk.finish(kvlen), dv.finish(kvlen)) }
+}
+
+/// The gradients of key/value head `kv` of batch item `bi` and of its query heads.
+#[allow(clippy::too_many_arguments)]
+fn group_backward(
+    g: &Geometry,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dy: &[f32],
+    tab: &Tables<'_>,
+    (dq, dk, dv): (Out, Out, Out),
+    bi: usize,
+    kv: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let (t, d) = (g.t, g.d);
+    let [qh, kh, s, p, tmp, dk_acc] = carve(scratch, [t * d, t * d, t * t, t * t, t * d, t * d]);
+    rope_head(g, k, g.nkv, bi, kv, tab, kh);
+    let km = MatRef::new(kh, t, d, d, 1);
+    let vm = head_view(g, v, g.nkv, bi, kv);
+    for (i, h) in (kv * g.rep()..(kv + 1) * g.rep()).enumerate() {
+        let acc = i > 0;
+        rope_head(g, q, g.nh, bi, h, tab, qh);
+        let qm = MatRef::new(qh, t, d, d, 1);
+        // SAFETY (all products): the scratch buffers are this thread's; dv's head kv of batch
+        // item bi belongs to this unit alone.
+        unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
+        softmax_head(g, s, bi, tab, p);
+        let dym = head_view(g, dy, g.nh, bi, h);
+        let pm = MatRef::new(p, t, t, t, 1);
+        unsafe {
+            let dvp = dv.at(bi * t * g.nkv * d + kv * d);
+            gemm::matmul_into(pm.t(), dym, dvp, g.nkv * d, acc);
+            gemm::matmul_into(dym, vm.t(), s.as_mut_ptr(), t, false);
+        }
+        softmax_bwd_head(p, s, t, g.scale);
+        let dsm = MatRef::new(s, t, t, t, 1);
+        unsafe {
+            gemm::matmul_into(dsm, km, tmp.as_mut_ptr(), d, false);
+            gemm::matmul_into(dsm.t(), qm, dk_acc.as_mut_ptr(), d, acc);
+        }
+        unrope_head(g, tmp, g.nh, bi, h, tab, dq);
+    }
+    unrope_head(g, dk_acc, g.nkv, bi, kv, tab, dk);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Rotary tables for the given positions (one row per batch item).
+    fn tables(pos: &[Vec<u32>], d: usize) -> (Tensor, Tensor) {
+        let (b, t) = (pos.len(), pos[0].len());
+        let (mut c, mut s) = (vec![0f32; b * t * d], vec![0f32; b * t * d]);
+        for (bi, row) in pos.iter().enumerate() {
+            for (ti, &p) in row.iter().enumerate() {
+                for i in 0..d / 2 {
+                    let f = p as f32 / 10000f32.powf(2.0 * i as f32 / d as f32);
+                    let base = (bi * t + ti) * d;
+                    c[base + i] = f.cos();
+                    c[base + i + d / 2] = f.cos();
+                    s[base + i] = f.sin();
+                    s[base + i + d / 2] = f.sin();
+                }
+            }
+        }
+        let dev = Device::Cpu;
+        (
+            Tensor::from_vec(c, (b, 1, t, d), &dev).unwrap(),
+            Tensor::from_vec(s, (b, 1, t, d), &dev).unwrap(),
+        )
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// The fused op and the composed path agree on outputs and on the gradients of q, k and v,
+    /// with grouped heads, a left-padded row and lengths that cross the kernel's tile edges.
+    #[test]
+    fn fused_attention_matches_the_composed_path_forward_and_backward() {
+        let dev = Device::Cpu;
+        for &(b, t, nh, nkv, d) in &[(2, 13, 4, 2, 8), (2, 40, 3, 1, 16), (1, 70, 2, 2, 64)] {
+            // Row 0 is left-padded by 3, the others are full.
+            let mask: Vec<Vec<u8>> = (0..b)
+                .map(|bi| (0..t).map(|j| u8::from(bi != 0 || j >= 3)).collect())
+                .collect();
+            let bias = crate::ops::attention_bias(&mask, t, &dev).unwrap();
+            let pos = crate::ops::positions_from_mask(&mask);
+            let (cos, sin) = tables(&pos, d);
+            let q = Var::from_vec(values(b * t * nh * d, 1), (b, t, nh * d), &dev).unwrap();
+            let k = Var::from_vec(values(b * t * nkv * d, 2), (b, t, nkv * d), &dev).unwrap();
+            let v = Var::from_vec(values(b * t * nkv * d, 3), (b, t, nkv * d), &dev).unwrap();
+            let w = Tensor::from_vec(values(b * t * nh * d, 4), (b, t, nh * d), &dev).unwrap();
+            let g = Geometry::of(&q, &k, &v, &cos, &sin, &bias, nh, nkv)
+                .unwrap()
+                .expect("fusable");
+            let fused_y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
+            let ref_y = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+            let dy = max_diff(&fused_y, &ref_y);
+            assert!(dy < 1e-5, "({b},{t},{nh},{nkv},{d}) outputs differ by {dy}");
+            let gf = (fused_y * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = (ref_y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, r) = (gf.get(x).expect("fused grad"), gr.get(x).expect("ref grad"));
+                let scale = r
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let diff = max_diff(a, r);
+                assert!(
+                    scale > 0.0 && diff <= 1e-5 * (1.0 + scale),
+                    "({b},{t},{nh},{nkv},{d}) d{name} differs by {diff} (scale {scale})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_it_cannot_take_go_to_the_composed_path() {
+        let dev = Device::Cpu;
+        let (b, t, d) = (1, 4, 6);
+        let (cos, sin) = tables(&[vec![0, 1, 2, 3]], d);
+        let bias = crate::ops::attention_bias(&[vec![1; t]], t, &dev).unwrap();
+        let x = Tensor::zeros((b, t, 2 * d), DType::F32, &dev).unwrap();
+        // Three query heads over two kv heads: not grouped evenly.
+        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &bias, 3, 2)
+            .unwrap()
+            .is_none());
+        // A bias for a cached past (t + 2 keys).
+        let past = crate::ops::attention_bias(&[vec![1; t + 2]], t, &dev).unwrap();
+        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &past, 2, 2)
+            .unwrap()
+            .is_none());
+        // f64 inputs.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        assert!(Geometry::of(&x64, &x64, &x64, &cos, &sin, &bias, 2, 2)
+            .unwrap()
+            .is_none());
+        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &bias, 2, 2)
+            .unwrap()
+            .is_some());
+    }
+}
