@@ -35,6 +35,11 @@ use crate::Result;
 /// of the three may carry a gradient of its own (they never do in the models here). With a
 /// `cache`, on a CPU without AVX-512F, or for other dtypes and devices, the composed candle
 /// path runs instead.
+///
+/// `segments`, for a batch of one row that packs several sequences (see
+/// [`Model::hidden_packed`](crate::Model::hidden_packed)), holds their start offsets and the
+/// row's length; the fused op then works on each sequence's own block of the (block-diagonal)
+/// bias only. The composed path reads the bias as it is, which gives the same result.
 // q: (b, t, nh·d), k/v: (b, t, nkv·d), cos/sin: (b|1, 1, t, d), bias: (b|1, 1, t, past + t)
 // -> (b, t, nh·d)
 #[allow(clippy::too_many_arguments)]
@@ -47,10 +52,11 @@ pub fn attention(
     bias: &Tensor,
     n_heads: usize,
     n_kv: usize,
+    segments: Option<&[usize]>,
     cache: Option<(&mut KvCache, usize)>,
 ) -> Result<Tensor> {
-    if cache.is_none() && enabled() {
-        if let Some(g) = Geometry::of(q, k, v, cos, sin, bias, n_heads, n_kv)? {
+    if cache.is_none() && fused_enabled() {
+        if let Some(g) = Geometry::of(q, k, v, cos, sin, bias, n_heads, n_kv, segments)? {
             return fused(q, k, v, cos, sin, bias, g);
         }
     }
@@ -60,7 +66,7 @@ pub fn attention(
 /// Whether the fused op runs: on CPUs with AVX-512F (elsewhere candle's matmul beats the
 /// fallback loop), unless `RLHF_ATTN=composed` asks for the composed path (for side-by-side
 /// measurements).
-fn enabled() -> bool {
+pub fn fused_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         gemm::available() && !std::env::var("RLHF_ATTN").is_ok_and(|v| v == "composed")
@@ -100,18 +106,28 @@ pub fn attention_composed(
 }
 
 /// The shape of one fused call.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Geometry {
-    b: usize,
-    t: usize,
     nh: usize,
     nkv: usize,
     d: usize,
     scale: f32,
-    /// Whether cos/sin have a row per batch item (else one shared row).
-    cos_batched: bool,
-    /// Whether the bias has a matrix per batch item (else one shared matrix).
-    bias_batched: bool,
+    /// The sequences attention runs within: the rows of a padded batch, or the sequences
+    /// packed into one row.
+    segments: Vec<Segment>,
+}
+
+/// One sequence: queries and keys are its own tokens only.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    /// Its first token among the `b · t` rows of q, k and v.
+    row: usize,
+    len: usize,
+    /// Its first row of cos/sin.
+    cos_row: usize,
+    /// Where its (len × len) block of the bias starts, and the bias's row stride.
+    bias_off: usize,
+    bias_stride: usize,
 }
 
 impl Geometry {
@@ -126,6 +142,7 @@ impl Geometry {
         bias: &Tensor,
         nh: usize,
         nkv: usize,
+        segments: Option<&[usize]>,
     ) -> Result<Option<Self>> {
         let all = [q, k, v, cos, sin, bias];
         if !all
@@ -159,15 +176,45 @@ impl Geometry {
             && (c1, ct, cd) == (1, t, d)
             && (bb == b || bb == 1)
             && (b1, bt, bk) == (1, t, t);
-        Ok(ok.then(|| Geometry {
-            b,
-            t,
+        if !ok {
+            return Ok(None);
+        }
+        let segments = match segments {
+            Some(starts) => {
+                let valid = b == 1
+                    && starts.first() == Some(&0)
+                    && starts.last() == Some(&t)
+                    && starts.windows(2).all(|w| w[0] < w[1]);
+                if !valid {
+                    return Ok(None);
+                }
+                starts
+                    .windows(2)
+                    .map(|w| Segment {
+                        row: w[0],
+                        len: w[1] - w[0],
+                        cos_row: w[0],
+                        bias_off: w[0] * t + w[0],
+                        bias_stride: t,
+                    })
+                    .collect()
+            }
+            None => (0..b)
+                .map(|bi| Segment {
+                    row: bi * t,
+                    len: t,
+                    cos_row: if cb == 1 { 0 } else { bi * t },
+                    bias_off: if bb == 1 { 0 } else { bi * t * t },
+                    bias_stride: t,
+                })
+                .collect(),
+        };
+        Ok(Some(Geometry {
             nh,
             nkv,
             d,
             scale: 1.0 / (d as f32).sqrt(),
-            cos_batched: cb != 1 && b != 1,
-            bias_batched: bb != 1 && b != 1,
+            segments,
         }))
     }
 
@@ -175,24 +222,9 @@ impl Geometry {
         self.nh / self.nkv
     }
 
-    /// Row of cos/sin for position `ti` of batch item `bi`.
-    #[inline(always)]
-    fn cos_row(&self, bi: usize, ti: usize) -> usize {
-        if self.cos_batched {
-            bi * self.t + ti
-        } else {
-            ti
-        }
-    }
-
-    /// Row of the bias for query `ti` of batch item `bi`.
-    #[inline(always)]
-    fn bias_row(&self, bi: usize, ti: usize) -> usize {
-        if self.bias_batched {
-            bi * self.t + ti
-        } else {
-            ti
-        }
+    /// Tokens in all (q rows).
+    fn rows(&self) -> usize {
+        self.segments.last().map_or(0, |s| s.row + s.len)
     }
 }
 
@@ -278,9 +310,15 @@ impl CustomOp3 for Attn {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let (q, k, v) = (data(s1, l1, "q")?, data(s2, l2, "k")?, data(s3, l3, "v")?);
-        let g = self.g;
+        let g = &self.g;
+        if g.rows() * g.nh * g.d != q.len() {
+            bail!(
+                "fused attention: q {:?} does not match its geometry",
+                l1.dims()
+            )
+        }
         let y = self.with_tables(|tab| Ok(forward(g, q, k, v, tab)))?;
-        Ok((CpuStorage::F32(y), Shape::from((g.b, g.t, g.nh * g.d))))
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(
@@ -291,7 +329,7 @@ impl CustomOp3 for Attn {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.g;
+        let g = &self.g;
         let dy = dy.contiguous()?;
         let (dq, dk, dv) = with_data(q, "q", |qd| {
             with_data(k, "k", |kd| {
@@ -326,14 +364,15 @@ fn par(units: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
-fn forward(g: Geometry, q: &[f32], k: &[f32], v: &[f32], tab: Tables<'_>) -> Vec<f32> {
-    let len = g.b * g.t * g.nh * g.d;
+fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], tab: Tables<'_>) -> Vec<f32> {
+    let len = g.rows() * g.nh * g.d;
     let mut buf = OutBuf::new(len);
     let out = buf.ptr();
-    par(g.b * g.nh, |u| {
-        SCRATCH.with_borrow_mut(|s| head_forward(&g, q, k, v, &tab, out, u / g.nh, u % g.nh, s))
+    par(g.segments.len() * g.nh, |u| {
+        let seg = &g.segments[u / g.nh];
+        SCRATCH.with_borrow_mut(|s| head_forward(g, seg, q, k, v, &tab, out, u % g.nh, s))
     });
-    // SAFETY: every head wrote its d columns of every row.
+    // SAFETY: the segments cover every row, and every head wrote its d columns of them.
     unsafe { buf.finish(len) }
 }
 
@@ -352,28 +391,27 @@ fn carve<'a, const N: usize>(s: &'a mut Vec<f32>, lens: [usize; N]) -> [&'a mut 
 }
 
 simd_fn! {
-    // Rotates head `h` (of `n`) of batch item `bi` of x, (b, t, n·d), into dst, (t, d).
-    fn rope_head(g: &Geometry, x: &[f32], n: usize, bi: usize, h: usize, tab: &Tables<'_>,
+    // Rotates head `h` (of `n`) of the segment's rows of x, (rows, n·d), into dst, (len, d).
+    fn rope_head(d: usize, seg: &Segment, x: &[f32], n: usize, h: usize, tab: &Tables<'_>,
                  dst: &mut [f32]) {
-        let (t, d) = (g.t, g.d);
-        for ti in 0..t {
-            let c = g.cos_row(bi, ti) * d;
-            let src = &x[(bi * t + ti) * n * d + h * d..][..d];
+        for ti in 0..seg.len {
+            let c = (seg.cos_row + ti) * d;
+            let src = &x[(seg.row + ti) * n * d + h * d..][..d];
             rope_row(src, &tab.cos[c..c + d], &tab.sin[c..c + d], &mut dst[ti * d..(ti + 1) * d]);
         }
     }
 }
 
 simd_fn! {
-    // p = softmax(scale · s + bias) row by row, for batch item bi.
-    fn softmax_head(g: &Geometry, s: &[f32], bi: usize, tab: &Tables<'_>, p: &mut [f32]) {
-        let t = g.t;
+    // p = softmax(scale · s + bias) row by row over the segment's block of the bias.
+    fn softmax_head(seg: &Segment, scale: f32, s: &[f32], tab: &Tables<'_>, p: &mut [f32]) {
+        let t = seg.len;
         for i in 0..t {
-            let br = g.bias_row(bi, i) * t;
+            let br = seg.bias_off + i * seg.bias_stride;
             scaled_masked_softmax_row(
                 &s[i * t..(i + 1) * t],
                 &tab.bias[br..br + t],
-                g.scale,
+                scale,
                 &mut p[i * t..(i + 1) * t],
             );
         }
@@ -393,107 +431,105 @@ simd_fn! {
 }
 
 simd_fn! {
-    // Writes rows of `src`, (t, d), through the inverse rotation into head `h` (of `n`) of
-    // batch item `bi` of `out`, (b, t, n·d).
-    fn unrope_head(g: &Geometry, src: &[f32], n: usize, bi: usize, h: usize, tab: &Tables<'_>,
+    // Writes rows of `src`, (len, d), through the inverse rotation into head `h` (of `n`) of
+    // the segment's rows of `out`, (rows, n·d).
+    fn unrope_head(d: usize, seg: &Segment, src: &[f32], n: usize, h: usize, tab: &Tables<'_>,
                    out: Out) {
-        let (t, d) = (g.t, g.d);
-        for ti in 0..t {
-            let c = g.cos_row(bi, ti) * d;
-            // SAFETY: this unit owns head h of batch item bi in `out`.
-            let dst = unsafe { out.row((bi * t + ti) * n * d + h * d, d) };
+        for ti in 0..seg.len {
+            let c = (seg.cos_row + ti) * d;
+            // SAFETY: this unit owns head h of the segment's rows in `out`.
+            let dst = unsafe { out.row((seg.row + ti) * n * d + h * d, d) };
             rope_bwd_row(&src[ti * d..(ti + 1) * d], &tab.cos[c..c + d], &tab.sin[c..c + d], dst);
         }
     }
 }
 
-/// Rows `(t, d)` of head `h` (of `n`) of batch item `bi` in a `(b, t, n·d)` buffer.
-fn head_view<'a>(g: &Geometry, x: &'a [f32], n: usize, bi: usize, h: usize) -> MatRef<'a> {
-    let (t, d) = (g.t, g.d);
-    MatRef::new(&x[(bi * t) * n * d + h * d..], t, d, n * d, 1)
+/// The segment's rows `(len, d)` of head `h` (of `n`) in a `(rows, n·d)` buffer.
+fn head_view<'a>(d: usize, seg: &Segment, x: &'a [f32], n: usize, h: usize) -> MatRef<'a> {
+    MatRef::new(&x[seg.row * n * d + h * d..], seg.len, d, n * d, 1)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn head_forward(
     g: &Geometry,
+    seg: &Segment,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     tab: &Tables<'_>,
     out: Out,
-    bi: usize,
     h: usize,
     scratch: &mut Vec<f32>,
 ) {
-    let (t, d) = (g.t, g.d);
+    let (t, d) = (seg.len, g.d);
     let kv = h / g.rep();
     let [qh, kh, s, p] = carve(scratch, [t * d, t * d, t * t, t * t]);
-    rope_head(g, q, g.nh, bi, h, tab, qh);
-    rope_head(g, k, g.nkv, bi, kv, tab, kh);
+    rope_head(d, seg, q, g.nh, h, tab, qh);
+    rope_head(d, seg, k, g.nkv, kv, tab, kh);
     let qm = MatRef::new(qh, t, d, d, 1);
     let km = MatRef::new(kh, t, d, d, 1);
     // SAFETY: s holds t × t floats and is this thread's own.
     unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
-    softmax_head(g, s, bi, tab, p);
+    softmax_head(seg, g.scale, s, tab, p);
     let pm = MatRef::new(p, t, t, t, 1);
-    // SAFETY: this unit owns head h of batch item bi: rows bi·t.., columns h·d..h·d+d.
+    // SAFETY: this unit owns head h of the segment's rows: columns h·d..h·d+d.
     unsafe {
-        let y = out.at(bi * t * g.nh * d + h * d);
-        gemm::matmul_into(pm, head_view(g, v, g.nkv, bi, kv), y, g.nh * d, false);
+        let y = out.at(seg.row * g.nh * d + h * d);
+        gemm::matmul_into(pm, head_view(d, seg, v, g.nkv, kv), y, g.nh * d, false);
     }
 }
 
 fn backward(
-    g: Geometry,
+    g: &Geometry,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     dy: &[f32],
     tab: Tables<'_>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (qlen, kvlen) = (g.b * g.t * g.nh * g.d, g.b * g.t * g.nkv * g.d);
+    let (qlen, kvlen) = (g.rows() * g.nh * g.d, g.rows() * g.nkv * g.d);
     let (mut dq, mut dk, mut dv) = (OutBuf::new(qlen), OutBuf::new(kvlen), OutBuf::new(kvlen));
     let outs = (dq.ptr(), dk.ptr(), dv.ptr());
-    par(g.b * g.nkv, |u| {
-        SCRATCH.with_borrow_mut(|s| {
-            group_backward(&g, q, k, v, dy, &tab, outs, u / g.nkv, u % g.nkv, s)
-        })
+    par(g.segments.len() * g.nkv, |u| {
+        let seg = &g.segments[u / g.nkv];
+        SCRATCH.with_borrow_mut(|s| group_backward(g, seg, q, k, v, dy, &tab, outs, u % g.nkv, s))
     });
-    // SAFETY: every group wrote its kv head of dk and dv and its query heads of dq, all rows.
+    // SAFETY: every group wrote its kv head of dk and dv and its query heads of dq, over
+    // every row of its segment, and the segments cover every row.
     unsafe { (dq.finish(qlen), dk.finish(kvlen), dv.finish(kvlen)) }
 }
 
-/// The gradients of key/value head `kv` of batch item `bi` and of its query heads.
+/// The gradients of key/value head `kv` of one segment and of its query heads.
 #[allow(clippy::too_many_arguments)]
 fn group_backward(
     g: &Geometry,
+    seg: &Segment,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     dy: &[f32],
     tab: &Tables<'_>,
     (dq, dk, dv): (Out, Out, Out),
-    bi: usize,
     kv: usize,
     scratch: &mut Vec<f32>,
 ) {
-    let (t, d) = (g.t, g.d);
+    let (t, d) = (seg.len, g.d);
     let [qh, kh, s, p, tmp, dk_acc] = carve(scratch, [t * d, t * d, t * t, t * t, t * d, t * d]);
-    rope_head(g, k, g.nkv, bi, kv, tab, kh);
+    rope_head(d, seg, k, g.nkv, kv, tab, kh);
     let km = MatRef::new(kh, t, d, d, 1);
-    let vm = head_view(g, v, g.nkv, bi, kv);
+    let vm = head_view(d, seg, v, g.nkv, kv);
     for (i, h) in (kv * g.rep()..(kv + 1) * g.rep()).enumerate() {
         let acc = i > 0;
-        rope_head(g, q, g.nh, bi, h, tab, qh);
+        rope_head(d, seg, q, g.nh, h, tab, qh);
         let qm = MatRef::new(qh, t, d, d, 1);
-        // SAFETY (all products): the scratch buffers are this thread's; dv's head kv of batch
-        // item bi belongs to this unit alone.
+        // SAFETY (all products): the scratch buffers are this thread's; dv's head kv of the
+        // segment's rows belongs to this unit alone.
         unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
-        softmax_head(g, s, bi, tab, p);
-        let dym = head_view(g, dy, g.nh, bi, h);
+        softmax_head(seg, g.scale, s, tab, p);
+        let dym = head_view(d, seg, dy, g.nh, h);
         let pm = MatRef::new(p, t, t, t, 1);
         unsafe {
-            let dvp = dv.at(bi * t * g.nkv * d + kv * d);
+            let dvp = dv.at(seg.row * g.nkv * d + kv * d);
             gemm::matmul_into(pm.t(), dym, dvp, g.nkv * d, acc);
             gemm::matmul_into(dym, vm.t(), s.as_mut_ptr(), t, false);
         }
@@ -503,9 +539,9 @@ fn group_backward(
             gemm::matmul_into(dsm, km, tmp.as_mut_ptr(), d, false);
             gemm::matmul_into(dsm.t(), qm, dk_acc.as_mut_ptr(), d, acc);
         }
-        unrope_head(g, tmp, g.nh, bi, h, tab, dq);
+        unrope_head(d, seg, tmp, g.nh, h, tab, dq);
     }
-    unrope_head(g, dk_acc, g.nkv, bi, kv, tab, dk);
+    unrope_head(d, seg, dk_acc, g.nkv, kv, tab, dk);
 }
 
 #[cfg(test)]
@@ -577,7 +613,7 @@ mod tests {
             let k = Var::from_vec(values(b * t * nkv * d, 2), (b, t, nkv * d), &dev).unwrap();
             let v = Var::from_vec(values(b * t * nkv * d, 3), (b, t, nkv * d), &dev).unwrap();
             let w = Tensor::from_vec(values(b * t * nh * d, 4), (b, t, nh * d), &dev).unwrap();
-            let g = Geometry::of(&q, &k, &v, &cos, &sin, &bias, nh, nkv)
+            let g = Geometry::of(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None)
                 .unwrap()
                 .expect("fusable");
             let fused_y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
@@ -617,21 +653,83 @@ mod tests {
         let bias = crate::ops::attention_bias(&[vec![1; t]], t, &dev).unwrap();
         let x = Tensor::zeros((b, t, 2 * d), DType::F32, &dev).unwrap();
         // Three query heads over two kv heads: not grouped evenly.
-        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &bias, 3, 2)
+        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &bias, 3, 2, None)
             .unwrap()
             .is_none());
         // A bias for a cached past (t + 2 keys).
         let past = crate::ops::attention_bias(&[vec![1; t + 2]], t, &dev).unwrap();
-        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &past, 2, 2)
+        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &past, 2, 2, None)
             .unwrap()
             .is_none());
         // f64 inputs.
         let x64 = x.to_dtype(DType::F64).unwrap();
-        assert!(Geometry::of(&x64, &x64, &x64, &cos, &sin, &bias, 2, 2)
-            .unwrap()
-            .is_none());
-        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &bias, 2, 2)
+        assert!(
+            Geometry::of(&x64, &x64, &x64, &cos, &sin, &bias, 2, 2, None)
+                .unwrap()
+                .is_none()
+        );
+        assert!(Geometry::of(&x, &x, &x, &cos, &sin, &bias, 2, 2, None)
             .unwrap()
             .is_some());
+    }
+
+    /// Sequences packed into one row give, token for token, what each gives alone, in value
+    /// and in gradient; the composed path with the packed bias agrees too.
+    #[test]
+    fn packed_sequences_attend_within_themselves_only() {
+        let dev = Device::Cpu;
+        let (nh, nkv, d) = (4, 2, 16);
+        let lens = [5usize, 17, 40];
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(lens.iter().scan(0, |acc, l| {
+                *acc += l;
+                Some(*acc)
+            }))
+            .collect();
+        let total = *starts.last().unwrap();
+        let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let (cos, sin) = tables(&[pos], d);
+        let bias = crate::ops::packed_attention_bias(&starts, &dev).unwrap();
+        let q = Var::from_vec(values(total * nh * d, 1), (1, total, nh * d), &dev).unwrap();
+        let k = Var::from_vec(values(total * nkv * d, 2), (1, total, nkv * d), &dev).unwrap();
+        let v = Var::from_vec(values(total * nkv * d, 3), (1, total, nkv * d), &dev).unwrap();
+        let w = Tensor::from_vec(values(total * nh * d, 4), (1, total, nh * d), &dev).unwrap();
+        let g = Geometry::of(&q, &k, &v, &cos, &sin, &bias, nh, nkv, Some(&starts))
+            .unwrap()
+            .expect("fusable");
+        assert_eq!(g.segments.len(), 3);
+        let y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
+        let composed = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+        assert!(max_diff(&y, &composed) < 1e-5);
+        let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, &l) in lens.iter().enumerate() {
+            let s0 = starts[i];
+            let part = |x: &Tensor| x.narrow(1, s0, l).unwrap().contiguous().unwrap();
+            let (qs, ks, vs) = (
+                Var::from_tensor(&part(&q)).unwrap(),
+                Var::from_tensor(&part(&k)).unwrap(),
+                Var::from_tensor(&part(&v)).unwrap(),
+            );
+            let (c1, s1) = (
+                part(&cos.squeeze(1).unwrap()),
+                part(&sin.squeeze(1).unwrap()),
+            );
+            let (c1, s1) = (c1.unsqueeze(1).unwrap(), s1.unsqueeze(1).unwrap());
+            let b1 = crate::ops::attention_bias(&[vec![1u8; l]], l, &dev).unwrap();
+            let alone = attention_composed(&qs, &ks, &vs, &c1, &s1, &b1, nh, nkv, None).unwrap();
+            let diff = max_diff(&part(&y), &alone);
+            assert!(diff < 1e-5, "sequence {i}: outputs differ by {diff}");
+            let ga = (&alone * part(&w))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, whole, one) in [("q", &q, &qs), ("k", &k, &ks), ("v", &v, &vs)] {
+                let packed = part(grads.get(whole).unwrap());
+                let diff = max_diff(&packed, ga.get(one).unwrap());
+                assert!(diff < 1e-5, "sequence {i}: d{name} differs by {diff}");
+            }
+        }
     }
 }

@@ -213,6 +213,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         bias: &Tensor,
+        segments: Option<&[usize]>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (q, k, v) = (
@@ -221,7 +222,7 @@ impl Attention {
             self.v_proj.forward(x)?,
         );
         let (nh, nkv) = (self.n_heads, self.n_kv);
-        let y = crate::attn::attention(&q, &k, &v, cos, sin, bias, nh, nkv, cache)?;
+        let y = crate::attn::attention(&q, &k, &v, cos, sin, bias, nh, nkv, segments, cache)?;
         self.o_proj.forward(&y)
     }
 }
@@ -306,12 +307,13 @@ impl Llama {
     }
 }
 
-impl crate::model::Backbone for Llama {
-    fn forward(
+impl Llama {
+    fn run(
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
         bias: &Tensor,
+        segments: Option<&[usize]>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
@@ -320,12 +322,38 @@ impl crate::model::Backbone for Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = layer.self_attn.forward(&h, &cos, &sin, bias, c)?;
+            let h = layer.self_attn.forward(&h, &cos, &sin, bias, segments, c)?;
             x = (x + h)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
         self.norm.forward(&x)
+    }
+}
+
+impl crate::model::Backbone for Llama {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        bias: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, bias, None, cache)
+    }
+
+    fn forward_packed(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        bias: &Tensor,
+        segments: &[usize],
+    ) -> Result<Tensor> {
+        self.run(ids, positions, bias, Some(segments), None)
+    }
+
+    fn packs_natively(&self) -> bool {
+        crate::attn::fused_enabled()
     }
 
     fn n_layers(&self) -> usize {

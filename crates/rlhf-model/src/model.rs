@@ -25,6 +25,27 @@ pub trait Backbone {
         bias: &Tensor,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
+    /// Hidden states of sequences packed into one row without padding (batch 1): `segments`
+    /// holds their start offsets and the row's length, `bias` the matching block-diagonal
+    /// causal bias and `positions` count from 0 in each sequence. The bias alone makes this
+    /// correct, which is the default; a backbone whose attention can skip the blocks off the
+    /// diagonal overrides it.
+    // ids: (1, total) u32 -> (1, total, hidden)
+    fn forward_packed(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        bias: &Tensor,
+        segments: &[usize],
+    ) -> Result<Tensor> {
+        let _ = segments;
+        self.forward(ids, positions, bias, None)
+    }
+    /// Whether [`forward_packed`](Self::forward_packed) skips the blocks off the diagonal,
+    /// i.e. packing costs no more attention work than padding.
+    fn packs_natively(&self) -> bool {
+        false
+    }
     /// Number of decoder layers (the KV cache's size).
     fn n_layers(&self) -> usize;
     /// Width of the hidden states.
@@ -458,6 +479,73 @@ impl Model {
         let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?
             .to_dtype(self.dtype)?;
         self.backbone.forward(&ids, positions, &bias, None)
+    }
+
+    /// Hidden states of whole sequences packed into one row, without padding: each sequence
+    /// attends to itself only (a block-diagonal causal mask) and counts its positions from 0,
+    /// so each token's state is the one a padded batch gives it, with no work spent on
+    /// padding. Returns the `(1, total, hidden)` states and the sequences' start offsets
+    /// followed by the total (`seqs.len() + 1` entries).
+    pub fn hidden_packed(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, Vec<usize>)> {
+        if seqs.iter().any(|s| s.is_empty()) {
+            return Err(Error::Config("hidden_packed: an empty sequence".into()));
+        }
+        let mut starts = Vec::with_capacity(seqs.len() + 1);
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for s in seqs {
+            starts.push(ids.len());
+            ids.extend_from_slice(s);
+            let p = self.backbone.positions(&[vec![1u8; s.len()]]);
+            positions.extend_from_slice(&p[0]);
+        }
+        starts.push(ids.len());
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
+        let bias =
+            crate::ops::packed_attention_bias(&starts, &self.device)?.to_dtype(self.dtype)?;
+        let hidden = self
+            .backbone
+            .forward_packed(&ids, &[positions], &bias, &starts)?;
+        Ok((hidden, starts))
+    }
+
+    /// Reward scores of whole sequences (no padding), computed packed into one row
+    /// ([`hidden_packed`](Self::hidden_packed)): the same scores as [`scores`](Self::scores)
+    /// on the padded batch, read by the same rule.
+    // seqs: n sequences -> (n)
+    pub fn scores_packed(&self, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        if seqs.is_empty() {
+            return Ok(Tensor::zeros(0, self.dtype, &self.device)?);
+        }
+        let (hidden, starts) = self.hidden_packed(seqs)?;
+        let idx: Vec<u32> = seqs
+            .iter()
+            .zip(&starts)
+            .map(|(s, &s0)| {
+                let last = match self.config.pad_token_id {
+                    Some(pad) => s.iter().rposition(|&i| i != pad).unwrap_or(0),
+                    None => s.len() - 1,
+                };
+                (s0 + last) as u32
+            })
+            .collect();
+        let idx = Tensor::new(idx.as_slice(), &self.device)?;
+        let rows = hidden.squeeze(0)?.index_select(&idx, 0)?; // (n, hidden)
+        Ok(self.values(&rows.unsqueeze(0)?)?.squeeze(0)?)
+    }
+
+    /// Reward scores of whole sequences (no padding): packed into one row where the
+    /// backbone's attention works per sequence ([`Backbone::packs_natively`]), so no work is
+    /// spent on padding, else as a right-padded batch. The same scores either way.
+    // seqs: n sequences -> (n)
+    pub fn scores_of(&self, seqs: &[Vec<u32>]) -> Result<Tensor> {
+        if self.backbone.packs_natively() {
+            return self.scores_packed(seqs);
+        }
+        let batch = Batch::pad(seqs, self.config.pad_token_id.unwrap_or(0), false);
+        let hidden = self.hidden(&batch)?;
+        self.scores(&hidden, &batch)
     }
 
     /// One step with a KV cache: `key_mask` covers past + new tokens, `positions` the new ones.

@@ -108,6 +108,22 @@ pub fn attention_bias(key_mask: &[Vec<u8>], t: usize, device: &Device) -> Result
     Ok(Tensor::from_vec(v, (b, 1, t, k), device)?)
 }
 
+/// Additive attention bias for sequences packed into one row (no padding): token i sees
+/// token j when both lie in the same sequence and j <= i, so the row computes what each
+/// sequence computes alone.
+// starts: the n sequences' start offsets and the total length (n + 1 entries)
+// -> (1, 1, total, total)
+pub fn packed_attention_bias(starts: &[usize], device: &Device) -> Result<Tensor> {
+    let total = starts.last().copied().unwrap_or(0);
+    let mut v = vec![MASKED; total * total];
+    for w in starts.windows(2) {
+        for i in w[0]..w[1] {
+            v[i * total + w[0]..=i * total + i].fill(0.0);
+        }
+    }
+    Ok(Tensor::from_vec(v, (1, 1, total, total), device)?)
+}
+
 /// What masked scores get: finite, so that fully masked rows stay free of NaN.
 pub const MASKED: f32 = -1e9;
 

@@ -25,6 +25,41 @@ fn check_logits_and_scores(arch: &str) {
     eprintln!("{arch}: max |logits - transformers| = {d:e}");
     assert!(d < 1e-4, "{arch}: logits differ from transformers by {d}");
 
+    // The same sequences packed into one row without padding: the logits of every real
+    // position match too.
+    let seqs: Vec<Vec<u32>> = batch
+        .input_ids
+        .iter()
+        .zip(&batch.attention_mask)
+        .map(|(ids, m)| {
+            ids.iter()
+                .zip(m)
+                .filter(|(_, &m)| m == 1)
+                .map(|(&i, _)| i)
+                .collect()
+        })
+        .collect();
+    let (packed, starts) = model.hidden_packed(&seqs).unwrap();
+    let packed = rlhf_model::ops::to_vec_f32(&model.logits(&packed).unwrap()).unwrap();
+    let t = batch.input_ids[0].len();
+    let vocab = got.len() / (batch.len() * t);
+    let mut worst = 0f32;
+    for (bi, s) in seqs.iter().enumerate() {
+        let (m, s0) = (&batch.attention_mask[bi], starts[bi]);
+        let real: Vec<usize> = (0..t).filter(|&j| m[j] == 1).collect();
+        assert_eq!(real.len(), s.len());
+        for (i, &j) in real.iter().enumerate() {
+            let a = &packed[(s0 + i) * vocab..(s0 + i + 1) * vocab];
+            let b = &want[(bi * t + j) * vocab..(bi * t + j + 1) * vocab];
+            worst = worst.max(max_abs_diff(a, b));
+        }
+    }
+    eprintln!("{arch}: max |packed logits - transformers| = {worst:e}");
+    assert!(
+        worst < 1e-4,
+        "{arch}: packed logits differ from transformers by {worst}"
+    );
+
     let rm_dir = fixtures().join(g["reward_model_dir"].as_str().unwrap());
     let rm = Model::load(
         &rm_dir,
@@ -43,6 +78,13 @@ fn check_logits_and_scores(arch: &str) {
     assert!(
         d < 1e-4,
         "{arch}: scores {scores:?} vs transformers {want:?}"
+    );
+    let packed = rlhf_model::ops::to_vec_f32(&rm.scores_packed(&seqs).unwrap()).unwrap();
+    let d = max_abs_diff(&packed, &want);
+    eprintln!("{arch}: max |packed scores - transformers| = {d:e}");
+    assert!(
+        d < 1e-4,
+        "{arch}: packed scores {packed:?} vs transformers {want:?}"
     );
 }
 

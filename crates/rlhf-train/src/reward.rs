@@ -89,8 +89,22 @@ impl RewardObjective {
     ) -> Result<(Tensor, crate::losses::RewardStats, usize, usize)> {
         let rb = collate_reward(groups.iter().copied(), self.pad_id);
         let p = rb.num_pairs;
-        let hidden = model.hidden(&rb.batch)?;
-        let scores = model.scores(&hidden, &rb.batch)?; // (2P): chosen rows, then rejected
+        // Scored unpadded (packed into one row where the model can), with the padded
+        // batch's rule for where a score is read; (2P): chosen rows, then rejected.
+        let seqs: Vec<Vec<u32>> = rb
+            .batch
+            .input_ids
+            .iter()
+            .zip(&rb.batch.attention_mask)
+            .map(|(ids, m)| {
+                ids.iter()
+                    .zip(m)
+                    .filter(|(_, &m)| m == 1)
+                    .map(|(&i, _)| i)
+                    .collect()
+            })
+            .collect();
+        let scores = model.scores_of(&seqs)?;
         let chosen = scores.narrow(0, 0, p)?;
         let rejected = scores.narrow(0, p, p)?;
         let device = scores.device();

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use rlhf_data::{Content, PromptRecord};
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::{ChatMessage, Tokenizer};
-use rlhf_model::{Batch, Heads, LoadOptions, Model};
+use rlhf_model::{Heads, LoadOptions, Model};
 
 use crate::ppo::Llama2Gate;
 use crate::rl;
@@ -38,7 +38,6 @@ pub trait Scorer {
 pub struct RewardModel {
     model: Model,
     tok: Tokenizer,
-    pad_id: u32,
     batch_size: usize,
 }
 
@@ -64,11 +63,9 @@ impl RewardModel {
             )));
         }
         let tok = Tokenizer::from_dir(dir)?;
-        let pad_id = rlhf_data::pad_id(&tok)?;
         Ok(Self {
             model,
             tok,
-            pad_id,
             batch_size: batch_size.max(1),
         })
     }
@@ -89,9 +86,7 @@ impl RewardModel {
         let out = (|| -> Result<Vec<f32>> {
             let mut scores = Vec::with_capacity(ids.len());
             for chunk in ids.chunks(self.batch_size) {
-                let batch = Batch::pad(chunk, self.pad_id, false);
-                let hidden = self.model.hidden(&batch)?;
-                let s = self.model.scores(&hidden, &batch)?;
+                let s = self.model.scores_of(chunk)?;
                 scores.extend(s.to_dtype(DType::F32)?.to_vec1::<f32>()?);
             }
             Ok(scores)
