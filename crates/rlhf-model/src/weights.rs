@@ -158,21 +158,99 @@ impl WeightSource {
     }
 }
 
+/// Reads a safetensors file one tensor at a time, straight into each tensor's own buffer: the
+/// file is never held in memory whole, so loading peaks at the model's size plus one tensor
+/// rather than twice the model's size (candle's `safetensors::load` reads the whole file
+/// first).
 fn load_file(
     path: &Path,
     device: &Device,
     dtype: DType,
     out: &mut HashMap<String, Tensor>,
 ) -> Result<()> {
-    let loaded = candle_core::safetensors::load(path, device)
-        .map_err(|e| Error::bad_file(path, format!("cannot read safetensors: {e}")))?;
-    for (name, t) in loaded {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |msg: String| Error::bad_file(path, msg);
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len8 = [0u8; 8];
+    f.read_exact(&mut len8)
+        .map_err(|_| bad("not a safetensors file: shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(len8);
+    if n > 100 << 20 || 8 + n > file_len {
+        return Err(bad(format!(
+            "not a safetensors file: header length {n} does not fit the file ({file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("cannot read safetensors header: {e}")))?;
+    let data_start = 8 + n;
+    let data_len = file_len - data_start;
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |k: &str| {
+            info.get(k)
+                .ok_or_else(|| bad(format!("tensor {name}: header has no {k:?}")))
+        };
+        let dt = match field("dtype")?.as_str().unwrap_or("") {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            "I64" => DType::I64,
+            "U32" => DType::U32,
+            "U8" | "BOOL" => DType::U8,
+            other => {
+                return Err(bad(format!(
+                    "tensor {name}: dtype {other:?} is not supported (F32, F16, BF16, F64, I64, \
+                     U32, U8)"
+                )))
+            }
+        };
+        let nums = |v: &serde_json::Value| -> Option<Vec<u64>> {
+            v.as_array()?.iter().map(|x| x.as_u64()).collect()
+        };
+        let shape: Vec<usize> = nums(field("shape")?)
+            .ok_or_else(|| bad(format!("tensor {name}: shape is not a list of sizes")))?
+            .into_iter()
+            .map(|x| x as usize)
+            .collect();
+        let offsets = nums(field("data_offsets")?)
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| bad(format!("tensor {name}: data_offsets is not [start, end]")))?;
+        let (start, end) = (offsets[0], offsets[1]);
+        let numel: usize = shape.iter().product();
+        let bytes = (numel * dt.size_in_bytes()) as u64;
+        if start > end || end > data_len || end - start != bytes {
+            return Err(bad(format!(
+                "tensor {name}: data_offsets [{start}, {end}] do not hold {shape:?} {dt:?} \
+                 ({bytes} bytes) within the file's {data_len} bytes of data"
+            )));
+        }
+        f.seek(SeekFrom::Start(data_start + start))
+            .map_err(|e| Error::io(path, e))?;
+        let t = if dt == DType::F32 && cfg!(target_endian = "little") {
+            // Read straight into the f32 buffer the tensor will own.
+            let mut v = vec![0f32; numel];
+            // SAFETY: any byte pattern is a valid f32; the slice covers exactly v's elements.
+            let raw =
+                unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), numel * 4) };
+            f.read_exact(raw).map_err(|e| Error::io(path, e))?;
+            Tensor::from_vec(v, shape, device)?
+        } else {
+            let mut raw = vec![0u8; bytes as usize];
+            f.read_exact(&mut raw).map_err(|e| Error::io(path, e))?;
+            Tensor::from_raw_buffer(&raw, dt, &shape, device)?
+        };
         let t = if t.dtype().is_float() && t.dtype() != dtype {
             t.to_dtype(dtype)?
         } else {
             t
         };
-        out.insert(name, t);
+        out.insert(name.clone(), t);
     }
     Ok(())
 }
@@ -465,5 +543,76 @@ impl Builder {
     /// Takes the parameters recorded so far (called once, when the model is complete).
     pub fn into_store(self) -> ParamStore {
         std::mem::take(&mut *self.shared.store.borrow_mut())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved(dir: &Path) -> (PathBuf, HashMap<String, Tensor>) {
+        let dev = Device::Cpu;
+        let vals: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let mut ts = HashMap::new();
+        ts.insert(
+            "a.weight".to_string(),
+            Tensor::from_vec(vals.clone(), (4, 6), &dev).unwrap(),
+        );
+        ts.insert(
+            "b.weight".to_string(),
+            Tensor::from_vec(vals[..6].to_vec(), 6, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        );
+        ts.insert("ids".to_string(), Tensor::new(&[3u32, 1, 4], &dev).unwrap());
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&ts, &path).unwrap();
+        (path, ts)
+    }
+
+    #[test]
+    fn reads_each_tensor_as_saved_and_converts_floats() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, ts) = saved(dir.path());
+        let mut out = HashMap::new();
+        load_file(&path, &Device::Cpu, DType::F32, &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        for (name, want) in &ts {
+            let got = &out[name];
+            assert_eq!(got.dims(), want.dims(), "{name}");
+            let want = want.to_dtype(got.dtype()).unwrap();
+            let d = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{name}");
+        }
+        assert_eq!(out["b.weight"].dtype(), DType::F32);
+        assert_eq!(out["ids"].dtype(), DType::U32);
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_file_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = saved(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let err = load_file(&path, &Device::Cpu, DType::F32, &mut HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("data_offsets"),
+            "{err}"
+        );
+        std::fs::write(&path, b"{\"not\": \"safetensors\"}").unwrap();
+        let err = load_file(&path, &Device::Cpu, DType::F32, &mut HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a safetensors file"), "{err}");
     }
 }
