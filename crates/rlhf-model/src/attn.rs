@@ -255,25 +255,29 @@ struct Attn {
 }
 
 /// The f32 data of a contiguous CPU tensor, from its first element.
-fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+pub(crate) fn data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     match s {
         CpuStorage::F32(v) if l.is_contiguous() => {
             Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
         }
-        CpuStorage::F32(_) => bail!("fused attention: {what} is not contiguous"),
+        CpuStorage::F32(_) => bail!("fused kernel: {what} is not contiguous"),
         other => bail!(
-            "fused attention: {what} is {:?}, expected f32",
+            "fused kernel: {what} is {:?}, expected f32",
             candle_core::backend::BackendStorage::dtype(other)
         ),
     }
 }
 
 /// Runs `f` with the f32 data of a (contiguous CPU) tensor.
-fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+pub(crate) fn with_data<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> CResult<R>,
+) -> CResult<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(c) => f(data(c, l, what)?),
-        _ => bail!("fused attention: {what} is not on the CPU"),
+        _ => bail!("fused kernel: {what} is not on the CPU"),
     }
 }
 

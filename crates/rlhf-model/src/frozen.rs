@@ -104,6 +104,208 @@ pub fn linear(x: &Tensor, w: &Tensor, conv1d: bool) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(w, LinearOp { conv1d })?)
 }
 
+/// y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ, a LoRA-adapted linear layer with a frozen W, as one op: the
+/// composed form is six graph nodes, four of them holding an output-sized tensor until the
+/// backward pass, and its rank-r products go to candle's matmul. The backward pass recomputes
+/// x·Aᵀ (r columns) instead of keeping it.
+struct LoraLinearOp {
+    /// The frozen base weight, (out, in), or (in, out) for Conv1D.
+    w: Tensor,
+    conv1d: bool,
+    scale: f32,
+}
+
+/// Shapes of one LoRA product.
+#[derive(Clone, Copy)]
+struct LoraDims {
+    m: usize,
+    k: usize,
+    n: usize,
+    r: usize,
+}
+
+impl LoraLinearOp {
+    /// W as an (out, in) matrix, whichever way it is stored.
+    fn w_mat<'a>(&self, w: &'a [f32], d: LoraDims) -> gemm::MatRef<'a> {
+        if self.conv1d {
+            gemm::MatRef::new(w, d.n, d.k, 1, d.n)
+        } else {
+            gemm::MatRef::new(w, d.n, d.k, d.k, 1)
+        }
+    }
+
+    fn dims(&self, xl: &Layout, al: &Layout, bl: &Layout) -> candle_core::Result<LoraDims> {
+        let (m, k) = (xl.dims()[0], xl.dims()[1]);
+        let (r, ak) = (al.dims()[0], al.dims()[1]);
+        let (n, br) = (bl.dims()[0], bl.dims()[1]);
+        let wd = self.w.dims();
+        let w_ok = if self.conv1d {
+            wd == [k, n]
+        } else {
+            wd == [n, k]
+        };
+        if ak != k || br != r || !w_ok {
+            candle_core::bail!(
+                "lora linear: x {:?}, A {:?}, B {:?} and W {wd:?} do not fit",
+                xl.dims(),
+                al.dims(),
+                bl.dims()
+            )
+        }
+        Ok(LoraDims { m, k, n, r })
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    // x: (m, in), a: (r, in), b: (out, r) -> (m, out)
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::attn::{data, with_data};
+        let dm = self.dims(xl, al, bl)?;
+        let (x, a, b) = (
+            data(xs, xl, "x")?,
+            data(as_, al, "lora_A")?,
+            data(bs, bl, "lora_B")?,
+        );
+        let xm = gemm::MatRef::new(x, dm.m, dm.k, dm.k, 1);
+        let am = gemm::MatRef::new(a, dm.r, dm.k, dm.k, 1);
+        let bm = gemm::MatRef::new(b, dm.n, dm.r, dm.r, 1);
+        let mut y = with_data(&self.w, "W", |w| {
+            gemm::matmul(xm, self.w_mat(w, dm).t())
+                .ok_or_else(|| candle_core::Error::Msg("lora linear needs AVX-512F".into()))
+        })?;
+        let mut xa = gemm::matmul(xm, am.t()).expect("AVX-512F checked above");
+        xa.iter_mut().for_each(|v| *v *= self.scale);
+        let xam = gemm::MatRef::new(&xa, dm.m, dm.r, dm.r, 1);
+        // SAFETY: y holds m rows of n; one thread.
+        unsafe { gemm::matmul_into(xam, bm.t(), y.as_mut_ptr(), dm.n, true) };
+        Ok((CpuStorage::F32(y), Shape::from((dm.m, dm.n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::attn::with_data;
+        let dy = dy.contiguous()?;
+        let dm = self.dims(x.layout(), a.layout(), b.layout())?;
+        let want_dx = x.track_op();
+        let (dx, da, db) = with_data(x, "x", |x| {
+            with_data(a, "lora_A", |a| {
+                with_data(b, "lora_B", |b| {
+                    with_data(&dy, "grad", |g| {
+                        with_data(&self.w, "W", |w| {
+                            Ok(self.backward(dm, x, a, b, g, w, want_dx))
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, (dm.m, dm.k), dev))
+                .transpose()?,
+            Some(Tensor::from_vec(da, (dm.r, dm.k), dev)?),
+            Some(Tensor::from_vec(db, (dm.n, dm.r), dev)?),
+        ))
+    }
+}
+
+impl LoraLinearOp {
+    // -> (dx (m, k) when wanted, dA (r, k), dB (n, r))
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dm: LoraDims,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        g: &[f32],
+        w: &[f32],
+        want_dx: bool,
+    ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        let LoraDims { m, k, n, r } = dm;
+        let xm = gemm::MatRef::new(x, m, k, k, 1);
+        let am = gemm::MatRef::new(a, r, k, k, 1);
+        let bm = gemm::MatRef::new(b, n, r, r, 1);
+        let gm = gemm::MatRef::new(g, m, n, n, 1);
+        let product = |p: gemm::MatRef<'_>, q: gemm::MatRef<'_>| {
+            gemm::matmul(p, q).expect("the forward pass ran on the AVX-512 kernel")
+        };
+        // s·x·Aᵀ and s·dy·B, (m, r) each.
+        let mut xa = product(xm, am.t());
+        let mut gb = product(gm, bm);
+        xa.iter_mut()
+            .chain(gb.iter_mut())
+            .for_each(|v| *v *= self.scale);
+        let (xam, gbm) = (
+            gemm::MatRef::new(&xa, m, r, r, 1),
+            gemm::MatRef::new(&gb, m, r, r, 1),
+        );
+        // dA = (s·dy·B)ᵀ·x, dB = dyᵀ·(s·x·Aᵀ)
+        let da = product(gbm.t(), xm);
+        let db = product(gm.t(), xam);
+        // dx = dy·W + (s·dy·B)·A
+        let dx = want_dx.then(|| {
+            let mut dx = product(gm, self.w_mat(w, dm));
+            // SAFETY: dx holds m rows of k; one thread.
+            unsafe { gemm::matmul_into(gbm, am, dx.as_mut_ptr(), k, true) };
+            dx
+        });
+        (dx, da, db)
+    }
+}
+
+/// A LoRA-adapted linear layer, `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` (`x·W + …` for Conv1D), as one op
+/// with its own backward; `None` where it cannot run (no AVX-512F, not f32 on the CPU, or a W
+/// that carries a gradient), and the caller composes it from candle ops.
+// x: (m, in), w: (out, in) | (in, out), a: (r, in), b: (out, r) -> (m, out)
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    conv1d: bool,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !gemm::available()
+        || w.track_op()
+        || ![x, w, a, b].into_iter().all(f32_cpu)
+        || x.rank() != 2
+        || w.rank() != 2
+        || a.rank() != 2
+        || b.rank() != 2
+    {
+        return Ok(None);
+    }
+    let op = LoraLinearOp {
+        w: w.detach().contiguous()?,
+        conv1d,
+        scale: scale as f32,
+    };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        op,
+    )?))
+}
+
 /// a·b with the AVX-512 kernel, where the CPU has one and both are 2-D f32.
 fn avx512_matmul(a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Option<CpuStorage> {
     if al.dims().len() != 2 || bl.dims().len() != 2 {
@@ -288,4 +490,85 @@ pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Ok(a.matmul(b)?);
     }
     Ok(a.apply_op2(b, BmmOp)?)
+}
+
+#[cfg(test)]
+mod lora_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap()
+    }
+
+    /// The fused op against the composed x·Wᵀ + s·(x·Aᵀ)·Bᵀ: outputs and the gradients of x,
+    /// A and B (B non-zero, so every term is exercised), in both weight layouts.
+    #[test]
+    fn lora_linear_matches_the_composed_layer() {
+        if !gemm::available() {
+            eprintln!("skipped: no AVX-512F, Linear composes the adapter from candle ops");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (m, k, n, r, s) = (37, 48, 70, 8, 2.0);
+        for conv1d in [false, true] {
+            let x = Var::from_vec(values(m * k, 1), (m, k), &dev).unwrap();
+            let wshape = if conv1d { (k, n) } else { (n, k) };
+            let w = Tensor::from_vec(values(n * k, 2), wshape, &dev).unwrap();
+            let a = Var::from_vec(values(r * k, 3), (r, k), &dev).unwrap();
+            let b = Var::from_vec(values(n * r, 4), (n, r), &dev).unwrap();
+            let probe = Tensor::from_vec(values(m * n, 5), (m, n), &dev).unwrap();
+            let fused = lora_linear(&x, &w, &a, &b, s, conv1d)
+                .unwrap()
+                .expect("fused");
+            let wt = if conv1d { w.clone() } else { w.t().unwrap() };
+            let delta = x
+                .matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap();
+            let composed = (x.matmul(&wt).unwrap() + (delta * s).unwrap()).unwrap();
+            let d = max_diff(&fused, &composed);
+            assert!(d < 1e-4, "conv1d={conv1d}: outputs differ by {d}");
+            let gf = (fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (composed * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+                let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(d < 1e-3, "conv1d={conv1d}: d{name} differs by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_trainable_base_weight_is_left_to_the_composed_layer() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
+        let w = Var::zeros((3, 4), candle_core::DType::F32, &dev).unwrap();
+        let a = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros((3, 2), candle_core::DType::F32, &dev).unwrap();
+        assert!(lora_linear(&x, &w, &a, &b, 1.0, false).unwrap().is_none());
+    }
 }

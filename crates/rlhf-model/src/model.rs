@@ -535,6 +535,12 @@ impl Model {
         Ok(self.values(&rows.unsqueeze(0)?)?.squeeze(0)?)
     }
 
+    /// Whether [`hidden_packed`](Self::hidden_packed) costs no more attention work than a
+    /// padded batch (the backbone's attention works per sequence), so callers should pack.
+    pub fn packs_natively(&self) -> bool {
+        self.backbone.packs_natively()
+    }
+
     /// Reward scores of whole sequences (no padding): packed into one row where the
     /// backbone's attention works per sequence ([`Backbone::packs_natively`]), so no work is
     /// spent on padding, else as a right-padded batch. The same scores either way.

@@ -190,20 +190,32 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = crate::frozen::linear(&x2, &self.weight, self.conv1d)?;
+        let lora = self
+            .lora
+            .as_ref()
+            .filter(|_| self.switches.adapters_enabled());
+        let dropout = lora.is_some_and(|l| self.switches.training() && l.dropout > 0.0);
+        let fused = match lora {
+            Some(l) if !dropout => {
+                crate::frozen::lora_linear(&x2, &self.weight, &l.a, &l.b, l.scale, self.conv1d)?
+            }
+            _ => None,
+        };
+        let mut y = match &fused {
+            Some(y) => y.clone(),
+            None => crate::frozen::linear(&x2, &self.weight, self.conv1d)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if let Some(l) = &self.lora {
-            if self.switches.adapters_enabled() {
-                let xin = if self.switches.training() && l.dropout > 0.0 {
-                    self.switches.dropout(&x2, l.dropout)?
-                } else {
-                    x2.clone()
-                };
-                let delta = xin.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-                y = (y + (delta * l.scale)?)?;
-            }
+        if let (Some(l), None) = (lora, &fused) {
+            let xin = if dropout {
+                self.switches.dropout(&x2, l.dropout)?
+            } else {
+                x2.clone()
+            };
+            let delta = xin.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + (delta * l.scale)?)?;
         }
         if !self.switches.grad_enabled() {
             // Cut the graph here: what feeds this layer can be freed as soon as it is used.

@@ -389,6 +389,11 @@ struct Packed {
     targets: Tensor,
     /// (b, R) 1.0 on real response tokens.
     mask: Tensor,
+    /// Each row's prompt + response without padding, and its prompt's length: the same
+    /// rows packed into one sequence, for models that run them so
+    /// ([`Model::packs_natively`]).
+    rows: Vec<Vec<u32>>,
+    prompt_lens: Vec<usize>,
 }
 
 fn pack(prompts: &[&[u32]], responses: &[&[u32]], pad: u32, device: &Device) -> Result<Packed> {
@@ -423,6 +428,12 @@ fn pack(prompts: &[&[u32]], responses: &[&[u32]], pad: u32, device: &Device) -> 
         response_len: r,
         targets: Tensor::from_vec(targets, (b, r), device)?,
         mask: Tensor::from_vec(mask, (b, r), device)?,
+        rows: prompts
+            .iter()
+            .zip(responses)
+            .map(|(p, r)| [*p, *r].concat())
+            .collect(),
+        prompt_lens: prompts.iter().map(|p| p.len()).collect(),
     })
 }
 
@@ -435,8 +446,7 @@ fn response_logprobs(
     packed: &Packed,
     temperature: f64,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let hidden = model.hidden(&packed.batch)?;
-    let h = hidden.narrow(1, packed.prompt_len - 1, packed.response_len)?;
+    let h = response_states(model, packed)?;
     let logits = model.logits(&h)?.to_dtype(DType::F32)?;
     let scaled = if temperature > 0.0 && (temperature - 1.0).abs() > 1e-12 {
         (logits / temperature)?
@@ -449,6 +459,30 @@ fn response_logprobs(
         None => None,
     };
     Ok((logp, values))
+}
+
+/// The hidden states that predict each response token, (b, R, hidden): from the padded
+/// batch, or, where the model runs packed sequences natively, from the rows packed into one
+/// sequence with no padding (then the slots past a row's response repeat its last state; the
+/// mask zeroes them wherever they are used).
+fn response_states(model: &Model, packed: &Packed) -> Result<Tensor> {
+    response_states_as(model, packed, model.packs_natively())
+}
+
+fn response_states_as(model: &Model, packed: &Packed, pack: bool) -> Result<Tensor> {
+    let (p, r) = (packed.prompt_len, packed.response_len);
+    if !pack || packed.prompt_lens.contains(&0) {
+        let hidden = model.hidden(&packed.batch)?;
+        return Ok(hidden.narrow(1, p - 1, r)?);
+    }
+    let (hidden, starts) = model.hidden_packed(&packed.rows)?;
+    let mut idx = Vec::with_capacity(packed.rows.len() * r);
+    for ((row, &pl), &s0) in packed.rows.iter().zip(&packed.prompt_lens).zip(&starts) {
+        idx.extend((0..r).map(|j| (s0 + (pl - 1 + j).min(row.len() - 1)) as u32));
+    }
+    let idx = Tensor::new(idx.as_slice(), hidden.device())?;
+    let h = hidden.squeeze(0)?.index_select(&idx, 0)?;
+    Ok(h.reshape((packed.rows.len(), r, ()))?)
 }
 
 fn rows_of(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f32>>> {
@@ -1388,6 +1422,30 @@ mod tests {
 
     /// One plain gradient step on the clipped loss raises the log-prob of a completion with
     /// a positive advantage and lowers that of one with a negative advantage.
+    #[test]
+    fn packed_rows_give_the_padded_batchs_response_states() {
+        let model = Model::load(&fixture("llama-gqa"), &LoadOptions::default()).unwrap();
+        let prompts: Vec<&[u32]> = vec![&[5, 6, 7, 3], &[8, 9], &[4]];
+        let responses: Vec<&[u32]> = vec![&[10, 11, 12], &[13, 14, 15, 16, 17], &[18]];
+        let packed = pack(&prompts, &responses, 1, &Device::Cpu).unwrap();
+        let a = response_states_as(&model, &packed, false).unwrap();
+        let b = response_states_as(&model, &packed, true).unwrap();
+        assert_eq!(a.dims(), b.dims());
+        let mask = packed.mask.unsqueeze(2).unwrap();
+        let diff = (a.broadcast_mul(&mask).unwrap() - b.broadcast_mul(&mask).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-5,
+            "packed and padded response states differ by {diff}"
+        );
+    }
+
     #[test]
     fn a_policy_step_follows_the_advantage() {
         let lora: rlhf_model::lora::LoraConfig = serde_json::from_value(serde_json::json!({
