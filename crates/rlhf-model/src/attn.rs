@@ -24,7 +24,9 @@ use candle_core::{
 };
 
 use crate::fused::use_avx2;
-use crate::fused::{dot, rope_bwd_row, rope_row, scaled_masked_softmax_row, simd_fn, Out, OutBuf};
+use crate::fused::{
+    dot, exp_f32, max, rope_bwd_row, rope_row, scaled_masked_softmax_row, simd_fn, Out, OutBuf,
+};
 use crate::gemm::{self, MatRef};
 use crate::nn::{repeat_kv, KvCache};
 use crate::Result;
@@ -38,8 +40,10 @@ use crate::Result;
 ///
 /// `segments`, for a batch of one row that packs several sequences (see
 /// [`Model::hidden_packed`](crate::Model::hidden_packed)), holds their start offsets and the
-/// row's length; the fused op then works on each sequence's own block of the (block-diagonal)
-/// bias only. The composed path reads the bias as it is, which gives the same result.
+/// row's length. Each sequence then attends causally to itself alone: the fused op applies
+/// that mask itself and never reads `bias` (which may be a placeholder), so no
+/// (total × total) mask is ever built; where the fused op cannot run, the block-diagonal bias
+/// is built for the composed path.
 // q: (b, t, nh·d), k/v: (b, t, nkv·d), cos/sin: (b|1, 1, t, d), bias: (b|1, 1, t, past + t)
 // -> (b, t, nh·d)
 #[allow(clippy::too_many_arguments)]
@@ -59,6 +63,10 @@ pub fn attention(
         if let Some(g) = Geometry::of(q, k, v, cos, sin, bias, n_heads, n_kv, segments)? {
             return fused(q, k, v, cos, sin, bias, g);
         }
+    }
+    if let Some(starts) = segments {
+        let dense = crate::ops::packed_attention_bias(starts, q.device())?.to_dtype(q.dtype())?;
+        return attention_composed(q, k, v, cos, sin, &dense, n_heads, n_kv, cache);
     }
     attention_composed(q, k, v, cos, sin, bias, n_heads, n_kv, cache)
 }
@@ -125,9 +133,9 @@ struct Segment {
     len: usize,
     /// Its first row of cos/sin.
     cos_row: usize,
-    /// Where its (len × len) block of the bias starts, and the bias's row stride.
-    bias_off: usize,
-    bias_stride: usize,
+    /// Where its (len × len) block of the bias starts and the bias's row stride; `None` for
+    /// a packed sequence, which is masked causally without a bias.
+    bias: Option<(usize, usize)>,
 }
 
 impl Geometry {
@@ -144,18 +152,22 @@ impl Geometry {
         nkv: usize,
         segments: Option<&[usize]>,
     ) -> Result<Option<Self>> {
-        let all = [q, k, v, cos, sin, bias];
+        let all = [q, k, v, cos, sin];
+        let bias_ok = segments.is_some()
+            || (bias.device().is_cpu()
+                && bias.dtype() == DType::F32
+                && !bias.track_op()
+                && bias.rank() == 4);
         if !all
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            || !bias_ok
             || cos.track_op()
             || sin.track_op()
-            || bias.track_op()
             || q.rank() != 3
             || k.rank() != 3
             || v.rank() != 3
             || cos.rank() != 4
-            || bias.rank() != 4
             || nh == 0
             || nkv == 0
             || !nh.is_multiple_of(nkv)
@@ -165,7 +177,10 @@ impl Geometry {
         let (b, t, qw) = q.dims3()?;
         let d = qw / nh;
         let (cb, c1, ct, cd) = cos.dims4()?;
-        let (bb, b1, bt, bk) = bias.dims4()?;
+        let (bb, b1, bt, bk) = match segments {
+            Some(_) => (1, 1, t, t),
+            None => bias.dims4()?,
+        };
         let ok = d > 0
             && d.is_multiple_of(2)
             && qw == nh * d
@@ -194,8 +209,7 @@ impl Geometry {
                         row: w[0],
                         len: w[1] - w[0],
                         cos_row: w[0],
-                        bias_off: w[0] * t + w[0],
-                        bias_stride: t,
+                        bias: None,
                     })
                     .collect()
             }
@@ -204,8 +218,7 @@ impl Geometry {
                     row: bi * t,
                     len: t,
                     cos_row: if cb == 1 { 0 } else { bi * t },
-                    bias_off: if bb == 1 { 0 } else { bi * t * t },
-                    bias_stride: t,
+                    bias: Some((if bb == 1 { 0 } else { bi * t * t }, t)),
                 })
                 .collect(),
         };
@@ -237,11 +250,16 @@ fn fused(
     bias: &Tensor,
     g: Geometry,
 ) -> Result<Tensor> {
+    let packed = g.segments.iter().all(|s| s.bias.is_none());
     let op = Attn {
         g,
         cos: cos.detach().contiguous()?,
         sin: sin.detach().contiguous()?,
-        bias: bias.detach().contiguous()?,
+        bias: if packed {
+            None
+        } else {
+            Some(bias.detach().contiguous()?)
+        },
     };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
@@ -251,7 +269,8 @@ struct Attn {
     g: Geometry,
     cos: Tensor,
     sin: Tensor,
-    bias: Tensor,
+    /// `None` when every segment is masked causally (packed sequences).
+    bias: Option<Tensor>,
 }
 
 /// The f32 data of a contiguous CPU tensor, from its first element.
@@ -292,8 +311,13 @@ struct Tables<'a> {
 impl Attn {
     fn with_tables<R>(&self, f: impl FnOnce(Tables<'_>) -> CResult<R>) -> CResult<R> {
         with_data(&self.cos, "cos", |cos| {
-            with_data(&self.sin, "sin", |sin| {
-                with_data(&self.bias, "bias", |bias| f(Tables { cos, sin, bias }))
+            with_data(&self.sin, "sin", |sin| match &self.bias {
+                Some(b) => with_data(b, "bias", |bias| f(Tables { cos, sin, bias })),
+                None => f(Tables {
+                    cos,
+                    sin,
+                    bias: &[],
+                }),
             })
         })
     }
@@ -407,19 +431,38 @@ simd_fn! {
 }
 
 simd_fn! {
-    // p = softmax(scale · s + bias) row by row over the segment's block of the bias.
+    // p = softmax(scale · s + bias) row by row over the segment's block of the bias, or,
+    // without a bias, over each row's causal prefix (the rest of the row 0).
     fn softmax_head(seg: &Segment, scale: f32, s: &[f32], tab: &Tables<'_>, p: &mut [f32]) {
         let t = seg.len;
         for i in 0..t {
-            let br = seg.bias_off + i * seg.bias_stride;
-            scaled_masked_softmax_row(
-                &s[i * t..(i + 1) * t],
-                &tab.bias[br..br + t],
-                scale,
-                &mut p[i * t..(i + 1) * t],
-            );
+            let (x, y) = (&s[i * t..(i + 1) * t], &mut p[i * t..(i + 1) * t]);
+            match seg.bias {
+                Some((off, stride)) => {
+                    let br = off + i * stride;
+                    scaled_masked_softmax_row(x, &tab.bias[br..br + t], scale, y);
+                }
+                None => {
+                    scaled_softmax_row(&x[..=i], scale, &mut y[..=i]);
+                    y[i + 1..].fill(0.0);
+                }
+            }
         }
     }
+}
+
+// y = softmax(scale · x)
+#[inline(always)]
+fn scaled_softmax_row(x: &[f32], scale: f32, y: &mut [f32]) {
+    let m = scale * max(x);
+    let mut sum = 0f32;
+    for (y, x) in y.iter_mut().zip(x) {
+        let e = exp_f32(scale * x - m);
+        *y = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    y.iter_mut().for_each(|y| *y *= inv);
 }
 
 simd_fn! {
@@ -705,6 +748,22 @@ mod tests {
         let y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
         let composed = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
         assert!(max_diff(&y, &composed) < 1e-5);
+        // Through the public entry with a placeholder bias: the fused op (or, where it cannot
+        // run, the composed path with the bias built from the segments) gives the same.
+        let placeholder = Tensor::zeros((1, 1, 1, 1), DType::F32, &dev).unwrap();
+        let via = attention(
+            &q,
+            &k,
+            &v,
+            &cos,
+            &sin,
+            &placeholder,
+            nh,
+            nkv,
+            Some(&starts),
+            None,
+        );
+        assert!(max_diff(&via.unwrap(), &composed) < 1e-5);
         let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, &l) in lens.iter().enumerate() {
             let s0 = starts[i];

@@ -117,6 +117,107 @@ impl CustomOp2 for SiluMul {
     }
 }
 
+/// (silu(gate)·up)·Wᵀ, the Llama MLP's down projection fused with its activation, for a W
+/// without an adapter: silu(gate)·up, as wide as the MLP, is never kept for the backward pass
+/// (recomputed there instead, one element-wise pass) — the widest activation of the layer.
+struct SiluMulLinear;
+
+impl CustomOp3 for SiluMulLinear {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul-linear"
+    }
+
+    // gate, up: (m, i), w: (n, i) -> (m, n)
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (g, u) = (
+            contiguous_f32(gs, gl, "gate")?,
+            contiguous_f32(us, ul, "up")?,
+        );
+        let w = contiguous_f32(ws, wl, "down_proj weight")?;
+        let (m, i) = (gl.dims()[0], gl.dims()[1]);
+        let n = wl.dims()[0];
+        if gl.dims() != ul.dims() || wl.dims() != [n, i] {
+            bail!(
+                "fused silu·up·Wᵀ: gate {:?}, up {:?}, W {:?}",
+                gl.dims(),
+                ul.dims(),
+                wl.dims()
+            )
+        }
+        let h = silu_mul_vec(g, u);
+        let hm = crate::gemm::MatRef::new(&h, m, i, i, 1);
+        let wt = crate::gemm::MatRef::new(w, n, i, i, 1).t();
+        let y = crate::gemm::matmul(hm, wt)
+            .ok_or_else(|| candle_core::Error::Msg("fused silu·up·Wᵀ needs AVX-512F".into()))?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dh = crate::frozen::matmul(&dy, w)?;
+        let both = gate.apply_op3_no_bwd(up, &dh, &SiluMulBwd)?;
+        let dg = gate.track_op().then(|| both.get(0)).transpose()?;
+        let du = up.track_op().then(|| both.get(1)).transpose()?;
+        let dw = if w.track_op() {
+            let h = gate.apply_op2_no_bwd(up, &SiluMul)?;
+            Some(crate::frozen::matmul(&dy.t()?, &h)?)
+        } else {
+            None
+        };
+        Ok((dg, du, dw))
+    }
+}
+
+/// silu(gate)·up into a new buffer.
+fn silu_mul_vec(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let len = g.len();
+    let mut buf = OutBuf::new(len);
+    let out = buf.ptr();
+    par_units(len, 1, |_, r| {
+        // SAFETY: units cover disjoint ranges of the output.
+        let dst = unsafe { out.row(r.start, r.len()) };
+        silu_mul_range(&g[r.clone()], &u[r], dst);
+    });
+    // SAFETY: the units covered every element.
+    unsafe { buf.finish(len) }
+}
+
+/// (silu(gate)·up)·Wᵀ as one op (see [`SiluMulLinear`]); `None` where it cannot run (not f32
+/// on the CPU, no AVX-512F, shapes other than (m, i) · (n, i)ᵀ), and the caller composes it.
+// gate, up: (m, i), w: (n, i) -> (m, n)
+pub fn silu_mul_linear(gate: &Tensor, up: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !crate::gemm::available()
+        || ![gate, up, w].into_iter().all(f32_cpu)
+        || gate.rank() != 2
+        || w.rank() != 2
+        || gate.dims() != up.dims()
+        || w.dim(1)? != gate.dim(1)?
+    {
+        return Ok(None);
+    }
+    Ok(Some(gate.contiguous()?.apply_op3(
+        &up.contiguous()?,
+        &w.contiguous()?,
+        SiluMulLinear,
+    )?))
+}
+
 struct SiluMulBwd;
 
 impl CustomOp3 for SiluMulBwd {
@@ -179,6 +280,37 @@ mod tests {
             let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff <= 1e-5 * scale.max(1.0), "gradient differs by {diff}");
+        }
+        Ok(())
+    }
+
+    /// The fused down projection against silu(gate)·up followed by x·Wᵀ: the output and the
+    /// gradients of gate, up and (trainable) W.
+    #[test]
+    fn down_projection_matches_the_composed_layer() -> Result<()> {
+        if !crate::gemm::available() {
+            eprintln!("skipped: no AVX-512F, the MLP composes the product from candle ops");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (37, 96), &dev)?)?;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 96), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (50, 96), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (37, 50), &dev)?;
+        let fused = silu_mul_linear(&g, &u, &w)?.expect("fusable");
+        let composed = silu_mul_composed(&g, &u)?.matmul(&w.t()?)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        assert!(diff(&fused, &composed)? < 1e-4);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        for (name, v) in [("gate", &g), ("up", &u), ("W", &w)] {
+            let d = diff(
+                gf.get(v).expect("fused grad"),
+                gc.get(v).expect("composed grad"),
+            )?;
+            assert!(d < 1e-3, "d{name} differs by {d}");
         }
         Ok(())
     }

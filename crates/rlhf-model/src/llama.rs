@@ -247,11 +247,10 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
-        let h = if matches!(self.act.as_str(), "silu" | "swish") {
-            crate::glu::silu_mul(&gate, &up)?
-        } else {
-            (crate::ops::activation(&self.act, &gate)? * up)?
-        };
+        if matches!(self.act.as_str(), "silu" | "swish") {
+            return self.down_proj.forward_silu_mul(&gate, &up);
+        }
+        let h = (crate::ops::activation(&self.act, &gate)? * up)?;
         self.down_proj.forward(&h)
     }
 }
@@ -346,10 +345,16 @@ impl crate::model::Backbone for Llama {
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        bias: &Tensor,
         segments: &[usize],
     ) -> Result<Tensor> {
-        self.run(ids, positions, bias, Some(segments), None)
+        let dtype = self.embed_tokens.weight().dtype();
+        if crate::attn::fused_enabled() {
+            // The fused attention masks each sequence itself: no (total × total) bias.
+            let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
+            return self.run(ids, positions, &placeholder, Some(segments), None);
+        }
+        let bias = crate::ops::packed_attention_bias(segments, ids.device())?.to_dtype(dtype)?;
+        self.run(ids, positions, &bias, None, None)
     }
 
     fn packs_natively(&self) -> bool {

@@ -26,20 +26,20 @@ pub trait Backbone {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
     /// Hidden states of sequences packed into one row without padding (batch 1): `segments`
-    /// holds their start offsets and the row's length, `bias` the matching block-diagonal
-    /// causal bias and `positions` count from 0 in each sequence. The bias alone makes this
-    /// correct, which is the default; a backbone whose attention can skip the blocks off the
-    /// diagonal overrides it.
+    /// holds their start offsets and the row's length, and `positions` count from 0 in each
+    /// sequence. The default runs [`forward`](Self::forward) with the block-diagonal causal
+    /// bias, (total × total); a backbone whose attention works per sequence overrides it and
+    /// builds no such bias.
     // ids: (1, total) u32 -> (1, total, hidden)
     fn forward_packed(
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        bias: &Tensor,
         segments: &[usize],
     ) -> Result<Tensor> {
-        let _ = segments;
-        self.forward(ids, positions, bias, None)
+        let bias = crate::ops::packed_attention_bias(segments, ids.device())?
+            .to_dtype(self.embed_weight().dtype())?;
+        self.forward(ids, positions, &bias, None)
     }
     /// Whether [`forward_packed`](Self::forward_packed) skips the blocks off the diagonal,
     /// i.e. packing costs no more attention work than padding.
@@ -502,11 +502,7 @@ impl Model {
         starts.push(ids.len());
         let total = ids.len();
         let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
-        let bias =
-            crate::ops::packed_attention_bias(&starts, &self.device)?.to_dtype(self.dtype)?;
-        let hidden = self
-            .backbone
-            .forward_packed(&ids, &[positions], &bias, &starts)?;
+        let hidden = self.backbone.forward_packed(&ids, &[positions], &starts)?;
         Ok((hidden, starts))
     }
 

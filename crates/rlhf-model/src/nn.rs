@@ -228,6 +228,33 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `forward(silu(gate)·up)` (the Llama MLP's down projection and its activation), as one
+    /// op that keeps no MLP-wide activation for the backward pass where the layer has no
+    /// active adapter and no bias; composed otherwise.
+    // gate, up: (..., in) -> (..., out)
+    pub fn forward_silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let plain = self.bias.is_none()
+            && !self.conv1d
+            && (self.lora.is_none() || !self.switches.adapters_enabled());
+        if plain {
+            let dims = gate.dims().to_vec();
+            let in_dim = dims[dims.len() - 1];
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let (g2, u2) = (gate.reshape((rows, in_dim))?, up.reshape((rows, in_dim))?);
+            if let Some(mut y) = crate::glu::silu_mul_linear(&g2, &u2, &self.weight)? {
+                if !self.switches.grad_enabled() {
+                    y = y.detach();
+                }
+                let mut out_shape = dims;
+                *out_shape.last_mut().expect("gate has at least one dim") = y.dim(1)?;
+                return Ok(y.reshape(out_shape)?);
+            }
+        }
+        self.forward(&crate::glu::silu_mul(gate, up)?)
+    }
+}
+
 fn new_adapter(
     b: &Builder,
     cfg: &LoraConfig,
