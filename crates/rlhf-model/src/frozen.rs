@@ -306,6 +306,72 @@ pub fn lora_linear(
     )?))
 }
 
+/// residual + x·Wᵀ, a linear layer and the residual add after it as one op, so the layer's
+/// output is not kept beside the sum for the backward pass.
+struct LinearResidualOp;
+
+impl candle_core::CustomOp3 for LinearResidualOp {
+    fn name(&self) -> &'static str {
+        "linear-residual"
+    }
+
+    // x: (m, k), w: (n, k), residual: (m, n) -> (m, n)
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n) = (xl.dims()[0], wl.dims()[0]);
+        if rl.dims() != [m, n] {
+            candle_core::bail!("linear + residual: residual {:?} for ({m}, {n})", rl.dims())
+        }
+        let Some(CpuStorage::F32(mut y)) = avx512_matmul(xs, xl, ws, &wl.transpose(0, 1)?) else {
+            candle_core::bail!("linear + residual needs AVX-512F and f32")
+        };
+        let r = crate::attn::data(rs, rl, "residual")?;
+        crate::glu::add_into(&mut y, r);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        residual: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = x.track_op().then(|| matmul(dy, w)).transpose()?;
+        let dw = w.track_op().then(|| matmul(&dy.t()?, x)).transpose()?;
+        Ok((dx, dw, residual.track_op().then(|| dy.clone())))
+    }
+}
+
+/// `residual + x·Wᵀ` as one op (nn.Linear layout, no bias); `None` where it cannot run, and the
+/// caller composes it.
+// x: (m, in), w: (out, in), residual: (m, out) -> (m, out)
+pub fn linear_residual(x: &Tensor, w: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !gemm::available()
+        || ![x, w, residual].into_iter().all(f32_cpu)
+        || x.rank() != 2
+        || w.rank() != 2
+        || w.dim(1)? != x.dim(1)?
+        || residual.dims() != [x.dim(0)?, w.dim(0)?]
+    {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(
+        w,
+        &residual.contiguous()?,
+        LinearResidualOp,
+    )?))
+}
+
 /// a·b with the AVX-512 kernel, where the CPU has one and both are 2-D f32.
 fn avx512_matmul(a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Option<CpuStorage> {
     if al.dims().len() != 2 || bl.dims().len() != 2 {
@@ -559,6 +625,41 @@ mod lora_tests {
                 let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(d < 1e-3, "conv1d={conv1d}: d{name} differs by {d}");
             }
+        }
+    }
+
+    /// residual + x·Wᵀ as one op against the composed sum, with W trainable: the output and
+    /// the gradients of x, W and the residual.
+    #[test]
+    fn linear_residual_matches_the_composed_sum() {
+        if !gemm::available() {
+            eprintln!("skipped: no AVX-512F, Linear composes the sum from candle ops");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (m, k, n) = (29, 40, 53);
+        let x = Var::from_vec(values(m * k, 1), (m, k), &dev).unwrap();
+        let w = Var::from_vec(values(n * k, 2), (n, k), &dev).unwrap();
+        let r = Var::from_vec(values(m * n, 3), (m, n), &dev).unwrap();
+        let probe = Tensor::from_vec(values(m * n, 4), (m, n), &dev).unwrap();
+        let fused = linear_residual(&x, &w, &r).unwrap().expect("fused");
+        let composed = (r.as_tensor() + x.matmul(&w.t().unwrap()).unwrap()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-4);
+        let gf = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("W", &w), ("residual", &r)] {
+            let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(d < 1e-3, "d{name} differs by {d}");
         }
     }
 

@@ -287,6 +287,12 @@ impl Out {
         std::slice::from_raw_parts_mut(self.0.add(start), n)
     }
 
+    /// The start of a buffer the caller lends to the workers, each of which writes its own
+    /// elements only.
+    pub(crate) fn of(buf: &mut [f32]) -> Out {
+        Out(buf.as_mut_ptr())
+    }
+
     /// The address of element `offset`, for kernels that write through a raw pointer.
     ///
     /// # Safety

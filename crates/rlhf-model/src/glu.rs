@@ -183,6 +183,107 @@ impl CustomOp3 for SiluMulLinear {
     }
 }
 
+/// residual + (silu(gate)·up)·Wᵀ for a frozen W (held by the op): the MLP's down projection
+/// and the residual add after it as one op, so neither silu(gate)·up nor the projection's
+/// output is kept for the backward pass.
+struct SiluMulLinearResidual {
+    w: Tensor,
+}
+
+impl CustomOp3 for SiluMulLinearResidual {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul-linear-residual"
+    }
+
+    // gate, up: (m, i), residual: (m, n) -> (m, n)
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            bail!("fused silu·up·Wᵀ: W is not on the CPU")
+        };
+        let (y, shape) = SiluMulLinear.cpu_fwd(gs, gl, us, ul, ws, wl)?;
+        let CpuStorage::F32(mut y) = y else {
+            unreachable!("f32 in, f32 out")
+        };
+        let r = contiguous_f32(rs, rl, "residual")?;
+        if rl.dims() != shape.dims() {
+            bail!(
+                "fused silu·up·Wᵀ: residual {:?}, output {shape:?}",
+                rl.dims()
+            )
+        }
+        add_into(&mut y, r);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        residual: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dg, du, _) = SiluMulLinear.bwd(gate, up, &self.w, y, dy)?;
+        Ok((dg, du, residual.track_op().then(|| dy.clone())))
+    }
+}
+
+simd_fn! {
+    fn add_range(y: &mut [f32], r: &[f32]) {
+        for (y, r) in y.iter_mut().zip(r) {
+            *y += r;
+        }
+    }
+}
+
+/// y += r, over the pool.
+pub(crate) fn add_into(y: &mut [f32], r: &[f32]) {
+    let out = crate::fused::Out::of(y);
+    par_units(y.len(), 1, |_, range| {
+        // SAFETY: units cover disjoint ranges of y.
+        let dst = unsafe { out.row(range.start, range.len()) };
+        add_range(dst, &r[range]);
+    });
+}
+
+/// residual + (silu(gate)·up)·Wᵀ as one op for a frozen W; `None` where it cannot run (a
+/// trainable W among the reasons), and the caller composes it.
+// gate, up: (m, i), w: (n, i), residual: (m, n) -> (m, n)
+pub fn silu_mul_linear_residual(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    residual: &Tensor,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !crate::gemm::available()
+        || w.track_op()
+        || ![gate, up, w, residual].into_iter().all(f32_cpu)
+        || gate.rank() != 2
+        || w.rank() != 2
+        || gate.dims() != up.dims()
+        || w.dim(1)? != gate.dim(1)?
+        || residual.dims() != [gate.dim(0)?, w.dim(0)?]
+    {
+        return Ok(None);
+    }
+    let op = SiluMulLinearResidual { w: w.contiguous()? };
+    Ok(Some(gate.contiguous()?.apply_op3(
+        &up.contiguous()?,
+        &residual.contiguous()?,
+        op,
+    )?))
+}
+
 /// silu(gate)·up into a new buffer.
 fn silu_mul_vec(g: &[f32], u: &[f32]) -> Vec<f32> {
     let len = g.len();
@@ -281,6 +382,41 @@ mod tests {
             let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff <= 1e-5 * scale.max(1.0), "gradient differs by {diff}");
         }
+        Ok(())
+    }
+
+    /// residual + (silu(gate)·up)·Wᵀ with a frozen W against the composed sum: the output
+    /// and the gradients of gate, up and the residual.
+    #[test]
+    fn down_projection_with_residual_matches_the_composed_sum() -> Result<()> {
+        if !crate::gemm::available() {
+            eprintln!("skipped: no AVX-512F, the MLP composes the sum from candle ops");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (23, 64), &dev)?)?;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (23, 64), &dev)?)?;
+        let w = Tensor::randn(0f32, 0.1, (40, 64), &dev)?;
+        let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (23, 40), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (23, 40), &dev)?;
+        let fused = silu_mul_linear_residual(&g, &u, &w, &r)?.expect("fusable");
+        let composed = (r.as_tensor() + silu_mul_composed(&g, &u)?.matmul(&w.t()?)?)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        assert!(diff(&fused, &composed)? < 1e-4);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        for (name, v) in [("gate", &g), ("up", &u), ("residual", &r)] {
+            let d = diff(
+                gf.get(v).expect("fused grad"),
+                gc.get(v).expect("composed grad"),
+            )?;
+            assert!(d < 1e-3, "d{name} differs by {d}");
+        }
+        // A trainable W is left to the composed path (its gradient needs W as an argument).
+        let wv = Var::from_tensor(&w)?;
+        assert!(silu_mul_linear_residual(&g, &u, &wv, &r)?.is_none());
         Ok(())
     }
 

@@ -206,10 +206,13 @@ impl Attention {
         })
     }
 
-    // x: (b, t, h), cos/sin: (b, 1, t, d), bias: (b, 1, t, k) -> (b, t, h)
+    // x (normed) and residual: (b, t, h), cos/sin: (b, 1, t, d), bias: (b, 1, t, k)
+    // -> residual + attention: (b, t, h)
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         bias: &Tensor,
@@ -223,7 +226,7 @@ impl Attention {
         );
         let (nh, nkv) = (self.n_heads, self.n_kv);
         let y = crate::attn::attention(&q, &k, &v, cos, sin, bias, nh, nkv, segments, cache)?;
-        self.o_proj.forward(&y)
+        self.o_proj.forward_residual(&y, residual)
     }
 }
 
@@ -245,13 +248,16 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    // x (normed) and residual: (b, t, h) -> residual + mlp(x)
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
         if matches!(self.act.as_str(), "silu" | "swish") {
-            return self.down_proj.forward_silu_mul(&gate, &up);
+            return self
+                .down_proj
+                .forward_silu_mul_residual(&gate, &up, residual);
         }
         let h = (crate::ops::activation(&self.act, &gate)? * up)?;
-        self.down_proj.forward(&h)
+        self.down_proj.forward_residual(&h, residual)
     }
 }
 
@@ -321,10 +327,11 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let h = layer.self_attn.forward(&h, &cos, &sin, bias, segments, c)?;
-            x = (x + h)?;
+            x = layer
+                .self_attn
+                .forward(&h, &x, &cos, &sin, bias, segments, c)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = layer.mlp.forward(&h, &x)?;
         }
         self.norm.forward(&x)
     }

@@ -234,25 +234,70 @@ impl Linear {
     /// active adapter and no bias; composed otherwise.
     // gate, up: (..., in) -> (..., out)
     pub fn forward_silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        let plain = self.bias.is_none()
-            && !self.conv1d
-            && (self.lora.is_none() || !self.switches.adapters_enabled());
-        if plain {
-            let dims = gate.dims().to_vec();
-            let in_dim = dims[dims.len() - 1];
-            let rows: usize = dims[..dims.len() - 1].iter().product();
-            let (g2, u2) = (gate.reshape((rows, in_dim))?, up.reshape((rows, in_dim))?);
-            if let Some(mut y) = crate::glu::silu_mul_linear(&g2, &u2, &self.weight)? {
-                if !self.switches.grad_enabled() {
-                    y = y.detach();
-                }
-                let mut out_shape = dims;
-                *out_shape.last_mut().expect("gate has at least one dim") = y.dim(1)?;
-                return Ok(y.reshape(out_shape)?);
+        if self.plain() {
+            let (g2, u2) = (rows2(gate)?, rows2(up)?);
+            if let Some(y) = crate::glu::silu_mul_linear(&g2, &u2, &self.weight)? {
+                return self.finish(y, gate.dims());
             }
         }
         self.forward(&crate::glu::silu_mul(gate, up)?)
     }
+
+    /// `residual + forward_silu_mul(gate, up)`: with a frozen W, one op that keeps neither the
+    /// MLP-wide activation nor the projection's output for the backward pass.
+    // gate, up: (..., in), residual: (..., out) -> (..., out)
+    pub fn forward_silu_mul_residual(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        if self.plain() {
+            let (g2, u2, r2) = (rows2(gate)?, rows2(up)?, rows2(residual)?);
+            let fused = crate::glu::silu_mul_linear_residual(&g2, &u2, &self.weight, &r2)?;
+            if let Some(y) = fused {
+                return self.finish(y, gate.dims());
+            }
+        }
+        Ok((residual + self.forward_silu_mul(gate, up)?)?)
+    }
+
+    /// `residual + forward(x)`: one op where the layer has no active adapter and no bias, so
+    /// the layer's output is not kept beside the sum.
+    // x: (..., in), residual: (..., out) -> (..., out)
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.plain() {
+            let (x2, r2) = (rows2(x)?, rows2(residual)?);
+            if let Some(y) = crate::frozen::linear_residual(&x2, &self.weight, &r2)? {
+                return self.finish(y, x.dims());
+            }
+        }
+        Ok((residual + self.forward(x)?)?)
+    }
+
+    /// No adapter in use, no bias, nn.Linear layout: the fused ops' case.
+    fn plain(&self) -> bool {
+        self.bias.is_none()
+            && !self.conv1d
+            && (self.lora.is_none() || !self.switches.adapters_enabled())
+    }
+
+    /// A fused op's (rows, out) result: detached without gradients, in the input's shape.
+    fn finish(&self, mut y: Tensor, in_dims: &[usize]) -> Result<Tensor> {
+        if !self.switches.grad_enabled() {
+            y = y.detach();
+        }
+        let mut out_shape = in_dims.to_vec();
+        *out_shape.last_mut().expect("at least one dim") = y.dim(1)?;
+        Ok(y.reshape(out_shape)?)
+    }
+}
+
+/// A tensor as (rows, last dim).
+fn rows2(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let last = dims[dims.len() - 1];
+    Ok(x.reshape((x.elem_count() / last.max(1), last))?)
 }
 
 fn new_adapter(
