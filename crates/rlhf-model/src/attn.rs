@@ -594,19 +594,8 @@ fn group_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_diff, values};
     use candle_core::{Device, Var};
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Rotary tables for the given positions (one row per batch item).
     fn tables(pos: &[Vec<u32>], d: usize) -> (Tensor, Tensor) {
@@ -629,18 +618,6 @@ mod tests {
             Tensor::from_vec(c, (b, 1, t, d), &dev).unwrap(),
             Tensor::from_vec(s, (b, 1, t, d), &dev).unwrap(),
         )
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     /// The fused op and the composed path agree on outputs and on the gradients of q, k and v,

@@ -561,24 +561,8 @@ pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod lora_tests {
     use super::*;
+    use crate::test_util::{max_diff, values};
     use candle_core::{Device, Var};
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap()
-    }
 
     /// The fused op against the composed x·Wᵀ + s·(x·Aᵀ)·Bᵀ: outputs and the gradients of x,
     /// A and B (B non-zero, so every term is exercised), in both weight layouts.

@@ -848,6 +848,7 @@ unsafe fn kernel_bf16(kp: usize, a: *const u16, b: *const u16, c: *mut f32, ldc:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
 
     fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
         let mut c = vec![0f64; a.rows * b.cols];
@@ -861,18 +862,6 @@ mod tests {
             }
         }
         c
-    }
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]

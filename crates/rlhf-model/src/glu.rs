@@ -34,13 +34,7 @@ pub fn silu_mul_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("fused silu·up: {what} is not f32")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("fused silu·up: {what} is not contiguous")
-    };
-    Ok(&v[a..b])
+    crate::attn::data(s, l, what)
 }
 
 #[inline(always)]
@@ -88,18 +82,7 @@ impl CustomOp2 for SiluMul {
         if g.len() != u.len() {
             bail!("fused silu·up: {} and {} elements", g.len(), u.len())
         }
-        let len = g.len();
-        let mut buf = OutBuf::new(len);
-        let out = buf.ptr();
-        // The tensors as `len` rows of one element: fused.rs's units and thread pool.
-        par_units(len, 1, |_, r| {
-            // SAFETY: units are disjoint and inside the buffer.
-            let dst = unsafe { out.row(r.start, r.len()) };
-            silu_mul_range(&g[r.clone()], &u[r], dst);
-        });
-        // SAFETY: every element was written.
-        let y = unsafe { buf.finish(len) };
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
+        Ok((CpuStorage::F32(silu_mul_vec(g, u)), gl.shape().clone()))
     }
 
     fn bwd(
@@ -289,6 +272,7 @@ fn silu_mul_vec(g: &[f32], u: &[f32]) -> Vec<f32> {
     let len = g.len();
     let mut buf = OutBuf::new(len);
     let out = buf.ptr();
+    // The tensors as `len` rows of one element: fused.rs's units and thread pool.
     par_units(len, 1, |_, r| {
         // SAFETY: units cover disjoint ranges of the output.
         let dst = unsafe { out.row(r.start, r.len()) };

@@ -21,6 +21,9 @@ pub mod save;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(test)]
+mod test_util;
+
 pub use error::{Error, Result};
 pub use model::{Batch, Heads, LoadOptions, Model};
 pub use weights::Training;

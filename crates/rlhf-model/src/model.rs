@@ -518,13 +518,7 @@ impl Model {
         let idx: Vec<u32> = seqs
             .iter()
             .zip(&starts)
-            .map(|(s, &s0)| {
-                let last = match self.config.pad_token_id {
-                    Some(pad) => s.iter().rposition(|&i| i != pad).unwrap_or(0),
-                    None => s.len() - 1,
-                };
-                (s0 + last) as u32
-            })
+            .map(|(s, &s0)| (s0 + self.score_position(s, None)) as u32)
             .collect();
         let idx = Tensor::new(idx.as_slice(), &self.device)?;
         let rows = hidden.squeeze(0)?.index_select(&idx, 0)?; // (n, hidden)
@@ -596,16 +590,21 @@ impl Model {
             .input_ids
             .iter()
             .zip(&batch.attention_mask)
-            .map(|(ids, m)| {
-                let last = match self.config.pad_token_id {
-                    Some(pad) => ids.iter().rposition(|&i| i != pad),
-                    None => m.iter().rposition(|&x| x != 0),
-                };
-                last.unwrap_or(0) as u32
-            })
+            .map(|(ids, m)| self.score_position(ids, Some(m)) as u32)
             .collect();
         let idx = Tensor::new(idx.as_slice(), &self.device)?.unsqueeze(1)?;
         Ok(values.gather(&idx, 1)?.squeeze(1)?)
+    }
+
+    /// Where a row's score is read: its last token that is not the pad id (transformers'
+    /// rule), or without a pad id its last token the mask keeps (all of an unpadded row).
+    fn score_position(&self, ids: &[u32], mask: Option<&[u8]>) -> usize {
+        let last = match (self.config.pad_token_id, mask) {
+            (Some(pad), _) => ids.iter().rposition(|&i| i != pad),
+            (None, Some(m)) => m.iter().rposition(|&x| x != 0),
+            (None, None) => ids.len().checked_sub(1),
+        };
+        last.unwrap_or(0)
     }
 }
 
