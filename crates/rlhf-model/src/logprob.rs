@@ -194,6 +194,170 @@ impl CustomOp3 for TokenLogprobBwd {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The LM head and the log-prob as one op
+// ---------------------------------------------------------------------------------------------
+
+/// Logits a forward chunk may hold at once (bytes): the vocabulary-sized rows are made, used
+/// and dropped chunk by chunk.
+const HEAD_CHUNK_BYTES: usize = 64 << 20;
+
+/// log softmax(h·Wᵀ / temperature)[target] for every row of hidden states, with a frozen
+/// (untracked) head `w`, or `None` where the op does not run (no AVX-512 kernel, not f32 on the
+/// CPU, a trainable head): the caller then composes the head and [`token_logprobs`].
+///
+/// No vocabulary-sized tensor outlives the call. The gradient of row r's log-prob with respect
+/// to h_r is (W[target] − softmax·W) / temperature, a `d`-vector, so where `keep_grad` is set
+/// the forward computes it from each chunk's probabilities while they are at hand, and the
+/// backward only scales it by the incoming gradient. The products are the ones the composed
+/// backward would make (the logits, then probabilities · W), moved into the forward.
+// h: (..., d), w: (vocab, d), targets: (...) u32 -> (...)
+pub fn head_token_logprobs(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    keep_grad: bool,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !crate::gemm::available()
+        || !f32_cpu(h)
+        || !f32_cpu(w)
+        || w.track_op()
+        || w.rank() != 2
+        || targets.dtype() != DType::U32
+        || temperature <= 0.0
+        || h.dim(D::Minus1)? != w.dim(1)?
+    {
+        return Ok(None);
+    }
+    let d = w.dim(1)?;
+    let out_shape = targets.dims().to_vec();
+    let rows: usize = out_shape.iter().product();
+    let h2 = h.reshape((rows, d))?.contiguous()?;
+    let op = HeadLogprob {
+        targets: targets.flatten_all()?.to_vec1::<u32>()?,
+        inv_t: (1.0 / temperature) as f32,
+        keep_grad: keep_grad && h.track_op(),
+        grad: std::sync::Mutex::new(Vec::new()),
+    };
+    let out = h2.apply_op2(&w.contiguous()?, op)?;
+    Ok(Some(out.reshape(out_shape)?))
+}
+
+struct HeadLogprob {
+    targets: Vec<u32>,
+    inv_t: f32,
+    keep_grad: bool,
+    /// d log p_r / d h_r for every row, (rows, d), written by the forward.
+    grad: std::sync::Mutex<Vec<f32>>,
+}
+
+// Row scaled in place by s.
+simd_fn! {
+    fn scale_row(row: &mut [f32], s: f32) {
+        for x in row.iter_mut() {
+            *x *= s;
+        }
+    }
+}
+
+// Row replaced by exp(row − lse), its softmax given its log-sum-exp.
+simd_fn! {
+    fn softmax_in_place(row: &mut [f32], lse: f32) {
+        for x in row.iter_mut() {
+            *x = exp_f32(*x - lse);
+        }
+    }
+}
+
+impl CustomOp2 for HeadLogprob {
+    fn name(&self) -> &'static str {
+        "head-token-logprob"
+    }
+
+    // h: (rows, d), w: (vocab, d) -> (rows)
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (rows, d) = l1.shape().dims2()?;
+        let (v, _) = l2.shape().dims2()?;
+        let (h, w) = (data(s1, l1, "hidden states")?, data(s2, l2, "LM head")?);
+        let t = &self.targets;
+        if t.len() != rows {
+            bail!("token log-probs: {rows} hidden states, {} targets", t.len())
+        }
+        if let Some(bad) = t.iter().find(|&&i| i as usize >= v) {
+            bail!("token log-probs: target id {bad} is outside the vocabulary of {v}")
+        }
+        let chunk = (HEAD_CHUNK_BYTES / (v * 4).max(1)).clamp(16, rows.max(16));
+        let mut out = vec![0f32; rows];
+        let mut grad = if self.keep_grad {
+            vec![0f32; rows * d]
+        } else {
+            Vec::new()
+        };
+        let wm = crate::gemm::MatRef::new(&w[..v * d], v, d, d, 1);
+        for r0 in (0..rows).step_by(chunk) {
+            let c = chunk.min(rows - r0);
+            let hm = crate::gemm::MatRef::new(&h[r0 * d..(r0 + c) * d], c, d, d, 1);
+            let Some(mut z) = crate::gemm::matmul(hm, wm.t()) else {
+                bail!("token log-probs: the AVX-512 kernel is not available")
+            };
+            let inv_t = self.inv_t;
+            if inv_t != 1.0 {
+                par_rows(&mut z, v, v, |_, row| scale_row(row, inv_t));
+            }
+            let mut lse_c = vec![0f32; c];
+            par_rows(&mut lse_c, 1, v, |r, o| o[0] = lse(&z[r * v..(r + 1) * v]));
+            for r in 0..c {
+                out[r0 + r] = z[r * v + t[r0 + r] as usize] - lse_c[r];
+            }
+            if !self.keep_grad {
+                continue;
+            }
+            par_rows(&mut z, v, v, |r, row| softmax_in_place(row, lse_c[r]));
+            let pw = crate::gemm::matmul(crate::gemm::MatRef::new(&z, c, v, v, 1), wm)
+                .expect("the kernel ran above");
+            for r in 0..c {
+                let target = &w[t[r0 + r] as usize * d..][..d];
+                let g = &mut grad[(r0 + r) * d..(r0 + r + 1) * d];
+                for ((gj, &wj), &pj) in g.iter_mut().zip(target).zip(&pw[r * d..(r + 1) * d]) {
+                    *gj = inv_t * (wj - pj);
+                }
+            }
+        }
+        *self.grad.lock().expect("not poisoned") = grad;
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, d) = h.dims2()?;
+        let g = grad.to_vec1::<f32>()?;
+        let dl = self.grad.lock().expect("not poisoned");
+        if dl.len() != rows * d {
+            bail!("token log-probs: the forward kept no gradient (keep_grad was off)")
+        }
+        let mut dh = vec![0f32; rows * d];
+        for (r, (out, src)) in dh.chunks_exact_mut(d).zip(dl.chunks_exact(d)).enumerate() {
+            for (o, &s) in out.iter_mut().zip(src) {
+                *o = g[r] * s;
+            }
+        }
+        Ok((Some(Tensor::from_vec(dh, (rows, d), h.device())?), None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +405,48 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(gdiff < 1e-5, "gradients differ by {gdiff}");
+        }
+    }
+
+    /// The head + log-prob op equals the composed h·Wᵀ / T, log_softmax, gather, in value and
+    /// in the gradient with respect to h, over several chunks and with a temperature.
+    #[test]
+    fn the_head_op_matches_the_composed_head_in_value_and_gradient() {
+        if !crate::gemm::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        // 300 rows of a 60,000-word vocabulary span two 64 MB chunks.
+        for (n, d, v, temp) in [(5, 8, 11, 1.0), (300, 24, 60_000, 0.7)] {
+            let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap()).unwrap();
+            let w = Tensor::randn(0f32, 0.5, (v, d), &dev).unwrap();
+            let ids: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+            let tg = Tensor::from_vec(ids, n, &dev).unwrap();
+            let gw = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let fused = head_token_logprobs(h.as_tensor(), &w, &tg, temp, true)
+                .unwrap()
+                .expect("the op runs");
+            let logits = (h.as_tensor().matmul(&w.t().unwrap()).unwrap() / temp).unwrap();
+            let reference = composed(&logits, &tg).unwrap();
+            let diff = crate::test_util::max_diff(&fused, &reference);
+            assert!(diff < 1e-4, "values differ by {diff}");
+            let gf = (fused * &gw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = (reference * &gw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gdiff = crate::test_util::max_diff(
+                gf.get(h.as_tensor()).unwrap(),
+                gr.get(h.as_tensor()).unwrap(),
+            );
+            assert!(gdiff < 1e-4, "gradients differ by {gdiff}");
         }
     }
 

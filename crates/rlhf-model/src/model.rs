@@ -572,6 +572,22 @@ impl Model {
         head.forward(hidden)
     }
 
+    /// log softmax(logits / temperature)[target] at every position, without keeping the
+    /// vocabulary-sized logits where the LM head is a frozen plain product
+    /// ([`Linear::token_logprobs`]).
+    // hidden: (..., h), targets: (...) u32 -> (...)
+    pub fn token_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().ok_or_else(|| {
+            Error::Config("this model was loaded without an LM head (Heads::Score)".into())
+        })?;
+        head.token_logprobs(hidden, targets, temperature)
+    }
+
     /// The score head applied at every position (PPO's per-token values).
     // hidden: (b, t, h) -> (b, t)
     pub fn values(&self, hidden: &Tensor) -> Result<Tensor> {

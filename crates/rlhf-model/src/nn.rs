@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::lora::LoraConfig;
 use crate::weights::{Builder, Training};
@@ -276,6 +276,29 @@ impl Linear {
     }
 
     /// No adapter in use, no bias, nn.Linear layout: the fused ops' case.
+    /// log softmax(x·Wᵀ / temperature)[target] per row, for an LM head: one op without the
+    /// vocabulary-sized logits where the layer is a frozen plain product (see
+    /// [`crate::logprob::head_token_logprobs`]), otherwise the forward and
+    /// [`crate::logprob::token_logprobs`].
+    // x: (..., in), targets: (...) u32 -> (...)
+    pub fn token_logprobs(&self, x: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+        if self.plain() {
+            let keep = self.switches.grad_enabled();
+            if let Some(lp) =
+                crate::logprob::head_token_logprobs(x, &self.weight, targets, temperature, keep)?
+            {
+                return Ok(if keep { lp } else { lp.detach() });
+            }
+        }
+        let logits = self.forward(x)?.to_dtype(DType::F32)?;
+        let scaled = if temperature > 0.0 && (temperature - 1.0).abs() > 1e-12 {
+            (logits / temperature)?
+        } else {
+            logits
+        };
+        crate::logprob::token_logprobs(&scaled, targets)
+    }
+
     fn plain(&self) -> bool {
         self.bias.is_none()
             && !self.conv1d

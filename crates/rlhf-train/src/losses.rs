@@ -2,6 +2,8 @@
 
 use candle_core::{DType, Tensor};
 
+use rlhf_model::Model;
+
 use crate::Result;
 
 /// log σ(x), stable for large |x|: -(max(-x, 0) + log(1 + exp(-|x|))).
@@ -71,6 +73,47 @@ pub fn reward_loss(
 // logits: (b, t, vocab), labels: b rows of t (already aligned: labels[i] is predicted at i) -> (scalar sum, count)
 pub fn token_nll_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3()?;
+    let device = logits.device();
+    let Some((rows, targets)) = labelled(labels, t, device)? else {
+        return Ok((Tensor::zeros((), logits.dtype(), device)?, 0));
+    };
+    let n = targets.dim(0)?;
+    let picked_rows = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
+    let nll = rlhf_model::logprob::token_logprobs(&picked_rows, &targets)?
+        .sum_all()?
+        .neg()?;
+    Ok((nll, n))
+}
+
+/// [`token_nll_sum`] from the hidden states: only the labelled positions go through the
+/// model's LM head, and where the head is frozen its logits are never kept
+/// ([`Model::token_logprobs`]).
+// hidden: (b, t, h), labels: b rows of t -> (scalar sum, count)
+pub fn hidden_nll_sum(
+    model: &Model,
+    hidden: &Tensor,
+    labels: &[Vec<i64>],
+) -> Result<(Tensor, usize)> {
+    let (b, t, h) = hidden.dims3()?;
+    let device = hidden.device();
+    let Some((rows, targets)) = labelled(labels, t, device)? else {
+        return Ok((Tensor::zeros((), DType::F32, device)?, 0));
+    };
+    let n = targets.dim(0)?;
+    let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+    let nll = model
+        .token_logprobs(&picked, &targets, 1.0)?
+        .sum_all()?
+        .neg()?;
+    Ok((nll, n))
+}
+
+/// The flat (b·t) positions that carry a label, and their labels; `None` when none does.
+fn labelled(
+    labels: &[Vec<i64>],
+    t: usize,
+    device: &candle_core::Device,
+) -> Result<Option<(Tensor, Tensor)>> {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (bi, row) in labels.iter().enumerate() {
@@ -81,17 +124,13 @@ pub fn token_nll_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, us
             }
         }
     }
-    let device = logits.device();
     if rows.is_empty() {
-        return Ok((Tensor::zeros((), logits.dtype(), device)?, 0));
+        return Ok(None);
     }
-    let flat = logits.reshape((b * t, v))?;
-    let picked_rows = flat.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
-    let tgt = Tensor::new(targets.as_slice(), device)?;
-    let nll = rlhf_model::logprob::token_logprobs(&picked_rows, &tgt)?
-        .sum_all()?
-        .neg()?;
-    Ok((nll, rows.len()))
+    Ok(Some((
+        Tensor::new(rows.as_slice(), device)?,
+        Tensor::new(targets.as_slice(), device)?,
+    )))
 }
 
 #[cfg(test)]

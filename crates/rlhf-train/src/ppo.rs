@@ -447,13 +447,7 @@ fn response_logprobs(
     temperature: f64,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let h = response_states(model, packed)?;
-    let logits = model.logits(&h)?.to_dtype(DType::F32)?;
-    let scaled = if temperature > 0.0 && (temperature - 1.0).abs() > 1e-12 {
-        (logits / temperature)?
-    } else {
-        logits
-    };
-    let logp = rlhf_model::generate::token_logprobs(&scaled, &packed.targets)?;
+    let logp = model.token_logprobs(&h, &packed.targets, temperature)?;
     let values = match value_head {
         Some(v) => Some(v.forward(&h.to_dtype(DType::F32)?)?),
         None => None,
@@ -1356,7 +1350,6 @@ fn average(window: &[StepMetrics]) -> StepMetrics {
 fn ptx_nll(model: &Model, examples: &[&SftExample], pad: u32) -> Result<Tensor> {
     let b = rlhf_data::collate_sft(examples.iter().copied(), pad);
     let hidden = model.hidden(&b.batch)?;
-    let logits = model.logits(&hidden)?;
     let labels: Vec<Vec<i64>> = b
         .labels
         .iter()
@@ -1366,7 +1359,7 @@ fn ptx_nll(model: &Model, examples: &[&SftExample], pad: u32) -> Result<Tensor> 
             v
         })
         .collect();
-    let (sum, n) = crate::losses::token_nll_sum(&logits, &labels)?;
+    let (sum, n) = crate::losses::hidden_nll_sum(model, &hidden, &labels)?;
     Ok((sum / n.max(1) as f64)?)
 }
 

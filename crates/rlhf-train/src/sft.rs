@@ -11,7 +11,7 @@ use rlhf_model::{Heads, Model};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, TrainingArgs};
-use crate::losses::token_nll_sum;
+use crate::losses::hidden_nll_sum;
 use crate::trainer::{self, MicroOut, Objective, StepScale, Summary};
 use crate::Result;
 
@@ -92,9 +92,8 @@ impl SftObjective {
     ) -> Result<(candle_core::Tensor, usize, usize)> {
         let b = collate_sft(examples.iter().copied(), self.pad_id);
         let hidden = model.hidden(&b.batch)?;
-        let logits = model.logits(&hidden)?;
         let labels: Vec<Vec<i64>> = b.labels.iter().map(|l| shifted(l)).collect();
-        let (sum, n) = token_nll_sum(&logits, &labels)?;
+        let (sum, n) = hidden_nll_sum(model, &hidden, &labels)?;
         let tokens = b
             .batch
             .attention_mask
