@@ -16,6 +16,10 @@
 //!   vectors of B and broadcasts `MR` values of A: 28 FMAs for 16 loads. Products of at most
 //!   64 rows (decoding) use 8-row tiles instead.
 //!
+//! - Products of at most 32 rows against a row-major weight read transposed (x·Wᵀ while
+//!   decoding) skip the packing of W: W's rows are streamed once from memory and broadcast
+//!   against A's packed columns (`stream`). `RLHF_GEMM_STREAM=0` turns this off for A/B runs.
+//!
 //! [`matmul`] takes any strides, so transposed operands (the backward pass's `gradᵀ·x` and
 //! `grad·W`) are read in place without a copy. It returns `None` where the CPU lacks
 //! AVX-512F; callers then use candle's matmul.
@@ -111,6 +115,9 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     if m == 0 || n == 0 || k == 0 {
         return Some(vec![0f32; m * n]);
     }
+    if m <= STREAM_M && b.rs == 1 && stream_enabled() {
+        return Some(stream(a, b));
+    }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let mr = if m <= SMALL_M { MR_SMALL } else { MR };
     let units = Units::new(m, n, mr, threads());
@@ -138,6 +145,191 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     // block (k > 0 here).
     unsafe { c.set_len(m * n) };
     Some(c)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Few rows against a weight matrix (decoding)
+// ---------------------------------------------------------------------------------------------
+
+/// Most rows of A the streaming path takes: two vectors of 16 lanes.
+const STREAM_M: usize = 32;
+/// Rows of W per streaming tile for one vector of A's rows (16 accumulators), and for two.
+const STREAM_R1: usize = 16;
+const STREAM_R2: usize = 8;
+/// Rows of W per unit of work handed to a thread.
+const STREAM_UNIT: usize = 64;
+
+/// Whether the streaming path runs (`RLHF_GEMM_STREAM=0` turns it off, for A/B runs).
+fn stream_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("RLHF_GEMM_STREAM").is_ok_and(|v| v == "0"))
+}
+
+/// C = A·B for at most `STREAM_M` rows of A where B is a row-major W read transposed
+/// (`b.rs == 1`: column j of B is row j of W, contiguous), as in x·Wᵀ while decoding.
+///
+/// With so few rows the packed path spends as long packing W as multiplying, and reads W
+/// through memory twice. Here A is packed transposed (K × 16 or K × 32 floats, zero-padded,
+/// a few dozen KB), and W's rows are streamed once, straight from memory: each element is
+/// broadcast against the vector(s) of A's column p, so the FMAs need no horizontal sums.
+/// Each tile of W's rows accumulates in registers over the whole of K; the threads take
+/// runs of W's rows.
+fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let lanes = if m <= 16 { 16 } else { 32 };
+    let mut at = vec![0f32; k * lanes];
+    for i in 0..m {
+        for p in 0..k {
+            at[p * lanes + i] = a.data[i * a.rs + p * a.cs];
+        }
+    }
+    let mut c = vec![0f32; m * n];
+    let out = SyncPtr(c.as_mut_ptr());
+    let (at, w, ldw) = (&at[..], b.data, b.cs);
+    let run = |range: std::ops::Range<usize>| {
+        for u in range {
+            let rows = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
+            // SAFETY: AVX-512F was detected by the caller (`matmul`); W's rows j < n lie in
+            // `b.data` (checked by `MatRef::new`), and unit u writes only columns `rows` of C.
+            unsafe { stream_unit(at, lanes, w, ldw, k, rows, m, out.get(), n) };
+        }
+    };
+    let units = n.div_ceil(STREAM_UNIT);
+    if units == 1 {
+        run(0..1);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units, run);
+    }
+    c
+}
+
+/// Columns `cols` of C (rows 0..m, row stride `ldc`) from W's rows `cols`.
+///
+/// # Safety
+/// AVX-512F must be available; rows `cols` of W (`ldw` apart, `k` long) must be readable and
+/// columns `cols` of the `m` rows of C writable by this thread alone.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_unit(
+    at: &[f32],
+    lanes: usize,
+    w: &[f32],
+    ldw: usize,
+    k: usize,
+    cols: std::ops::Range<usize>,
+    m: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut tile = [[0f32; 32]; STREAM_R1];
+    let mut j = cols.start;
+    while j < cols.end {
+        let left = cols.end - j;
+        // SAFETY (all kernels): rows j.. of W are inside `w`, as the caller guarantees.
+        let r = unsafe {
+            match (lanes, left) {
+                (16, l) if l >= STREAM_R1 => {
+                    stream_tile::<STREAM_R1, 1>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    STREAM_R1
+                }
+                (32, l) if l >= STREAM_R2 => {
+                    stream_tile::<STREAM_R2, 2>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    STREAM_R2
+                }
+                (16, _) => {
+                    stream_tile::<1, 1>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    1
+                }
+                _ => {
+                    stream_tile::<1, 2>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    1
+                }
+            }
+        };
+        for i in 0..m {
+            for (q, t) in tile.iter().take(r).enumerate() {
+                // SAFETY: (i, j + q) is in C's rows 0..m and this unit's columns.
+                unsafe { *c.add(i * ldc + j + q) = t[i] };
+            }
+        }
+        j += r;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn stream_unit(
+    _: &[f32],
+    _: usize,
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("the AVX-512 kernel runs on x86_64 only")
+}
+
+/// tile[q][i] = Σ_p W[q, p] · Aᵀ[p, i] for R rows of W and V vectors of 16 rows of A.
+///
+/// # Safety
+/// AVX-512F must be available; `w` must point at R rows of `k` floats, `ldw` apart, and
+/// `at` hold `k × 16V` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_tile<const R: usize, const V: usize>(
+    at: &[f32],
+    w: *const f32,
+    ldw: usize,
+    k: usize,
+    tile: &mut [[f32; 32]; STREAM_R1],
+) {
+    use std::arch::x86_64::*;
+    assert!(at.len() >= k * 16 * V);
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let ap = at.as_ptr();
+    // Four values of k a round: each row of W is addressed once per four broadcasts, so the
+    // address arithmetic does not bind the loop.
+    const U: usize = 4;
+    let main = k / U * U;
+    for p in (0..main).step_by(U) {
+        let mut av = [[_mm512_setzero_ps(); V]; U];
+        for (u, au) in av.iter_mut().enumerate() {
+            for (v, x) in au.iter_mut().enumerate() {
+                // SAFETY: p + u < k, so row p + u of Aᵀ is inside `at` (asserted above).
+                *x = unsafe { _mm512_loadu_ps(ap.add((p + u) * 16 * V + 16 * v)) };
+            }
+        }
+        for (q, row) in acc.iter_mut().enumerate() {
+            // SAFETY: row q < R of W, elements p..p + U ≤ k, as the caller guarantees.
+            let wq = unsafe { w.add(q * ldw + p) };
+            for (u, au) in av.iter().enumerate() {
+                let bq = _mm512_set1_ps(unsafe { *wq.add(u) });
+                for (x, a) in row.iter_mut().zip(au) {
+                    *x = _mm512_fmadd_ps(*a, bq, *x);
+                }
+            }
+        }
+    }
+    for p in main..k {
+        for (q, row) in acc.iter_mut().enumerate() {
+            // SAFETY: as above, for the last k % U values.
+            let bq = _mm512_set1_ps(unsafe { *w.add(q * ldw + p) });
+            for (v, x) in row.iter_mut().enumerate() {
+                let a = unsafe { _mm512_loadu_ps(ap.add(p * 16 * V + 16 * v)) };
+                *x = _mm512_fmadd_ps(a, bq, *x);
+            }
+        }
+    }
+    for (q, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            // SAFETY: 16 floats at offset 16v of a 32-float row.
+            unsafe { _mm512_storeu_ps(tile[q].as_mut_ptr().add(16 * v), *x) };
+        }
+    }
 }
 
 /// C[i] = A[i]·B[i] for `batch` products of small matrices (attention's q·kᵀ and p·v), as one
@@ -916,6 +1108,34 @@ mod tests {
             let want = naive(ai, bi);
             for (g, w) in got[i * m * n..(i + 1) * m * n].iter().zip(&want) {
                 assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "item {i}");
+            }
+        }
+    }
+
+    /// The streaming path for few rows against a transposed row-major W, at every tile edge:
+    /// one or two vectors of rows, full tiles and leftover rows of W, several units.
+    #[test]
+    fn streams_few_rows_against_a_transposed_weight() {
+        if !available() {
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 15),
+            (16, 64, 70),
+            (17, 33, 200),
+            (32, 9, 9),
+        ] {
+            let (av, wv) = (values(m * k, 7), values(n * k, 8));
+            let a = MatRef::new(&av, m, k, k, 1);
+            let b = MatRef::new(&wv, n, k, k, 1).t();
+            let got = stream(a, b);
+            let want = naive(a, b);
+            for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{m}x{k}x{n}: element {idx}: {g} against {w}"
+                );
             }
         }
     }
