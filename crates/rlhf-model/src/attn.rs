@@ -14,8 +14,9 @@
 //! gradients it accumulates over the query heads of its group. Within a unit the products run
 //! on [`gemm`]'s kernel on one thread.
 //!
-//! Used for full-sequence forwards (training, scoring, reference log-probs); decoding with a
-//! KV cache keeps the composed path, whose keys are cached after rope.
+//! Used for full-sequence forwards (training, scoring, reference log-probs). Decoding with a
+//! KV cache has a forward-only variant (`cached`) that writes keys (after rope) and values
+//! into the cache's own growing buffers in place, instead of concatenating tensors each step.
 
 use std::cell::RefCell;
 
@@ -64,6 +65,17 @@ pub fn attention(
             return fused(q, k, v, cos, sin, bias, g);
         }
     }
+    let cache = match cache {
+        Some((c, layer))
+            if fused_enabled() && segments.is_none() && ![q, k, v].iter().any(|t| t.track_op()) =>
+        {
+            if let Some(y) = cached(q, k, v, cos, sin, bias, n_heads, n_kv, &mut *c, layer)? {
+                return Ok(y);
+            }
+            Some((c, layer))
+        }
+        other => other,
+    };
     if let Some(starts) = segments {
         let dense = crate::ops::packed_attention_bias(starts, q.device())?.to_dtype(q.dtype())?;
         return attention_composed(q, k, v, cos, sin, &dense, n_heads, n_kv, cache);
@@ -111,6 +123,184 @@ pub fn attention_composed(
     let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
     let y = crate::nn::attention(&q, &k, &v, bias, 1.0 / (d as f64).sqrt())?;
     Ok(y.transpose(1, 2)?.reshape((b, t, n_heads * d))?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding with a KV cache (no gradients)
+// ---------------------------------------------------------------------------------------------
+
+/// The f32 data of a contiguous CPU storage.
+fn cpu_data<'a>(s: &'a Storage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => data(c, l, what),
+        _ => bail!("fused kernel: {what} is not on the CPU"),
+    }
+}
+
+/// Attention for decoding: this call's keys (after rope) and values are written into the
+/// cache's own buffers in place ([`crate::nn::RawKv`], grown by doubling), and each
+/// (row, head) attends over all cached positions, with the bias masking padding and the
+/// future. `None` where it cannot run (the layer holds the composed path's tensors, the
+/// shapes or dtypes do not fit); the composed path then runs. Nothing here is differentiable:
+/// the caller checks that no input carries a gradient.
+#[allow(clippy::too_many_arguments)]
+fn cached(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    nh: usize,
+    nkv: usize,
+    cache: &mut KvCache,
+    layer: usize,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &&Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if ![q, k, v, cos, sin, bias].iter().all(f32_cpu)
+        || q.rank() != 3
+        || cos.rank() != 4
+        || bias.rank() != 4
+        || nh == 0
+        || nkv == 0
+        || !nh.is_multiple_of(nkv)
+    {
+        return Ok(None);
+    }
+    let (b, t, qw) = q.dims3()?;
+    let d = qw / nh;
+    let (cb, c1, ct, cd) = cos.dims4()?;
+    let (bb, b1, bt, total) = bias.dims4()?;
+    let Some(slot) = cache.raw_slot(layer) else {
+        return Ok(None);
+    };
+    let past = slot.as_ref().map_or(0, |r| r.len);
+    let fits = d > 0
+        && d.is_multiple_of(2)
+        && qw == nh * d
+        && k.dims() == [b, t, nkv * d]
+        && v.dims() == [b, t, nkv * d]
+        && sin.dims() == cos.dims()
+        && (cb == b || cb == 1)
+        && (c1, ct, cd) == (1, t, d)
+        && (bb == b || bb == 1)
+        && (b1, bt) == (1, t)
+        && total == past + t
+        && slot
+            .as_ref()
+            .is_none_or(|r| (r.b, r.nkv, r.d) == (b, nkv, d));
+    if !fits {
+        return Ok(None);
+    }
+    let raw = slot.get_or_insert_with(|| crate::nn::RawKv::new(b, nkv, d));
+    raw.reserve(total);
+    let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (cosc, sinc, biasc) = (cos.contiguous()?, sin.contiguous()?, bias.contiguous()?);
+    let ((sq, lq), (sk, lk), (sv, lv)) = (
+        qc.storage_and_layout(),
+        kc.storage_and_layout(),
+        vc.storage_and_layout(),
+    );
+    let ((sc, lc), (ss, ls), (sb, lb)) = (
+        cosc.storage_and_layout(),
+        sinc.storage_and_layout(),
+        biasc.storage_and_layout(),
+    );
+    let (qd, kd, vd) = (
+        cpu_data(&sq, lq, "q")?,
+        cpu_data(&sk, lk, "k")?,
+        cpu_data(&sv, lv, "v")?,
+    );
+    let cosd = cpu_data(&sc, lc, "cos")?;
+    let sind = cpu_data(&ss, ls, "sin")?;
+    let biasd = cpu_data(&sb, lb, "bias")?;
+    let cos_row = |bi: usize, ti: usize| ((if cb == 1 { 0 } else { bi }) * t + ti) * d;
+    let cap = raw.cap;
+    for bi in 0..b {
+        for ti in 0..t {
+            let c = cos_row(bi, ti);
+            let (cr, sr) = (&cosd[c..c + d], &sind[c..c + d]);
+            for g in 0..nkv {
+                let src = ((bi * t + ti) * nkv + g) * d;
+                let dst = ((bi * nkv + g) * cap + past + ti) * d;
+                rope_row(&kd[src..src + d], cr, sr, &mut raw.k[dst..dst + d]);
+                raw.v[dst..dst + d].copy_from_slice(&vd[src..src + d]);
+            }
+        }
+    }
+    raw.len = total;
+    let (kcache, vcache) = (&raw.k[..], &raw.v[..]);
+    let scale = 1.0 / (d as f32).sqrt();
+    let len = b * t * nh * d;
+    let mut buf = OutBuf::new(len);
+    let out = buf.ptr();
+    par(b * nh, |u| {
+        let (bi, h) = (u / nh, u % nh);
+        let blk = (bi * nkv + h / (nh / nkv)) * cap * d;
+        SCRATCH.with_borrow_mut(|scratch| {
+            let [qh, s, p] = carve(scratch, [t * d, t * total, t * total]);
+            for ti in 0..t {
+                let c = cos_row(bi, ti);
+                let src = ((bi * t + ti) * nh + h) * d;
+                let (cr, sr) = (&cosd[c..c + d], &sind[c..c + d]);
+                rope_row(&qd[src..src + d], cr, sr, &mut qh[ti * d..(ti + 1) * d]);
+            }
+            let (kb, vb) = (&kcache[blk..][..total * d], &vcache[blk..][..total * d]);
+            let brow = if bb == 1 { 0 } else { bi * t };
+            let bias_rows = &biasd[brow * total..][..t * total];
+            if t <= DECODE_ROWS {
+                // A few query rows: dot products and weighted sums straight over the cache,
+                // where the product kernel would pack the cache first.
+                for i in 0..t {
+                    // SAFETY: this unit owns head h of row bi's t rows: columns h·d..h·d+d.
+                    let y = unsafe { out.row((bi * t + i) * nh * d + h * d, d) };
+                    let br = &bias_rows[i * total..][..total];
+                    let (si, pi) = (&mut s[i * total..][..total], &mut p[i * total..][..total]);
+                    decode_row(&qh[i * d..(i + 1) * d], kb, vb, br, scale, si, pi, y);
+                }
+                return;
+            }
+            let qm = MatRef::new(qh, t, d, d, 1);
+            let km = MatRef::new(kb, total, d, d, 1);
+            // SAFETY: s holds t × total floats and is this thread's own.
+            unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), total, false) };
+            for i in 0..t {
+                let br = &bias_rows[i * total..][..total];
+                let (x, y) = (&s[i * total..(i + 1) * total], &mut p[i * total..][..total]);
+                scaled_masked_softmax_row(x, br, scale, y);
+            }
+            let pm = MatRef::new(p, t, total, total, 1);
+            let vm = MatRef::new(vb, total, d, d, 1);
+            // SAFETY: this unit owns head h of row bi's t rows: columns h·d..h·d+d.
+            unsafe { gemm::matmul_into(pm, vm, out.at(bi * t * nh * d + h * d), nh * d, false) };
+        })
+    });
+    // SAFETY: every (row, head) unit wrote its d columns of its t rows.
+    let y = unsafe { buf.finish(len) };
+    Ok(Some(Tensor::from_vec(y, (b, t, nh * d), q.device())?))
+}
+
+/// Query rows up to which [`cached`] works on the cache directly rather than through the
+/// product kernel (decoding steps have one).
+const DECODE_ROWS: usize = 4;
+
+simd_fn! {
+    // One query row over `total` cached positions: s = q·kⱼ, p = softmax(scale·s + bias),
+    // y = Σ pⱼ vⱼ.
+    fn decode_row(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], scale: f32, s: &mut [f32],
+                  p: &mut [f32], y: &mut [f32]) {
+        let d = q.len();
+        for (sj, kj) in s.iter_mut().zip(k.chunks_exact(d)) {
+            *sj = dot(q, kj);
+        }
+        scaled_masked_softmax_row(s, bias, scale, p);
+        y.fill(0.0);
+        for (&pj, vj) in p.iter().zip(v.chunks_exact(d)) {
+            for (yi, &vi) in y.iter_mut().zip(vj) {
+                *yi += pj * vi;
+            }
+        }
+    }
 }
 
 /// The shape of one fused call.
@@ -666,6 +856,89 @@ mod tests {
                     "({b},{t},{nh},{nkv},{d}) d{name} differs by {diff} (scale {scale})"
                 );
             }
+        }
+    }
+
+    /// Decoding through the cache's own buffers equals the composed path with its
+    /// concatenated tensors: a left-padded prefill of 7 (or 40: the product-kernel branch), then
+    /// steps of one token (the direct branch) past the buffer's first capacity, then a step on
+    /// a cache whose rows were re-selected.
+    #[test]
+    fn cached_decoding_matches_the_composed_path() {
+        if !fused_enabled() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for &(b, t0, nh, nkv, d) in &[(2, 7, 4, 2, 8), (3, 40, 3, 1, 16)] {
+            let (mut fused_cache, mut ref_cache) = (KvCache::new(1), KvCache::new(1));
+            let mut mask: Vec<Vec<u8>> = (0..b)
+                .map(|bi| (0..t0).map(|j| u8::from(bi != 0 || j >= 2)).collect())
+                .collect();
+            let mut pos = crate::ops::positions_from_mask(&mask);
+            let mut t = t0;
+            for step in 0..30 {
+                let total = mask[0].len();
+                let bias = crate::ops::attention_bias(&mask, t, &dev).unwrap();
+                let (cos, sin) = tables(&pos, d);
+                let seed = 10 * step as u32;
+                let q = Tensor::from_vec(values(b * t * nh * d, seed + 1), (b, t, nh * d), &dev)
+                    .unwrap();
+                let k = Tensor::from_vec(values(b * t * nkv * d, seed + 2), (b, t, nkv * d), &dev)
+                    .unwrap();
+                let v = Tensor::from_vec(values(b * t * nkv * d, seed + 3), (b, t, nkv * d), &dev)
+                    .unwrap();
+                let y = cached(&q, &k, &v, &cos, &sin, &bias, nh, nkv, &mut fused_cache, 0)
+                    .unwrap()
+                    .expect("the cached path runs");
+                let r = attention_composed(
+                    &q,
+                    &k,
+                    &v,
+                    &cos,
+                    &sin,
+                    &bias,
+                    nh,
+                    nkv,
+                    Some((&mut ref_cache, 0)),
+                )
+                .unwrap();
+                let diff = max_diff(&y, &r);
+                assert!(diff < 1e-5, "({b},{t0},{nh},{nkv},{d}) step {step}: {diff}");
+                assert_eq!(fused_cache.len(), total);
+                t = 1;
+                for (bi, (m, p)) in mask.iter_mut().zip(pos.iter_mut()).enumerate() {
+                    m.push(u8::from(step % 5 != 3 || bi == 0));
+                    *p = vec![p.last().unwrap() + 1];
+                }
+            }
+            // Keep rows (last, first): both caches reorder alike.
+            let keep = Tensor::new(&[b as u32 - 1, 0], &dev).unwrap();
+            fused_cache.select_rows(&keep).unwrap();
+            ref_cache.select_rows(&keep).unwrap();
+            let mask = vec![mask[b - 1].clone(), mask[0].clone()];
+            let pos = vec![pos[b - 1].clone(), pos[0].clone()];
+            let bias = crate::ops::attention_bias(&mask, 1, &dev).unwrap();
+            let (cos, sin) = tables(&pos, d);
+            let q = Tensor::from_vec(values(2 * nh * d, 901), (2, 1, nh * d), &dev).unwrap();
+            let k = Tensor::from_vec(values(2 * nkv * d, 902), (2, 1, nkv * d), &dev).unwrap();
+            let v = Tensor::from_vec(values(2 * nkv * d, 903), (2, 1, nkv * d), &dev).unwrap();
+            let y = cached(&q, &k, &v, &cos, &sin, &bias, nh, nkv, &mut fused_cache, 0)
+                .unwrap()
+                .expect("the cached path runs");
+            let r = attention_composed(
+                &q,
+                &k,
+                &v,
+                &cos,
+                &sin,
+                &bias,
+                nh,
+                nkv,
+                Some((&mut ref_cache, 0)),
+            )
+            .unwrap();
+            let diff = max_diff(&y, &r);
+            assert!(diff < 1e-5, "after select_rows: {diff}");
         }
     }
 

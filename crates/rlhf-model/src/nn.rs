@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::lora::LoraConfig;
 use crate::weights::{Builder, Training};
@@ -441,9 +441,85 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
 }
 
 /// Per-layer key/value cache for generation.
+///
+/// A layer's entry is either candle tensors that the composed attention concatenates to, or
+/// the fused attention's own buffers ([`RawKv`]), written in place. A layer moves from the
+/// second form to the first if the composed path ever has to run on it.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    raw: Vec<Option<RawKv>>,
+}
+
+/// Keys (after rope) and values of one layer, `(b, nkv, cap, d)` each, of which the first
+/// `len` positions of every (row, head) block are filled; `cap` grows by doubling.
+#[derive(Debug, Clone)]
+pub(crate) struct RawKv {
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) b: usize,
+    pub(crate) nkv: usize,
+    pub(crate) d: usize,
+    pub(crate) cap: usize,
+    pub(crate) len: usize,
+}
+
+impl RawKv {
+    pub(crate) fn new(b: usize, nkv: usize, d: usize) -> Self {
+        RawKv {
+            k: Vec::new(),
+            v: Vec::new(),
+            b,
+            nkv,
+            d,
+            cap: 0,
+            len: 0,
+        }
+    }
+
+    /// Makes room for `total` positions, keeping what is cached.
+    pub(crate) fn reserve(&mut self, total: usize) {
+        if total <= self.cap {
+            return;
+        }
+        let cap = total.max(2 * self.cap).max(32);
+        let (blocks, d) = (self.b * self.nkv, self.d);
+        for buf in [&mut self.k, &mut self.v] {
+            let mut grown = vec![0f32; blocks * cap * d];
+            for blk in 0..blocks {
+                let old = &buf[blk * self.cap * d..][..self.len * d];
+                grown[blk * cap * d..][..self.len * d].copy_from_slice(old);
+            }
+            *buf = grown;
+        }
+        self.cap = cap;
+    }
+
+    /// The cached keys and values as `(b, nkv, len, d)` tensors.
+    fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let (blocks, d, len) = (self.b * self.nkv, self.d, self.len);
+        let gather = |buf: &[f32]| -> Result<Tensor> {
+            let mut out = Vec::with_capacity(blocks * len * d);
+            for blk in 0..blocks {
+                out.extend_from_slice(&buf[blk * self.cap * d..][..len * d]);
+            }
+            Ok(Tensor::from_vec(out, (self.b, self.nkv, len, d), device)?)
+        };
+        Ok((gather(&self.k)?, gather(&self.v)?))
+    }
+
+    /// Keeps only the batch rows `keep`, in that order.
+    fn select_rows(&mut self, keep: &[usize]) {
+        let per_row = self.nkv * self.cap * self.d;
+        for buf in [&mut self.k, &mut self.v] {
+            let mut out = Vec::with_capacity(keep.len() * per_row);
+            for &r in keep {
+                out.extend_from_slice(&buf[r * per_row..][..per_row]);
+            }
+            *buf = out;
+        }
+        self.b = keep.len();
+    }
 }
 
 impl KvCache {
@@ -451,12 +527,16 @@ impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
+            raw: vec![None; n_layers],
         }
     }
 
     /// Appends this step's keys and values for `layer` and returns the full sequences.
     // k, v: (b, h, t, d) -> (b, h, past + t, d)
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if let Some(raw) = self.raw[layer].take() {
+            self.layers[layer] = Some(raw.tensors(k.device())?);
+        }
         let (k, v) = match &self.layers[layer] {
             None => (k.clone(), v.clone()),
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
@@ -465,8 +545,20 @@ impl KvCache {
         Ok((k, v))
     }
 
+    /// The fused attention's buffers for `layer` (empty at first), or `None` when the layer
+    /// already holds the composed path's tensors.
+    pub(crate) fn raw_slot(&mut self, layer: usize) -> Option<&mut Option<RawKv>> {
+        if self.layers[layer].is_some() {
+            return None;
+        }
+        Some(&mut self.raw[layer])
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
+        if let Some(Some(r)) = self.raw.first() {
+            return r.len;
+        }
         self.layers
             .first()
             .and_then(|l| l.as_ref())
@@ -481,6 +573,15 @@ impl KvCache {
 
     /// Keeps only the batch rows in `keep` (finished sequences leave the batch).
     pub fn select_rows(&mut self, keep: &Tensor) -> Result<()> {
+        let rows: Vec<usize> = keep
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|r| r as usize)
+            .collect();
+        for raw in self.raw.iter_mut().flatten() {
+            raw.select_rows(&rows);
+        }
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.index_select(keep, 0)?;
             *v = v.index_select(keep, 0)?;
