@@ -57,7 +57,7 @@ pub fn attention(
     bias: &Tensor,
     n_heads: usize,
     n_kv: usize,
-    segments: Option<&[usize]>,
+    segments: Option<&crate::ops::Packing>,
     cache: Option<(&mut KvCache, usize)>,
 ) -> Result<Tensor> {
     if cache.is_none() && fused_enabled() {
@@ -76,8 +76,8 @@ pub fn attention(
         }
         other => other,
     };
-    if let Some(starts) = segments {
-        let dense = crate::ops::packed_attention_bias(starts, q.device())?.to_dtype(q.dtype())?;
+    if let Some(packing) = segments {
+        let dense = crate::ops::packed_attention_bias(packing, q.device())?.to_dtype(q.dtype())?;
         return attention_composed(q, k, v, cos, sin, &dense, n_heads, n_kv, cache);
     }
     attention_composed(q, k, v, cos, sin, bias, n_heads, n_kv, cache)
@@ -313,6 +313,9 @@ struct Geometry {
     /// The sequences attention runs within: the rows of a padded batch, or the sequences
     /// packed into one row.
     segments: Vec<Segment>,
+    /// Per packed segment, where its branches start (see [`crate::ops::Packing`]); empty
+    /// for plain sequences and for the rows of a padded batch.
+    branches: Vec<Vec<usize>>,
 }
 
 /// One sequence: queries and keys are its own tokens only.
@@ -326,6 +329,8 @@ struct Segment {
     /// Where its (len × len) block of the bias starts and the bias's row stride; `None` for
     /// a packed sequence, which is masked causally without a bias.
     bias: Option<(usize, usize)>,
+    /// Its entry in [`Geometry::branches`].
+    index: usize,
 }
 
 impl Geometry {
@@ -340,7 +345,7 @@ impl Geometry {
         bias: &Tensor,
         nh: usize,
         nkv: usize,
-        segments: Option<&[usize]>,
+        segments: Option<&crate::ops::Packing>,
     ) -> Result<Option<Self>> {
         let all = [q, k, v, cos, sin];
         let bias_ok = segments.is_some()
@@ -384,33 +389,37 @@ impl Geometry {
         if !ok {
             return Ok(None);
         }
-        let segments = match segments {
-            Some(starts) => {
-                let valid = b == 1
-                    && starts.first() == Some(&0)
-                    && starts.last() == Some(&t)
-                    && starts.windows(2).all(|w| w[0] < w[1]);
-                if !valid {
+        let (segments, branches) = match segments {
+            Some(packing) => {
+                if b != 1 || packing.len() != t || !packing.is_valid() {
                     return Ok(None);
                 }
-                starts
+                let segments = packing
+                    .starts
                     .windows(2)
-                    .map(|w| Segment {
+                    .enumerate()
+                    .map(|(index, w)| Segment {
                         row: w[0],
                         len: w[1] - w[0],
                         cos_row: w[0],
                         bias: None,
+                        index,
                     })
-                    .collect()
+                    .collect();
+                (segments, packing.branches.clone())
             }
-            None => (0..b)
-                .map(|bi| Segment {
-                    row: bi * t,
-                    len: t,
-                    cos_row: if cb == 1 { 0 } else { bi * t },
-                    bias: Some((if bb == 1 { 0 } else { bi * t * t }, t)),
-                })
-                .collect(),
+            None => {
+                let segments = (0..b)
+                    .map(|bi| Segment {
+                        row: bi * t,
+                        len: t,
+                        cos_row: if cb == 1 { 0 } else { bi * t },
+                        bias: Some((if bb == 1 { 0 } else { bi * t * t }, t)),
+                        index: bi,
+                    })
+                    .collect();
+                (segments, vec![Vec::new(); b])
+            }
         };
         Ok(Some(Geometry {
             nh,
@@ -418,6 +427,7 @@ impl Geometry {
             d,
             scale: 1.0 / (d as f32).sqrt(),
             segments,
+            branches,
         }))
     }
 
@@ -623,7 +633,8 @@ simd_fn! {
 simd_fn! {
     // p = softmax(scale · s + bias) row by row over the segment's block of the bias, or,
     // without a bias, over each row's causal prefix (the rest of the row 0).
-    fn softmax_head(seg: &Segment, scale: f32, s: &[f32], tab: &Tables<'_>, p: &mut [f32]) {
+    fn softmax_head(seg: &Segment, branches: &[usize], scale: f32, s: &[f32], tab: &Tables<'_>,
+                    p: &mut [f32]) {
         let t = seg.len;
         for i in 0..t {
             let (x, y) = (&s[i * t..(i + 1) * t], &mut p[i * t..(i + 1) * t]);
@@ -633,12 +644,37 @@ simd_fn! {
                     scaled_masked_softmax_row(x, &tab.bias[br..br + t], scale, y);
                 }
                 None => {
-                    scaled_softmax_row(&x[..=i], scale, &mut y[..=i]);
+                    let (lo, hi) = crate::ops::hidden_keys(branches, i);
+                    if lo < hi {
+                        scaled_softmax_gap(&x[..=i], lo, hi, scale, &mut y[..=i]);
+                    } else {
+                        scaled_softmax_row(&x[..=i], scale, &mut y[..=i]);
+                    }
                     y[i + 1..].fill(0.0);
                 }
             }
         }
     }
+}
+
+// y = softmax(scale · x) over x without its keys lo..hi, which get 0 (another branch's).
+#[inline(always)]
+fn scaled_softmax_gap(x: &[f32], lo: usize, hi: usize, scale: f32, y: &mut [f32]) {
+    let m = scale * max(&x[..lo]).max(max(&x[hi..]));
+    let mut sum = 0f32;
+    for (y, x) in y[..lo].iter_mut().zip(&x[..lo]) {
+        let e = exp_f32(scale * x - m);
+        *y = e;
+        sum += e;
+    }
+    for (y, x) in y[hi..].iter_mut().zip(&x[hi..]) {
+        let e = exp_f32(scale * x - m);
+        *y = e;
+        sum += e;
+    }
+    y[lo..hi].fill(0.0);
+    let inv = 1.0 / sum;
+    y.iter_mut().for_each(|y| *y *= inv);
 }
 
 // y = softmax(scale · x)
@@ -707,7 +743,7 @@ fn head_forward(
     let km = MatRef::new(kh, t, d, d, 1);
     // SAFETY: s holds t × t floats and is this thread's own.
     unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
-    softmax_head(seg, g.scale, s, tab, p);
+    softmax_head(seg, &g.branches[seg.index], g.scale, s, tab, p);
     let pm = MatRef::new(p, t, t, t, 1);
     // SAFETY: this unit owns head h of the segment's rows: columns h·d..h·d+d.
     unsafe {
@@ -762,7 +798,7 @@ fn group_backward(
         // SAFETY (all products): the scratch buffers are this thread's; dv's head kv of the
         // segment's rows belongs to this unit alone.
         unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
-        softmax_head(seg, g.scale, s, tab, p);
+        softmax_head(seg, &g.branches[seg.index], g.scale, s, tab, p);
         let dym = head_view(d, seg, dy, g.nh, h);
         let pm = MatRef::new(p, t, t, t, 1);
         unsafe {
@@ -986,6 +1022,7 @@ mod tests {
         let total = *starts.last().unwrap();
         let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
         let (cos, sin) = tables(&[pos], d);
+        let starts = crate::ops::Packing::sequences(starts);
         let bias = crate::ops::packed_attention_bias(&starts, &dev).unwrap();
         let q = Var::from_vec(values(total * nh * d, 1), (1, total, nh * d), &dev).unwrap();
         let k = Var::from_vec(values(total * nkv * d, 2), (1, total, nkv * d), &dev).unwrap();
@@ -1016,7 +1053,7 @@ mod tests {
         assert!(max_diff(&via.unwrap(), &composed) < 1e-5);
         let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, &l) in lens.iter().enumerate() {
-            let s0 = starts[i];
+            let s0 = starts.starts[i];
             let part = |x: &Tensor| x.narrow(1, s0, l).unwrap().contiguous().unwrap();
             let (qs, ks, vs) = (
                 Var::from_tensor(&part(&q)).unwrap(),
@@ -1043,6 +1080,130 @@ mod tests {
                 let diff = max_diff(&packed, ga.get(one).unwrap());
                 assert!(diff < 1e-5, "sequence {i}: d{name} differs by {diff}");
             }
+        }
+    }
+
+    /// A prompt shared by its completions ([P, B1, B2], then a plain sequence): each
+    /// completion's tokens give what `prompt + completion` gives alone, in value and in
+    /// gradient (summed over the completions for the shared prompt), and the fused op agrees
+    /// with the composed path on the dense bias.
+    #[test]
+    fn shared_prompts_give_each_completion_what_it_gives_alone() {
+        let dev = Device::Cpu;
+        let (nh, nkv, d) = (4, 2, 16);
+        let (p, b1, b2, plain) = (6usize, 5usize, 7usize, 9usize);
+        let total = p + b1 + b2 + plain;
+        let packing = crate::ops::Packing {
+            starts: vec![0, p + b1 + b2, total],
+            branches: vec![vec![p, p + b1], Vec::new()],
+        };
+        assert!(packing.is_valid());
+        let pos: Vec<u32> = (0..p + b1)
+            .chain(p..p + b2)
+            .chain(0..plain)
+            .map(|x| x as u32)
+            .collect();
+        let (cos, sin) = tables(&[pos], d);
+        let bias = crate::ops::packed_attention_bias(&packing, &dev).unwrap();
+        // The second completion's first token sees the prompt and itself only.
+        let row: Vec<f32> = bias
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(p + b1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let seen: Vec<usize> = (0..total).filter(|&j| row[j] == 0.0).collect();
+        assert_eq!(seen, (0..p).chain([p + b1]).collect::<Vec<_>>());
+        let q = Var::from_vec(values(total * nh * d, 11), (1, total, nh * d), &dev).unwrap();
+        let k = Var::from_vec(values(total * nkv * d, 12), (1, total, nkv * d), &dev).unwrap();
+        let v = Var::from_vec(values(total * nkv * d, 13), (1, total, nkv * d), &dev).unwrap();
+        let w = Tensor::from_vec(values(total * nh * d, 14), (1, total, nh * d), &dev).unwrap();
+        let g = Geometry::of(&q, &k, &v, &cos, &sin, &bias, nh, nkv, Some(&packing))
+            .unwrap()
+            .expect("fusable");
+        let y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
+        let composed = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+        assert!(max_diff(&y, &composed) < 1e-5);
+        let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        // Alone: prompt + completion c, rows gathered from the packed tensors.
+        let mut prompt_grads: Vec<Option<Tensor>> = vec![None, None, None];
+        for (start, len) in [(p, b1), (p + b1, b2)] {
+            let idx: Vec<u32> = (0..p).chain(start..start + len).map(|x| x as u32).collect();
+            let n = idx.len();
+            let idx = Tensor::new(idx.as_slice(), &dev).unwrap();
+            let pick = |x: &Tensor| x.index_select(&idx, 1).unwrap().contiguous().unwrap();
+            let (qs, ks, vs) = (
+                Var::from_tensor(&pick(&q)).unwrap(),
+                Var::from_tensor(&pick(&k)).unwrap(),
+                Var::from_tensor(&pick(&v)).unwrap(),
+            );
+            let c1 = pick(&cos.squeeze(1).unwrap()).unsqueeze(1).unwrap();
+            let s1 = pick(&sin.squeeze(1).unwrap()).unsqueeze(1).unwrap();
+            let b1m = crate::ops::attention_bias(&[vec![1u8; n]], n, &dev).unwrap();
+            let alone = attention_composed(&qs, &ks, &vs, &c1, &s1, &b1m, nh, nkv, None).unwrap();
+            let ours = y.narrow(1, start, len).unwrap();
+            let diff = max_diff(&ours, &alone.narrow(1, p, len).unwrap());
+            assert!(
+                diff < 1e-5,
+                "completion at {start}: outputs differ by {diff}"
+            );
+            // Weights: the completion's own rows as packed; the prompt's rows once, shared.
+            let wc = pick(&w);
+            let ga = (&alone * &wc)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (i, (name, whole, one)) in [("q", &q, &qs), ("k", &k, &ks), ("v", &v, &vs)]
+                .into_iter()
+                .enumerate()
+            {
+                let mine = ga.get(one).unwrap();
+                let packed = grads.get(whole).unwrap().narrow(1, start, len).unwrap();
+                let diff = max_diff(&packed, &mine.narrow(1, p, len).unwrap());
+                assert!(
+                    diff < 1e-5,
+                    "completion at {start}: d{name} differs by {diff}"
+                );
+                let pg = mine.narrow(1, 0, p).unwrap();
+                prompt_grads[i] = Some(match prompt_grads[i].take() {
+                    None => pg,
+                    Some(a) => (a + pg).unwrap(),
+                });
+            }
+        }
+        // The prompt's gradient is the sum over its completions, minus the prompt rows'
+        // own output counted twice: with w on the prompt rows, each alone-run counts them
+        // once, the packed run once, so subtract one alone-run of the prompt by itself.
+        let idx = Tensor::new((0..p as u32).collect::<Vec<_>>().as_slice(), &dev).unwrap();
+        let pick = |x: &Tensor| x.index_select(&idx, 1).unwrap().contiguous().unwrap();
+        let (qs, ks, vs) = (
+            Var::from_tensor(&pick(&q)).unwrap(),
+            Var::from_tensor(&pick(&k)).unwrap(),
+            Var::from_tensor(&pick(&v)).unwrap(),
+        );
+        let c1 = pick(&cos.squeeze(1).unwrap()).unsqueeze(1).unwrap();
+        let s1 = pick(&sin.squeeze(1).unwrap()).unsqueeze(1).unwrap();
+        let bp = crate::ops::attention_bias(&[vec![1u8; p]], p, &dev).unwrap();
+        let alone = attention_composed(&qs, &ks, &vs, &c1, &s1, &bp, nh, nkv, None).unwrap();
+        let ga = (&alone * pick(&w))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, (name, whole, one)) in [("q", &q, &qs), ("k", &k, &ks), ("v", &v, &vs)]
+            .into_iter()
+            .enumerate()
+        {
+            let want = (prompt_grads[i].take().unwrap() - ga.get(one).unwrap()).unwrap();
+            let packed = grads.get(whole).unwrap().narrow(1, 0, p).unwrap();
+            let diff = max_diff(&packed, &want);
+            assert!(diff < 1e-5, "prompt: d{name} differs by {diff}");
         }
     }
 }

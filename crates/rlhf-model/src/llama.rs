@@ -216,7 +216,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         bias: &Tensor,
-        segments: Option<&[usize]>,
+        segments: Option<&crate::ops::Packing>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (q, k, v) = (
@@ -318,7 +318,7 @@ impl Llama {
         ids: &Tensor,
         positions: &[Vec<u32>],
         bias: &Tensor,
-        segments: Option<&[usize]>,
+        segments: Option<&crate::ops::Packing>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
@@ -352,15 +352,15 @@ impl crate::model::Backbone for Llama {
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        segments: &[usize],
+        packing: &crate::ops::Packing,
     ) -> Result<Tensor> {
         let dtype = self.embed_tokens.weight().dtype();
         if crate::attn::fused_enabled() {
-            // The fused attention masks each sequence itself: no (total × total) bias.
+            // The fused attention masks each segment itself: no (total × total) bias.
             let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
-            return self.run(ids, positions, &placeholder, Some(segments), None);
+            return self.run(ids, positions, &placeholder, Some(packing), None);
         }
-        let bias = crate::ops::packed_attention_bias(segments, ids.device())?.to_dtype(dtype)?;
+        let bias = crate::ops::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
         self.run(ids, positions, &bias, None, None)
     }
 

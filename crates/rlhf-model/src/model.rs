@@ -25,19 +25,19 @@ pub trait Backbone {
         bias: &Tensor,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
-    /// Hidden states of sequences packed into one row without padding (batch 1): `segments`
-    /// holds their start offsets and the row's length, and `positions` count from 0 in each
-    /// sequence. The default runs [`forward`](Self::forward) with the block-diagonal causal
-    /// bias, (total × total); a backbone whose attention works per sequence overrides it and
-    /// builds no such bias.
+    /// Hidden states of sequences packed into one row without padding (batch 1), laid out
+    /// as `packing` says (plain sequences, or prompts shared by their completions), with
+    /// the caller's `positions`. The default runs [`forward`](Self::forward) with the
+    /// packing's (total × total) bias; a backbone whose attention works per segment
+    /// overrides it and builds no such bias.
     // ids: (1, total) u32 -> (1, total, hidden)
     fn forward_packed(
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        segments: &[usize],
+        packing: &crate::ops::Packing,
     ) -> Result<Tensor> {
-        let bias = crate::ops::packed_attention_bias(segments, ids.device())?
+        let bias = crate::ops::packed_attention_bias(packing, ids.device())?
             .to_dtype(self.embed_weight().dtype())?;
         self.forward(ids, positions, &bias, None)
     }
@@ -60,6 +60,10 @@ pub trait Backbone {
         crate::ops::positions_from_mask(mask)
     }
 }
+
+/// Where a group of [`Model::hidden_shared_prompts`] lies in the packed row: its prompt's
+/// first token, and each completion's.
+pub type GroupOffsets = (usize, Vec<usize>);
 
 /// The fields every config.json has that this layer needs, whatever the architecture.
 #[derive(Debug, Clone)]
@@ -502,8 +506,60 @@ impl Model {
         starts.push(ids.len());
         let total = ids.len();
         let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
-        let hidden = self.backbone.forward_packed(&ids, &[positions], &starts)?;
-        Ok((hidden, starts))
+        let packing = crate::ops::Packing::sequences(starts);
+        let hidden = self.backbone.forward_packed(&ids, &[positions], &packing)?;
+        Ok((hidden, packing.starts))
+    }
+
+    /// Hidden states of prompts and their completions packed into one row, each prompt
+    /// computed once and shared by its completions (see [`crate::ops::Packing`]): a
+    /// completion's tokens see its prompt and itself, and count their positions on from the
+    /// prompt's end, so every token's state is the one it has in `prompt + completion` alone.
+    /// Returns the `(1, total, hidden)` states and, per group, where its prompt starts and
+    /// where each completion starts (empty completions take no room and start where the next
+    /// would).
+    pub fn hidden_shared_prompts(
+        &self,
+        groups: &[(&[u32], Vec<&[u32]>)],
+    ) -> Result<(Tensor, Vec<GroupOffsets>)> {
+        let mut starts = Vec::with_capacity(groups.len() + 1);
+        let mut branches = Vec::with_capacity(groups.len());
+        let mut offsets = Vec::with_capacity(groups.len());
+        let mut ids = Vec::new();
+        let mut positions: Vec<u32> = Vec::new();
+        for (prompt, completions) in groups {
+            if prompt.is_empty() {
+                return Err(Error::Config(
+                    "hidden_shared_prompts: an empty prompt".into(),
+                ));
+            }
+            let s0 = ids.len();
+            starts.push(s0);
+            ids.extend_from_slice(prompt);
+            let p = self.backbone.positions(&[vec![1u8; prompt.len()]]);
+            positions.extend_from_slice(&p[0]);
+            let mut own = Vec::new();
+            let mut at = Vec::new();
+            for c in completions {
+                at.push(ids.len());
+                if c.is_empty() {
+                    continue;
+                }
+                own.push(ids.len() - s0);
+                let full: Vec<u8> = vec![1u8; prompt.len() + c.len()];
+                let p = self.backbone.positions(&[full]);
+                positions.extend_from_slice(&p[0][prompt.len()..]);
+                ids.extend_from_slice(c);
+            }
+            branches.push(own);
+            offsets.push((s0, at));
+        }
+        starts.push(ids.len());
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
+        let packing = crate::ops::Packing { starts, branches };
+        let hidden = self.backbone.forward_packed(&ids, &[positions], &packing)?;
+        Ok((hidden, offsets))
     }
 
     /// Reward scores of whole sequences (no padding), computed packed into one row

@@ -108,17 +108,84 @@ pub fn attention_bias(key_mask: &[Vec<u8>], t: usize, device: &Device) -> Result
     Ok(Tensor::from_vec(v, (b, 1, t, k), device)?)
 }
 
-/// Additive attention bias for sequences packed into one row (no padding): token i sees
-/// token j when both lie in the same sequence and j <= i, so the row computes what each
-/// sequence computes alone.
-// starts: the n sequences' start offsets and the total length (n + 1 entries)
-// -> (1, 1, total, total)
-pub fn packed_attention_bias(starts: &[usize], device: &Device) -> Result<Tensor> {
-    let total = starts.last().copied().unwrap_or(0);
+/// Sequences packed into one row (a batch of one), without padding.
+///
+/// Each segment is a causal sequence, or a shared prefix followed by branches: a prompt and
+/// its completions, laid out `[prompt, completion 1, completion 2, …]`. Every token sees the
+/// earlier tokens of its own segment, except that a branch's tokens do not see the other
+/// branches. Positions are the caller's: a branch's count on from the end of its prefix.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Packing {
+    /// Where each segment starts, then the total length (`segments + 1` entries).
+    pub starts: Vec<usize>,
+    /// Per segment, where its branches start, as offsets from the segment's start,
+    /// ascending; the first one ends the shared prefix. Empty for a plain sequence.
+    pub branches: Vec<Vec<usize>>,
+}
+
+impl Packing {
+    /// Plain causal sequences starting at `starts` (then the total).
+    pub fn sequences(starts: Vec<usize>) -> Self {
+        let n = starts.len().saturating_sub(1);
+        Packing {
+            starts,
+            branches: vec![Vec::new(); n],
+        }
+    }
+
+    /// Total tokens.
+    pub fn len(&self) -> usize {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// Whether it packs no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether every segment and branch is non-empty and in order.
+    pub fn is_valid(&self) -> bool {
+        self.starts.first() == Some(&0)
+            && self.starts.windows(2).all(|w| w[0] < w[1])
+            && self.branches.len() + 1 == self.starts.len()
+            && self
+                .branches
+                .iter()
+                .zip(self.starts.windows(2))
+                .all(|(b, w)| {
+                    b.windows(2).all(|x| x[0] < x[1]) && b.last().is_none_or(|&l| l < w[1] - w[0])
+                })
+    }
+
+    /// The keys `[lo, hi)` that query `i` (an offset in segment `s`) may not see besides the
+    /// future: the branches before its own; empty for the prefix and the first branch.
+    pub fn hidden_keys(&self, s: usize, i: usize) -> (usize, usize) {
+        hidden_keys(&self.branches[s], i)
+    }
+}
+
+/// [`Packing::hidden_keys`] from a segment's branch offsets.
+#[inline(always)]
+pub(crate) fn hidden_keys(branches: &[usize], i: usize) -> (usize, usize) {
+    let Some(&prefix) = branches.first() else {
+        return (0, 0);
+    };
+    let own = branches.iter().rev().find(|&&b| b <= i).copied();
+    match own {
+        Some(b) if i >= prefix => (prefix, b),
+        _ => (0, 0),
+    }
+}
+
+/// The additive bias of a [`Packing`]: `(1, 1, total, total)`, 0 where a token may look.
+pub fn packed_attention_bias(packing: &Packing, device: &Device) -> Result<Tensor> {
+    let total = packing.len();
     let mut v = vec![MASKED; total * total];
-    for w in starts.windows(2) {
+    for (s, w) in packing.starts.windows(2).enumerate() {
         for i in w[0]..w[1] {
             v[i * total + w[0]..=i * total + i].fill(0.0);
+            let (lo, hi) = packing.hidden_keys(s, i - w[0]);
+            v[i * total + w[0] + lo..i * total + w[0] + hi].fill(MASKED);
         }
     }
     Ok(Tensor::from_vec(v, (1, 1, total, total), device)?)

@@ -469,10 +469,31 @@ fn response_states_as(model: &Model, packed: &Packed, pack: bool) -> Result<Tens
         let hidden = model.hidden(&packed.batch)?;
         return Ok(hidden.narrow(1, p - 1, r)?);
     }
-    let (hidden, starts) = model.hidden_packed(&packed.rows)?;
+    // Rows with the same prompt (a prompt's completions) share one copy of it.
+    let mut group_of: HashMap<&[u32], usize> = HashMap::new();
+    let mut groups: Vec<(&[u32], Vec<&[u32]>)> = Vec::new();
+    let mut place = Vec::with_capacity(packed.rows.len()); // (group, completion)
+    for (row, &pl) in packed.rows.iter().zip(&packed.prompt_lens) {
+        let (prompt, response) = row.split_at(pl);
+        let g = *group_of.entry(prompt).or_insert_with(|| {
+            groups.push((prompt, Vec::new()));
+            groups.len() - 1
+        });
+        place.push((g, groups[g].1.len()));
+        groups[g].1.push(response);
+    }
+    let (hidden, offsets) = model.hidden_shared_prompts(&groups)?;
     let mut idx = Vec::with_capacity(packed.rows.len() * r);
-    for ((row, &pl), &s0) in packed.rows.iter().zip(&packed.prompt_lens).zip(&starts) {
-        idx.extend((0..r).map(|j| (s0 + (pl - 1 + j).min(row.len() - 1)) as u32));
+    for (&(g, c), &pl) in place.iter().zip(&packed.prompt_lens) {
+        let (s0, ref at) = offsets[g];
+        let len = groups[g].1[c].len();
+        // The state before response token j: the prompt's last for j = 0, then the
+        // completion's own tokens; past its end, its last state (masked where used).
+        idx.extend((0..r).map(|j| match j {
+            0 => (s0 + pl - 1) as u32,
+            _ if len == 0 => (s0 + pl - 1) as u32,
+            _ => (at[c] + (j - 1).min(len - 1)) as u32,
+        }));
     }
     let idx = Tensor::new(idx.as_slice(), hidden.device())?;
     let h = hidden.squeeze(0)?.index_select(&idx, 0)?;
@@ -1413,13 +1434,21 @@ mod tests {
         .join(name)
     }
 
-    /// One plain gradient step on the clipped loss raises the log-prob of a completion with
-    /// a positive advantage and lowers that of one with a negative advantage.
+    /// Rows packed into one sequence, each prompt shared by its completions (two prompts
+    /// here have two and three), give the padded batch's response states on every real
+    /// response token.
     #[test]
     fn packed_rows_give_the_padded_batchs_response_states() {
         let model = Model::load(&fixture("llama-gqa"), &LoadOptions::default()).unwrap();
-        let prompts: Vec<&[u32]> = vec![&[5, 6, 7, 3], &[8, 9], &[4]];
-        let responses: Vec<&[u32]> = vec![&[10, 11, 12], &[13, 14, 15, 16, 17], &[18]];
+        let prompts: Vec<&[u32]> = vec![&[5, 6, 7, 3], &[8, 9], &[5, 6, 7, 3], &[4], &[4], &[4]];
+        let responses: Vec<&[u32]> = vec![
+            &[10, 11, 12],
+            &[13, 14, 15, 16, 17],
+            &[19, 20],
+            &[18],
+            &[21, 22, 23, 24],
+            &[25, 26],
+        ];
         let packed = pack(&prompts, &responses, 1, &Device::Cpu).unwrap();
         let a = response_states_as(&model, &packed, false).unwrap();
         let b = response_states_as(&model, &packed, true).unwrap();
@@ -1439,6 +1468,8 @@ mod tests {
         );
     }
 
+    /// One plain gradient step on the clipped loss raises the log-prob of a completion with
+    /// a positive advantage and lowers that of one with a negative advantage.
     #[test]
     fn a_policy_step_follows_the_advantage() {
         let lora: rlhf_model::lora::LoraConfig = serde_json::from_value(serde_json::json!({
