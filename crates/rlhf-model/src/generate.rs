@@ -140,8 +140,12 @@ fn generate_inner(
 
     let mut states: Vec<Tensor> = Vec::new();
     let mut ids = batch.ids_tensor(&device)?;
+    let mut prefilled = prefill_shared(model, prompts, cfg.pad_token_id, &mut cache)?;
     for _step in 0..cfg.max_new_tokens {
-        let hidden = model.hidden_cached(&ids, &positions, &key_mask, &mut cache)?;
+        let hidden = match prefilled.take() {
+            Some(h) => h,
+            None => model.hidden_cached(&ids, &positions, &key_mask, &mut cache)?,
+        };
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?;
         if keep_states {
@@ -196,6 +200,40 @@ fn generate_inner(
         Vec::new()
     };
     Ok((out, per_row))
+}
+
+/// Where several rows have the same prompt (a prompt's completions), runs the prompt pass
+/// once per distinct prompt and copies its cache to each of its rows: the hidden states of
+/// the full batch's first step, with `cache` filled as that step would fill it. `None` when
+/// every prompt is distinct (the loop's first step then runs as usual).
+fn prefill_shared(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad: u32,
+    cache: &mut crate::nn::KvCache,
+) -> Result<Option<Tensor>> {
+    let mut index: std::collections::HashMap<&[u32], u32> = std::collections::HashMap::new();
+    let mut distinct: Vec<Vec<u32>> = Vec::new();
+    let rows: Vec<u32> = prompts
+        .iter()
+        .map(|p| {
+            *index.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(p.clone());
+                distinct.len() as u32 - 1
+            })
+        })
+        .collect();
+    if distinct.len() == prompts.len() {
+        return Ok(None);
+    }
+    // Left-padded to the same width as the full batch (its longest prompt is among these).
+    let batch = Batch::pad(&distinct, pad, true);
+    let positions = crate::ops::positions_from_mask(&batch.attention_mask);
+    let ids = batch.ids_tensor(model.device())?;
+    let hidden = model.hidden_cached(&ids, &positions, &batch.attention_mask, cache)?;
+    let rows = Tensor::new(rows.as_slice(), model.device())?;
+    cache.select_rows(&rows)?;
+    Ok(Some(hidden.index_select(&rows, 0)?))
 }
 
 fn argmax(row: &[f32]) -> u32 {

@@ -215,8 +215,9 @@ fn opt_greedy_matches_transformers() {
     check_greedy("opt");
 }
 
-/// Prompts of different lengths: every row of the left-padded batch must generate what it
-/// generates alone (the fixtures' own batch has equal lengths, so this is the real check).
+/// Prompts of different lengths, one of them twice: every row of the left-padded batch must
+/// generate what it generates alone (the fixtures' own batch has equal lengths, so this is
+/// the real check).
 fn check_left_padding(arch: &str) {
     use rlhf_model::generate::{generate, GenerationConfig};
     let g = golden(arch);
@@ -230,7 +231,9 @@ fn check_left_padding(arch: &str) {
     let short = ids1(&cases[0]["prompt_ids"]);
     let mut long = ids1(&cases[1]["prompt_ids"]);
     long.extend(ids1(&cases[1]["greedy_ids"])[..5].iter());
-    let prompts = vec![short, long];
+    // The short prompt twice: its prompt pass runs once and its cache is copied to both
+    // rows (generate's shared prefill), which must not change what either row generates.
+    let prompts = vec![short.clone(), long, short];
     let batched = generate(&model, &prompts, &cfg).unwrap();
     for (r, p) in prompts.iter().enumerate() {
         let alone = generate(&model, std::slice::from_ref(p), &cfg).unwrap();
