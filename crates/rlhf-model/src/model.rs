@@ -61,6 +61,37 @@ pub trait Backbone {
     }
 }
 
+/// Shortest prefix worth sharing, in tokens.
+const MIN_SHARED: usize = 4;
+/// Most sequences sharing one prefix (a segment's attention block grows with its length).
+const MAX_BRANCHES: usize = 8;
+
+/// Groups sequences by a common prefix of at least `MIN_SHARED` tokens: `(prefix length,
+/// members)` per group, in order of first appearance; every member keeps at least one token
+/// past the prefix. A sequence that shares too little starts its own group (prefix: all but
+/// its last token).
+fn shared_prefixes(seqs: &[Vec<u32>]) -> Vec<(usize, Vec<usize>)> {
+    let lcp = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        let best = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, m))| m.len() < MAX_BRANCHES)
+            .map(|(g, (n, m))| (g, (*n).min(lcp(&seqs[m[0]], s)).min(s.len() - 1)))
+            .filter(|&(_, n)| n >= MIN_SHARED)
+            .max_by_key(|&(_, n)| n);
+        match best {
+            Some((g, n)) => {
+                groups[g].0 = n;
+                groups[g].1.push(i);
+            }
+            None => groups.push((s.len() - 1, vec![i])),
+        }
+    }
+    groups
+}
+
 /// Where a group of [`Model::hidden_shared_prompts`] lies in the packed row: its prompt's
 /// first token, and each completion's.
 pub type GroupOffsets = (usize, Vec<usize>);
@@ -528,11 +559,6 @@ impl Model {
         let mut ids = Vec::new();
         let mut positions: Vec<u32> = Vec::new();
         for (prompt, completions) in groups {
-            if prompt.is_empty() {
-                return Err(Error::Config(
-                    "hidden_shared_prompts: an empty prompt".into(),
-                ));
-            }
             let s0 = ids.len();
             starts.push(s0);
             ids.extend_from_slice(prompt);
@@ -562,20 +588,38 @@ impl Model {
         Ok((hidden, offsets))
     }
 
-    /// Reward scores of whole sequences (no padding), computed packed into one row
-    /// ([`hidden_packed`](Self::hidden_packed)): the same scores as [`scores`](Self::scores)
-    /// on the padded batch, read by the same rule.
+    /// Reward scores of whole sequences (no padding), computed packed into one row: the same
+    /// scores as [`scores`](Self::scores) on the padded batch, read by the same rule.
+    /// Sequences that begin alike (a prompt's chosen and rejected answers, its completions)
+    /// share one copy of their common prefix ([`hidden_shared_prompts`](Self::hidden_shared_prompts)),
+    /// which changes no score.
     // seqs: n sequences -> (n)
     pub fn scores_packed(&self, seqs: &[Vec<u32>]) -> Result<Tensor> {
         if seqs.is_empty() {
             return Ok(Tensor::zeros(0, self.dtype, &self.device)?);
         }
-        let (hidden, starts) = self.hidden_packed(seqs)?;
-        let idx: Vec<u32> = seqs
+        if seqs.iter().any(|s| s.is_empty()) {
+            return Err(Error::Config("scores_packed: an empty sequence".into()));
+        }
+        let grouping = shared_prefixes(seqs);
+        let groups: Vec<(&[u32], Vec<&[u32]>)> = grouping
             .iter()
-            .zip(&starts)
-            .map(|(s, &s0)| (s0 + self.score_position(s, None)) as u32)
+            .map(|(n, members)| {
+                let first = &seqs[members[0]];
+                (
+                    &first[..*n],
+                    members.iter().map(|&i| &seqs[i][*n..]).collect(),
+                )
+            })
             .collect();
+        let (hidden, offsets) = self.hidden_shared_prompts(&groups)?;
+        let mut idx = vec![0u32; seqs.len()];
+        for ((n, members), (s0, at)) in grouping.iter().zip(&offsets) {
+            for (c, &i) in members.iter().enumerate() {
+                let pos = self.score_position(&seqs[i], None);
+                idx[i] = if pos < *n { s0 + pos } else { at[c] + pos - n } as u32;
+            }
+        }
         let idx = Tensor::new(idx.as_slice(), &self.device)?;
         let rows = hidden.squeeze(0)?.index_select(&idx, 0)?; // (n, hidden)
         Ok(self.values(&rows.unsqueeze(0)?)?.squeeze(0)?)

@@ -86,6 +86,24 @@ fn check_logits_and_scores(arch: &str) {
         d < 1e-4,
         "{arch}: packed scores {packed:?} vs transformers {want:?}"
     );
+
+    // Sequences that begin alike share their prefix when packed: the scores stay those of
+    // the padded batch. Two answers to row 0's text, row 1 itself, and a prefix of row 0.
+    let (a, b) = (&seqs[0], &seqs[1]);
+    assert!(a.len() >= 7, "{arch}: fixture rows are long enough");
+    let mut alt = a[..a.len() - 2].to_vec();
+    alt.extend_from_slice(&b[..2]);
+    let alike = vec![a.clone(), b.clone(), alt, a[..a.len() - 1].to_vec()];
+    let pad = rm.config.pad_token_id.unwrap_or(0);
+    let padded = rlhf_model::Batch::pad(&alike, pad, false);
+    let h = rm.hidden(&padded).unwrap();
+    let want = rlhf_model::ops::to_vec_f32(&rm.scores(&h, &padded).unwrap()).unwrap();
+    let got = rlhf_model::ops::to_vec_f32(&rm.scores_packed(&alike).unwrap()).unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(
+        d < 1e-5,
+        "{arch}: shared-prefix scores {got:?} vs padded {want:?}"
+    );
 }
 
 #[test]
