@@ -3,14 +3,28 @@
 //! x·Wᵀ, the backward's grad·W and gradᵀ·x.
 //!
 //!     cargo run --release -p rlhf-model --example gemm_shapes
+//!     GEMM_ROWS=192 GEMM_WEIGHTS=576x576,1536x576,576x1536 cargo run --release -p rlhf-model --example gemm_shapes
 
 use candle_core::{Device, Tensor};
 use rlhf_model::gemm::{self, MatRef};
 
 fn main() -> candle_core::Result<()> {
-    let t = 1024;
+    // Other shapes: GEMM_ROWS=192 GEMM_WEIGHTS=576x576,1536x576,576x1536 (out x in).
+    let t: usize = std::env::var("GEMM_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     // (rows of W = out features, cols of W = in features)
-    let weights = [(768, 768), (2048, 768), (768, 2048), (32000, 768)];
+    let weights: Vec<(usize, usize)> = match std::env::var("GEMM_WEIGHTS") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|w| {
+                let (o, i) = w.split_once('x')?;
+                Some((o.parse().ok()?, i.parse().ok()?))
+            })
+            .collect(),
+        Err(_) => vec![(768, 768), (2048, 768), (768, 2048), (32000, 768)],
+    };
     for (out, inp) in weights {
         let x = Tensor::randn(0f32, 1.0, (t, inp), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu)?;
