@@ -37,6 +37,7 @@ echo "== greedy answers from $HF (rlhf generate --chat)" >&2
 echo "== the InstructGPT pipeline: rlhf pipeline --config configs/pipeline.toml" >&2
 echo "   (SFT → reward model with the seed article's LoRA settings → PPO; about 15 minutes)" >&2
 OUT=runs/pipeline
+mkdir -p "$(dirname "$OUT")"
 "$RLHF" pipeline --config configs/pipeline.toml "$@" > "$OUT.summary.json"
 python3 - "$OUT/reward/metrics.jsonl" "$OUT/ppo/metrics.jsonl" <<'PY'
 import json, sys
