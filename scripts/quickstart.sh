@@ -35,7 +35,7 @@ echo "== greedy answers from $HF (rlhf generate --chat)" >&2
 "$RLHF" generate --model "$HF" --input data/quickstart_prompts.jsonl --chat --max-new-tokens 48 --temperature 0
 
 echo "== the InstructGPT pipeline: rlhf pipeline --config configs/pipeline.toml" >&2
-echo "   (SFT → reward model with the seed article's LoRA settings → PPO; about 15 minutes)" >&2
+echo "   (SFT → reward model with the seed article's LoRA settings → PPO; about 5 minutes)" >&2
 OUT=runs/pipeline
 mkdir -p "$(dirname "$OUT")"
 "$RLHF" pipeline --config configs/pipeline.toml "$@" > "$OUT.summary.json"
