@@ -275,7 +275,6 @@ impl Linear {
         Ok((residual + self.forward(x)?)?)
     }
 
-    /// No adapter in use, no bias, nn.Linear layout: the fused ops' case.
     /// log softmax(x·Wᵀ / temperature)[target] per row, for an LM head: one op without the
     /// vocabulary-sized logits where the layer is a frozen plain product (see
     /// [`crate::logprob::head_token_logprobs`]), otherwise the forward and
@@ -299,6 +298,7 @@ impl Linear {
         crate::logprob::token_logprobs(&scaled, targets)
     }
 
+    /// No adapter in use, no bias, nn.Linear layout: the fused ops' case.
     fn plain(&self) -> bool {
         self.bias.is_none()
             && !self.conv1d

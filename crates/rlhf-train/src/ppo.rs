@@ -457,8 +457,9 @@ fn response_logprobs(
 
 /// The hidden states that predict each response token, (b, R, hidden): from the padded
 /// batch, or, where the model runs packed sequences natively, from the rows packed into one
-/// sequence with no padding (then the slots past a row's response repeat its last state; the
-/// mask zeroes them wherever they are used).
+/// sequence with no padding, each distinct prompt once for all the rows that share it
+/// ([`Model::hidden_shared_prompts`]; then the slots past a row's response repeat its last
+/// state, and the mask zeroes them wherever they are used).
 fn response_states(model: &Model, packed: &Packed) -> Result<Tensor> {
     response_states_as(model, packed, model.packs_natively())
 }
