@@ -857,3 +857,40 @@ pub fn check_dir(dir: &Path) -> Result<&Path> {
         hint: "pass a directory holding config.json and model.safetensors".into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::shared_prefixes;
+
+    /// Sequences that share at least `MIN_SHARED` tokens group together, at most
+    /// `MAX_BRANCHES` a group; every member keeps a token past the prefix; a sequence that
+    /// shares too little starts its own group.
+    #[test]
+    fn sequences_group_by_a_long_enough_common_prefix() {
+        let p: Vec<u32> = vec![1, 2, 3, 4, 5];
+        let with = |tail: &[u32]| [p.as_slice(), tail].concat();
+        let seqs = vec![
+            with(&[6, 7]),
+            vec![9, 9, 9],
+            with(&[8]),
+            p[..4].to_vec(), // shares 4 tokens but needs one of its own: a group of its own
+            vec![1, 2, 3, 7, 7, 7], // shares only 3
+            with(&[6, 9]),
+        ];
+        let groups = shared_prefixes(&seqs);
+        assert_eq!(
+            groups,
+            vec![(5, vec![0, 2, 5]), (2, vec![1]), (3, vec![3]), (5, vec![4]),]
+        );
+        for (n, members) in &groups {
+            for &i in members {
+                assert!(seqs[i].len() > *n && seqs[i][..*n] == seqs[members[0]][..*n]);
+            }
+        }
+        // No group grows past MAX_BRANCHES.
+        let many: Vec<Vec<u32>> = (0..20).map(|i| with(&[100 + i])).collect();
+        let groups = shared_prefixes(&many);
+        assert!(groups.iter().all(|(_, m)| m.len() <= super::MAX_BRANCHES));
+        assert_eq!(groups.iter().map(|(_, m)| m.len()).sum::<usize>(), 20);
+    }
+}

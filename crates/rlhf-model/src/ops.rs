@@ -234,3 +234,43 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
 pub fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prompt of 3 and branches of 2 and 3: prompt rows and the first branch hide nothing
+    /// but the future; the second branch hides the first; a plain segment hides nothing.
+    #[test]
+    fn branches_hide_each_other_and_nothing_else() {
+        let packing = Packing {
+            starts: vec![0, 8, 12],
+            branches: vec![vec![3, 5], Vec::new()],
+        };
+        assert!(packing.is_valid());
+        let none = (0, 0);
+        // An empty range hides nothing, wherever it starts.
+        let hidden_of = |s: usize, i: usize| match packing.hidden_keys(s, i) {
+            (lo, hi) if lo >= hi => none,
+            range => range,
+        };
+        let hidden: Vec<(usize, usize)> = (0..8).map(|i| hidden_of(0, i)).collect();
+        assert_eq!(
+            hidden,
+            vec![none, none, none, none, none, (3, 5), (3, 5), (3, 5)]
+        );
+        assert_eq!(hidden_of(1, 3), none);
+        let bad = Packing {
+            starts: vec![0, 4],
+            branches: vec![vec![2, 4]],
+        };
+        assert!(
+            !bad.is_valid(),
+            "a branch starting at the segment's end is empty"
+        );
+        assert!(
+            !Packing::sequences(vec![0, 3, 3]).is_valid(),
+            "an empty segment"
+        );
+    }
+}
