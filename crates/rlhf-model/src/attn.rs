@@ -645,11 +645,7 @@ simd_fn! {
                 }
                 None => {
                     let (lo, hi) = crate::ops::hidden_keys(branches, i);
-                    if lo < hi {
-                        scaled_softmax_gap(&x[..=i], lo, hi, scale, &mut y[..=i]);
-                    } else {
-                        scaled_softmax_row(&x[..=i], scale, &mut y[..=i]);
-                    }
+                    scaled_softmax_gap(&x[..=i], lo, hi, scale, &mut y[..=i]);
                     y[i + 1..].fill(0.0);
                 }
             }
@@ -657,7 +653,8 @@ simd_fn! {
     }
 }
 
-// y = softmax(scale · x) over x without its keys lo..hi, which get 0 (another branch's).
+// y = softmax(scale · x) over x without its keys lo..hi (another branch's; an empty range
+// for a plain causal row), which get 0.
 #[inline(always)]
 fn scaled_softmax_gap(x: &[f32], lo: usize, hi: usize, scale: f32, y: &mut [f32]) {
     let m = scale * max(&x[..lo]).max(max(&x[hi..]));
@@ -673,20 +670,6 @@ fn scaled_softmax_gap(x: &[f32], lo: usize, hi: usize, scale: f32, y: &mut [f32]
         sum += e;
     }
     y[lo..hi].fill(0.0);
-    let inv = 1.0 / sum;
-    y.iter_mut().for_each(|y| *y *= inv);
-}
-
-// y = softmax(scale · x)
-#[inline(always)]
-fn scaled_softmax_row(x: &[f32], scale: f32, y: &mut [f32]) {
-    let m = scale * max(x);
-    let mut sum = 0f32;
-    for (y, x) in y.iter_mut().zip(x) {
-        let e = exp_f32(scale * x - m);
-        *y = e;
-        sum += e;
-    }
     let inv = 1.0 / sum;
     y.iter_mut().for_each(|y| *y *= inv);
 }
@@ -895,6 +878,29 @@ mod tests {
         }
     }
 
+    /// One attention step with fresh q, k, v through the cached path and through the composed
+    /// path, each on its own cache: the largest difference of their outputs.
+    fn step_both(
+        (fused_cache, ref_cache): (&mut KvCache, &mut KvCache),
+        (b, t, nh, nkv, d): (usize, usize, usize, usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        seed: u32,
+    ) -> f32 {
+        let dev = Device::Cpu;
+        let x = |n: usize, s: u32| {
+            Tensor::from_vec(values(b * t * n * d, seed + s), (b, t, n * d), &dev).unwrap()
+        };
+        let (q, k, v) = (x(nh, 1), x(nkv, 2), x(nkv, 3));
+        let y = cached(&q, &k, &v, cos, sin, bias, nh, nkv, fused_cache, 0)
+            .unwrap()
+            .expect("the cached path runs");
+        let r =
+            attention_composed(&q, &k, &v, cos, sin, bias, nh, nkv, Some((ref_cache, 0))).unwrap();
+        max_diff(&y, &r)
+    }
+
     /// Decoding through the cache's own buffers equals the composed path with its
     /// concatenated tensors: a left-padded prefill of 7 (or 40: the product-kernel branch), then
     /// steps of one token (the direct branch) past the buffer's first capacity, then a step on
@@ -917,28 +923,8 @@ mod tests {
                 let bias = crate::ops::attention_bias(&mask, t, &dev).unwrap();
                 let (cos, sin) = tables(&pos, d);
                 let seed = 10 * step as u32;
-                let q = Tensor::from_vec(values(b * t * nh * d, seed + 1), (b, t, nh * d), &dev)
-                    .unwrap();
-                let k = Tensor::from_vec(values(b * t * nkv * d, seed + 2), (b, t, nkv * d), &dev)
-                    .unwrap();
-                let v = Tensor::from_vec(values(b * t * nkv * d, seed + 3), (b, t, nkv * d), &dev)
-                    .unwrap();
-                let y = cached(&q, &k, &v, &cos, &sin, &bias, nh, nkv, &mut fused_cache, 0)
-                    .unwrap()
-                    .expect("the cached path runs");
-                let r = attention_composed(
-                    &q,
-                    &k,
-                    &v,
-                    &cos,
-                    &sin,
-                    &bias,
-                    nh,
-                    nkv,
-                    Some((&mut ref_cache, 0)),
-                )
-                .unwrap();
-                let diff = max_diff(&y, &r);
+                let caches = (&mut fused_cache, &mut ref_cache);
+                let diff = step_both(caches, (b, t, nh, nkv, d), &cos, &sin, &bias, seed);
                 assert!(diff < 1e-5, "({b},{t0},{nh},{nkv},{d}) step {step}: {diff}");
                 assert_eq!(fused_cache.len(), total);
                 t = 1;
@@ -955,25 +941,8 @@ mod tests {
             let pos = vec![pos[b - 1].clone(), pos[0].clone()];
             let bias = crate::ops::attention_bias(&mask, 1, &dev).unwrap();
             let (cos, sin) = tables(&pos, d);
-            let q = Tensor::from_vec(values(2 * nh * d, 901), (2, 1, nh * d), &dev).unwrap();
-            let k = Tensor::from_vec(values(2 * nkv * d, 902), (2, 1, nkv * d), &dev).unwrap();
-            let v = Tensor::from_vec(values(2 * nkv * d, 903), (2, 1, nkv * d), &dev).unwrap();
-            let y = cached(&q, &k, &v, &cos, &sin, &bias, nh, nkv, &mut fused_cache, 0)
-                .unwrap()
-                .expect("the cached path runs");
-            let r = attention_composed(
-                &q,
-                &k,
-                &v,
-                &cos,
-                &sin,
-                &bias,
-                nh,
-                nkv,
-                Some((&mut ref_cache, 0)),
-            )
-            .unwrap();
-            let diff = max_diff(&y, &r);
+            let caches = (&mut fused_cache, &mut ref_cache);
+            let diff = step_both(caches, (2, 1, nh, nkv, d), &cos, &sin, &bias, 900);
             assert!(diff < 1e-5, "after select_rows: {diff}");
         }
     }
