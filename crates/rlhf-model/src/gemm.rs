@@ -633,6 +633,26 @@ unsafe fn pack_a<const R: usize>(
     // SAFETY: every index below is inside `dst` (p < kc, i < R) and inside the view, whose
     // bounds `MatRef::new` checked.
     unsafe {
+        if a.cs == 1 && R <= 16 && available() {
+            // Rows of A are contiguous along K: transpose 16 (k) × mr (rows) blocks in
+            // registers. Element-wise, this loop compiled to scatters, ~14% of a LoRA step's
+            // products.
+            let full = kc / 16 * 16;
+            let src = d.as_ptr().add(r0 * a.rs + k0);
+            for pb in (0..full).step_by(16) {
+                pack_rows16(src.add(pb), a.rs, mr, dst.add(pb * R), R);
+            }
+            for p in full..kc {
+                for i in 0..R {
+                    *dst.add(p * R + i) = if i < mr {
+                        d[(r0 + i) * a.rs + k0 + p]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            return;
+        }
         if a.cs == 1 {
             for i in 0..mr {
                 let row = &d[(r0 + i) * a.rs + k0..][..kc];
@@ -766,40 +786,84 @@ unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
     // SAFETY: the caller guarantees the 16 rows read and written.
     unsafe {
         let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * lds)));
-        // Pairs of rows interleaved: t[2i] holds columns 4L, 4L+1 of rows 2i, 2i+1 in each
-        // 128-bit lane L, t[2i+1] columns 4L+2, 4L+3.
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        // u[4i + q] holds, in lane L, column 4L + q of rows 4i..4i+3.
-        let mut u = [_mm512_setzero_ps(); 16];
-        for i in 0..4 {
-            let a = _mm512_castps_pd(t[4 * i]);
-            let b = _mm512_castps_pd(t[4 * i + 1]);
-            let c = _mm512_castps_pd(t[4 * i + 2]);
-            let d = _mm512_castps_pd(t[4 * i + 3]);
-            u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-            u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-            u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-            u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-        }
-        // Column 4L + q gathers lane L of u[q], u[4 + q], u[8 + q], u[12 + q].
-        for q in 0..4 {
-            let s0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
-            let s1 = _mm512_shuffle_f32x4::<0xDD>(u[q], u[4 + q]);
-            let s2 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
-            let s3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + q], u[12 + q]);
-            _mm512_storeu_ps(dst.add(q * ldd), _mm512_shuffle_f32x4::<0x88>(s0, s2));
-            _mm512_storeu_ps(dst.add((8 + q) * ldd), _mm512_shuffle_f32x4::<0xDD>(s0, s2));
-            _mm512_storeu_ps(dst.add((4 + q) * ldd), _mm512_shuffle_f32x4::<0x88>(s1, s3));
-            _mm512_storeu_ps(
-                dst.add((12 + q) * ldd),
-                _mm512_shuffle_f32x4::<0xDD>(s1, s3),
-            );
+        let cols = transpose16_regs(r);
+        for (c, v) in cols.iter().enumerate() {
+            _mm512_storeu_ps(dst.add(c * ldd), *v);
         }
     }
+}
+
+/// Packs 16 columns of `rows` (at most 16) rows at `src` (row stride `lds`) as 16 groups of
+/// `width` floats at `dst`: group c holds column c of the rows, zero past `rows`.
+///
+/// # Safety
+/// AVX-512F must be available; `rows` rows of 16 floats at `src` must be readable and
+/// `16 * width` floats at `dst` writable, with `rows <= 16` and `width <= 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows16(src: *const f32, lds: usize, rows: usize, dst: *mut f32, width: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the rows read and the groups written; the masked stores
+    // write `width` floats each.
+    unsafe {
+        let r: [__m512; 16] = std::array::from_fn(|i| {
+            if i < rows {
+                _mm512_loadu_ps(src.add(i * lds))
+            } else {
+                _mm512_setzero_ps()
+            }
+        });
+        let cols = transpose16_regs(r);
+        let mask: __mmask16 = ((1u32 << width) - 1) as __mmask16;
+        for (c, v) in cols.iter().enumerate() {
+            _mm512_mask_storeu_ps(dst.add(c * width), mask, *v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_rows16(_: *const f32, _: usize, _: usize, _: *mut f32, _: usize) {
+    unreachable!("the AVX-512 kernel runs on x86_64 only")
+}
+
+/// The transpose of 16 rows held in registers: element c of the result is column c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16_regs(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved: t[2i] holds columns 4L, 4L+1 of rows 2i, 2i+1 in each
+    // 128-bit lane L, t[2i+1] columns 4L+2, 4L+3.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4i + q] holds, in lane L, column 4L + q of rows 4i..4i+3.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let a = _mm512_castps_pd(t[4 * i]);
+        let b = _mm512_castps_pd(t[4 * i + 1]);
+        let c = _mm512_castps_pd(t[4 * i + 2]);
+        let d = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    // Column 4L + q gathers lane L of u[q], u[4 + q], u[8 + q], u[12 + q].
+    let mut out = [_mm512_setzero_ps(); 16];
+    for q in 0..4 {
+        let s0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
+        let s1 = _mm512_shuffle_f32x4::<0xDD>(u[q], u[4 + q]);
+        let s2 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
+        let s3 = _mm512_shuffle_f32x4::<0xDD>(u[8 + q], u[12 + q]);
+        out[q] = _mm512_shuffle_f32x4::<0x88>(s0, s2);
+        out[8 + q] = _mm512_shuffle_f32x4::<0xDD>(s0, s2);
+        out[4 + q] = _mm512_shuffle_f32x4::<0x88>(s1, s3);
+        out[12 + q] = _mm512_shuffle_f32x4::<0xDD>(s1, s3);
+    }
+    out
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -1154,6 +1218,46 @@ mod tests {
                 assert_eq!(dst[c * 24 + r], src[r * 20 + 2 + c], "row {r} column {c}");
             }
         }
+    }
+
+    /// `pack_a` on row-major A (the register transpose) against the element-wise packing:
+    /// full and ragged row counts, K with and without a tail, both tile heights.
+    #[test]
+    fn packs_row_major_a_as_the_elementwise_loop_does() {
+        if !available() {
+            return;
+        }
+        fn check<const R: usize>() {
+            let (rows, cols) = (40, 70);
+            let av = values(rows * cols, 9);
+            let a = MatRef::new(&av, rows, cols, cols, 1);
+            for &(r0, mr, k0, kc) in &[
+                (0, R, 0, 64),
+                (3, R - 3, 5, 37),
+                (20, 1, 2, 16),
+                (26, R, 1, 9),
+            ] {
+                let mut got = vec![f32::NAN; R * kc];
+                // SAFETY: AVX-512F is available; `got` holds R × kc floats.
+                unsafe { pack_a::<R>(a, r0, mr, k0, kc, got.as_mut_ptr()) };
+                for p in 0..kc {
+                    for i in 0..R {
+                        let want = if i < mr {
+                            av[(r0 + i) * cols + k0 + p]
+                        } else {
+                            0.0
+                        };
+                        assert_eq!(
+                            got[p * R + i],
+                            want,
+                            "R {R}: rows {r0}+{mr}, k {k0}+{kc}: ({i}, {p})"
+                        );
+                    }
+                }
+            }
+        }
+        check::<MR>();
+        check::<MR_SMALL>();
     }
 
     #[test]
