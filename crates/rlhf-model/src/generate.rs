@@ -7,6 +7,9 @@
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
+#[cfg(target_arch = "x86_64")]
+use crate::fused::use_avx2;
+use crate::fused::{exp_f32, hsum, simd_fn, L};
 use crate::model::{Batch, Model};
 use crate::Result;
 
@@ -153,27 +156,18 @@ fn generate_inner(
         }
         let logits = model.logits(&last)?.squeeze(1)?; // (b, vocab)
         let logits = logits.to_dtype(candle_core::DType::F32)?;
-        let scaled = if cfg.temperature > 0.0 {
-            (logits / cfg.temperature)?
-        } else {
-            logits
-        };
-        let logp = crate::ops::log_softmax(&scaled)?.detach();
-        let rows: Vec<Vec<f32>> = logp.to_vec2()?;
+        let vocab = logits.dim(1)?;
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         let active: Vec<bool> = out.iter().map(|g| !g.finished).collect();
+        let picks = pick_tokens(&logits, vocab, &active, cfg, &mut rng);
         let mut next = Vec::with_capacity(b);
-        for (r, row) in rows.iter().enumerate() {
-            if out[r].finished {
+        for (r, pick) in picks.into_iter().enumerate() {
+            let Some((tok, logp)) = pick else {
                 next.push(cfg.pad_token_id);
                 continue;
-            }
-            let tok = if cfg.temperature > 0.0 {
-                sample(row, cfg.top_k, cfg.top_p, &mut rng)
-            } else {
-                argmax(row)
             };
             out[r].completion_ids.push(tok);
-            out[r].logprobs.push(row[tok as usize]);
+            out[r].logprobs.push(logp);
             if cfg.eos_token_ids.contains(&tok) {
                 out[r].finished = true;
             }
@@ -234,6 +228,113 @@ fn prefill_shared(
     let rows = Tensor::new(rows.as_slice(), model.device())?;
     cache.select_rows(&rows)?;
     Ok(Some(hidden.index_select(&rows, 0)?))
+}
+
+/// The next token of each active row and its log-probability under softmax(logits / T),
+/// from the rows of `logits` (`vocab` each): greedy at temperature 0, else sampled (top-k /
+/// top-p where set). Rows are worked on in parallel; the sampler's draws are taken in row
+/// order, one per active row, so a seed gives the same tokens however the rows are shared out.
+fn pick_tokens(
+    logits: &[f32],
+    vocab: usize,
+    active: &[bool],
+    cfg: &GenerationConfig,
+    rng: &mut impl Rng,
+) -> Vec<Option<(u32, f32)>> {
+    let b = active.len();
+    let inv_t = if cfg.temperature > 0.0 {
+        (1.0 / cfg.temperature) as f32
+    } else {
+        1.0
+    };
+    let plain = cfg.temperature > 0.0
+        && cfg.top_k.is_none_or(|k| k == 0 || k >= vocab)
+        && cfg.top_p.is_none_or(|p| p >= 1.0);
+    // Plain sampling draws once per active row, in row order, before the parallel part.
+    let draws: Vec<f64> = active
+        .iter()
+        .map(|&a| if a && plain { rng.random::<f64>() } else { 0.0 })
+        .collect();
+    let picks = std::sync::Mutex::new(vec![None; b]);
+    // Other modes keep each row's log-probabilities for the serial pass below.
+    let rows = std::sync::Mutex::new(vec![Vec::new(); b]);
+    crate::fused::par_units(b, vocab, |_, range| {
+        let mut e = vec![0f32; vocab];
+        for r in range {
+            if !active[r] {
+                continue;
+            }
+            let x = &logits[r * vocab..(r + 1) * vocab];
+            let mut stats = (0f32, 0f64);
+            scaled_exp_row(x, inv_t, &mut e, &mut stats);
+            let (m, total) = stats;
+            let lse = m + (total.ln() as f32);
+            if plain {
+                // Inverse CDF in vocabulary order: no sort needed.
+                let mut u = draws[r] * total;
+                let mut tok = 0;
+                for (i, &q) in e.iter().enumerate() {
+                    if q > 0.0 {
+                        tok = i;
+                        u -= q as f64;
+                        if u <= 0.0 {
+                            break;
+                        }
+                    }
+                }
+                let logp = x[tok] * inv_t - lse;
+                picks.lock().expect("not poisoned")[r] = Some((tok as u32, logp));
+            } else {
+                let logp: Vec<f32> = x.iter().map(|&v| v * inv_t - lse).collect();
+                rows.lock().expect("not poisoned")[r] = logp;
+            }
+        }
+    });
+    let mut picks = picks.into_inner().expect("not poisoned");
+    if !plain {
+        let rows = rows.into_inner().expect("not poisoned");
+        for (r, row) in rows.iter().enumerate() {
+            if !active[r] {
+                continue;
+            }
+            let tok = if cfg.temperature > 0.0 {
+                sample(row, cfg.top_k, cfg.top_p, rng)
+            } else {
+                argmax(row)
+            };
+            picks[r] = Some((tok, row[tok as usize]));
+        }
+    }
+    picks
+}
+
+simd_fn! {
+    // e = exp(x·inv_t − m) with m = max(x·inv_t); stats = (m, Σ e).
+    fn scaled_exp_row(x: &[f32], inv_t: f32, e: &mut [f32], stats: &mut (f32, f64)) {
+        let m = crate::fused::max(x) * inv_t;
+        let mut acc = [0f32; L];
+        let main = x.len() / L * L;
+        let mut total = 0f64;
+        // Partial sums in f32 lanes, flushed to f64 every 64 chunks.
+        for (n, (x, e)) in x[..main].chunks_exact(L).zip(e[..main].chunks_exact_mut(L)).enumerate() {
+            for j in 0..L {
+                let v = exp_f32(x[j] * inv_t - m);
+                e[j] = v;
+                acc[j] += v;
+            }
+            if n % 64 == 63 {
+                total += hsum(acc) as f64;
+                acc = [0f32; L];
+            }
+        }
+        total += hsum(acc) as f64;
+        for (x, e) in x[main..].iter().zip(&mut e[main..]) {
+            let v = exp_f32(x * inv_t - m);
+            *e = v;
+            total += v as f64;
+        }
+        *stats = (m, total);
+    }
 }
 
 fn argmax(row: &[f32]) -> u32 {
@@ -320,6 +421,71 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(temperature: f64, top_k: Option<usize>) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: 1,
+            temperature,
+            top_k,
+            top_p: None,
+            eos_token_ids: Vec::new(),
+            pad_token_id: 0,
+            seed: 0,
+        }
+    }
+
+    /// The parallel picker's log-probabilities are log_softmax(logits / T) at the token it
+    /// picks, greedy picks the argmax, inactive rows get nothing, and plain sampling follows
+    /// the softmax (frequencies over many draws).
+    #[test]
+    fn picked_tokens_carry_their_log_softmax_and_follow_the_distribution() {
+        let (b, vocab) = (4, 40_000);
+        let logits: Vec<f32> = crate::test_util::values(b * vocab, 3)
+            .iter()
+            .map(|v| 4.0 * v)
+            .collect();
+        let active = [true, false, true, true];
+        let t =
+            candle_core::Tensor::from_vec(logits.clone(), (b, vocab), &candle_core::Device::Cpu)
+                .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (temp, top_k) in [(0.0, None), (0.7, None), (1.3, Some(50))] {
+            let scaled = if temp > 0.0 {
+                (&t / temp).unwrap()
+            } else {
+                t.clone()
+            };
+            let want: Vec<Vec<f32>> = crate::ops::log_softmax(&scaled).unwrap().to_vec2().unwrap();
+            let picks = pick_tokens(&logits, vocab, &active, &config(temp, top_k), &mut rng);
+            for r in 0..b {
+                let Some((tok, logp)) = picks[r] else {
+                    assert!(!active[r], "row {r} is active");
+                    continue;
+                };
+                assert!(active[r], "row {r} is inactive");
+                let got = want[r][tok as usize];
+                assert!(
+                    (logp - got).abs() < 1e-4,
+                    "T {temp}: row {r}: {logp} against {got}"
+                );
+                if temp == 0.0 {
+                    assert_eq!(tok, argmax(&want[r]), "greedy row {r}");
+                }
+            }
+        }
+        // Four tokens with probabilities 0.5, 0.3, 0.15, 0.05.
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let mut counts = [0usize; 4];
+        let n = 20_000;
+        for _ in 0..n {
+            let picks = pick_tokens(&logits, 4, &[true], &config(1.0, None), &mut rng);
+            counts[picks[0].unwrap().0 as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([0.5, 0.3, 0.15, 0.05]) {
+            let f = *c as f64 / n as f64;
+            assert!((f - p).abs() < 0.015, "frequency {f} against {p}");
+        }
+    }
 
     #[test]
     fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
