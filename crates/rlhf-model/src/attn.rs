@@ -331,6 +331,37 @@ struct Segment {
     bias: Option<(usize, usize)>,
     /// Its entry in [`Geometry::branches`].
     index: usize,
+    /// The rows of a root segment it sees whole before its own (see
+    /// [`crate::ops::Packing::root`]), as a segment; `None` for most.
+    root: Option<Root>,
+}
+
+/// The root rows a segment sees: where they start among the rows and among cos/sin.
+#[derive(Clone, Copy, Debug)]
+struct Root {
+    row: usize,
+    len: usize,
+    cos_row: usize,
+}
+
+impl Root {
+    fn segment(self) -> Segment {
+        Segment {
+            row: self.row,
+            len: self.len,
+            cos_row: self.cos_row,
+            bias: None,
+            index: 0,
+            root: None,
+        }
+    }
+}
+
+impl Segment {
+    /// Root rows seen before the segment's own (0 without a root).
+    fn lr(&self) -> usize {
+        self.root.map_or(0, |r| r.len)
+    }
 }
 
 impl Geometry {
@@ -398,12 +429,20 @@ impl Geometry {
                     .starts
                     .windows(2)
                     .enumerate()
-                    .map(|(index, w)| Segment {
-                        row: w[0],
-                        len: w[1] - w[0],
-                        cos_row: w[0],
-                        bias: None,
-                        index,
+                    .map(|(index, w)| {
+                        let r = packing.root_of(index);
+                        Segment {
+                            row: w[0],
+                            len: w[1] - w[0],
+                            cos_row: w[0],
+                            bias: None,
+                            index,
+                            root: (!r.is_empty()).then_some(Root {
+                                row: r.start,
+                                len: r.len(),
+                                cos_row: r.start,
+                            }),
+                        }
                     })
                     .collect();
                 (segments, packing.branches.clone())
@@ -416,6 +455,7 @@ impl Geometry {
                         cos_row: if cb == 1 { 0 } else { bi * t },
                         bias: Some((if bb == 1 { 0 } else { bi * t * t }, t)),
                         index: bi,
+                        root: None,
                     })
                     .collect();
                 (segments, vec![Vec::new(); b])
@@ -635,9 +675,11 @@ simd_fn! {
     // without a bias, over each row's causal prefix (the rest of the row 0).
     fn softmax_head(seg: &Segment, branches: &[usize], scale: f32, s: &[f32], tab: &Tables<'_>,
                     p: &mut [f32]) {
-        let t = seg.len;
+        // Rows of w keys: the root's (all seen), then the segment's own.
+        let (t, lr) = (seg.len, seg.lr());
+        let w = lr + t;
         for i in 0..t {
-            let (x, y) = (&s[i * t..(i + 1) * t], &mut p[i * t..(i + 1) * t]);
+            let (x, y) = (&s[i * w..(i + 1) * w], &mut p[i * w..(i + 1) * w]);
             match seg.bias {
                 Some((off, stride)) => {
                     let br = off + i * stride;
@@ -645,8 +687,9 @@ simd_fn! {
                 }
                 None => {
                     let (lo, hi) = crate::ops::hidden_keys(branches, i);
-                    scaled_softmax_gap(&x[..=i], lo, hi, scale, &mut y[..=i]);
-                    y[i + 1..].fill(0.0);
+                    let end = lr + i;
+                    scaled_softmax_gap(&x[..=end], lr + lo, lr + hi.max(lo), scale, &mut y[..=end]);
+                    y[end + 1..].fill(0.0);
                 }
             }
         }
@@ -731,22 +774,56 @@ fn head_forward(
     h: usize,
     scratch: &mut Vec<f32>,
 ) {
-    let (t, d) = (seg.len, g.d);
+    let (t, d, lr) = (seg.len, g.d, seg.lr());
+    // Keys: the root's rows (if any), then the segment's own.
+    let w = lr + t;
     let kv = h / g.rep();
-    let [qh, kh, s, p] = carve(scratch, [t * d, t * d, t * t, t * t]);
+    let vlen = if lr > 0 { w * d } else { 0 };
+    let [qh, kh, vh, s, p] = carve(scratch, [t * d, w * d, vlen, t * w, t * w]);
     rope_head(d, seg, q, g.nh, h, tab, qh);
-    rope_head(d, seg, k, g.nkv, kv, tab, kh);
+    rope_keys(g, seg, k, kv, tab, kh);
     let qm = MatRef::new(qh, t, d, d, 1);
-    let km = MatRef::new(kh, t, d, d, 1);
-    // SAFETY: s holds t × t floats and is this thread's own.
-    unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
+    let km = MatRef::new(kh, w, d, d, 1);
+    // SAFETY: s holds t × w floats and is this thread's own.
+    unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), w, false) };
     softmax_head(seg, &g.branches[seg.index], g.scale, s, tab, p);
-    let pm = MatRef::new(p, t, t, t, 1);
+    let pm = MatRef::new(p, t, w, w, 1);
+    let vm = values_of(g, seg, v, kv, vh);
     // SAFETY: this unit owns head h of the segment's rows: columns h·d..h·d+d.
     unsafe {
         let y = out.at(seg.row * g.nh * d + h * d);
-        gemm::matmul_into(pm, head_view(d, seg, v, g.nkv, kv), y, g.nh * d, false);
+        gemm::matmul_into(pm, vm, y, g.nh * d, false);
     }
+}
+
+/// Head `kv` of the keys a segment's queries see, rotated, into `dst` ((root + own) × d).
+fn rope_keys(g: &Geometry, seg: &Segment, k: &[f32], kv: usize, tab: &Tables<'_>, dst: &mut [f32]) {
+    let (d, lr) = (g.d, seg.lr());
+    if let Some(r) = seg.root {
+        rope_head(d, &r.segment(), k, g.nkv, kv, tab, &mut dst[..lr * d]);
+    }
+    rope_head(d, seg, k, g.nkv, kv, tab, &mut dst[lr * d..]);
+}
+
+/// Head `kv` of the values a segment's queries see: a view of its own rows, or with a root
+/// the root's rows and its own copied into `buf` ((root + own) × d).
+fn values_of<'a>(
+    g: &Geometry,
+    seg: &Segment,
+    v: &'a [f32],
+    kv: usize,
+    buf: &'a mut [f32],
+) -> MatRef<'a> {
+    let d = g.d;
+    let Some(r) = seg.root else {
+        return head_view(d, seg, v, g.nkv, kv);
+    };
+    let rows = (r.row..r.row + r.len).chain(seg.row..seg.row + seg.len);
+    for (i, row) in rows.enumerate() {
+        let src = row * g.nkv * d + kv * d;
+        buf[i * d..(i + 1) * d].copy_from_slice(&v[src..src + d]);
+    }
+    MatRef::new(buf, r.len + seg.len, d, d, 1)
 }
 
 fn backward(
@@ -759,14 +836,43 @@ fn backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (qlen, kvlen) = (g.rows() * g.nh * g.d, g.rows() * g.nkv * g.d);
     let (mut dq, mut dk, mut dv) = (OutBuf::new(qlen), OutBuf::new(kvlen), OutBuf::new(kvlen));
+    // What each segment with a root adds to the root's key and value gradients, in blocks of
+    // (root rows, nkv · d), summed into them once every unit is done.
+    let width = g.nkv * g.d;
+    let mut side_at = Vec::with_capacity(g.segments.len());
+    let mut side_len = 0;
+    for seg in &g.segments {
+        side_at.push(side_len);
+        side_len += seg.lr() * width;
+    }
+    let (mut side_k, mut side_v) = (vec![0f32; side_len], vec![0f32; side_len]);
     let outs = (dq.ptr(), dk.ptr(), dv.ptr());
+    let sides = (Out::of(&mut side_k), Out::of(&mut side_v));
     par(g.segments.len() * g.nkv, |u| {
         let seg = &g.segments[u / g.nkv];
-        SCRATCH.with_borrow_mut(|s| group_backward(g, seg, q, k, v, dy, &tab, outs, u % g.nkv, s))
+        // SAFETY: the segment's block lies inside the side buffers.
+        let at = side_at[u / g.nkv];
+        let side = unsafe { (sides.0.offset(at), sides.1.offset(at)) };
+        SCRATCH.with_borrow_mut(|s| {
+            group_backward(g, seg, q, k, v, dy, &tab, outs, side, u % g.nkv, s)
+        })
     });
     // SAFETY: every group wrote its kv head of dk and dv and its query heads of dq, over
     // every row of its segment, and the segments cover every row.
-    unsafe { (dq.finish(qlen), dk.finish(kvlen), dv.finish(kvlen)) }
+    let (dq, mut dk, mut dv) = unsafe { (dq.finish(qlen), dk.finish(kvlen), dv.finish(kvlen)) };
+    for (seg, &at) in g.segments.iter().zip(&side_at) {
+        if let Some(r) = seg.root {
+            let n = r.len * width;
+            let dst = r.row * width..r.row * width + n;
+            for (x, y) in dk[dst.clone()].iter_mut().zip(&side_k[at..at + n]) {
+                *x += y;
+            }
+            for (x, y) in dv[dst].iter_mut().zip(&side_v[at..at + n]) {
+                *x += y;
+            }
+        }
+    }
+    (dq, dk, dv)
 }
 
 /// The gradients of key/value head `kv` of one segment and of its query heads.
@@ -780,38 +886,54 @@ fn group_backward(
     dy: &[f32],
     tab: &Tables<'_>,
     (dq, dk, dv): (Out, Out, Out),
+    (side_k, side_v): (Out, Out),
     kv: usize,
     scratch: &mut Vec<f32>,
 ) {
-    let (t, d) = (seg.len, g.d);
-    let [qh, kh, s, p, tmp, dk_acc] = carve(scratch, [t * d, t * d, t * t, t * t, t * d, t * d]);
-    rope_head(d, seg, k, g.nkv, kv, tab, kh);
-    let km = MatRef::new(kh, t, d, d, 1);
-    let vm = head_view(d, seg, v, g.nkv, kv);
+    let (t, d, lr) = (seg.len, g.d, seg.lr());
+    let w = lr + t;
+    let vlen = if lr > 0 { w * d } else { 0 };
+    let [qh, kh, vh, s, p, tmp, dk_acc] =
+        carve(scratch, [t * d, w * d, vlen, t * w, t * w, t * d, w * d]);
+    rope_keys(g, seg, k, kv, tab, kh);
+    let km = MatRef::new(kh, w, d, d, 1);
+    let vm = values_of(g, seg, v, kv, vh);
     for (i, h) in (kv * g.rep()..(kv + 1) * g.rep()).enumerate() {
         let acc = i > 0;
         rope_head(d, seg, q, g.nh, h, tab, qh);
         let qm = MatRef::new(qh, t, d, d, 1);
         // SAFETY (all products): the scratch buffers are this thread's; dv's head kv of the
-        // segment's rows belongs to this unit alone.
-        unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), t, false) };
+        // segment's rows, and of its block of the side buffers, belong to this unit alone.
+        unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), w, false) };
         softmax_head(seg, &g.branches[seg.index], g.scale, s, tab, p);
         let dym = head_view(d, seg, dy, g.nh, h);
-        let pm = MatRef::new(p, t, t, t, 1);
+        let own = MatRef::new(&p[lr..], t, t, w, 1);
         unsafe {
             let dvp = dv.at(seg.row * g.nkv * d + kv * d);
-            gemm::matmul_into(pm.t(), dym, dvp, g.nkv * d, acc);
-            gemm::matmul_into(dym, vm.t(), s.as_mut_ptr(), t, false);
+            gemm::matmul_into(own.t(), dym, dvp, g.nkv * d, acc);
+            if lr > 0 {
+                let root = MatRef::new(p, t, lr, w, 1);
+                gemm::matmul_into(root.t(), dym, side_v.at(kv * d), g.nkv * d, acc);
+            }
+            gemm::matmul_into(dym, vm.t(), s.as_mut_ptr(), w, false);
         }
-        softmax_bwd_head(p, s, t, g.scale);
-        let dsm = MatRef::new(s, t, t, t, 1);
+        softmax_bwd_head(p, s, w, g.scale);
+        let dsm = MatRef::new(s, t, w, w, 1);
         unsafe {
             gemm::matmul_into(dsm, km, tmp.as_mut_ptr(), d, false);
             gemm::matmul_into(dsm.t(), qm, dk_acc.as_mut_ptr(), d, acc);
         }
         unrope_head(d, seg, tmp, g.nh, h, tab, dq);
     }
-    unrope_head(d, seg, dk_acc, g.nkv, kv, tab, dk);
+    unrope_head(d, seg, &dk_acc[lr * d..], g.nkv, kv, tab, dk);
+    if let Some(r) = seg.root {
+        // The root's rows, rotated back at the root's positions, into this segment's block.
+        let block = Segment {
+            row: 0,
+            ..r.segment()
+        };
+        unrope_head(d, &block, &dk_acc[..lr * d], g.nkv, kv, tab, side_k);
+    }
 }
 
 #[cfg(test)]
@@ -1066,6 +1188,73 @@ mod tests {
         }
     }
 
+    /// A root seen by every segment ([R], [P, B1, B2], [S]): the fused op agrees with the
+    /// composed path on the dense bias, in value and in the gradients of q, k and v (the
+    /// root's key and value gradients summed over every segment that sees it); the bias lets
+    /// a branch see the root, its prompt and itself only.
+    #[test]
+    fn a_root_is_seen_by_every_segment_as_the_dense_bias_says() {
+        let dev = Device::Cpu;
+        let (nh, nkv, d) = (4, 2, 16);
+        let (r, p, b1, b2, plain) = (5usize, 4usize, 6usize, 3usize, 7usize);
+        let total = r + p + b1 + b2 + plain;
+        let packing = crate::ops::Packing {
+            starts: vec![0, r, r + p + b1 + b2, total],
+            branches: vec![Vec::new(), vec![p, p + b1], Vec::new()],
+            root: true,
+        };
+        assert!(packing.is_valid());
+        let pos: Vec<u32> = (0..r + p + b1)
+            .chain(r + p..r + p + b2)
+            .chain(r..r + plain)
+            .map(|x| x as u32)
+            .collect();
+        let (cos, sin) = tables(&[pos], d);
+        let bias = crate::ops::packed_attention_bias(&packing, &dev).unwrap();
+        let dense: Vec<Vec<f32>> = bias
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let seen =
+            |i: usize| -> Vec<usize> { (0..total).filter(|&j| dense[i][j] == 0.0).collect() };
+        // The second branch's first token: the root, the prompt, itself.
+        let b2_row = r + p + b1;
+        assert_eq!(seen(b2_row), (0..r + p).chain([b2_row]).collect::<Vec<_>>());
+        // The plain segment's second token: the root and its own first two.
+        let s_row = r + p + b1 + b2 + 1;
+        assert_eq!(
+            seen(s_row),
+            (0..r).chain([s_row - 1, s_row]).collect::<Vec<_>>()
+        );
+        // A root row: its causal prefix only.
+        assert_eq!(seen(2), vec![0, 1, 2]);
+        let q = Var::from_vec(values(total * nh * d, 21), (1, total, nh * d), &dev).unwrap();
+        let k = Var::from_vec(values(total * nkv * d, 22), (1, total, nkv * d), &dev).unwrap();
+        let v = Var::from_vec(values(total * nkv * d, 23), (1, total, nkv * d), &dev).unwrap();
+        let w = Tensor::from_vec(values(total * nh * d, 24), (1, total, nh * d), &dev).unwrap();
+        let g = Geometry::of(&q, &k, &v, &cos, &sin, &bias, nh, nkv, Some(&packing))
+            .unwrap()
+            .expect("fusable");
+        let y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
+        let composed = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+        let diff = max_diff(&y, &composed);
+        assert!(diff < 1e-5, "outputs differ by {diff}");
+        let gf = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let diff = max_diff(gf.get(x).unwrap(), gc.get(x).unwrap());
+            assert!(diff < 1e-5, "d{name} differs by {diff}");
+        }
+    }
+
     /// A prompt shared by its completions ([P, B1, B2], then a plain sequence): each
     /// completion's tokens give what `prompt + completion` gives alone, in value and in
     /// gradient (summed over the completions for the shared prompt), and the fused op agrees
@@ -1079,6 +1268,7 @@ mod tests {
         let packing = crate::ops::Packing {
             starts: vec![0, p + b1 + b2, total],
             branches: vec![vec![p, p + b1], Vec::new()],
+            root: false,
         };
         assert!(packing.is_valid());
         let pos: Vec<u32> = (0..p + b1)

@@ -293,6 +293,15 @@ impl Out {
         Out(buf.as_mut_ptr())
     }
 
+    /// The same buffer from element `offset` on.
+    ///
+    /// # Safety
+    /// `offset` is within the allocation.
+    #[inline(always)]
+    pub(crate) unsafe fn offset(self, offset: usize) -> Out {
+        Out(self.0.add(offset))
+    }
+
     /// The address of element `offset`, for kernels that write through a raw pointer.
     ///
     /// # Safety

@@ -72,6 +72,10 @@ const MAX_BRANCHES: usize = 8;
 /// its last token).
 fn shared_prefixes(seqs: &[Vec<u32>]) -> Vec<(usize, Vec<usize>)> {
     let lcp = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    // A prefix every sequence shares (a chat template's system turn) is packed once anyway
+    // (the root of `hidden_shared_prompts`): group by what is shared past it.
+    let all: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let root = common_root(&all, 2);
     let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, s) in seqs.iter().enumerate() {
         let best = groups
@@ -79,7 +83,7 @@ fn shared_prefixes(seqs: &[Vec<u32>]) -> Vec<(usize, Vec<usize>)> {
             .enumerate()
             .filter(|(_, (_, m))| m.len() < MAX_BRANCHES)
             .map(|(g, (n, m))| (g, (*n).min(lcp(&seqs[m[0]], s)).min(s.len() - 1)))
-            .filter(|&(_, n)| n >= MIN_SHARED)
+            .filter(|&(_, n)| n >= root + MIN_SHARED)
             .max_by_key(|&(_, n)| n);
         match best {
             Some((g, n)) => {
@@ -92,9 +96,50 @@ fn shared_prefixes(seqs: &[Vec<u32>]) -> Vec<(usize, Vec<usize>)> {
     groups
 }
 
-/// Where a group of [`Model::hidden_shared_prompts`] lies in the packed row: its prompt's
-/// first token, and each completion's.
-pub type GroupOffsets = (usize, Vec<usize>);
+/// Where a group of [`Model::hidden_shared_prompts`] lies in the packed row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupOffsets {
+    /// The rows of the root: the first tokens of every prompt, packed once for all groups
+    /// (empty when there is none).
+    pub root: std::ops::Range<usize>,
+    /// Where the prompt's own tokens, past the root, start.
+    pub prompt: usize,
+    /// Where each completion starts.
+    pub completions: Vec<usize>,
+}
+
+impl GroupOffsets {
+    /// The row of the prompt's token `pos`.
+    pub fn prompt_row(&self, pos: usize) -> usize {
+        if pos < self.root.len() {
+            self.root.start + pos
+        } else {
+            self.prompt + pos - self.root.len()
+        }
+    }
+}
+
+/// The longest prefix all of `seqs` share, where worth packing once for all ([`MIN_SHARED`]
+/// tokens at least, and at least two sequences); every sequence keeps `keep` tokens past it.
+fn common_root(seqs: &[&[u32]], keep: usize) -> usize {
+    let Some((first, rest)) = seqs.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return 0;
+    }
+    let mut n = first.len();
+    for s in rest {
+        n = n.min(first.iter().zip(*s).take_while(|(x, y)| x == y).count());
+    }
+    let shortest = seqs.iter().map(|s| s.len()).min().unwrap_or(0);
+    let n = n.min(shortest.saturating_sub(keep));
+    if n >= MIN_SHARED {
+        n
+    } else {
+        0
+    }
+}
 
 /// The fields every config.json has that this layer needs, whatever the architecture.
 #[derive(Debug, Clone)]
@@ -553,17 +598,29 @@ impl Model {
         &self,
         groups: &[(&[u32], Vec<&[u32]>)],
     ) -> Result<(Tensor, Vec<GroupOffsets>)> {
-        let mut starts = Vec::with_capacity(groups.len() + 1);
-        let mut branches = Vec::with_capacity(groups.len());
+        // The prompts' common start, if long enough, is packed once as the root segment,
+        // seen by every group; each group keeps a token of its own prompt past it.
+        let prompts: Vec<&[u32]> = groups.iter().map(|(p, _)| *p).collect();
+        let lr = common_root(&prompts, 1);
+        let mut starts = Vec::with_capacity(groups.len() + 2);
+        let mut branches = Vec::with_capacity(groups.len() + 1);
         let mut offsets = Vec::with_capacity(groups.len());
         let mut ids = Vec::new();
         let mut positions: Vec<u32> = Vec::new();
+        if lr > 0 {
+            starts.push(0);
+            branches.push(Vec::new());
+            ids.extend_from_slice(&prompts[0][..lr]);
+            let p = self.backbone.positions(&[vec![1u8; lr]]);
+            positions.extend_from_slice(&p[0]);
+        }
         for (prompt, completions) in groups {
             let s0 = ids.len();
             starts.push(s0);
-            ids.extend_from_slice(prompt);
-            let p = self.backbone.positions(&[vec![1u8; prompt.len()]]);
-            positions.extend_from_slice(&p[0]);
+            let full: Vec<u8> = vec![1u8; prompt.len()];
+            let p = self.backbone.positions(&[full]);
+            positions.extend_from_slice(&p[0][lr..]);
+            ids.extend_from_slice(&prompt[lr..]);
             let mut own = Vec::new();
             let mut at = Vec::new();
             for c in completions {
@@ -578,12 +635,20 @@ impl Model {
                 ids.extend_from_slice(c);
             }
             branches.push(own);
-            offsets.push((s0, at));
+            offsets.push(GroupOffsets {
+                root: 0..lr,
+                prompt: s0,
+                completions: at,
+            });
         }
         starts.push(ids.len());
         let total = ids.len();
         let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
-        let packing = crate::ops::Packing { starts, branches };
+        let packing = crate::ops::Packing {
+            starts,
+            branches,
+            root: lr > 0,
+        };
         let hidden = self.backbone.forward_packed(&ids, &[positions], &packing)?;
         Ok((hidden, offsets))
     }
@@ -614,10 +679,14 @@ impl Model {
             .collect();
         let (hidden, offsets) = self.hidden_shared_prompts(&groups)?;
         let mut idx = vec![0u32; seqs.len()];
-        for ((n, members), (s0, at)) in grouping.iter().zip(&offsets) {
+        for ((n, members), o) in grouping.iter().zip(&offsets) {
             for (c, &i) in members.iter().enumerate() {
                 let pos = self.score_position(&seqs[i], None);
-                idx[i] = if pos < *n { s0 + pos } else { at[c] + pos - n } as u32;
+                idx[i] = if pos < *n {
+                    o.prompt_row(pos)
+                } else {
+                    o.completions[c] + pos - n
+                } as u32;
             }
         }
         let idx = Tensor::new(idx.as_slice(), &self.device)?;

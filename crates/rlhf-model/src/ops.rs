@@ -121,6 +121,10 @@ pub struct Packing {
     /// Per segment, where its branches start, as offsets from the segment's start,
     /// ascending; the first one ends the shared prefix. Empty for a plain sequence.
     pub branches: Vec<Vec<usize>>,
+    /// A root: a plain segment (no branches, no root of its own) that every other segment
+    /// sees whole before its own tokens, as a prefix common to all of them (a chat
+    /// template's system turn). Only segment 0 can be the root; `false` when there is none.
+    pub root: bool,
 }
 
 impl Packing {
@@ -130,6 +134,17 @@ impl Packing {
         Packing {
             starts,
             branches: vec![Vec::new(); n],
+            root: false,
+        }
+    }
+
+    /// The rows of the root segment that segment `s` sees before its own: `0..0` for the
+    /// root itself and where there is no root.
+    pub fn root_of(&self, s: usize) -> std::ops::Range<usize> {
+        if self.root && s > 0 {
+            self.starts[0]..self.starts[1]
+        } else {
+            0..0
         }
     }
 
@@ -155,6 +170,7 @@ impl Packing {
                 .all(|(b, w)| {
                     b.windows(2).all(|x| x[0] < x[1]) && b.last().is_none_or(|&l| l < w[1] - w[0])
                 })
+            && (!self.root || self.branches.first().is_some_and(|b| b.is_empty()))
     }
 
     /// The keys `[lo, hi)` that query `i` (an offset in segment `s`) may not see besides the
@@ -182,7 +198,9 @@ pub fn packed_attention_bias(packing: &Packing, device: &Device) -> Result<Tenso
     let total = packing.len();
     let mut v = vec![MASKED; total * total];
     for (s, w) in packing.starts.windows(2).enumerate() {
+        let root = packing.root_of(s);
         for i in w[0]..w[1] {
+            v[i * total + root.start..i * total + root.end].fill(0.0);
             v[i * total + w[0]..=i * total + i].fill(0.0);
             let (lo, hi) = packing.hidden_keys(s, i - w[0]);
             v[i * total + w[0] + lo..i * total + w[0] + hi].fill(MASKED);
@@ -246,6 +264,7 @@ mod tests {
         let packing = Packing {
             starts: vec![0, 8, 12],
             branches: vec![vec![3, 5], Vec::new()],
+            root: false,
         };
         assert!(packing.is_valid());
         let none = (0, 0);
@@ -263,6 +282,7 @@ mod tests {
         let bad = Packing {
             starts: vec![0, 4],
             branches: vec![vec![2, 4]],
+            root: false,
         };
         assert!(
             !bad.is_valid(),

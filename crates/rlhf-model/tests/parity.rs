@@ -104,6 +104,26 @@ fn check_logits_and_scores(arch: &str) {
         d < 1e-5,
         "{arch}: shared-prefix scores {got:?} vs padded {want:?}"
     );
+
+    // Every sequence starts with the same five tokens (as a chat template's system turn
+    // does), packed once as the root; two prompts past it, each with two answers.
+    let root = &a[..5];
+    let cat = |parts: &[&[u32]]| -> Vec<u32> { parts.concat() };
+    let rooted = vec![
+        cat(&[root, &a[1..5], &a[5..7]]),
+        cat(&[root, &a[1..5], &a[..2]]),
+        cat(&[root, &a[2..6], &a[3..5]]),
+        cat(&[root, &a[2..6], &a[4..7]]),
+    ];
+    let padded = rlhf_model::Batch::pad(&rooted, pad, false);
+    let h = rm.hidden(&padded).unwrap();
+    let want = rlhf_model::ops::to_vec_f32(&rm.scores(&h, &padded).unwrap()).unwrap();
+    let got = rlhf_model::ops::to_vec_f32(&rm.scores_packed(&rooted).unwrap()).unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(
+        d < 1e-5,
+        "{arch}: scores under a shared root {got:?} vs padded {want:?}"
+    );
 }
 
 #[test]

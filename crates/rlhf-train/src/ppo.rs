@@ -486,14 +486,15 @@ fn response_states_as(model: &Model, packed: &Packed, pack: bool) -> Result<Tens
     let (hidden, offsets) = model.hidden_shared_prompts(&groups)?;
     let mut idx = Vec::with_capacity(packed.rows.len() * r);
     for (&(g, c), &pl) in place.iter().zip(&packed.prompt_lens) {
-        let (s0, ref at) = offsets[g];
+        let o = &offsets[g];
         let len = groups[g].1[c].len();
+        let last = o.prompt_row(pl - 1) as u32;
         // The state before response token j: the prompt's last for j = 0, then the
         // completion's own tokens; past its end, its last state (masked where used).
         idx.extend((0..r).map(|j| match j {
-            0 => (s0 + pl - 1) as u32,
-            _ if len == 0 => (s0 + pl - 1) as u32,
-            _ => (at[c] + (j - 1).min(len - 1)) as u32,
+            0 => last,
+            _ if len == 0 => last,
+            _ => (o.completions[c] + (j - 1).min(len - 1)) as u32,
         }));
     }
     let idx = Tensor::new(idx.as_slice(), hidden.device())?;
@@ -1437,11 +1438,31 @@ mod tests {
 
     /// Rows packed into one sequence, each prompt shared by its completions (two prompts
     /// here have two and three), give the padded batch's response states on every real
-    /// response token.
+    /// response token; also when every prompt starts with the same turn (packed once, as
+    /// the root every group sees).
     #[test]
     fn packed_rows_give_the_padded_batchs_response_states() {
         let model = Model::load(&fixture("llama-gqa"), &LoadOptions::default()).unwrap();
-        let prompts: Vec<&[u32]> = vec![&[5, 6, 7, 3], &[8, 9], &[5, 6, 7, 3], &[4], &[4], &[4]];
+        let plain: Vec<Vec<u32>> = vec![
+            vec![5, 6, 7, 3],
+            vec![8, 9],
+            vec![5, 6, 7, 3],
+            vec![4],
+            vec![4],
+            vec![4],
+        ];
+        let system = [30u32, 31, 32, 33, 34];
+        let rooted: Vec<Vec<u32>> = plain
+            .iter()
+            .map(|p| system.iter().chain(p).copied().collect())
+            .collect();
+        for prompts in [plain, rooted] {
+            let prompts: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+            check_packed_response_states(&model, &prompts);
+        }
+    }
+
+    fn check_packed_response_states(model: &Model, prompts: &[&[u32]]) {
         let responses: Vec<&[u32]> = vec![
             &[10, 11, 12],
             &[13, 14, 15, 16, 17],
@@ -1450,9 +1471,9 @@ mod tests {
             &[21, 22, 23, 24],
             &[25, 26],
         ];
-        let packed = pack(&prompts, &responses, 1, &Device::Cpu).unwrap();
-        let a = response_states_as(&model, &packed, false).unwrap();
-        let b = response_states_as(&model, &packed, true).unwrap();
+        let packed = pack(prompts, &responses, 1, &Device::Cpu).unwrap();
+        let a = response_states_as(model, &packed, false).unwrap();
+        let b = response_states_as(model, &packed, true).unwrap();
         assert_eq!(a.dims(), b.dims());
         let mask = packed.mask.unsqueeze(2).unwrap();
         let diff = (a.broadcast_mul(&mask).unwrap() - b.broadcast_mul(&mask).unwrap())
