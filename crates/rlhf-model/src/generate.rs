@@ -217,17 +217,64 @@ fn prefill_shared(
             })
         })
         .collect();
-    if distinct.len() == prompts.len() {
+    let refs: Vec<&[u32]> = distinct.iter().map(|p| p.as_slice()).collect();
+    let lr = crate::model::common_root(&refs, 1);
+    if lr == 0 && distinct.len() == prompts.len() {
         return Ok(None);
     }
     // Left-padded to the same width as the full batch (its longest prompt is among these).
     let batch = Batch::pad(&distinct, pad, true);
     let positions = crate::ops::positions_from_mask(&batch.attention_mask);
     let ids = batch.ids_tensor(model.device())?;
-    let hidden = model.hidden_cached(&ids, &positions, &batch.attention_mask, cache)?;
+    let hidden = match rooted_prefill(model, &batch, &positions, &ids, lr)? {
+        Some((hidden, rooted)) => {
+            *cache = rooted;
+            hidden
+        }
+        None => model.hidden_cached(&ids, &positions, &batch.attention_mask, cache)?,
+    };
     let rows = Tensor::new(rows.as_slice(), model.device())?;
     cache.select_rows(&rows)?;
     Ok(Some(hidden.index_select(&rows, 0)?))
+}
+
+/// The prompt pass when every prompt starts with the same `lr` tokens (a chat template's
+/// system turn): those run once, as one row, their cache is laid into each row where its
+/// left padding puts them, and the batch's columns past `lr` run on that cache. The hidden
+/// states of those columns (the last is each prompt's last token) and the cache; `None`
+/// without a root, or where the backbone's cache is not the fused attention's.
+fn rooted_prefill(
+    model: &Model,
+    batch: &Batch,
+    positions: &[Vec<u32>],
+    ids: &Tensor,
+    lr: usize,
+) -> Result<Option<(Tensor, crate::nn::KvCache)>> {
+    let width = ids.dim(1)?;
+    if lr == 0 || lr >= width || !model.packs_natively() {
+        return Ok(None);
+    }
+    let first = &batch.input_ids[0];
+    let lead = batch.attention_mask[0]
+        .iter()
+        .take_while(|&&m| m == 0)
+        .count();
+    let root = Tensor::new(&first[lead..lead + lr], model.device())?.unsqueeze(0)?;
+    let mut root_cache = model.new_cache();
+    let root_pos = vec![(0..lr as u32).collect::<Vec<_>>()];
+    model.hidden_cached(&root, &root_pos, &[vec![1u8; lr]], &mut root_cache)?;
+    let shifts: Vec<usize> = batch
+        .attention_mask
+        .iter()
+        .map(|m| m.iter().take_while(|&&x| x == 0).count())
+        .collect();
+    let Some(mut cache) = root_cache.shifted_rows(&shifts, lr) else {
+        return Ok(None);
+    };
+    let rest = ids.narrow(1, lr, width - lr)?;
+    let rest_pos: Vec<Vec<u32>> = positions.iter().map(|p| p[lr..].to_vec()).collect();
+    let hidden = model.hidden_cached(&rest, &rest_pos, &batch.attention_mask, &mut cache)?;
+    Ok(Some((hidden, cache)))
 }
 
 /// The next token of each active row and its log-probability under softmax(logits / T),

@@ -121,7 +121,7 @@ impl GroupOffsets {
 
 /// The longest prefix all of `seqs` share, where worth packing once for all ([`MIN_SHARED`]
 /// tokens at least, and at least two sequences); every sequence keeps `keep` tokens past it.
-fn common_root(seqs: &[&[u32]], keep: usize) -> usize {
+pub(crate) fn common_root(seqs: &[&[u32]], keep: usize) -> usize {
     let Some((first, rest)) = seqs.split_first() else {
         return 0;
     };

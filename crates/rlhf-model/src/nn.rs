@@ -571,6 +571,39 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// A cache of `shifts.len()` rows holding `len` positions from this one-row cache (which
+    /// must hold at least `len`): row r's position j is this cache's position `j - shifts[r]`,
+    /// zero before `shifts[r]` (left padding, masked by the caller). `None` where a layer
+    /// holds the composed path's tensors rather than the fused buffers.
+    pub(crate) fn shifted_rows(&self, shifts: &[usize], len: usize) -> Option<KvCache> {
+        let mut raw = Vec::with_capacity(self.raw.len());
+        for (slot, layer) in self.raw.iter().zip(&self.layers) {
+            let src = match (slot, layer) {
+                (Some(r), None) if r.b == 1 && r.len >= len => r,
+                _ => return None,
+            };
+            let (nkv, d) = (src.nkv, src.d);
+            let mut dst = RawKv::new(shifts.len(), nkv, d);
+            dst.reserve(len);
+            dst.len = len;
+            for (row, &shift) in shifts.iter().enumerate() {
+                for h in 0..nkv {
+                    let from = h * src.cap * d;
+                    let to = (row * nkv + h) * dst.cap * d;
+                    let n = len.saturating_sub(shift) * d;
+                    for (a, b) in [(&mut dst.k, &src.k), (&mut dst.v, &src.v)] {
+                        a[to + shift.min(len) * d..][..n].copy_from_slice(&b[from..from + n]);
+                    }
+                }
+            }
+            raw.push(Some(dst));
+        }
+        Some(KvCache {
+            layers: vec![None; self.layers.len()],
+            raw,
+        })
+    }
+
     /// Keeps only the batch rows in `keep` (finished sequences leave the batch).
     pub fn select_rows(&mut self, keep: &Tensor) -> Result<()> {
         let rows: Vec<usize> = keep

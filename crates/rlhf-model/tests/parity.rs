@@ -290,6 +290,31 @@ fn check_left_padding(arch: &str) {
         want[5..],
         "{arch}: continuation"
     );
+
+    // Every prompt starts with the same five tokens (as a chat template's system turn):
+    // generate's prompt pass runs them once and lays their cache into each row, under left
+    // padding of three different widths and a repeated prompt.
+    let root = &prompts[1][..5];
+    let rooted: Vec<Vec<u32>> = vec![
+        [root, &prompts[0]].concat(),
+        prompts[1].clone(),
+        [root, &prompts[0]].concat(),
+        [root, &prompts[0][..1]].concat(),
+    ];
+    let batched = generate(&model, &rooted, &cfg).unwrap();
+    for (r, p) in rooted.iter().enumerate() {
+        let alone = generate(&model, std::slice::from_ref(p), &cfg).unwrap();
+        assert_eq!(
+            batched[r].completion_ids, alone[0].completion_ids,
+            "{arch}: rooted row {r}"
+        );
+        for (a, b) in batched[r].logprobs.iter().zip(&alone[0].logprobs) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{arch}: rooted row {r} logprob {a} vs {b}"
+            );
+        }
+    }
 }
 
 #[test]
