@@ -178,12 +178,40 @@ fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     let lanes = if m <= 16 { 16 } else { 32 };
     let mut at = vec![0f32; k * lanes];
-    for i in 0..m {
-        for p in 0..k {
-            at[p * lanes + i] = a.data[i * a.rs + p * a.cs];
+    if a.cs == 1 {
+        // Rows contiguous along K: 16 × 16 register transposes, per vector of rows.
+        let full = k / 16 * 16;
+        for h in 0..m.div_ceil(16) {
+            let rows = 16.min(m - 16 * h);
+            for pb in (0..full).step_by(16) {
+                // SAFETY: AVX-512F was detected by the caller (`matmul`); the rows read lie in
+                // the view and the 16 groups written in `at` (k × lanes floats).
+                unsafe {
+                    let src = a.data.as_ptr().add(16 * h * a.rs + pb);
+                    pack_rows16(
+                        src,
+                        a.rs,
+                        rows,
+                        at.as_mut_ptr().add(pb * lanes + 16 * h),
+                        lanes,
+                        16,
+                    )
+                };
+            }
+            for p in full..k {
+                for i in 16 * h..16 * h + rows {
+                    at[p * lanes + i] = a.data[i * a.rs + p];
+                }
+            }
+        }
+    } else {
+        for i in 0..m {
+            for p in 0..k {
+                at[p * lanes + i] = a.data[i * a.rs + p * a.cs];
+            }
         }
     }
-    let mut c = vec![0f32; m * n];
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let out = SyncPtr(c.as_mut_ptr());
     let (at, w, ldw) = (&at[..], b.data, b.cs);
     let run = |range: std::ops::Range<usize>| {
@@ -200,6 +228,8 @@ fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
     } else {
         candle_core::utils::barrier_pool().execute_chunked(units, run);
     }
+    // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
+    unsafe { c.set_len(m * n) };
     c
 }
 
@@ -640,7 +670,7 @@ unsafe fn pack_a<const R: usize>(
             let full = kc / 16 * 16;
             let src = d.as_ptr().add(r0 * a.rs + k0);
             for pb in (0..full).step_by(16) {
-                pack_rows16(src.add(pb), a.rs, mr, dst.add(pb * R), R);
+                pack_rows16(src.add(pb), a.rs, mr, dst.add(pb * R), R, R);
             }
             for p in full..kc {
                 for i in 0..R {
@@ -794,14 +824,22 @@ unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
 }
 
 /// Packs 16 columns of `rows` (at most 16) rows at `src` (row stride `lds`) as 16 groups of
-/// `width` floats at `dst`: group c holds column c of the rows, zero past `rows`.
+/// `width` floats, `ldd` apart, at `dst`: group c holds column c of the rows, zero past
+/// `rows`.
 ///
 /// # Safety
-/// AVX-512F must be available; `rows` rows of 16 floats at `src` must be readable and
-/// `16 * width` floats at `dst` writable, with `rows <= 16` and `width <= 16`.
+/// AVX-512F must be available; `rows` rows of 16 floats at `src` must be readable and the
+/// 16 groups at `dst` writable, with `rows <= 16` and `width <= 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_rows16(src: *const f32, lds: usize, rows: usize, dst: *mut f32, width: usize) {
+unsafe fn pack_rows16(
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    dst: *mut f32,
+    ldd: usize,
+    width: usize,
+) {
     use std::arch::x86_64::*;
     // SAFETY: the caller guarantees the rows read and the groups written; the masked stores
     // write `width` floats each.
@@ -816,13 +854,13 @@ unsafe fn pack_rows16(src: *const f32, lds: usize, rows: usize, dst: *mut f32, w
         let cols = transpose16_regs(r);
         let mask: __mmask16 = ((1u32 << width) - 1) as __mmask16;
         for (c, v) in cols.iter().enumerate() {
-            _mm512_mask_storeu_ps(dst.add(c * width), mask, *v);
+            _mm512_mask_storeu_ps(dst.add(c * ldd), mask, *v);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_rows16(_: *const f32, _: usize, _: usize, _: *mut f32, _: usize) {
+unsafe fn pack_rows16(_: *const f32, _: usize, _: usize, _: *mut f32, _: usize, _: usize) {
     unreachable!("the AVX-512 kernel runs on x86_64 only")
 }
 
