@@ -62,6 +62,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 steps = [r for r in rows if "time/step" in r][1:] or [r for r in rows if "time/step" in r]
 med = lambda k: round(statistics.median(r[k] for r in steps), 2)
 print(json.dumps({"trainer": "rlhf-ppo-lora", "steps": len(steps) + 1, "median_step_seconds": med("time/step"),
-                  "generation_s": med("time/generation"), "scoring_s": med("time/scoring"),
+                  "generation_s": med("time/generation"), "reference_s": med("time/reference"),
+                  "scoring_s": med("time/scoring"),
                   "training_s": med("time/training"), "mean_length": med("completions/mean_length")}))
 PY
