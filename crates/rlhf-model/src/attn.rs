@@ -26,7 +26,7 @@ use candle_core::{
 
 use crate::fused::use_avx2;
 use crate::fused::{
-    dot, exp_f32, max, rope_bwd_row, rope_row, scaled_masked_softmax_row, simd_fn, Out, OutBuf,
+    dot, max, rope_bwd_row, rope_row, scaled_masked_softmax_row, simd_fn, Out, OutBuf,
 };
 use crate::gemm::{self, MatRef};
 use crate::nn::{repeat_kv, KvCache};
@@ -701,34 +701,11 @@ simd_fn! {
 #[inline(always)]
 fn scaled_softmax_gap(x: &[f32], lo: usize, hi: usize, scale: f32, y: &mut [f32]) {
     let m = scale * max(&x[..lo]).max(max(&x[hi..]));
-    let sum = scaled_exp_sum(&x[..lo], scale, m, &mut y[..lo])
-        + scaled_exp_sum(&x[hi..], scale, m, &mut y[hi..]);
+    let sum = crate::fused::scaled_exp_sum(&x[..lo], scale, m, &mut y[..lo])
+        + crate::fused::scaled_exp_sum(&x[hi..], scale, m, &mut y[hi..]);
     y[lo..hi].fill(0.0);
     let inv = 1.0 / sum;
     y.iter_mut().for_each(|y| *y *= inv);
-}
-
-// y = exp(scale · x − m), returning Σ y. Lane accumulators keep the loop vectorised (one
-// running sum made it scalar: 3.5% of a PPO step).
-#[inline(always)]
-fn scaled_exp_sum(x: &[f32], scale: f32, m: f32, y: &mut [f32]) -> f32 {
-    use crate::fused::{hsum, L};
-    let mut acc = [0f32; L];
-    let main = x.len() / L * L;
-    for (x, y) in x[..main].chunks_exact(L).zip(y[..main].chunks_exact_mut(L)) {
-        for j in 0..L {
-            let e = exp_f32(scale * x[j] - m);
-            y[j] = e;
-            acc[j] += e;
-        }
-    }
-    let mut s = hsum(acc);
-    for (x, y) in x[main..].iter().zip(&mut y[main..]) {
-        let e = exp_f32(scale * x - m);
-        *y = e;
-        s += e;
-    }
-    s
 }
 
 simd_fn! {

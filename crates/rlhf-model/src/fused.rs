@@ -540,6 +540,28 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
 }
 
+// y = exp(scale · x − m), returning Σ y. Lane accumulators keep the loop vectorised (one
+// running sum made attention's softmax scalar: 3.5% of a PPO step).
+#[inline(always)]
+pub(crate) fn scaled_exp_sum(x: &[f32], scale: f32, m: f32, y: &mut [f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let main = x.len() / L * L;
+    for (x, y) in x[..main].chunks_exact(L).zip(y[..main].chunks_exact_mut(L)) {
+        for j in 0..L {
+            let e = exp_f32(scale * x[j] - m);
+            y[j] = e;
+            acc[j] += e;
+        }
+    }
+    let mut s = hsum(acc);
+    for (x, y) in x[main..].iter().zip(&mut y[main..]) {
+        let e = exp_f32(scale * x - m);
+        *y = e;
+        s += e;
+    }
+    s
+}
+
 #[inline(always)]
 fn softmax_row(x: &[f32], y: &mut [f32]) {
     let m = max(x);

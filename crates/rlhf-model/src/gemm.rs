@@ -179,29 +179,14 @@ fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
     let lanes = if m <= 16 { 16 } else { 32 };
     let mut at = vec![0f32; k * lanes];
     if a.cs == 1 {
-        // Rows contiguous along K: 16 × 16 register transposes, per vector of rows.
-        let full = k / 16 * 16;
+        // Rows contiguous along K: register transposes, per vector of 16 rows.
         for h in 0..m.div_ceil(16) {
             let rows = 16.min(m - 16 * h);
-            for pb in (0..full).step_by(16) {
-                // SAFETY: AVX-512F was detected by the caller (`matmul`); the rows read lie in
-                // the view and the 16 groups written in `at` (k × lanes floats).
-                unsafe {
-                    let src = a.data.as_ptr().add(16 * h * a.rs + pb);
-                    pack_rows16(
-                        src,
-                        a.rs,
-                        rows,
-                        at.as_mut_ptr().add(pb * lanes + 16 * h),
-                        lanes,
-                        16,
-                    )
-                };
-            }
-            for p in full..k {
-                for i in 16 * h..16 * h + rows {
-                    at[p * lanes + i] = a.data[i * a.rs + p];
-                }
+            // SAFETY: AVX-512F was detected by the caller (`matmul`); the rows lie in the
+            // view, and `at` holds k groups of `lanes` floats, this vector's 16 at 16h.
+            unsafe {
+                let dst = at.as_mut_ptr().add(16 * h);
+                pack_rows_kmajor(a, 16 * h, rows, 0, k, dst, lanes, 16);
             }
         }
     } else {
@@ -664,23 +649,8 @@ unsafe fn pack_a<const R: usize>(
     // bounds `MatRef::new` checked.
     unsafe {
         if a.cs == 1 && R <= 16 && available() {
-            // Rows of A are contiguous along K: transpose 16 (k) × mr (rows) blocks in
-            // registers. Element-wise, this loop compiled to scatters, ~14% of a LoRA step's
-            // products.
-            let full = kc / 16 * 16;
-            let src = d.as_ptr().add(r0 * a.rs + k0);
-            for pb in (0..full).step_by(16) {
-                pack_rows16(src.add(pb), a.rs, mr, dst.add(pb * R), R, R);
-            }
-            for p in full..kc {
-                for i in 0..R {
-                    *dst.add(p * R + i) = if i < mr {
-                        d[(r0 + i) * a.rs + k0 + p]
-                    } else {
-                        0.0
-                    };
-                }
-            }
+            // Element-wise, this loop compiled to scatters, ~14% of a LoRA step's products.
+            pack_rows_kmajor(a, r0, mr, k0, kc, dst, R, R);
             return;
         }
         if a.cs == 1 {
@@ -819,6 +789,43 @@ unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
         let cols = transpose16_regs(r);
         for (c, v) in cols.iter().enumerate() {
             _mm512_storeu_ps(dst.add(c * ldd), *v);
+        }
+    }
+}
+
+/// Packs rows `r0..r0+rows` (at most 16) × columns `k0..k0+kc` of a row-major A (`cs == 1`)
+/// K-major: for each k, `width` floats (the rows, then zeros) at `dst + k * ldd`. 16 × 16
+/// blocks are transposed in registers, the K tail one element at a time.
+///
+/// # Safety
+/// AVX-512F must be available; the rows lie in the view, `rows <= width <= 16`, and `kc`
+/// groups of `width` floats, `ldd` apart, are writable at `dst`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_rows_kmajor(
+    a: MatRef<'_>,
+    r0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    dst: *mut f32,
+    ldd: usize,
+    width: usize,
+) {
+    let full = kc / 16 * 16;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let src = a.data.as_ptr().add(r0 * a.rs + k0);
+        for pb in (0..full).step_by(16) {
+            pack_rows16(src.add(pb), a.rs, rows, dst.add(pb * ldd), ldd, width);
+        }
+        for p in full..kc {
+            for i in 0..width {
+                *dst.add(p * ldd + i) = if i < rows {
+                    a.data[(r0 + i) * a.rs + k0 + p]
+                } else {
+                    0.0
+                };
+            }
         }
     }
 }

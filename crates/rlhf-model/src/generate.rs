@@ -7,9 +7,9 @@
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
+use crate::fused::simd_fn;
 #[cfg(target_arch = "x86_64")]
 use crate::fused::use_avx2;
-use crate::fused::{exp_f32, hsum, simd_fn, L};
 use crate::model::{Batch, Model};
 use crate::Result;
 
@@ -254,20 +254,17 @@ fn rooted_prefill(
     if lr == 0 || lr >= width || !model.packs_natively() {
         return Ok(None);
     }
-    let first = &batch.input_ids[0];
-    let lead = batch.attention_mask[0]
-        .iter()
-        .take_while(|&&m| m == 0)
-        .count();
-    let root = Tensor::new(&first[lead..lead + lr], model.device())?.unsqueeze(0)?;
-    let mut root_cache = model.new_cache();
-    let root_pos = vec![(0..lr as u32).collect::<Vec<_>>()];
-    model.hidden_cached(&root, &root_pos, &[vec![1u8; lr]], &mut root_cache)?;
+    // Each row's left padding: where its root starts.
     let shifts: Vec<usize> = batch
         .attention_mask
         .iter()
         .map(|m| m.iter().take_while(|&&x| x == 0).count())
         .collect();
+    let root = &batch.input_ids[0][shifts[0]..shifts[0] + lr];
+    let root = Tensor::new(root, model.device())?.unsqueeze(0)?;
+    let mut root_cache = model.new_cache();
+    let root_pos = vec![(0..lr as u32).collect::<Vec<_>>()];
+    model.hidden_cached(&root, &root_pos, &[vec![1u8; lr]], &mut root_cache)?;
     let Some(mut cache) = root_cache.shifted_rows(&shifts, lr) else {
         return Ok(None);
     };
@@ -359,28 +356,7 @@ simd_fn! {
     // e = exp(x·inv_t − m) with m = max(x·inv_t); stats = (m, Σ e).
     fn scaled_exp_row(x: &[f32], inv_t: f32, e: &mut [f32], stats: &mut (f32, f64)) {
         let m = crate::fused::max(x) * inv_t;
-        let mut acc = [0f32; L];
-        let main = x.len() / L * L;
-        let mut total = 0f64;
-        // Partial sums in f32 lanes, flushed to f64 every 64 chunks.
-        for (n, (x, e)) in x[..main].chunks_exact(L).zip(e[..main].chunks_exact_mut(L)).enumerate() {
-            for j in 0..L {
-                let v = exp_f32(x[j] * inv_t - m);
-                e[j] = v;
-                acc[j] += v;
-            }
-            if n % 64 == 63 {
-                total += hsum(acc) as f64;
-                acc = [0f32; L];
-            }
-        }
-        total += hsum(acc) as f64;
-        for (x, e) in x[main..].iter().zip(&mut e[main..]) {
-            let v = exp_f32(x * inv_t - m);
-            *e = v;
-            total += v as f64;
-        }
-        *stats = (m, total);
+        *stats = (m, crate::fused::scaled_exp_sum(x, inv_t, m, e) as f64);
     }
 }
 
@@ -395,27 +371,11 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Samples from log-probabilities after top-k and top-p filtering.
+/// Samples from log-probabilities after top-k and top-p filtering (plain sampling, with
+/// neither, is `pick_tokens`' own inverse CDF).
 fn sample(logp: &[f32], top_k: Option<usize>, top_p: Option<f64>, rng: &mut impl Rng) -> u32 {
     let top_k = top_k.filter(|&k| k > 0 && k < logp.len());
     let top_p = top_p.filter(|&p| p < 1.0);
-    if top_k.is_none() && top_p.is_none() {
-        // Plain sampling: the inverse CDF in vocabulary order needs no sort.
-        let probs: Vec<f64> = logp.iter().map(|&l| (l as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        let mut u = rng.random::<f64>() * total;
-        let mut last = 0;
-        for (i, &q) in probs.iter().enumerate() {
-            if q > 0.0 {
-                last = i;
-                u -= q;
-                if u <= 0.0 {
-                    return i as u32;
-                }
-            }
-        }
-        return last as u32;
-    }
     let by_logp = |a: &u32, b: &u32| {
         logp[*b as usize]
             .total_cmp(&logp[*a as usize])

@@ -71,7 +71,6 @@ const MAX_BRANCHES: usize = 8;
 /// past the prefix. A sequence that shares too little starts its own group (prefix: all but
 /// its last token).
 fn shared_prefixes(seqs: &[Vec<u32>]) -> Vec<(usize, Vec<usize>)> {
-    let lcp = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
     // A prefix every sequence shares (a chat template's system turn) is packed once anyway
     // (the root of `hidden_shared_prompts`): group by what is shared past it.
     let all: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
@@ -119,6 +118,11 @@ impl GroupOffsets {
     }
 }
 
+/// The length of the longest common prefix of `a` and `b`.
+fn lcp(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// The longest prefix all of `seqs` share, where worth packing once for all ([`MIN_SHARED`]
 /// tokens at least, and at least two sequences); every sequence keeps `keep` tokens past it.
 pub(crate) fn common_root(seqs: &[&[u32]], keep: usize) -> usize {
@@ -128,10 +132,7 @@ pub(crate) fn common_root(seqs: &[&[u32]], keep: usize) -> usize {
     if rest.is_empty() {
         return 0;
     }
-    let mut n = first.len();
-    for s in rest {
-        n = n.min(first.iter().zip(*s).take_while(|(x, y)| x == y).count());
-    }
+    let n = rest.iter().map(|s| lcp(first, s)).min().unwrap_or(0);
     let shortest = seqs.iter().map(|s| s.len()).min().unwrap_or(0);
     let n = n.min(shortest.saturating_sub(keep));
     if n >= MIN_SHARED {

@@ -95,15 +95,15 @@ fn check_logits_and_scores(arch: &str) {
     alt.extend_from_slice(&b[..2]);
     let alike = vec![a.clone(), b.clone(), alt, a[..a.len() - 1].to_vec()];
     let pad = rm.config.pad_token_id.unwrap_or(0);
-    let padded = rlhf_model::Batch::pad(&alike, pad, false);
-    let h = rm.hidden(&padded).unwrap();
-    let want = rlhf_model::ops::to_vec_f32(&rm.scores(&h, &padded).unwrap()).unwrap();
-    let got = rlhf_model::ops::to_vec_f32(&rm.scores_packed(&alike).unwrap()).unwrap();
-    let d = max_abs_diff(&got, &want);
-    assert!(
-        d < 1e-5,
-        "{arch}: shared-prefix scores {got:?} vs padded {want:?}"
-    );
+    let packed_as_padded = |seqs: &[Vec<u32>], what: &str| {
+        let padded = rlhf_model::Batch::pad(seqs, pad, false);
+        let h = rm.hidden(&padded).unwrap();
+        let want = rlhf_model::ops::to_vec_f32(&rm.scores(&h, &padded).unwrap()).unwrap();
+        let got = rlhf_model::ops::to_vec_f32(&rm.scores_packed(seqs).unwrap()).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-5, "{arch}: {what} scores {got:?} vs padded {want:?}");
+    };
+    packed_as_padded(&alike, "shared-prefix");
 
     // Every sequence starts with the same five tokens (as a chat template's system turn
     // does), packed once as the root; two prompts past it, each with two answers.
@@ -115,15 +115,7 @@ fn check_logits_and_scores(arch: &str) {
         cat(&[root, &a[2..6], &a[3..5]]),
         cat(&[root, &a[2..6], &a[4..7]]),
     ];
-    let padded = rlhf_model::Batch::pad(&rooted, pad, false);
-    let h = rm.hidden(&padded).unwrap();
-    let want = rlhf_model::ops::to_vec_f32(&rm.scores(&h, &padded).unwrap()).unwrap();
-    let got = rlhf_model::ops::to_vec_f32(&rm.scores_packed(&rooted).unwrap()).unwrap();
-    let d = max_abs_diff(&got, &want);
-    assert!(
-        d < 1e-5,
-        "{arch}: scores under a shared root {got:?} vs padded {want:?}"
-    );
+    packed_as_padded(&rooted, "shared-root");
 }
 
 #[test]
