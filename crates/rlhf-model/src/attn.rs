@@ -378,7 +378,46 @@ impl Geometry {
         nkv: usize,
         segments: Option<&crate::ops::Packing>,
     ) -> Result<Option<Self>> {
-        let all = [q, k, v, cos, sin];
+        if ![q, k, v]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            || q.rank() != 3
+            || k.rank() != 3
+            || v.rank() != 3
+        {
+            return Ok(None);
+        }
+        let dims = |t: &Tensor| -> Result<[usize; 3]> {
+            let (a, b, c) = t.dims3()?;
+            Ok([a, b, c])
+        };
+        Self::shaped(
+            dims(q)?,
+            dims(k)?,
+            dims(v)?,
+            cos,
+            sin,
+            bias,
+            nh,
+            nkv,
+            segments,
+        )
+    }
+
+    /// [`Geometry::of`] for q, k and v of these `(b, t, width)` shapes, not yet computed.
+    #[allow(clippy::too_many_arguments)]
+    fn shaped(
+        qd: [usize; 3],
+        kd: [usize; 3],
+        vd: [usize; 3],
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        nh: usize,
+        nkv: usize,
+        segments: Option<&crate::ops::Packing>,
+    ) -> Result<Option<Self>> {
+        let all = [cos, sin];
         let bias_ok = segments.is_some()
             || (bias.device().is_cpu()
                 && bias.dtype() == DType::F32
@@ -390,9 +429,6 @@ impl Geometry {
             || !bias_ok
             || cos.track_op()
             || sin.track_op()
-            || q.rank() != 3
-            || k.rank() != 3
-            || v.rank() != 3
             || cos.rank() != 4
             || nh == 0
             || nkv == 0
@@ -400,7 +436,7 @@ impl Geometry {
         {
             return Ok(None);
         }
-        let (b, t, qw) = q.dims3()?;
+        let [b, t, qw] = qd;
         let d = qw / nh;
         let (cb, c1, ct, cd) = cos.dims4()?;
         let (bb, b1, bt, bk) = match segments {
@@ -410,8 +446,8 @@ impl Geometry {
         let ok = d > 0
             && d.is_multiple_of(2)
             && qw == nh * d
-            && k.dims() == [b, t, nkv * d]
-            && v.dims() == [b, t, nkv * d]
+            && kd == [b, t, nkv * d]
+            && vd == [b, t, nkv * d]
             && sin.dims() == cos.dims()
             && (cb == b || cb == 1)
             && (c1, ct, cd) == (1, t, d)
@@ -481,6 +517,51 @@ impl Geometry {
     }
 }
 
+/// The fused attention for q, k and v held as plain `(b · t, width)` buffers, for ops that
+/// run a whole decoder layer themselves ([`crate::block`]).
+pub(crate) struct Core(Attn);
+
+impl Core {
+    /// The core for q `(b, t, nh · d)` and k, v `(b, t, nkv · d)` (with the tables and mask
+    /// [`attention`] takes); `None` where the fused op cannot run.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        (b, t): (usize, usize),
+        (nh, nkv, d): (usize, usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        segments: Option<&crate::ops::Packing>,
+    ) -> Result<Option<Self>> {
+        if !fused_enabled() {
+            return Ok(None);
+        }
+        let (qd, kvd) = ([b, t, nh * d], [b, t, nkv * d]);
+        let Some(g) = Geometry::shaped(qd, kvd, kvd, cos, sin, bias, nh, nkv, segments)? else {
+            return Ok(None);
+        };
+        Ok(Some(Core(Attn::new(g, cos, sin, bias)?)))
+    }
+
+    /// y = attention(q, k, v), `(b · t, nh · d)`.
+    pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> CResult<Vec<f32>> {
+        let g = &self.0.g;
+        self.0.with_tables(|tab| Ok(forward(g, q, k, v, tab)))
+    }
+
+    /// (dq, dk, dv) for the output gradient `dy`.
+    pub(crate) fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dy: &[f32],
+    ) -> CResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let g = &self.0.g;
+        self.0.with_tables(|tab| Ok(backward(g, q, k, v, dy, tab)))
+    }
+}
+
 fn fused(
     q: &Tensor,
     k: &Tensor,
@@ -490,17 +571,7 @@ fn fused(
     bias: &Tensor,
     g: Geometry,
 ) -> Result<Tensor> {
-    let packed = g.segments.iter().all(|s| s.bias.is_none());
-    let op = Attn {
-        g,
-        cos: cos.detach().contiguous()?,
-        sin: sin.detach().contiguous()?,
-        bias: if packed {
-            None
-        } else {
-            Some(bias.detach().contiguous()?)
-        },
-    };
+    let op = Attn::new(g, cos, sin, bias)?;
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
@@ -549,6 +620,20 @@ struct Tables<'a> {
 }
 
 impl Attn {
+    fn new(g: Geometry, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Self> {
+        let packed = g.segments.iter().all(|s| s.bias.is_none());
+        Ok(Attn {
+            g,
+            cos: cos.detach().contiguous()?,
+            sin: sin.detach().contiguous()?,
+            bias: if packed {
+                None
+            } else {
+                Some(bias.detach().contiguous()?)
+            },
+        })
+    }
+
     fn with_tables<R>(&self, f: impl FnOnce(Tables<'_>) -> CResult<R>) -> CResult<R> {
         with_data(&self.cos, "cos", |cos| {
             with_data(&self.sin, "sin", |sin| match &self.bias {

@@ -821,6 +821,58 @@ simd_fn! {
     }
 }
 
+/// RMSNorm of the `x.len() / n` rows of a contiguous buffer, over the pool.
+pub(crate) fn rms_norm_vec(x: &[f32], w: &[f32], n: usize, eps: f32) -> Vec<f32> {
+    let xr = Rows {
+        n,
+        count: x.len() / n,
+        start: 0,
+        starts: None,
+    };
+    let mut buf = OutBuf::new(x.len());
+    let out = buf.ptr();
+    par_units(xr.count, n, |_, rows| {
+        rms_norm_rows(x, &xr, w, eps, out, rows)
+    });
+    // SAFETY: every row was written.
+    unsafe { buf.finish(x.len()) }
+}
+
+/// dx += the gradient RMSNorm (with a frozen weight) sends its input for the output gradient
+/// `dy`, row by row over the pool.
+pub(crate) fn rms_norm_bwd_acc(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    n: usize,
+    eps: f32,
+    dx: &mut [f32],
+) {
+    assert!(x.len() == dy.len() && x.len() == dx.len() && w.len() == n);
+    let out = Out::of(dx);
+    par_units(x.len() / n, n, |_, rows| {
+        rms_norm_bwd_acc_rows(x, w, dy, n, eps, out, rows)
+    });
+}
+
+simd_fn! {
+    fn rms_norm_bwd_acc_rows(
+        x: &[f32], w: &[f32], dy: &[f32], n: usize, eps: f32, out: Out, rows: Range<usize>,
+    ) {
+        for r in rows {
+            let span = r * n..(r + 1) * n;
+            // SAFETY: each unit owns its rows.
+            let dx = unsafe { out.row(r * n, n) };
+            let (x, dy) = (&x[span.clone()], &dy[span]);
+            let inv = rms_inv(x, eps);
+            let c = dot3(dy, w, x) * inv * inv / n as f32;
+            for (((dx, x), w), dy) in dx.iter_mut().zip(x).zip(w).zip(dy) {
+                *dx += inv * (dy * w - x * c);
+            }
+        }
+    }
+}
+
 simd_fn! {
     fn rms_norm_bwd_rows(
         x: &[f32], xr: &Rows, w: &[f32], dy: &[f32], dyr: &Rows, eps: f32,

@@ -119,9 +119,45 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
         return Some(stream(a, b));
     }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: AVX-512F was detected; c holds m · n floats.
+    unsafe { product_on_pool(a, b, c.as_mut_ptr(), false) };
+    // SAFETY: the units cover C, and the first K slice of each writes every element of its
+    // block (k > 0 here).
+    unsafe { c.set_len(m * n) };
+    Some(c)
+}
+
+/// C += A·B into a row-major `(a.rows, b.cols)` buffer, shared out over the pool as
+/// [`matmul`] is; `false` without AVX-512F (C untouched).
+///
+/// # Panics
+/// When the inner dimensions differ or `c` has the wrong length.
+pub fn matmul_acc(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> bool {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    assert_eq!(
+        c.len(),
+        a.rows * b.cols,
+        "matmul_acc: C has the wrong length"
+    );
+    if !available() {
+        return false;
+    }
+    if a.rows > 0 && b.cols > 0 && a.cols > 0 {
+        // SAFETY: AVX-512F was detected; c holds the whole of C.
+        unsafe { product_on_pool(a, b, c.as_mut_ptr(), true) };
+    }
+    true
+}
+
+/// C = A·B (or C += A·B with `acc`) for non-empty A and B, in units over candle's pool.
+///
+/// # Safety
+/// AVX-512F must be available and `c` must point to `a.rows · b.cols` floats.
+unsafe fn product_on_pool(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, acc: bool) {
+    let (m, n) = (a.rows, b.cols);
     let mr = if m <= SMALL_M { MR_SMALL } else { MR };
     let units = Units::new(m, n, mr, threads());
-    let out = SyncPtr(c.as_mut_ptr());
+    let out = SyncPtr(c);
     let run = |range: std::ops::Range<usize>| {
         for u in range {
             let (rows, cols) = units.unit(u);
@@ -129,9 +165,9 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
             // `out` points to `m * n` floats that live until every unit has finished.
             unsafe {
                 if mr == MR {
-                    block::<MR>(a, b, rows, cols, out.get(), n, false)
+                    block::<MR>(a, b, rows, cols, out.get(), n, acc)
                 } else {
-                    block::<MR_SMALL>(a, b, rows, cols, out.get(), n, false)
+                    block::<MR_SMALL>(a, b, rows, cols, out.get(), n, acc)
                 }
             };
         }
@@ -141,10 +177,6 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     } else {
         candle_core::utils::barrier_pool().execute_chunked(units.count(), run);
     }
-    // SAFETY: the units cover C, and the first K slice of each writes every element of its
-    // block (k > 0 here).
-    unsafe { c.set_len(m * n) };
-    Some(c)
 }
 
 // ---------------------------------------------------------------------------------------------

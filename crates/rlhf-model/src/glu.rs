@@ -268,7 +268,7 @@ pub fn silu_mul_linear_residual(
 }
 
 /// silu(gate)·up into a new buffer.
-fn silu_mul_vec(g: &[f32], u: &[f32]) -> Vec<f32> {
+pub(crate) fn silu_mul_vec(g: &[f32], u: &[f32]) -> Vec<f32> {
     let len = g.len();
     let mut buf = OutBuf::new(len);
     let out = buf.ptr();
@@ -301,6 +301,21 @@ pub fn silu_mul_linear(gate: &Tensor, up: &Tensor, w: &Tensor) -> Result<Option<
         &w.contiguous()?,
         SiluMulLinear,
     )?))
+}
+
+/// The gradients of silu(gate)·up for the output gradient `dy`: (d gate, d up).
+pub(crate) fn silu_mul_bwd_vec(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let len = g.len();
+    assert!(u.len() == len && dy.len() == len);
+    let (mut dg, mut du) = (OutBuf::new(len), OutBuf::new(len));
+    let (og, ou) = (dg.ptr(), du.ptr());
+    par_units(len, 1, |_, r| {
+        // SAFETY: units cover disjoint ranges of both outputs.
+        let (dg, du) = unsafe { (og.row(r.start, r.len()), ou.row(r.start, r.len())) };
+        silu_mul_bwd_range(&g[r.clone()], &u[r.clone()], &dy[r], dg, du);
+    });
+    // SAFETY: the units covered every element of both.
+    unsafe { (dg.finish(len), du.finish(len)) }
 }
 
 struct SiluMulBwd;

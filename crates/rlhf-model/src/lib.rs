@@ -2,6 +2,7 @@
 //! candle's autograd (every op here has a backward pass), carry LoRA adapters, and generate.
 
 pub mod attn;
+pub mod block;
 pub mod error;
 pub mod frozen;
 pub mod fused;

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+use crate::block::{LayerParts, Proj};
 use crate::nn::{Embedding, KvCache, Linear, RmsNorm, Switches};
 use crate::weights::Builder;
 use crate::Result;
@@ -275,6 +276,7 @@ pub struct Llama {
     norm: RmsNorm,
     inv_freq: Vec<f64>,
     cfg: Config,
+    switches: Rc<Switches>,
 }
 
 impl Llama {
@@ -308,6 +310,7 @@ impl Llama {
             norm,
             inv_freq: cfg.inv_freq()?,
             cfg: cfg.clone(),
+            switches: sw.clone(),
         })
     }
 }
@@ -325,6 +328,12 @@ impl Llama {
         let (cos, sin) = rope_cos_sin(&self.inv_freq, positions, ids.device())?;
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         for (i, layer) in self.layers.iter().enumerate() {
+            if cache.is_none() {
+                if let Some(y) = self.fused_layer(layer, &x, &cos, &sin, bias, segments)? {
+                    x = y;
+                    continue;
+                }
+            }
             let h = layer.input_layernorm.forward(&x)?;
             let c = cache.as_deref_mut().map(|c| (c, i));
             x = layer
@@ -334,6 +343,48 @@ impl Llama {
             x = layer.mlp.forward(&h, &x)?;
         }
         self.norm.forward(&x)
+    }
+}
+
+impl Llama {
+    /// The layer as one op ([`crate::block`]) where it can run.
+    fn fused_layer(
+        &self,
+        layer: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        segments: Option<&crate::ops::Packing>,
+    ) -> Result<Option<Tensor>> {
+        if !matches!(self.cfg.hidden_act.as_str(), "silu" | "swish") {
+            return Ok(None);
+        }
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        fn proj(l: &Linear) -> Option<Proj<'_>> {
+            l.frozen_parts().map(|(w, lora)| Proj { w, lora })
+        }
+        let projs = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .map(proj);
+        if projs.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let parts = LayerParts {
+            norm1: layer.input_layernorm.parts(),
+            projs: projs.map(|p| p.expect("checked above")),
+            norm2: layer.post_attention_layernorm.parts(),
+            heads: (a.n_heads, a.n_kv, self.cfg.head_dim()),
+            grad: self.switches.grad_enabled(),
+        };
+        crate::block::decoder_layer(x, &parts, cos, sin, bias, segments)
     }
 }
 

@@ -183,6 +183,23 @@ impl Linear {
         self.lora.as_ref()
     }
 
+    /// The frozen (out, in) weight and the active adapter, for ops that run a whole layer
+    /// ([`crate::block`]); `None` where the layer has a bias, a Conv1D or trainable weight, or
+    /// an adapter dropout to apply.
+    pub(crate) fn frozen_parts(&self) -> Option<(&Tensor, Option<&LoraAdapter>)> {
+        if self.bias.is_some() || self.conv1d || self.weight.track_op() {
+            return None;
+        }
+        let lora = self
+            .lora
+            .as_ref()
+            .filter(|_| self.switches.adapters_enabled());
+        if lora.is_some_and(|l| self.switches.training() && l.dropout > 0.0) {
+            return None;
+        }
+        Some((&self.weight, lora))
+    }
+
     // x: (..., in) -> (..., out)
     /// y = x Wᵀ + b (+ the adapter's update when adapters are enabled).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -393,6 +410,11 @@ impl RmsNorm {
     /// Normalises the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::rms_norm(x, &self.weight, self.eps)
+    }
+
+    /// The weight and epsilon.
+    pub(crate) fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps)
     }
 }
 

@@ -1,0 +1,555 @@
+//! A Llama-family decoder layer as one op with a backward pass of its own.
+//!
+//! Built from the per-projection ops, a layer is about fifteen graph nodes, and candle's
+//! backward pass gives every input of every node a zero-filled buffer and then adds the
+//! gradient into it (`GradStore::or_insert` and `add`): for a 188-row reward step that was
+//! about a tenth of the step, half of it on one thread while the other waited. Here the
+//! layer's inputs are the residual stream and its adapters' weights, packed into one flat
+//! tensor, so the graph has one node per layer; the backward pass chains the same kernels
+//! (frozen products on [`gemm`], [`crate::attn`]'s fused attention, the fused RMSNorm and
+//! silu·up) with the residual gradients accumulated in place and the three input gradients
+//! of q, k and v summed by the products themselves.
+//!
+//! The layer keeps what its backward pass reads (the normed inputs, q, k, v, the attention
+//! output, the mid-layer residual, gate and up) inside the op, as the composed graph keeps
+//! them in its nodes, and only when an input carries a gradient.
+//!
+//! Runs for layers whose projections have frozen weights without bias (adapters allowed,
+//! without dropout while training), a silu MLP, f32 on a CPU with AVX-512F, and no KV cache;
+//! [`crate::llama`] composes the layer from ops elsewhere. `RLHF_LAYER_OP=0` turns it off
+//! for side-by-side runs.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::attn::{data, with_data, Core};
+use crate::gemm::{self, MatRef};
+use crate::nn::LoraAdapter;
+use crate::Result;
+
+type CResult<T> = candle_core::Result<T>;
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to run the composed layers on this thread, for side-by-side checks.
+    static COMPOSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the one-op layer runs (unless `RLHF_LAYER_OP=0`).
+pub fn enabled() -> bool {
+    #[cfg(test)]
+    if COMPOSED.get() {
+        return false;
+    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| gemm::available() && !std::env::var("RLHF_LAYER_OP").is_ok_and(|v| v == "0"))
+}
+
+/// One projection of the layer: its frozen (out, in) weight and its active adapter.
+pub(crate) struct Proj<'a> {
+    pub w: &'a Tensor,
+    pub lora: Option<&'a LoraAdapter>,
+}
+
+/// What a decoder layer is made of, borrowed from the model.
+pub(crate) struct LayerParts<'a> {
+    /// input_layernorm's weight and epsilon.
+    pub norm1: (&'a Tensor, f64),
+    /// q, k, v, o, gate, up and down, in that order.
+    pub projs: [Proj<'a>; 7],
+    /// post_attention_layernorm's weight and epsilon.
+    pub norm2: (&'a Tensor, f64),
+    /// Query heads, key/value heads, head dimension.
+    pub heads: (usize, usize, usize),
+    /// Whether the graph is recorded (off: the output is detached and nothing is kept).
+    pub grad: bool,
+}
+
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// x + attention + MLP for x `(b, t, hidden)`, as one op; `None` where it cannot run (the
+/// caller composes the layer).
+pub(crate) fn decoder_layer(
+    x: &Tensor,
+    parts: &LayerParts<'_>,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    segments: Option<&crate::ops::Packing>,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !enabled() || !f32_cpu(x) || x.rank() != 3 {
+        return Ok(None);
+    }
+    let (b, t, h) = x.dims3()?;
+    let (nh, nkv, d) = parts.heads;
+    let (n1, n2) = (parts.norm1.0, parts.norm2.0);
+    let frozen = |t: &Tensor| f32_cpu(t) && !t.track_op();
+    if !frozen(n1) || !frozen(n2) || n1.dims() != [h] || n2.dims() != [h] {
+        return Ok(None);
+    }
+    let inter = parts.projs[GATE].w.dim(0)?;
+    let shapes = [
+        (nh * d, h),
+        (nkv * d, h),
+        (nkv * d, h),
+        (h, nh * d),
+        (inter, h),
+        (inter, h),
+        (h, inter),
+    ];
+    let mut pieces = Vec::new();
+    let mut slots = [None; 7];
+    let mut at = 0;
+    for (i, (p, &(n, k))) in parts.projs.iter().zip(&shapes).enumerate() {
+        if !frozen(p.w) || p.w.dims() != [n, k] {
+            return Ok(None);
+        }
+        if let Some(l) = p.lora {
+            let r = l.a.dim(0)?;
+            if !f32_cpu(&l.a) || !f32_cpu(&l.b) || l.a.dims() != [r, k] || l.b.dims() != [n, r] {
+                return Ok(None);
+            }
+            pieces.push(l.a.flatten_all()?);
+            pieces.push(l.b.flatten_all()?);
+            slots[i] = Some(Slot {
+                a: at,
+                b: at + r * k,
+                r,
+                scale: l.scale as f32,
+            });
+            at += r * k + n * r;
+        }
+    }
+    let Some(core) = Core::new((b, t), (nh, nkv, d), cos, sin, bias, segments)? else {
+        return Ok(None);
+    };
+    let flat = if pieces.is_empty() {
+        Tensor::zeros(0, DType::F32, x.device())?
+    } else {
+        Tensor::cat(&pieces, 0)?
+    };
+    let op = Layer {
+        m: b * t,
+        h,
+        core,
+        norm1: (n1.detach().contiguous()?, parts.norm1.1 as f32),
+        norm2: (n2.detach().contiguous()?, parts.norm2.1 as f32),
+        w: parts
+            .projs
+            .iter()
+            .map(|p| p.w.detach().contiguous())
+            .collect::<CResult<Vec<_>>>()?,
+        slots,
+        keep: parts.grad && (x.track_op() || flat.track_op()),
+        saved: Mutex::new(None),
+    };
+    let mut y = x.reshape((b * t, h))?.contiguous()?.apply_op2(&flat, op)?;
+    if !parts.grad {
+        y = y.detach();
+    }
+    Ok(Some(y.reshape((b, t, h))?))
+}
+
+/// Where a projection's adapter lies in the flat adapter tensor: A `(r, in)` at `a`, B
+/// `(out, r)` at `b`, both row-major.
+#[derive(Clone, Copy)]
+struct Slot {
+    a: usize,
+    b: usize,
+    r: usize,
+    scale: f32,
+}
+
+struct Layer {
+    m: usize,
+    h: usize,
+    core: Core,
+    norm1: (Tensor, f32),
+    norm2: (Tensor, f32),
+    /// q, k, v, o, gate, up, down: (out, in) each.
+    w: Vec<Tensor>,
+    slots: [Option<Slot>; 7],
+    /// Whether the backward pass will run (an input carries a gradient).
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// The activations the backward pass reads.
+struct Saved {
+    h1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    y: Vec<f32>,
+    x2: Vec<f32>,
+    h2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Layer {
+    /// (out, in) of projection `i`.
+    fn dims(&self, i: usize) -> (usize, usize) {
+        let d = self.w[i].dims();
+        (d[0], d[1])
+    }
+
+    /// x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) of projection `i` for input rows `x`.
+    fn project(&self, i: usize, x: &[f32], lora: &[f32]) -> CResult<Vec<f32>> {
+        let (n, k) = self.dims(i);
+        let xm = MatRef::new(x, self.m, k, k, 1);
+        let mut y = with_data(&self.w[i], "weight", |w| {
+            Ok(gemm::matmul(xm, MatRef::new(w, n, k, k, 1).t()).expect("AVX-512F checked"))
+        })?;
+        self.add_adapter(i, xm, lora, &mut y);
+        Ok(y)
+    }
+
+    /// out += x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) of projection `i`.
+    fn project_acc(&self, i: usize, x: &[f32], lora: &[f32], out: &mut [f32]) -> CResult<()> {
+        let (n, k) = self.dims(i);
+        let xm = MatRef::new(x, self.m, k, k, 1);
+        with_data(&self.w[i], "weight", |w| {
+            gemm::matmul_acc(xm, MatRef::new(w, n, k, k, 1).t(), out);
+            Ok(())
+        })?;
+        self.add_adapter(i, xm, lora, out);
+        Ok(())
+    }
+
+    fn add_adapter(&self, i: usize, xm: MatRef<'_>, lora: &[f32], out: &mut [f32]) {
+        let Some(s) = self.slots[i] else { return };
+        let (n, k) = self.dims(i);
+        let (a, b) = (
+            MatRef::new(&lora[s.a..], s.r, k, k, 1),
+            MatRef::new(&lora[s.b..], n, s.r, s.r, 1),
+        );
+        let mut xa = gemm::matmul(xm, a.t()).expect("AVX-512F checked");
+        xa.iter_mut().for_each(|v| *v *= s.scale);
+        gemm::matmul_acc(MatRef::new(&xa, self.m, s.r, s.r, 1), b.t(), out);
+    }
+
+    /// Backward through projection `i` for output gradient `dy` and input `x`: writes the
+    /// adapter's dA and dB into `dlora`, and, with `dx`, adds the input gradient dy·W
+    /// (+ s·dy·B·A) to it.
+    fn back(
+        &self,
+        i: usize,
+        dy: &[f32],
+        x: &[f32],
+        lora: &[f32],
+        dlora: &mut [f32],
+        dx: Option<&mut [f32]>,
+    ) -> CResult<()> {
+        let (n, k) = self.dims(i);
+        let m = self.m;
+        let gm = MatRef::new(dy, m, n, n, 1);
+        // s·dy·B, (m, r): what the adapter passes back to A.
+        let gb = self.slots[i].map(|s| {
+            let (a, b) = (
+                MatRef::new(&lora[s.a..], s.r, k, k, 1),
+                MatRef::new(&lora[s.b..], n, s.r, s.r, 1),
+            );
+            let xm = MatRef::new(x, m, k, k, 1);
+            let mut gb = gemm::matmul(gm, b).expect("AVX-512F checked");
+            let mut xa = gemm::matmul(xm, a.t()).expect("AVX-512F checked");
+            gb.iter_mut()
+                .chain(xa.iter_mut())
+                .for_each(|v| *v *= s.scale);
+            // dA = (s·dy·B)ᵀ·x, dB = dyᵀ·(s·x·Aᵀ)
+            let gbm = MatRef::new(&gb, m, s.r, s.r, 1);
+            let da = gemm::matmul(gbm.t(), xm).expect("AVX-512F checked");
+            let db =
+                gemm::matmul(gm.t(), MatRef::new(&xa, m, s.r, s.r, 1)).expect("AVX-512F checked");
+            dlora[s.a..s.a + da.len()].copy_from_slice(&da);
+            dlora[s.b..s.b + db.len()].copy_from_slice(&db);
+            (gb, s)
+        });
+        if let Some(dx) = dx {
+            with_data(&self.w[i], "weight", |w| {
+                gemm::matmul_acc(gm, MatRef::new(w, n, k, k, 1), dx);
+                Ok(())
+            })?;
+            if let Some((gb, s)) = gb {
+                let a = MatRef::new(&lora[s.a..], s.r, k, k, 1);
+                gemm::matmul_acc(MatRef::new(&gb, m, s.r, s.r, 1), a, dx);
+            }
+        }
+        Ok(())
+    }
+
+    fn forward(&self, x: &[f32], lora: &[f32]) -> CResult<Vec<f32>> {
+        let h = self.h;
+        let h1 = with_data(&self.norm1.0, "input_layernorm", |w| {
+            Ok(crate::fused::rms_norm_vec(x, w, h, self.norm1.1))
+        })?;
+        let q = self.project(Q, &h1, lora)?;
+        let k = self.project(K, &h1, lora)?;
+        let v = self.project(V, &h1, lora)?;
+        let y = self.core.forward(&q, &k, &v)?;
+        let mut x2 = x.to_vec();
+        self.project_acc(O, &y, lora, &mut x2)?;
+        let h2 = with_data(&self.norm2.0, "post_attention_layernorm", |w| {
+            Ok(crate::fused::rms_norm_vec(&x2, w, h, self.norm2.1))
+        })?;
+        let gate = self.project(GATE, &h2, lora)?;
+        let up = self.project(UP, &h2, lora)?;
+        let act = crate::glu::silu_mul_vec(&gate, &up);
+        let mut out = x2.clone();
+        self.project_acc(DOWN, &act, lora, &mut out)?;
+        if self.keep {
+            let saved = Saved {
+                h1,
+                q,
+                k,
+                v,
+                y,
+                x2,
+                h2,
+                gate,
+                up,
+            };
+            *self.saved.lock().expect("layer state poisoned") = Some(saved);
+        }
+        Ok(out)
+    }
+
+    /// (dx when wanted, d adapters) for the output gradient `dout`.
+    fn backward(
+        &self,
+        x: &[f32],
+        lora: &[f32],
+        dout: &[f32],
+        want_dx: bool,
+    ) -> CResult<(Option<Vec<f32>>, Vec<f32>)> {
+        let guard = self.saved.lock().expect("layer state poisoned");
+        let Some(s) = guard.as_ref() else {
+            candle_core::bail!("decoder layer: backward without a recorded forward pass")
+        };
+        let h = self.h;
+        let mut dlora = vec![0f32; lora.len()];
+        // MLP: out = x2 + (silu(gate)·up)·Wdᵀ.
+        let (inter, _) = self.dims(GATE);
+        let act = if self.slots[DOWN].is_some() {
+            crate::glu::silu_mul_vec(&s.gate, &s.up)
+        } else {
+            Vec::new()
+        };
+        let mut dact = vec![0f32; self.m * inter];
+        self.back(DOWN, dout, &act, lora, &mut dlora, Some(&mut dact))?;
+        let (dg, du) = crate::glu::silu_mul_bwd_vec(&s.gate, &s.up, &dact);
+        drop(dact);
+        let mut dh2 = vec![0f32; self.m * h];
+        self.back(GATE, &dg, &s.h2, lora, &mut dlora, Some(&mut dh2))?;
+        self.back(UP, &du, &s.h2, lora, &mut dlora, Some(&mut dh2))?;
+        let mut dx2 = dout.to_vec();
+        with_data(&self.norm2.0, "post_attention_layernorm", |w| {
+            crate::fused::rms_norm_bwd_acc(&s.x2, w, &dh2, h, self.norm2.1, &mut dx2);
+            Ok(())
+        })?;
+        // Attention: x2 = x + attention(q, k, v)·Woᵀ.
+        let mut dy = vec![0f32; s.y.len()];
+        self.back(O, &dx2, &s.y, lora, &mut dlora, Some(&mut dy))?;
+        let (dq, dk, dv) = self.core.backward(&s.q, &s.k, &s.v, &dy)?;
+        drop(dy);
+        let mut dh1 = want_dx.then(|| vec![0f32; self.m * h]);
+        for (i, g) in [(Q, &dq), (K, &dk), (V, &dv)] {
+            self.back(i, g, &s.h1, lora, &mut dlora, dh1.as_deref_mut())?;
+        }
+        let dx = match dh1 {
+            Some(dh1) => {
+                let mut dx = dx2;
+                with_data(&self.norm1.0, "input_layernorm", |w| {
+                    crate::fused::rms_norm_bwd_acc(x, w, &dh1, h, self.norm1.1, &mut dx);
+                    Ok(())
+                })?;
+                Some(dx)
+            }
+            None => None,
+        };
+        Ok((dx, dlora))
+    }
+}
+
+impl CustomOp2 for Layer {
+    fn name(&self) -> &'static str {
+        "decoder-layer"
+    }
+
+    // x: (m, h), adapters: (total,) -> (m, h)
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ls: &CpuStorage,
+        ll: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (x, lora) = (data(xs, xl, "x")?, data(ls, ll, "adapters")?);
+        if xl.dims() != [self.m, self.h] {
+            candle_core::bail!(
+                "decoder layer: x {:?} for ({}, {})",
+                xl.dims(),
+                self.m,
+                self.h
+            )
+        }
+        let out = self.forward(x, lora)?;
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        lora: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dout = dout.contiguous()?;
+        let want_dx = x.track_op();
+        let (dx, dlora) = with_data(x, "x", |xd| {
+            with_data(lora, "adapters", |ld| {
+                with_data(&dout, "grad", |gd| self.backward(xd, ld, gd, want_dx))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, x.shape(), dev))
+                .transpose()?,
+            lora.track_op()
+                .then(|| Tensor::from_vec(dlora, lora.shape(), dev))
+                .transpose()?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{LoraConfig, TargetModules};
+    use crate::{Batch, Heads, LoadOptions, Model, Training};
+
+    fn model() -> Model {
+        let dir = std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/fixtures/models/llama-gqa"
+        ));
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: Some(TargetModules::One("all-linear".into())),
+            task_type: Some("SEQ_CLS".into()),
+            ..Default::default()
+        };
+        let model = Model::load(
+            &dir,
+            &LoadOptions {
+                heads: Heads::Score,
+                training: Training::Lora(cfg),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // B starts at zero; give every adapter a non-zero B so that A's gradient is not zero.
+        for (i, (name, var)) in model.params().trainable().into_iter().enumerate() {
+            if name.ends_with("lora_B.weight") {
+                let n = var.as_tensor().elem_count();
+                let v: Vec<f32> = crate::test_util::values(n, i as u32)
+                    .into_iter()
+                    .map(|x| 0.2 * x)
+                    .collect();
+                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), var.device()).unwrap())
+                    .unwrap();
+            }
+        }
+        model
+    }
+
+    /// The hidden states and the gradient of Σ w ⊙ hidden for every trainable tensor, with
+    /// the one-op layers or the composed ones.
+    fn run(
+        model: &Model,
+        composed: bool,
+        hidden: &dyn Fn(&Model) -> Tensor,
+    ) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+        COMPOSED.set(composed);
+        let h = hidden(model);
+        COMPOSED.set(false);
+        let w = Tensor::from_vec(
+            crate::test_util::values(h.elem_count(), 7),
+            h.shape(),
+            h.device(),
+        )
+        .unwrap();
+        let grads = (&h * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = model
+            .params()
+            .trainable()
+            .into_iter()
+            .filter_map(|(name, var)| {
+                let g = grads.get(var.as_tensor())?;
+                Some((name, crate::ops::to_vec_f32(g).unwrap()))
+            })
+            .collect();
+        (crate::ops::to_vec_f32(&h).unwrap(), g)
+    }
+
+    fn assert_close(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= 1e-4 * scale,
+            "{what}: max diff {diff} (scale {scale})"
+        );
+    }
+
+    fn same_as_composed(hidden: &dyn Fn(&Model) -> Tensor) {
+        if !enabled() {
+            return;
+        }
+        let model = model();
+        let (h_op, g_op) = run(&model, false, hidden);
+        let (h_ref, g_ref) = run(&model, true, hidden);
+        assert_close("hidden", &h_op, &h_ref);
+        let names: Vec<&String> = g_ref.iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            g_op.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            names,
+            "the same tensors get gradients"
+        );
+        // Every projection of every layer carries an adapter, both A and B.
+        let lora = names.iter().filter(|n| n.contains("lora_")).count();
+        assert!(lora >= 14, "only {lora} adapter tensors");
+        for ((name, a), (_, b)) in g_op.iter().zip(&g_ref) {
+            assert!(b.iter().any(|x| *x != 0.0), "{name}: zero gradient");
+            assert_close(name, a, b);
+        }
+    }
+
+    #[test]
+    fn the_one_op_layer_matches_the_composed_layer_on_a_padded_batch() {
+        let batch = Batch {
+            input_ids: vec![vec![0, 0, 5, 9, 3, 7], vec![4, 8, 15, 16, 23, 42]],
+            attention_mask: vec![vec![0, 0, 1, 1, 1, 1], vec![1; 6]],
+        };
+        same_as_composed(&|m| m.hidden(&batch).unwrap());
+    }
+
+    #[test]
+    fn the_one_op_layer_matches_the_composed_layer_on_shared_prompts_with_a_root() {
+        let (p1, p2) = ([3u32, 1, 4, 1, 5, 9, 2], [3u32, 1, 4, 1, 6, 6]);
+        let groups: Vec<(&[u32], Vec<&[u32]>)> = vec![
+            (&p1, vec![&[7, 7, 8][..], &[2, 9][..]]),
+            (&p2, vec![&[5, 3, 5, 8][..], &[1][..]]),
+        ];
+        same_as_composed(&|m| m.hidden_shared_prompts(&groups).unwrap().0);
+    }
+}
