@@ -515,7 +515,16 @@ struct Units {
 
 impl Units {
     fn new(m: usize, n: usize, mr: usize, threads: usize) -> Self {
-        let slabs = n.div_ceil(NC);
+        // As many slabs as threads (or a multiple), where each keeps two tiles or more: a
+        // thread then packs only its own columns of B, which is read from memory, rather
+        // than all of them for a share of the rows.
+        let mut slabs = n.div_ceil(NC);
+        if slabs < 4 * threads && !slabs.is_multiple_of(threads) {
+            let even = slabs.next_multiple_of(threads);
+            if n.div_ceil(even) >= 2 * NR {
+                slabs = even;
+            }
+        }
         let slab = n.div_ceil(slabs).next_multiple_of(NR);
         let slabs = n.div_ceil(slab);
         let balanced = slabs.is_multiple_of(threads) || slabs >= 4 * threads;
