@@ -182,7 +182,8 @@ struct Layer {
     saved: Mutex<Option<Saved>>,
 }
 
-/// The activations the backward pass reads.
+/// The activations the backward pass reads (`h1`, `y` and `h2` only where a projection that
+/// reads them carries an adapter: empty otherwise).
 struct Saved {
     h1: Vec<f32>,
     q: Vec<f32>,
@@ -306,14 +307,23 @@ impl Layer {
         let mut out = x2.clone();
         self.project_acc(DOWN, &act, lora, &mut out)?;
         if self.keep {
+            // The normed inputs and the attention output are read back only for the
+            // adapters' gradients.
+            let used = |i: &[usize], t: Vec<f32>| {
+                if i.iter().any(|&i| self.slots[i].is_some()) {
+                    t
+                } else {
+                    Vec::new()
+                }
+            };
             let saved = Saved {
-                h1,
+                h1: used(&[Q, K, V], h1),
                 q,
                 k,
                 v,
-                y,
+                y: used(&[O], y),
                 x2,
-                h2,
+                h2: used(&[GATE, UP], h2),
                 gate,
                 up,
             };
@@ -356,7 +366,7 @@ impl Layer {
             Ok(())
         })?;
         // Attention: x2 = x + attention(q, k, v)·Woᵀ.
-        let mut dy = vec![0f32; s.y.len()];
+        let mut dy = vec![0f32; self.m * self.dims(O).1];
         self.back(O, &dx2, &s.y, lora, &mut dlora, Some(&mut dy))?;
         let (dq, dk, dv) = self.core.backward(&s.q, &s.k, &s.v, &dy)?;
         drop(dy);
@@ -436,7 +446,8 @@ mod tests {
     use crate::lora::{LoraConfig, TargetModules};
     use crate::{Batch, Heads, LoadOptions, Model, Training};
 
-    fn model() -> Model {
+    /// The fixture with adapters on `targets` (PEFT's default, q and v, without).
+    fn model(targets: Option<&str>) -> Model {
         let dir = std::path::PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../../shared/fixtures/models/llama-gqa"
@@ -444,7 +455,7 @@ mod tests {
         let cfg = LoraConfig {
             r: 4,
             lora_alpha: 8.0,
-            target_modules: Some(TargetModules::One("all-linear".into())),
+            target_modules: targets.map(|t| TargetModules::One(t.into())),
             task_type: Some("SEQ_CLS".into()),
             ..Default::default()
         };
@@ -511,11 +522,11 @@ mod tests {
         );
     }
 
-    fn same_as_composed(hidden: &dyn Fn(&Model) -> Tensor) {
+    fn same_as_composed(targets: Option<&str>, hidden: &dyn Fn(&Model) -> Tensor) {
         if !enabled() {
             return;
         }
-        let model = model();
+        let model = model(targets);
         let (h_op, g_op) = run(&model, false, hidden);
         let (h_ref, g_ref) = run(&model, true, hidden);
         assert_close("hidden", &h_op, &h_ref);
@@ -525,9 +536,10 @@ mod tests {
             names,
             "the same tensors get gradients"
         );
-        // Every projection of every layer carries an adapter, both A and B.
+        // Every targeted projection of every layer carries an adapter, both A and B.
         let lora = names.iter().filter(|n| n.contains("lora_")).count();
-        assert!(lora >= 14, "only {lora} adapter tensors");
+        let per_layer = if targets.is_some() { 14 } else { 4 };
+        assert!(lora >= per_layer, "only {lora} adapter tensors");
         for ((name, a), (_, b)) in g_op.iter().zip(&g_ref) {
             assert!(b.iter().any(|x| *x != 0.0), "{name}: zero gradient");
             assert_close(name, a, b);
@@ -540,7 +552,7 @@ mod tests {
             input_ids: vec![vec![0, 0, 5, 9, 3, 7], vec![4, 8, 15, 16, 23, 42]],
             attention_mask: vec![vec![0, 0, 1, 1, 1, 1], vec![1; 6]],
         };
-        same_as_composed(&|m| m.hidden(&batch).unwrap());
+        same_as_composed(Some("all-linear"), &|m| m.hidden(&batch).unwrap());
     }
 
     #[test]
@@ -550,6 +562,10 @@ mod tests {
             (&p1, vec![&[7, 7, 8][..], &[2, 9][..]]),
             (&p2, vec![&[5, 3, 5, 8][..], &[1][..]]),
         ];
-        same_as_composed(&|m| m.hidden_shared_prompts(&groups).unwrap().0);
+        same_as_composed(Some("all-linear"), &|m| {
+            m.hidden_shared_prompts(&groups).unwrap().0
+        });
+        // PEFT's default targets (q and v): the layer keeps only what their gradients read.
+        same_as_composed(None, &|m| m.hidden_shared_prompts(&groups).unwrap().0);
     }
 }
