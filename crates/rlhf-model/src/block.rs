@@ -76,6 +76,12 @@ const DOWN: usize = 6;
 
 /// x + attention + MLP for x `(b, t, hidden)`, as one op; `None` where it cannot run (the
 /// caller composes the layer).
+///
+/// With `rows` (flat indices into the `b · t` rows), only those rows of the output are
+/// computed and returned, `(1, rows, hidden)`: every row still gives its keys and values,
+/// but the attention output projection, the MLP and their backward passes run on the rows
+/// asked for alone (the last layer of a reward model, read at one token per sequence).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decoder_layer(
     x: &Tensor,
     parts: &LayerParts<'_>,
@@ -83,6 +89,7 @@ pub(crate) fn decoder_layer(
     sin: &Tensor,
     bias: &Tensor,
     segments: Option<&crate::ops::Packing>,
+    rows: Option<&[usize]>,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !enabled() || !f32_cpu(x) || x.rank() != 3 {
@@ -128,6 +135,9 @@ pub(crate) fn decoder_layer(
             at += r * k + n * r;
         }
     }
+    if rows.is_some_and(|r| r.iter().any(|&i| i >= b * t)) {
+        return Ok(None);
+    }
     let Some(core) = Core::new((b, t), (nh, nkv, d), cos, sin, bias, segments)? else {
         return Ok(None);
     };
@@ -138,6 +148,7 @@ pub(crate) fn decoder_layer(
     };
     let op = Layer {
         m: b * t,
+        rows: rows.map(<[usize]>::to_vec),
         h,
         core,
         norm1: (n1.detach().contiguous()?, parts.norm1.1 as f32),
@@ -155,7 +166,10 @@ pub(crate) fn decoder_layer(
     if !parts.grad {
         y = y.detach();
     }
-    Ok(Some(y.reshape((b, t, h))?))
+    Ok(Some(match rows {
+        Some(r) => y.reshape((1, r.len(), h))?,
+        None => y.reshape((b, t, h))?,
+    }))
 }
 
 /// Where a projection's adapter lies in the flat adapter tensor: A `(r, in)` at `a`, B
@@ -170,6 +184,8 @@ struct Slot {
 
 struct Layer {
     m: usize,
+    /// The rows the output keeps (all `m` when `None`).
+    rows: Option<Vec<usize>>,
     h: usize,
     core: Core,
     norm1: (Tensor, f32),
@@ -183,7 +199,7 @@ struct Layer {
 }
 
 /// The activations the backward pass reads (`h1`, `y` and `h2` only where a projection that
-/// reads them carries an adapter: empty otherwise).
+/// reads them carries an adapter: empty otherwise). From `y` on, the output's rows only.
 struct Saved {
     h1: Vec<f32>,
     q: Vec<f32>,
@@ -206,7 +222,7 @@ impl Layer {
     /// x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) of projection `i` for input rows `x`.
     fn project(&self, i: usize, x: &[f32], lora: &[f32]) -> CResult<Vec<f32>> {
         let (n, k) = self.dims(i);
-        let xm = MatRef::new(x, self.m, k, k, 1);
+        let xm = MatRef::new(x, x.len() / k, k, k, 1);
         let mut y = with_data(&self.w[i], "weight", |w| {
             Ok(gemm::matmul(xm, MatRef::new(w, n, k, k, 1).t()).expect("AVX-512F checked"))
         })?;
@@ -217,7 +233,7 @@ impl Layer {
     /// out += x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) of projection `i`.
     fn project_acc(&self, i: usize, x: &[f32], lora: &[f32], out: &mut [f32]) -> CResult<()> {
         let (n, k) = self.dims(i);
-        let xm = MatRef::new(x, self.m, k, k, 1);
+        let xm = MatRef::new(x, x.len() / k, k, k, 1);
         with_data(&self.w[i], "weight", |w| {
             gemm::matmul_acc(xm, MatRef::new(w, n, k, k, 1).t(), out);
             Ok(())
@@ -235,7 +251,7 @@ impl Layer {
         );
         let mut xa = gemm::matmul(xm, a.t()).expect("AVX-512F checked");
         xa.iter_mut().for_each(|v| *v *= s.scale);
-        gemm::matmul_acc(MatRef::new(&xa, self.m, s.r, s.r, 1), b.t(), out);
+        gemm::matmul_acc(MatRef::new(&xa, xa.len() / s.r, s.r, s.r, 1), b.t(), out);
     }
 
     /// Backward through projection `i` for output gradient `dy` and input `x`: writes the
@@ -251,7 +267,7 @@ impl Layer {
         dx: Option<&mut [f32]>,
     ) -> CResult<()> {
         let (n, k) = self.dims(i);
-        let m = self.m;
+        let m = dy.len() / n;
         let gm = MatRef::new(dy, m, n, n, 1);
         // s·dy·B, (m, r): what the adapter passes back to A.
         let gb = self.slots[i].map(|s| {
@@ -296,7 +312,10 @@ impl Layer {
         let k = self.project(K, &h1, lora)?;
         let v = self.project(V, &h1, lora)?;
         let y = self.core.forward(&q, &k, &v)?;
-        let mut x2 = x.to_vec();
+        let (y, mut x2) = match &self.rows {
+            Some(rows) => (gather(&y, rows, self.dims(O).1), gather(x, rows, h)),
+            None => (y, x.to_vec()),
+        };
         self.project_acc(O, &y, lora, &mut x2)?;
         let h2 = with_data(&self.norm2.0, "post_attention_layernorm", |w| {
             Ok(crate::fused::rms_norm_vec(&x2, w, h, self.norm2.1))
@@ -353,11 +372,12 @@ impl Layer {
         } else {
             Vec::new()
         };
-        let mut dact = vec![0f32; self.m * inter];
+        let n_out = dout.len() / h;
+        let mut dact = vec![0f32; n_out * inter];
         self.back(DOWN, dout, &act, lora, &mut dlora, Some(&mut dact))?;
         let (dg, du) = crate::glu::silu_mul_bwd_vec(&s.gate, &s.up, &dact);
         drop(dact);
-        let mut dh2 = vec![0f32; self.m * h];
+        let mut dh2 = vec![0f32; n_out * h];
         self.back(GATE, &dg, &s.h2, lora, &mut dlora, Some(&mut dh2))?;
         self.back(UP, &du, &s.h2, lora, &mut dlora, Some(&mut dh2))?;
         let mut dx2 = dout.to_vec();
@@ -366,8 +386,13 @@ impl Layer {
             Ok(())
         })?;
         // Attention: x2 = x + attention(q, k, v)·Woᵀ.
-        let mut dy = vec![0f32; self.m * self.dims(O).1];
+        let width = self.dims(O).1;
+        let mut dy = vec![0f32; n_out * width];
         self.back(O, &dx2, &s.y, lora, &mut dlora, Some(&mut dy))?;
+        if let Some(rows) = &self.rows {
+            dy = scatter(&dy, rows, width, self.m);
+            dx2 = scatter(&dx2, rows, h, self.m);
+        }
         let (dq, dk, dv) = self.core.backward(&s.q, &s.k, &s.v, &dy)?;
         drop(dy);
         let mut dh1 = want_dx.then(|| vec![0f32; self.m * h]);
@@ -387,6 +412,30 @@ impl Layer {
         };
         Ok((dx, dlora))
     }
+}
+
+/// Rows `rows` of a `(·, width)` buffer, in that order.
+fn gather(x: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&x[r * width..(r + 1) * width]);
+    }
+    out
+}
+
+/// The `(m, width)` buffer whose rows `rows` are the rows of `x` (summed where a row repeats)
+/// and whose other rows are zero: the gradient of [`gather`].
+fn scatter(x: &[f32], rows: &[usize], width: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * width];
+    for (i, &r) in rows.iter().enumerate() {
+        for (o, v) in out[r * width..(r + 1) * width]
+            .iter_mut()
+            .zip(&x[i * width..(i + 1) * width])
+        {
+            *o += v;
+        }
+    }
+    out
 }
 
 impl CustomOp2 for Layer {
@@ -412,7 +461,8 @@ impl CustomOp2 for Layer {
             )
         }
         let out = self.forward(x, lora)?;
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        let n_out = self.rows.as_ref().map_or(self.m, Vec::len);
+        Ok((CpuStorage::F32(out), Shape::from((n_out, self.h))))
     }
 
     fn bwd(
@@ -529,7 +579,7 @@ mod tests {
         let model = model(targets);
         let (h_op, g_op) = run(&model, false, hidden);
         let (h_ref, g_ref) = run(&model, true, hidden);
-        assert_close("hidden", &h_op, &h_ref);
+        assert_close("output", &h_op, &h_ref);
         let names: Vec<&String> = g_ref.iter().map(|(n, _)| n).collect();
         assert_eq!(
             g_op.iter().map(|(n, _)| n).collect::<Vec<_>>(),
@@ -567,5 +617,35 @@ mod tests {
         });
         // PEFT's default targets (q and v): the layer keeps only what their gradients read.
         same_as_composed(None, &|m| m.hidden_shared_prompts(&groups).unwrap().0);
+    }
+
+    #[test]
+    fn scatter_is_the_adjoint_of_gather_with_repeated_rows() {
+        let (m, w) = (5, 3);
+        let rows = [3, 0, 3, 4];
+        let x = crate::test_util::values(m * w, 1);
+        let y = crate::test_util::values(rows.len() * w, 2);
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>();
+        let (lhs, rhs) = (
+            dot(&gather(&x, &rows, w), &y),
+            dot(&x, &scatter(&y, &rows, w, m)),
+        );
+        assert!((lhs - rhs).abs() < 1e-5, "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn the_last_layer_computes_only_the_scored_rows_and_scores_as_the_composed_model() {
+        // Shared prompts, repeated sequences, and sequences that end inside others'.
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![3, 1, 4, 1, 5, 9, 2, 6],
+            vec![3, 1, 4, 1, 5, 9, 8],
+            vec![3, 1, 4, 1, 5, 9, 2, 6],
+            vec![3, 1, 4, 1, 5],
+            vec![3, 1, 4, 1, 5],
+            vec![7, 7, 2, 9, 4],
+        ];
+        for targets in [Some("all-linear"), None] {
+            same_as_composed(targets, &|m| m.scores_packed(&seqs).unwrap());
+        }
     }
 }

@@ -316,6 +316,9 @@ impl Llama {
 }
 
 impl Llama {
+    /// The final hidden states, of every row or (with `rows`, flat indices into the batch's
+    /// rows) of those rows only, `(1, rows, hidden)`.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         ids: &Tensor,
@@ -323,14 +326,20 @@ impl Llama {
         bias: &Tensor,
         segments: Option<&crate::ops::Packing>,
         mut cache: Option<&mut KvCache>,
+        rows: Option<&[usize]>,
     ) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
         let (cos, sin) = rope_cos_sin(&self.inv_freq, positions, ids.device())?;
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        let last = self.layers.len().saturating_sub(1);
+        let mut selected = false;
         for (i, layer) in self.layers.iter().enumerate() {
             if cache.is_none() {
-                if let Some(y) = self.fused_layer(layer, &x, &cos, &sin, bias, segments)? {
+                // The last layer computes the rows asked for alone, where it can.
+                let want = if i == last { rows } else { None };
+                if let Some(y) = self.fused_layer(layer, &x, &cos, &sin, bias, segments, want)? {
                     x = y;
+                    selected = want.is_some();
                     continue;
                 }
             }
@@ -342,12 +351,19 @@ impl Llama {
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = layer.mlp.forward(&h, &x)?;
         }
+        if let (Some(rows), false) = (rows, selected) {
+            let (b, t, h) = x.dims3()?;
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), x.device())?;
+            x = x.reshape((b * t, h))?.index_select(&idx, 0)?.unsqueeze(0)?;
+        }
         self.norm.forward(&x)
     }
 }
 
 impl Llama {
     /// The layer as one op ([`crate::block`]) where it can run.
+    #[allow(clippy::too_many_arguments)]
     fn fused_layer(
         &self,
         layer: &Block,
@@ -356,6 +372,7 @@ impl Llama {
         sin: &Tensor,
         bias: &Tensor,
         segments: Option<&crate::ops::Packing>,
+        rows: Option<&[usize]>,
     ) -> Result<Option<Tensor>> {
         if !matches!(self.cfg.hidden_act.as_str(), "silu" | "swish") {
             return Ok(None);
@@ -384,7 +401,7 @@ impl Llama {
             heads: (a.n_heads, a.n_kv, self.cfg.head_dim()),
             grad: self.switches.grad_enabled(),
         };
-        crate::block::decoder_layer(x, &parts, cos, sin, bias, segments)
+        crate::block::decoder_layer(x, &parts, cos, sin, bias, segments, rows)
     }
 }
 
@@ -396,7 +413,7 @@ impl crate::model::Backbone for Llama {
         bias: &Tensor,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.run(ids, positions, bias, None, cache)
+        self.run(ids, positions, bias, None, cache, None)
     }
 
     fn forward_packed(
@@ -409,10 +426,33 @@ impl crate::model::Backbone for Llama {
         if crate::attn::fused_enabled() {
             // The fused attention masks each segment itself: no (total × total) bias.
             let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
-            return self.run(ids, positions, &placeholder, Some(packing), None);
+            return self.run(ids, positions, &placeholder, Some(packing), None, None);
         }
         let bias = crate::ops::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
-        self.run(ids, positions, &bias, None, None)
+        self.run(ids, positions, &bias, None, None, None)
+    }
+
+    fn forward_packed_rows(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        packing: &crate::ops::Packing,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let dtype = self.embed_tokens.weight().dtype();
+        if crate::attn::fused_enabled() {
+            let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
+            return self.run(
+                ids,
+                positions,
+                &placeholder,
+                Some(packing),
+                None,
+                Some(rows),
+            );
+        }
+        let bias = crate::ops::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
+        self.run(ids, positions, &bias, None, None, Some(rows))
     }
 
     fn packs_natively(&self) -> bool {

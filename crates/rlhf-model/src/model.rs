@@ -41,6 +41,22 @@ pub trait Backbone {
             .to_dtype(self.embed_weight().dtype())?;
         self.forward(ids, positions, &bias, None)
     }
+    /// [`forward_packed`](Self::forward_packed)'s hidden states at the flat row indices
+    /// `rows` only, in that order: `(1, rows, hidden)`. A backbone may then skip the work
+    /// of its last layer that no kept row reads; the default computes every row and picks.
+    // ids: (1, total) u32 -> (1, rows, hidden)
+    fn forward_packed_rows(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        packing: &crate::ops::Packing,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let hidden = self.forward_packed(ids, positions, packing)?;
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), ids.device())?;
+        Ok(hidden.squeeze(0)?.index_select(&idx, 0)?.unsqueeze(0)?)
+    }
     /// Whether [`forward_packed`](Self::forward_packed) skips the blocks off the diagonal,
     /// i.e. packing costs no more attention work than padding.
     fn packs_natively(&self) -> bool {
@@ -599,6 +615,18 @@ impl Model {
         &self,
         groups: &[(&[u32], Vec<&[u32]>)],
     ) -> Result<(Tensor, Vec<GroupOffsets>)> {
+        let (ids, positions, packing, offsets) = self.shared_prompts_layout(groups)?;
+        let hidden = self.backbone.forward_packed(&ids, &[positions], &packing)?;
+        Ok((hidden, offsets))
+    }
+
+    /// The packed row [`hidden_shared_prompts`](Self::hidden_shared_prompts) runs: ids
+    /// `(1, total)`, positions, the packing and each group's offsets.
+    #[allow(clippy::type_complexity)]
+    fn shared_prompts_layout(
+        &self,
+        groups: &[(&[u32], Vec<&[u32]>)],
+    ) -> Result<(Tensor, Vec<u32>, crate::ops::Packing, Vec<GroupOffsets>)> {
         // The prompts' common start, if long enough, is packed once as the root segment,
         // seen by every group; each group keeps a token of its own prompt past it.
         let prompts: Vec<&[u32]> = groups.iter().map(|(p, _)| *p).collect();
@@ -650,8 +678,7 @@ impl Model {
             branches,
             root: lr > 0,
         };
-        let hidden = self.backbone.forward_packed(&ids, &[positions], &packing)?;
-        Ok((hidden, offsets))
+        Ok((ids, positions, packing, offsets))
     }
 
     /// Reward scores of whole sequences (no padding), computed packed into one row: the same
@@ -678,8 +705,8 @@ impl Model {
                 )
             })
             .collect();
-        let (hidden, offsets) = self.hidden_shared_prompts(&groups)?;
-        let mut idx = vec![0u32; seqs.len()];
+        let (ids, positions, packing, offsets) = self.shared_prompts_layout(&groups)?;
+        let mut idx = vec![0usize; seqs.len()];
         for ((n, members), o) in grouping.iter().zip(&offsets) {
             for (c, &i) in members.iter().enumerate() {
                 let pos = self.score_position(&seqs[i], None);
@@ -687,12 +714,14 @@ impl Model {
                     o.prompt_row(pos)
                 } else {
                     o.completions[c] + pos - n
-                } as u32;
+                };
             }
         }
-        let idx = Tensor::new(idx.as_slice(), &self.device)?;
-        let rows = hidden.squeeze(0)?.index_select(&idx, 0)?; // (n, hidden)
-        Ok(self.values(&rows.unsqueeze(0)?)?.squeeze(0)?)
+        // Only the scored rows: the backbone may skip the last layer's work for the rest.
+        let rows = self
+            .backbone
+            .forward_packed_rows(&ids, &[positions], &packing, &idx)?; // (1, n, hidden)
+        Ok(self.values(&rows)?.squeeze(0)?)
     }
 
     /// Whether [`hidden_packed`](Self::hidden_packed) costs no more attention work than a
