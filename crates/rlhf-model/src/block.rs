@@ -172,6 +172,16 @@ pub(crate) fn decoder_layer(
     }))
 }
 
+/// What [`Layer::back`] does with a projection's input gradient.
+enum InputGrad<'a> {
+    /// Not wanted (the first layer's input, from a frozen embedding).
+    Skip,
+    /// Into a new buffer.
+    New,
+    /// Added to this buffer.
+    Add(&'a mut [f32]),
+}
+
 /// Where a projection's adapter lies in the flat adapter tensor: A `(r, in)` at `a`, B
 /// `(out, r)` at `b`, both row-major.
 #[derive(Clone, Copy)]
@@ -255,8 +265,8 @@ impl Layer {
     }
 
     /// Backward through projection `i` for output gradient `dy` and input `x`: writes the
-    /// adapter's dA and dB into `dlora`, and, with `dx`, adds the input gradient dy·W
-    /// (+ s·dy·B·A) to it.
+    /// adapter's dA and dB into `dlora`, and the input gradient dy·W (+ s·dy·B·A) as `dx`
+    /// asks: into a new buffer it returns, added to a buffer, or not at all.
     fn back(
         &self,
         i: usize,
@@ -264,8 +274,8 @@ impl Layer {
         x: &[f32],
         lora: &[f32],
         dlora: &mut [f32],
-        dx: Option<&mut [f32]>,
-    ) -> CResult<()> {
+        dx: InputGrad<'_>,
+    ) -> CResult<Option<Vec<f32>>> {
         let (n, k) = self.dims(i);
         let m = dy.len() / n;
         let gm = MatRef::new(dy, m, n, n, 1);
@@ -290,17 +300,30 @@ impl Layer {
             dlora[s.b..s.b + db.len()].copy_from_slice(&db);
             (gb, s)
         });
-        if let Some(dx) = dx {
-            with_data(&self.w[i], "weight", |w| {
-                gemm::matmul_acc(gm, MatRef::new(w, n, k, k, 1), dx);
-                Ok(())
-            })?;
-            if let Some((gb, s)) = gb {
+        let add_adapter = |dx: &mut [f32]| {
+            if let Some((gb, s)) = &gb {
                 let a = MatRef::new(&lora[s.a..], s.r, k, k, 1);
-                gemm::matmul_acc(MatRef::new(&gb, m, s.r, s.r, 1), a, dx);
+                gemm::matmul_acc(MatRef::new(gb, m, s.r, s.r, 1), a, dx);
+            }
+        };
+        match dx {
+            InputGrad::Skip => Ok(None),
+            InputGrad::New => {
+                let mut dx = with_data(&self.w[i], "weight", |w| {
+                    Ok(gemm::matmul(gm, MatRef::new(w, n, k, k, 1)).expect("AVX-512F checked"))
+                })?;
+                add_adapter(&mut dx);
+                Ok(Some(dx))
+            }
+            InputGrad::Add(dx) => {
+                with_data(&self.w[i], "weight", |w| {
+                    gemm::matmul_acc(gm, MatRef::new(w, n, k, k, 1), dx);
+                    Ok(())
+                })?;
+                add_adapter(dx);
+                Ok(None)
             }
         }
-        Ok(())
     }
 
     fn forward(&self, x: &[f32], lora: &[f32]) -> CResult<Vec<f32>> {
@@ -314,7 +337,7 @@ impl Layer {
         let y = self.core.forward(&q, &k, &v)?;
         let (y, mut x2) = match &self.rows {
             Some(rows) => (gather(&y, rows, self.dims(O).1), gather(x, rows, h)),
-            None => (y, x.to_vec()),
+            None => (y, crate::fused::par_copy(x)),
         };
         self.project_acc(O, &y, lora, &mut x2)?;
         let h2 = with_data(&self.norm2.0, "post_attention_layernorm", |w| {
@@ -323,7 +346,7 @@ impl Layer {
         let gate = self.project(GATE, &h2, lora)?;
         let up = self.project(UP, &h2, lora)?;
         let act = crate::glu::silu_mul_vec(&gate, &up);
-        let mut out = x2.clone();
+        let mut out = crate::fused::par_copy(&x2);
         self.project_acc(DOWN, &act, lora, &mut out)?;
         if self.keep {
             // The normed inputs and the attention output are read back only for the
@@ -366,38 +389,43 @@ impl Layer {
         let h = self.h;
         let mut dlora = vec![0f32; lora.len()];
         // MLP: out = x2 + (silu(gate)·up)·Wdᵀ.
-        let (inter, _) = self.dims(GATE);
         let act = if self.slots[DOWN].is_some() {
             crate::glu::silu_mul_vec(&s.gate, &s.up)
         } else {
             Vec::new()
         };
-        let n_out = dout.len() / h;
-        let mut dact = vec![0f32; n_out * inter];
-        self.back(DOWN, dout, &act, lora, &mut dlora, Some(&mut dact))?;
+        let dact = self.back(DOWN, dout, &act, lora, &mut dlora, InputGrad::New)?;
+        let dact = dact.expect("asked for");
         let (dg, du) = crate::glu::silu_mul_bwd_vec(&s.gate, &s.up, &dact);
         drop(dact);
-        let mut dh2 = vec![0f32; n_out * h];
-        self.back(GATE, &dg, &s.h2, lora, &mut dlora, Some(&mut dh2))?;
-        self.back(UP, &du, &s.h2, lora, &mut dlora, Some(&mut dh2))?;
-        let mut dx2 = dout.to_vec();
+        let dh2 = self.back(GATE, &dg, &s.h2, lora, &mut dlora, InputGrad::New)?;
+        let mut dh2 = dh2.expect("asked for");
+        self.back(UP, &du, &s.h2, lora, &mut dlora, InputGrad::Add(&mut dh2))?;
+        let mut dx2 = crate::fused::par_copy(dout);
         with_data(&self.norm2.0, "post_attention_layernorm", |w| {
             crate::fused::rms_norm_bwd_acc(&s.x2, w, &dh2, h, self.norm2.1, &mut dx2);
             Ok(())
         })?;
         // Attention: x2 = x + attention(q, k, v)·Woᵀ.
         let width = self.dims(O).1;
-        let mut dy = vec![0f32; n_out * width];
-        self.back(O, &dx2, &s.y, lora, &mut dlora, Some(&mut dy))?;
+        let dy = self.back(O, &dx2, &s.y, lora, &mut dlora, InputGrad::New)?;
+        let mut dy = dy.expect("asked for");
         if let Some(rows) = &self.rows {
             dy = scatter(&dy, rows, width, self.m);
             dx2 = scatter(&dx2, rows, h, self.m);
         }
         let (dq, dk, dv) = self.core.backward(&s.q, &s.k, &s.v, &dy)?;
         drop(dy);
-        let mut dh1 = want_dx.then(|| vec![0f32; self.m * h]);
+        let mut dh1: Option<Vec<f32>> = None;
         for (i, g) in [(Q, &dq), (K, &dk), (V, &dv)] {
-            self.back(i, g, &s.h1, lora, &mut dlora, dh1.as_deref_mut())?;
+            let dx = match (&mut dh1, want_dx) {
+                (_, false) => InputGrad::Skip,
+                (None, true) => InputGrad::New,
+                (Some(acc), true) => InputGrad::Add(acc.as_mut_slice()),
+            };
+            if let Some(new) = self.back(i, g, &s.h1, lora, &mut dlora, dx)? {
+                dh1 = Some(new);
+            }
         }
         let dx = match dh1 {
             Some(dh1) => {

@@ -821,6 +821,18 @@ simd_fn! {
     }
 }
 
+/// A copy of `x`, made over the pool.
+pub(crate) fn par_copy(x: &[f32]) -> Vec<f32> {
+    let mut buf = OutBuf::new(x.len());
+    let out = buf.ptr();
+    par_units(x.len(), 1, |_, r| {
+        // SAFETY: units cover disjoint ranges of the output.
+        unsafe { out.row(r.start, r.len()) }.copy_from_slice(&x[r]);
+    });
+    // SAFETY: the units covered every element.
+    unsafe { buf.finish(x.len()) }
+}
+
 /// RMSNorm of the `x.len() / n` rows of a contiguous buffer, over the pool.
 pub(crate) fn rms_norm_vec(x: &[f32], w: &[f32], n: usize, eps: f32) -> Vec<f32> {
     let xr = Rows {
