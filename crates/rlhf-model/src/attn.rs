@@ -511,6 +511,20 @@ impl Geometry {
         self.nh / self.nkv
     }
 
+    /// Where segment `i`'s probabilities start in a buffer of [`probs_len`](Self::probs_len):
+    /// `nh` blocks of (len × (root + len)), head after head.
+    fn probs_at(&self, i: usize) -> usize {
+        self.segments[..i]
+            .iter()
+            .map(|s| self.nh * s.len * (s.lr() + s.len))
+            .sum()
+    }
+
+    /// The probabilities of every head of every segment.
+    fn probs_len(&self) -> usize {
+        self.probs_at(self.segments.len())
+    }
+
     /// Tokens in all (q rows).
     fn rows(&self) -> usize {
         self.segments.last().map_or(0, |s| s.row + s.len)
@@ -543,22 +557,36 @@ impl Core {
         Ok(Some(Core(Attn::new(g, cos, sin, bias)?)))
     }
 
-    /// y = attention(q, k, v), `(b · t, nh · d)`.
-    pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> CResult<Vec<f32>> {
+    /// y = attention(q, k, v), `(b · t, nh · d)`, and the attention probabilities, which
+    /// [`Core::backward`] then reads instead of computing them again.
+    pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> CResult<(Vec<f32>, Vec<f32>)> {
         let g = &self.0.g;
-        self.0.with_tables(|tab| Ok(forward(g, q, k, v, tab)))
+        let mut probs = vec![0f32; g.probs_len()];
+        let y = self
+            .0
+            .with_tables(|tab| Ok(forward(g, q, k, v, tab, Some(&mut probs))))?;
+        Ok((y, probs))
     }
 
-    /// (dq, dk, dv) for the output gradient `dy`.
+    /// (dq, dk, dv) for the output gradient `dy`, with the probabilities of the forward pass.
     pub(crate) fn backward(
         &self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         dy: &[f32],
+        probs: &[f32],
     ) -> CResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let g = &self.0.g;
-        self.0.with_tables(|tab| Ok(backward(g, q, k, v, dy, tab)))
+        if probs.len() != g.probs_len() {
+            bail!(
+                "fused attention: {} probabilities for {}",
+                probs.len(),
+                g.probs_len()
+            )
+        }
+        self.0
+            .with_tables(|tab| Ok(backward(g, q, k, v, dy, tab, Some(probs))))
     }
 }
 
@@ -670,7 +698,7 @@ impl CustomOp3 for Attn {
                 l1.dims()
             )
         }
-        let y = self.with_tables(|tab| Ok(forward(g, q, k, v, tab)))?;
+        let y = self.with_tables(|tab| Ok(forward(g, q, k, v, tab, None)))?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -688,7 +716,7 @@ impl CustomOp3 for Attn {
             with_data(k, "k", |kd| {
                 with_data(v, "v", |vd| {
                     with_data(&dy, "grad", |dyd| {
-                        self.with_tables(|tab| Ok(backward(g, qd, kd, vd, dyd, tab)))
+                        self.with_tables(|tab| Ok(backward(g, qd, kd, vd, dyd, tab, None)))
                     })
                 })
             })
@@ -717,13 +745,27 @@ fn par(units: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
-fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32], tab: Tables<'_>) -> Vec<f32> {
+/// With `probs`, each head's probabilities are kept there (see [`Geometry::probs_at`]).
+fn forward(
+    g: &Geometry,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    tab: Tables<'_>,
+    probs: Option<&mut [f32]>,
+) -> Vec<f32> {
     let len = g.rows() * g.nh * g.d;
     let mut buf = OutBuf::new(len);
     let out = buf.ptr();
+    let starts: Vec<usize> = (0..g.segments.len()).map(|i| g.probs_at(i)).collect();
+    let keep = probs.map(Out::of);
     par(g.segments.len() * g.nh, |u| {
-        let seg = &g.segments[u / g.nh];
-        SCRATCH.with_borrow_mut(|s| head_forward(g, seg, q, k, v, &tab, out, u % g.nh, s))
+        let (si, h) = (u / g.nh, u % g.nh);
+        let seg = &g.segments[si];
+        let block = seg.len * (seg.lr() + seg.len);
+        // SAFETY: each (segment, head) owns its block of the probabilities.
+        let kept = keep.map(|o| unsafe { o.row(starts[si] + h * block, block) });
+        SCRATCH.with_borrow_mut(|s| head_forward(g, seg, q, k, v, &tab, out, h, s, kept))
     });
     // SAFETY: the segments cover every row, and every head wrote its d columns of them.
     unsafe { buf.finish(len) }
@@ -835,13 +877,18 @@ fn head_forward(
     out: Out,
     h: usize,
     scratch: &mut Vec<f32>,
+    kept: Option<&mut [f32]>,
 ) {
     let (t, d, lr) = (seg.len, g.d, seg.lr());
     // Keys: the root's rows (if any), then the segment's own.
     let w = lr + t;
     let kv = h / g.rep();
     let vlen = if lr > 0 { w * d } else { 0 };
-    let [qh, kh, vh, s, p] = carve(scratch, [t * d, w * d, vlen, t * w, t * w]);
+    let [qh, kh, vh, s, scratch_p] = carve(scratch, [t * d, w * d, vlen, t * w, t * w]);
+    let p = match kept {
+        Some(k) => k,
+        None => scratch_p,
+    };
     rope_head(d, seg, q, g.nh, h, tab, qh);
     rope_keys(g, seg, k, kv, tab, kh);
     let qm = MatRef::new(qh, t, d, d, 1);
@@ -888,6 +935,7 @@ fn values_of<'a>(
     MatRef::new(buf, r.len + seg.len, d, d, 1)
 }
 
+/// With `probs` (the forward pass's), the probabilities are read there, not recomputed.
 fn backward(
     g: &Geometry,
     q: &[f32],
@@ -895,6 +943,7 @@ fn backward(
     v: &[f32],
     dy: &[f32],
     tab: Tables<'_>,
+    probs: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (qlen, kvlen) = (g.rows() * g.nh * g.d, g.rows() * g.nkv * g.d);
     let (mut dq, mut dk, mut dv) = (OutBuf::new(qlen), OutBuf::new(kvlen), OutBuf::new(kvlen));
@@ -915,8 +964,22 @@ fn backward(
         // SAFETY: the segment's block lies inside the side buffers.
         let at = side_at[u / g.nkv];
         let side = unsafe { (sides.0.offset(at), sides.1.offset(at)) };
+        let seg_probs = probs.map(|p| &p[g.probs_at(u / g.nkv)..]);
         SCRATCH.with_borrow_mut(|s| {
-            group_backward(g, seg, q, k, v, dy, &tab, outs, side, u % g.nkv, s)
+            group_backward(
+                g,
+                seg,
+                q,
+                k,
+                v,
+                dy,
+                &tab,
+                outs,
+                side,
+                u % g.nkv,
+                s,
+                seg_probs,
+            )
         })
     });
     // SAFETY: every group wrote its kv head of dk and dv and its query heads of dq, over
@@ -951,6 +1014,7 @@ fn group_backward(
     (side_k, side_v): (Out, Out),
     kv: usize,
     scratch: &mut Vec<f32>,
+    probs: Option<&[f32]>,
 ) {
     let (t, d, lr) = (seg.len, g.d, seg.lr());
     let w = lr + t;
@@ -964,10 +1028,17 @@ fn group_backward(
         let acc = i > 0;
         rope_head(d, seg, q, g.nh, h, tab, qh);
         let qm = MatRef::new(qh, t, d, d, 1);
-        // SAFETY (all products): the scratch buffers are this thread's; dv's head kv of the
-        // segment's rows, and of its block of the side buffers, belong to this unit alone.
-        unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), w, false) };
-        softmax_head(seg, &g.branches[seg.index], g.scale, s, tab, p);
+        let p: &[f32] = match probs {
+            Some(all) => &all[h * t * w..(h + 1) * t * w],
+            None => {
+                // SAFETY: the scratch buffers are this thread's.
+                unsafe { gemm::matmul_into(qm, km.t(), s.as_mut_ptr(), w, false) };
+                softmax_head(seg, &g.branches[seg.index], g.scale, s, tab, p);
+                p
+            }
+        };
+        // SAFETY (the products below): the scratch buffers are this thread's; dv's head kv
+        // of the segment's rows, and of its block of the side buffers, belong to this unit.
         let dym = head_view(d, seg, dy, g.nh, h);
         let own = MatRef::new(&p[lr..], t, t, w, 1);
         unsafe {
