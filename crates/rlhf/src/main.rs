@@ -60,6 +60,18 @@ fn main() -> std::process::ExitCode {
         // SAFETY: sets a process-wide allocator option before any thread is started.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+    // No transparent huge pages: where the kernel compacts memory on a huge-page fault (THP
+    // `defrag=madvise`, Debian's default), mimalloc's MADV_HUGEPAGE made first touches of
+    // fresh memory stall in compaction once another large process had run: 2.7-3.1 s of
+    // system time in a 30-step reward job against 0.3-0.6 s without, and 7.2-8.4 against
+    // 9.5-9.9 pairs/s (BENCHMARKS.md). mimalloc has madvised its first arena before `main`
+    // runs, so its own option comes too late; the process-wide switch does not.
+    // MIMALLOC_ALLOW_THP=1 keeps them.
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none_or(|v| v != "1") {
+        // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory of
+        // ours; on kernels without it the call fails and nothing changes.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     // candle asks for its thread count on every matmul, and without RAYON_NUM_THREADS that
     // means reading /proc/cpuinfo (num_cpus::get_physical) each time: a visible share of a
     // LoRA step made of many small products. Decide once, before any thread starts.
