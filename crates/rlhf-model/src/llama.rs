@@ -352,16 +352,31 @@ impl Llama {
             x = layer.mlp.forward(&h, &x)?;
         }
         if let (Some(rows), false) = (rows, selected) {
-            let (b, t, h) = x.dims3()?;
-            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-            let idx = Tensor::new(idx.as_slice(), x.device())?;
-            x = x.reshape((b * t, h))?.index_select(&idx, 0)?.unsqueeze(0)?;
+            x = crate::ops::select_rows(&x, rows)?;
         }
         self.norm.forward(&x)
     }
 }
 
 impl Llama {
+    /// A packed row (every row's states, or those of `rows`): the fused attention masks
+    /// each segment itself, so no (total × total) bias is built where it runs.
+    fn run_packed(
+        &self,
+        ids: &Tensor,
+        positions: &[Vec<u32>],
+        packing: &crate::ops::Packing,
+        rows: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        let dtype = self.embed_tokens.weight().dtype();
+        if crate::attn::fused_enabled() {
+            let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
+            return self.run(ids, positions, &placeholder, Some(packing), None, rows);
+        }
+        let bias = crate::ops::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
+        self.run(ids, positions, &bias, None, None, rows)
+    }
+
     /// The layer as one op ([`crate::block`]) where it can run.
     #[allow(clippy::too_many_arguments)]
     fn fused_layer(
@@ -422,14 +437,7 @@ impl crate::model::Backbone for Llama {
         positions: &[Vec<u32>],
         packing: &crate::ops::Packing,
     ) -> Result<Tensor> {
-        let dtype = self.embed_tokens.weight().dtype();
-        if crate::attn::fused_enabled() {
-            // The fused attention masks each segment itself: no (total × total) bias.
-            let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
-            return self.run(ids, positions, &placeholder, Some(packing), None, None);
-        }
-        let bias = crate::ops::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
-        self.run(ids, positions, &bias, None, None, None)
+        self.run_packed(ids, positions, packing, None)
     }
 
     fn forward_packed_rows(
@@ -439,20 +447,7 @@ impl crate::model::Backbone for Llama {
         packing: &crate::ops::Packing,
         rows: &[usize],
     ) -> Result<Tensor> {
-        let dtype = self.embed_tokens.weight().dtype();
-        if crate::attn::fused_enabled() {
-            let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
-            return self.run(
-                ids,
-                positions,
-                &placeholder,
-                Some(packing),
-                None,
-                Some(rows),
-            );
-        }
-        let bias = crate::ops::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
-        self.run(ids, positions, &bias, None, None, Some(rows))
+        self.run_packed(ids, positions, packing, Some(rows))
     }
 
     fn packs_natively(&self) -> bool {

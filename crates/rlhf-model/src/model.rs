@@ -52,10 +52,7 @@ pub trait Backbone {
         packing: &crate::ops::Packing,
         rows: &[usize],
     ) -> Result<Tensor> {
-        let hidden = self.forward_packed(ids, positions, packing)?;
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), ids.device())?;
-        Ok(hidden.squeeze(0)?.index_select(&idx, 0)?.unsqueeze(0)?)
+        crate::ops::select_rows(&self.forward_packed(ids, positions, packing)?, rows)
     }
     /// Whether [`forward_packed`](Self::forward_packed) skips the blocks off the diagonal,
     /// i.e. packing costs no more attention work than padding.

@@ -253,6 +253,15 @@ pub fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// Rows `rows` (flat indices over the first two dimensions) of `x`, in that order:
+/// `(b, t, h)` -> `(1, rows, h)`.
+pub fn select_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let (b, t, h) = x.dims3()?;
+    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), x.device())?;
+    Ok(x.reshape((b * t, h))?.index_select(&idx, 0)?.unsqueeze(0)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
