@@ -557,36 +557,46 @@ impl Core {
         Ok(Some(Core(Attn::new(g, cos, sin, bias)?)))
     }
 
-    /// y = attention(q, k, v), `(b · t, nh · d)`, and the attention probabilities, which
-    /// [`Core::backward`] then reads instead of computing them again.
-    pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> CResult<(Vec<f32>, Vec<f32>)> {
+    /// y = attention(q, k, v), `(b · t, nh · d)`, and, with `keep`, the attention
+    /// probabilities, which [`Core::backward`] then reads instead of computing them again.
+    /// They are kept only while they are no larger than four times q (on average at most
+    /// 4·d keys per query): beyond that, as for long sequences, recomputing them is cheaper
+    /// than holding t² floats per head for every layer.
+    pub(crate) fn forward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        keep: bool,
+    ) -> CResult<(Vec<f32>, Option<Vec<f32>>)> {
         let g = &self.0.g;
-        let mut probs = vec![0f32; g.probs_len()];
+        let mut probs = (keep && g.probs_len() <= 4 * q.len()).then(|| vec![0f32; g.probs_len()]);
         let y = self
             .0
-            .with_tables(|tab| Ok(forward(g, q, k, v, tab, Some(&mut probs))))?;
+            .with_tables(|tab| Ok(forward(g, q, k, v, tab, probs.as_deref_mut())))?;
         Ok((y, probs))
     }
 
-    /// (dq, dk, dv) for the output gradient `dy`, with the probabilities of the forward pass.
+    /// (dq, dk, dv) for the output gradient `dy`, with the probabilities the forward pass
+    /// kept, or recomputing them.
     pub(crate) fn backward(
         &self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         dy: &[f32],
-        probs: &[f32],
+        probs: Option<&[f32]>,
     ) -> CResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let g = &self.0.g;
-        if probs.len() != g.probs_len() {
+        if probs.is_some_and(|p| p.len() != g.probs_len()) {
             bail!(
-                "fused attention: {} probabilities for {}",
-                probs.len(),
+                "fused attention: {:?} probabilities for {}",
+                probs.map(<[f32]>::len),
                 g.probs_len()
             )
         }
         self.0
-            .with_tables(|tab| Ok(backward(g, q, k, v, dy, tab, Some(probs))))
+            .with_tables(|tab| Ok(backward(g, q, k, v, dy, tab, probs)))
     }
 }
 

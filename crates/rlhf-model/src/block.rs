@@ -12,9 +12,9 @@
 //!
 //! The layer keeps what its backward pass reads (the normed inputs, q, k, v, the attention
 //! output, the mid-layer residual, gate and up) inside the op, as the composed graph keeps
-//! them in its nodes, and only when an input carries a gradient. It also keeps the attention
-//! probabilities (heads × len × (root + len) per sequence: a few MB for a batch of short
-//! sequences), which the composed attention op computes again in its backward pass.
+//! them in its nodes, and only when an input carries a gradient. For short sequences it also
+//! keeps the attention probabilities (heads × len × (root + len) per sequence: a few MB for a
+//! batch of short ones), which the composed attention op computes again in its backward pass.
 //!
 //! Runs for layers whose projections have frozen weights without bias (adapters allowed,
 //! without dropout while training), a silu MLP, f32 on a CPU with AVX-512F, and no KV cache;
@@ -217,8 +217,9 @@ struct Saved {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// The attention probabilities, per segment and head.
-    probs: Vec<f32>,
+    /// The attention probabilities, per segment and head, where they are small enough to
+    /// keep (see [`Core::forward`]).
+    probs: Option<Vec<f32>>,
     y: Vec<f32>,
     x2: Vec<f32>,
     h2: Vec<f32>,
@@ -338,7 +339,7 @@ impl Layer {
         let q = self.project(Q, &h1, lora)?;
         let k = self.project(K, &h1, lora)?;
         let v = self.project(V, &h1, lora)?;
-        let (y, probs) = self.core.forward(&q, &k, &v)?;
+        let (y, probs) = self.core.forward(&q, &k, &v, self.keep)?;
         let (y, mut x2) = match &self.rows {
             Some(rows) => (gather(&y, rows, self.dims(O).1), gather(x, rows, h)),
             None => (y, crate::fused::par_copy(x)),
@@ -419,7 +420,9 @@ impl Layer {
             dy = scatter(&dy, rows, width, self.m);
             dx2 = scatter(&dx2, rows, h, self.m);
         }
-        let (dq, dk, dv) = self.core.backward(&s.q, &s.k, &s.v, &dy, &s.probs)?;
+        let (dq, dk, dv) = self
+            .core
+            .backward(&s.q, &s.k, &s.v, &dy, s.probs.as_deref())?;
         drop(dy);
         let mut dh1: Option<Vec<f32>> = None;
         for (i, g) in [(Q, &dq), (K, &dk), (V, &dv)] {
