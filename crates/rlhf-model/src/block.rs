@@ -284,23 +284,14 @@ impl Layer {
         let (n, k) = self.dims(i);
         let m = dy.len() / n;
         let gm = MatRef::new(dy, m, n, n, 1);
-        // s·dy·B, (m, r): what the adapter passes back to A.
+        // s·dy·B, (m, r): what the adapter passes back to x through A.
         let gb = self.slots[i].map(|s| {
             let (a, b) = (
                 MatRef::new(&lora[s.a..], s.r, k, k, 1),
                 MatRef::new(&lora[s.b..], n, s.r, s.r, 1),
             );
             let xm = MatRef::new(x, m, k, k, 1);
-            let mut gb = gemm::matmul(gm, b).expect("AVX-512F checked");
-            let mut xa = gemm::matmul(xm, a.t()).expect("AVX-512F checked");
-            gb.iter_mut()
-                .chain(xa.iter_mut())
-                .for_each(|v| *v *= s.scale);
-            // dA = (s·dy·B)ᵀ·x, dB = dyᵀ·(s·x·Aᵀ)
-            let gbm = MatRef::new(&gb, m, s.r, s.r, 1);
-            let da = gemm::matmul(gbm.t(), xm).expect("AVX-512F checked");
-            let db =
-                gemm::matmul(gm.t(), MatRef::new(&xa, m, s.r, s.r, 1)).expect("AVX-512F checked");
+            let (gb, da, db) = crate::frozen::lora_grads(xm, a, b, gm, s.scale);
             dlora[s.a..s.a + da.len()].copy_from_slice(&da);
             dlora[s.b..s.b + db.len()].copy_from_slice(&db);
             (gb, s)

@@ -244,22 +244,11 @@ impl LoraLinearOp {
         let am = gemm::MatRef::new(a, r, k, k, 1);
         let bm = gemm::MatRef::new(b, n, r, r, 1);
         let gm = gemm::MatRef::new(g, m, n, n, 1);
+        let (gb, da, db) = lora_grads(xm, am, bm, gm, self.scale);
+        let gbm = gemm::MatRef::new(&gb, m, r, r, 1);
         let product = |p: gemm::MatRef<'_>, q: gemm::MatRef<'_>| {
             gemm::matmul(p, q).expect("the forward pass ran on the AVX-512 kernel")
         };
-        // s·x·Aᵀ and s·dy·B, (m, r) each.
-        let mut xa = product(xm, am.t());
-        let mut gb = product(gm, bm);
-        xa.iter_mut()
-            .chain(gb.iter_mut())
-            .for_each(|v| *v *= self.scale);
-        let (xam, gbm) = (
-            gemm::MatRef::new(&xa, m, r, r, 1),
-            gemm::MatRef::new(&gb, m, r, r, 1),
-        );
-        // dA = (s·dy·B)ᵀ·x, dB = dyᵀ·(s·x·Aᵀ)
-        let da = product(gbm.t(), xm);
-        let db = product(gm.t(), xam);
         // dx = dy·W + (s·dy·B)·A
         let dx = want_dx.then(|| {
             let mut dx = product(gm, self.w_mat(w, dm));
@@ -269,6 +258,29 @@ impl LoraLinearOp {
         });
         (dx, da, db)
     }
+}
+
+/// The gradients of a LoRA update `s·(x·Aᵀ)·Bᵀ` for its output gradient `g` (m, n), with x
+/// (m, k), A (r, k) and B (n, r): `(s·g·B (m, r), dA (r, k), dB (n, r))`. The first is what
+/// the adapter adds to x's gradient through A (`+= (s·g·B)·A`). Needs AVX-512F.
+pub(crate) fn lora_grads(
+    x: gemm::MatRef<'_>,
+    a: gemm::MatRef<'_>,
+    b: gemm::MatRef<'_>,
+    g: gemm::MatRef<'_>,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let product =
+        |p: gemm::MatRef<'_>, q: gemm::MatRef<'_>| gemm::matmul(p, q).expect("AVX-512F checked");
+    let (m, r) = (x.rows(), a.rows());
+    // s·x·Aᵀ and s·g·B, (m, r) each.
+    let mut xa = product(x, a.t());
+    let mut gb = product(g, b);
+    xa.iter_mut().chain(gb.iter_mut()).for_each(|v| *v *= scale);
+    // dA = (s·g·B)ᵀ·x, dB = gᵀ·(s·x·Aᵀ)
+    let da = product(gemm::MatRef::new(&gb, m, r, r, 1).t(), x);
+    let db = product(g.t(), gemm::MatRef::new(&xa, m, r, r, 1));
+    (gb, da, db)
 }
 
 /// A LoRA-adapted linear layer, `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` (`x·W + …` for Conv1D), as one op

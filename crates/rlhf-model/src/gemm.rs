@@ -72,6 +72,11 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Its number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// The same matrix transposed (no copy).
     pub fn t(self) -> Self {
         MatRef {
