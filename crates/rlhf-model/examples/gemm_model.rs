@@ -37,6 +37,17 @@ fn main() {
         .flat_map(|l| shapes.iter().enumerate().map(move |(j, &s)| (l, j, s)))
         .map(|(l, j, (o, i))| ((o, i), fill(o * i, l * 7 + j)))
         .collect();
+    // GEMM_PANELS=1: the weights kept as `gemm::Panels` (the originals dropped).
+    let panels: Option<Vec<gemm::Panels>> = (env("GEMM_PANELS", 0) == 1).then(|| {
+        weights
+            .iter()
+            .map(|((o, i), w)| gemm::Panels::new(w, *o, *i))
+            .collect()
+    });
+    let weights: Vec<((usize, usize), Vec<f32>)> = match panels {
+        Some(_) => weights.into_iter().map(|(s, _)| (s, Vec::new())).collect(),
+        None => weights,
+    };
     let x = fill(rows * 1536, 1);
     let g = fill(rows * 1536, 2);
     let flops: f64 = weights
@@ -47,17 +58,21 @@ fn main() {
     let mut bwd = Vec::new();
     for _ in 0..6 {
         let s = std::time::Instant::now();
-        for ((o, i), w) in &weights {
+        for (l, ((o, i), w)) in weights.iter().enumerate() {
             let a = MatRef::new(&x, rows, *i, *i, 1);
-            let b = MatRef::new(w, *o, *i, *i, 1).t();
-            std::hint::black_box(gemm::matmul(a, b));
+            match &panels {
+                Some(p) => std::hint::black_box(gemm::matmul_wt(a, &p[l])),
+                None => std::hint::black_box(gemm::matmul(a, MatRef::new(w, *o, *i, *i, 1).t())),
+            };
         }
         fwd.push(flops / s.elapsed().as_secs_f64() / 1e9);
         let s = std::time::Instant::now();
-        for ((o, i), w) in weights.iter().rev() {
+        for (l, ((o, i), w)) in weights.iter().enumerate().rev() {
             let a = MatRef::new(&g, rows, *o, *o, 1);
-            let b = MatRef::new(w, *o, *i, *i, 1);
-            std::hint::black_box(gemm::matmul(a, b));
+            match &panels {
+                Some(p) => std::hint::black_box(gemm::matmul_w(a, &p[l])),
+                None => std::hint::black_box(gemm::matmul(a, MatRef::new(w, *o, *i, *i, 1))),
+            };
         }
         bwd.push(flops / s.elapsed().as_secs_f64() / 1e9);
     }

@@ -27,6 +27,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::attn::{data, with_data, Core};
 use crate::gemm::{self, MatRef};
+use crate::nn::FrozenRef;
 use crate::nn::LoraAdapter;
 use crate::Result;
 
@@ -50,7 +51,7 @@ pub fn enabled() -> bool {
 
 /// One projection of the layer: its frozen (out, in) weight and its active adapter.
 pub(crate) struct Proj<'a> {
-    pub w: &'a Tensor,
+    pub w: FrozenRef<'a>,
     pub lora: Option<&'a LoraAdapter>,
 }
 
@@ -104,7 +105,10 @@ pub(crate) fn decoder_layer(
     if !frozen(n1) || !frozen(n2) || n1.dims() != [h] || n2.dims() != [h] {
         return Ok(None);
     }
-    let inter = parts.projs[GATE].w.dim(0)?;
+    let inter = match parts.projs[GATE].w {
+        FrozenRef::Rows(w) => w.dim(0)?,
+        FrozenRef::Panels(w) => w.out(),
+    };
     let shapes = [
         (nh * d, h),
         (nkv * d, h),
@@ -118,7 +122,11 @@ pub(crate) fn decoder_layer(
     let mut slots = [None; 7];
     let mut at = 0;
     for (i, (p, &(n, k))) in parts.projs.iter().zip(&shapes).enumerate() {
-        if !frozen(p.w) || p.w.dims() != [n, k] {
+        let fits = match p.w {
+            FrozenRef::Rows(w) => frozen(w) && w.dims() == [n, k],
+            FrozenRef::Panels(w) => (w.out(), w.inp()) == (n, k),
+        };
+        if !fits {
             return Ok(None);
         }
         if let Some(l) = p.lora {
@@ -158,7 +166,12 @@ pub(crate) fn decoder_layer(
         w: parts
             .projs
             .iter()
-            .map(|p| p.w.detach().contiguous())
+            .map(|p| {
+                Ok(match p.w {
+                    FrozenRef::Rows(w) => Weight::Rows(w.detach().contiguous()?),
+                    FrozenRef::Panels(w) => Weight::Panels(w.clone()),
+                })
+            })
             .collect::<CResult<Vec<_>>>()?,
         slots,
         keep: parts.grad && (x.track_op() || flat.track_op()),
@@ -184,6 +197,12 @@ enum InputGrad<'a> {
     Add(&'a mut [f32]),
 }
 
+/// A projection's frozen weight, held by the op: row-major, or the GEMM kernel's panels.
+enum Weight {
+    Rows(Tensor),
+    Panels(std::sync::Arc<gemm::Panels>),
+}
+
 /// Where a projection's adapter lies in the flat adapter tensor: A `(r, in)` at `a`, B
 /// `(out, r)` at `b`, both row-major.
 #[derive(Clone, Copy)]
@@ -203,7 +222,7 @@ struct Layer {
     norm1: (Tensor, f32),
     norm2: (Tensor, f32),
     /// q, k, v, o, gate, up, down: (out, in) each.
-    w: Vec<Tensor>,
+    w: Vec<Weight>,
     slots: [Option<Slot>; 7],
     /// Whether the backward pass will run (an input carries a gradient).
     keep: bool,
@@ -230,17 +249,26 @@ struct Saved {
 impl Layer {
     /// (out, in) of projection `i`.
     fn dims(&self, i: usize) -> (usize, usize) {
-        let d = self.w[i].dims();
-        (d[0], d[1])
+        match &self.w[i] {
+            Weight::Rows(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            Weight::Panels(w) => (w.out(), w.inp()),
+        }
     }
 
     /// x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) of projection `i` for input rows `x`.
     fn project(&self, i: usize, x: &[f32], lora: &[f32]) -> CResult<Vec<f32>> {
         let (n, k) = self.dims(i);
         let xm = MatRef::new(x, x.len() / k, k, k, 1);
-        let mut y = with_data(&self.w[i], "weight", |w| {
-            Ok(gemm::matmul(xm, MatRef::new(w, n, k, k, 1).t()).expect("AVX-512F checked"))
-        })?;
+        let mut y = match &self.w[i] {
+            Weight::Rows(w) => with_data(w, "weight", |w| {
+                Ok(gemm::matmul(xm, MatRef::new(w, n, k, k, 1).t()))
+            })?,
+            Weight::Panels(w) => gemm::matmul_wt(xm, w),
+        }
+        .expect("AVX-512F checked");
         self.add_adapter(i, xm, lora, &mut y);
         Ok(y)
     }
@@ -249,10 +277,15 @@ impl Layer {
     fn project_acc(&self, i: usize, x: &[f32], lora: &[f32], out: &mut [f32]) -> CResult<()> {
         let (n, k) = self.dims(i);
         let xm = MatRef::new(x, x.len() / k, k, k, 1);
-        with_data(&self.w[i], "weight", |w| {
-            gemm::matmul_acc(xm, MatRef::new(w, n, k, k, 1).t(), out);
-            Ok(())
-        })?;
+        match &self.w[i] {
+            Weight::Rows(w) => with_data(w, "weight", |w| {
+                gemm::matmul_acc(xm, MatRef::new(w, n, k, k, 1).t(), out);
+                Ok(())
+            })?,
+            Weight::Panels(w) => {
+                gemm::matmul_wt_acc(xm, w, out);
+            }
+        }
         self.add_adapter(i, xm, lora, out);
         Ok(())
     }
@@ -305,17 +338,26 @@ impl Layer {
         match dx {
             InputGrad::Skip => Ok(None),
             InputGrad::New => {
-                let mut dx = with_data(&self.w[i], "weight", |w| {
-                    Ok(gemm::matmul(gm, MatRef::new(w, n, k, k, 1)).expect("AVX-512F checked"))
-                })?;
+                let mut dx = match &self.w[i] {
+                    Weight::Rows(w) => with_data(w, "weight", |w| {
+                        Ok(gemm::matmul(gm, MatRef::new(w, n, k, k, 1)))
+                    })?,
+                    Weight::Panels(w) => gemm::matmul_w(gm, w),
+                }
+                .expect("AVX-512F checked");
                 add_adapter(&mut dx);
                 Ok(Some(dx))
             }
             InputGrad::Add(dx) => {
-                with_data(&self.w[i], "weight", |w| {
-                    gemm::matmul_acc(gm, MatRef::new(w, n, k, k, 1), dx);
-                    Ok(())
-                })?;
+                match &self.w[i] {
+                    Weight::Rows(w) => with_data(w, "weight", |w| {
+                        gemm::matmul_acc(gm, MatRef::new(w, n, k, k, 1), dx);
+                        Ok(())
+                    })?,
+                    Weight::Panels(w) => {
+                        gemm::matmul_w_acc(gm, w, dx);
+                    }
+                }
                 add_adapter(dx);
                 Ok(None)
             }
@@ -644,6 +686,64 @@ mod tests {
         });
         // PEFT's default targets (q and v): the layer keeps only what their gradients read.
         same_as_composed(None, &|m| m.hidden_shared_prompts(&groups).unwrap().0);
+    }
+
+    #[test]
+    fn weights_kept_in_the_kernel_layout_give_the_same_layer_and_the_same_parameters() {
+        if !enabled() {
+            return;
+        }
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![3, 1, 4, 1, 5, 9, 2, 6],
+            vec![3, 1, 4, 1, 5, 9, 8],
+            vec![7, 7, 2, 9, 4],
+        ];
+        let hidden = |m: &Model| {
+            m.hidden_shared_prompts(&[
+                (&seqs[0][..4], vec![&seqs[0][4..], &seqs[1][4..]]),
+                (&seqs[2][..2], vec![&seqs[2][2..]]),
+            ])
+            .unwrap()
+            .0
+        };
+        for targets in [Some("all-linear"), None] {
+            let mut model = model(targets);
+            let (h_rows, g_rows) = run(&model, false, &hidden);
+            let counts = model.params().counts();
+            let merged = model.merged_weights().unwrap();
+            let layers = model.n_layers();
+            assert_eq!(model.keep_frozen_in_kernel_layout().unwrap(), 7 * layers);
+            let kept = model
+                .params()
+                .iter()
+                .filter(|(_, p)| matches!(p, crate::weights::Param::Kernel(_)))
+                .count();
+            assert_eq!(
+                kept,
+                7 * layers,
+                "the store holds the panels, not the old tensors"
+            );
+            // Converting twice converts nothing more.
+            assert_eq!(model.keep_frozen_in_kernel_layout().unwrap(), 0);
+            let (h_panels, g_panels) = run(&model, false, &hidden);
+            assert_close("output", &h_panels, &h_rows);
+            assert_eq!(g_panels.len(), g_rows.len());
+            for ((name, a), (_, b)) in g_panels.iter().zip(&g_rows) {
+                assert_close(name, a, b);
+            }
+            // Paths that read the row-major tensors get them back as they were.
+            assert_eq!(model.params().counts(), counts);
+            let again = model.merged_weights().unwrap();
+            for (name, t) in &merged {
+                let (a, b) = (
+                    crate::ops::to_vec_f32(t).unwrap(),
+                    crate::ops::to_vec_f32(&again[name]).unwrap(),
+                );
+                assert_eq!(a, b, "{name}");
+            }
+            let (h_composed, _) = run(&model, true, &hidden);
+            assert_close("composed output", &h_composed, &h_rows);
+        }
     }
 
     #[test]

@@ -125,7 +125,7 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: AVX-512F was detected; c holds m · n floats.
-    unsafe { product_on_pool(a, b, c.as_mut_ptr(), false) };
+    unsafe { product_on_pool(a, Src::Mat(b), c.as_mut_ptr(), false) };
     // SAFETY: the units cover C, and the first K slice of each writes every element of its
     // block (k > 0 here).
     unsafe { c.set_len(m * n) };
@@ -149,7 +149,7 @@ pub fn matmul_acc(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> bool {
     }
     if a.rows > 0 && b.cols > 0 && a.cols > 0 {
         // SAFETY: AVX-512F was detected; c holds the whole of C.
-        unsafe { product_on_pool(a, b, c.as_mut_ptr(), true) };
+        unsafe { product_on_pool(a, Src::Mat(b), c.as_mut_ptr(), true) };
     }
     true
 }
@@ -158,9 +158,14 @@ pub fn matmul_acc(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> bool {
 ///
 /// # Safety
 /// AVX-512F must be available and `c` must point to `a.rows · b.cols` floats.
-unsafe fn product_on_pool(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, acc: bool) {
-    let (m, n) = (a.rows, b.cols);
+unsafe fn product_on_pool(a: MatRef<'_>, b: Src<'_>, c: *mut f32, acc: bool) {
+    let (m, n) = (a.rows, b.cols());
     let mr = if m <= SMALL_M { MR_SMALL } else { MR };
+    if m > SMALL_M && m <= SHARED_M && n.div_ceil(NR) >= 4 * threads() && shared_enabled() {
+        // SAFETY: as the caller guarantees.
+        unsafe { product_by_panels::<MR>(a, b, c, acc) };
+        return;
+    }
     let units = Units::new(m, n, mr, threads());
     let out = SyncPtr(c);
     let run = |range: std::ops::Range<usize>| {
@@ -181,6 +186,436 @@ unsafe fn product_on_pool(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, acc: bool) 
         run(0..1);
     } else {
         candle_core::utils::barrier_pool().execute_chunked(units.count(), run);
+    }
+}
+
+/// Most rows [`product_by_panels`] takes: their packed K slice (at most 1 MB) stays in L2.
+const SHARED_M: usize = 4 * MC_TILES * MR;
+
+/// Whether [`product_by_panels`] runs (`RLHF_GEMM_PANELS=0` turns it off, for A/B runs).
+fn shared_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("RLHF_GEMM_PANELS").is_ok_and(|v| v == "0"))
+}
+
+/// C = A·B (or C += A·B with `acc`) for at most `SHARED_M` rows, with the work handed out
+/// one item at a time: an item is one panel of `NR` columns over one K slice, all rows.
+///
+/// Cut into as many equal units as threads, a product waits at its end for the slowest
+/// thread, and on these machines one of the two often runs slower (about a tenth of a
+/// reward step went to that wait). Here the threads claim items from a shared counter, in
+/// K-slice order, so they finish within one item of each other. Each thread packs A's K
+/// slice once, when it first claims an item of that slice (as before, every thread packed
+/// all of A); B's panel is packed by whoever claims it, or read in place ([`Src::W`]). A
+/// panel's K slices are added to C in order: an item waits (rarely, and only briefly) until
+/// the item of the slice before on its panel is done, so C is the same to the bit whichever
+/// thread runs what.
+///
+/// # Safety
+/// AVX-512F must be available and `c` must point to `a.rows · b.cols` floats.
+#[cfg(target_arch = "x86_64")]
+unsafe fn product_by_panels<const R: usize>(a: MatRef<'_>, b: Src<'_>, c: *mut f32, acc: bool) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (m, n, k) = (a.rows, b.cols(), a.cols);
+    let (panels, slices) = (n.div_ceil(NR), k.div_ceil(KC));
+    let items = panels * slices;
+    let m_tiles = m.div_ceil(R);
+    let next = AtomicUsize::new(0);
+    // Per panel: how many of its K slices are in C.
+    let done: Vec<AtomicUsize> = (0..panels).map(|_| AtomicUsize::new(0)).collect();
+    let out = SyncPtr(c);
+    let threads = threads();
+    let item = |i: usize| {
+        let (s, p) = (i / panels, i % panels);
+        let k0 = s * KC;
+        (s, p, k0, KC.min(k - k0), p * NR)
+    };
+    let run = |_: std::ops::Range<usize>| {
+        PACK.with_borrow_mut(|(pa, pb)| {
+            let pa = lines(pa, m_tiles * R * KC);
+            let pb = lines(pb, NR * KC);
+            let mut packed = usize::MAX;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= items {
+                    break;
+                }
+                let (s, p, k0, kc, c0) = item(i);
+                let nr = NR.min(n - c0);
+                if packed != s {
+                    for t in 0..m_tiles {
+                        let r0 = t * R;
+                        // SAFETY: the buffer holds m_tiles panels of R × KC.
+                        unsafe { pack_a::<R>(a, r0, R.min(m - r0), k0, kc, pa.add(t * R * kc)) };
+                    }
+                    packed = s;
+                }
+                // SAFETY: the buffer holds one panel of KC × NR; the item lies inside B.
+                let bp = unsafe { b.slice(k0, kc, c0, nr, pb) };
+                // What this thread likely claims next, fetched into L2 while it multiplies.
+                let mut ahead = match (b, i + threads < items) {
+                    (Src::W(w), true) => {
+                        let (_, _, k1, kc1, c1) = item(i + threads);
+                        Ahead::w_panel(w, k1, kc1, c1, m_tiles * kc.div_ceil(PF_EVERY))
+                    }
+                    (Src::Wt(w), true) => {
+                        let (_, _, k1, kc1, c1) = item(i + threads);
+                        let steps = m_tiles * kc.div_ceil(PF_EVERY);
+                        Ahead::wt_slice(w, k1, kc1, c1..(c1 + NR).min(n), steps)
+                    }
+                    _ => Ahead::default(),
+                };
+                while done[p].load(Ordering::Acquire) != s {
+                    std::hint::spin_loop();
+                }
+                let accumulate = acc || s > 0;
+                for ti in 0..m_tiles {
+                    let r0 = ti * R;
+                    let mr = R.min(m - r0);
+                    // SAFETY: the panels are packed above; the tile lies inside C, and no
+                    // other thread touches this panel's columns until `done` moves on.
+                    unsafe {
+                        let ap = pa.add(ti * R * kc);
+                        let cp = out.get().add(r0 * n + c0);
+                        if mr == R && nr == NR {
+                            kernel::<R>(kc, ap, bp, cp, n, accumulate, &mut ahead);
+                        } else {
+                            let mut tile = [Line([0.0; 16]); MR * NR / 16];
+                            let tp: *mut f32 = tile.as_mut_ptr().cast();
+                            kernel::<R>(kc, ap, bp, tp, NR, false, &mut ahead);
+                            write_edge(tp, cp, n, mr, nr, accumulate);
+                        }
+                    }
+                }
+                done[p].store(s + 1, Ordering::Release);
+            }
+        });
+    };
+    candle_core::utils::barrier_pool().execute_chunked(threads, run);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn product_by_panels<const R: usize>(_: MatRef<'_>, _: Src<'_>, _: *mut f32, _: bool) {
+    unreachable!("the AVX-512 kernel runs on x86_64 only")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen weights kept in the kernel's layout
+// ---------------------------------------------------------------------------------------------
+
+/// A frozen weight W (`out × inp`, as a checkpoint stores it) kept in the layout the
+/// microkernel reads B in, so that the backward's grad·W packs nothing, and x·Wᵀ packs from
+/// contiguous blocks rather than strided rows.
+///
+/// W's columns are cut into panels of `NR`; panel t holds, for each row j of W, its `NR`
+/// floats `W[j][NR·t..NR·t + NR]` (zero past `inp`), the rows one after another. Any slice of
+/// rows of a panel is then a packed B panel of grad·W as it is. It takes as much memory as W
+/// (where `inp` is a multiple of `NR`).
+pub struct Panels {
+    data: Vec<Line>,
+    out: usize,
+    inp: usize,
+}
+
+impl Panels {
+    /// W's panels, from W row-major (`w.len() == out · inp`).
+    ///
+    /// # Panics
+    /// When `w` is not `out · inp` long.
+    pub fn new(w: &[f32], out: usize, inp: usize) -> Self {
+        assert_eq!(w.len(), out * inp, "Panels: the weight is not out × in");
+        let panels = inp.div_ceil(NR);
+        let mut data = vec![Line([0.0; 16]); (panels * out * NR).div_ceil(16)];
+        let dst: &mut [f32] = Line::floats_mut(&mut data);
+        for t in 0..panels {
+            let (c0, nr) = (t * NR, NR.min(inp - t * NR));
+            for (j, row) in w.chunks_exact(inp.max(1)).enumerate() {
+                let at = (t * out + j) * NR;
+                dst[at..at + nr].copy_from_slice(&row[c0..c0 + nr]);
+            }
+        }
+        Panels { data, out, inp }
+    }
+
+    /// W's rows (out features).
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    /// W's columns (in features).
+    pub fn inp(&self) -> usize {
+        self.inp
+    }
+
+    fn floats(&self) -> &[f32] {
+        Line::floats(&self.data)
+    }
+
+    /// Element (j, i) of W.
+    pub fn get(&self, j: usize, i: usize) -> f32 {
+        assert!(j < self.out && i < self.inp, "Panels::get out of bounds");
+        self.floats()[((i / NR) * self.out + j) * NR + i % NR]
+    }
+
+    /// W row-major again (`out · inp` floats).
+    pub fn to_row_major(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.out * self.inp];
+        let src = self.floats();
+        for (j, row) in w.chunks_exact_mut(self.inp.max(1)).enumerate() {
+            for (t, chunk) in row.chunks_mut(NR).enumerate() {
+                let at = (t * self.out + j) * NR;
+                chunk.copy_from_slice(&src[at..at + chunk.len()]);
+            }
+        }
+        w
+    }
+}
+
+impl Line {
+    fn floats(lines: &[Line]) -> &[f32] {
+        // SAFETY: a Line is 16 f32s with no padding (repr(C)).
+        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * 16) }
+    }
+
+    fn floats_mut(lines: &mut [Line]) -> &mut [f32] {
+        // SAFETY: as in `floats`.
+        unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * 16) }
+    }
+}
+
+/// x·Wᵀ for a weight kept as [`Panels`] (`x` is `m × inp`), as a new row-major `m × out`
+/// buffer; `None` without AVX-512F.
+///
+/// # Panics
+/// When x's columns are not W's in features.
+pub fn matmul_wt(x: MatRef<'_>, w: &Panels) -> Option<Vec<f32>> {
+    product_into_new(x, Src::Wt(w))
+}
+
+/// grad·W for a weight kept as [`Panels`] (`g` is `m × out`), as a new row-major `m × inp`
+/// buffer; `None` without AVX-512F.
+///
+/// # Panics
+/// When g's columns are not W's out features.
+pub fn matmul_w(g: MatRef<'_>, w: &Panels) -> Option<Vec<f32>> {
+    product_into_new(g, Src::W(w))
+}
+
+/// C += x·Wᵀ (`c` is `m × out`, row-major); `false` without AVX-512F (C untouched).
+///
+/// # Panics
+/// When the shapes disagree.
+pub fn matmul_wt_acc(x: MatRef<'_>, w: &Panels, c: &mut [f32]) -> bool {
+    product_acc(x, Src::Wt(w), c)
+}
+
+/// C += grad·W (`c` is `m × inp`, row-major); `false` without AVX-512F (C untouched).
+///
+/// # Panics
+/// When the shapes disagree.
+pub fn matmul_w_acc(g: MatRef<'_>, w: &Panels, c: &mut [f32]) -> bool {
+    product_acc(g, Src::W(w), c)
+}
+
+fn product_into_new(a: MatRef<'_>, b: Src<'_>) -> Option<Vec<f32>> {
+    assert_eq!(a.cols, b.rows(), "matmul: inner dimensions differ");
+    if !available() {
+        return None;
+    }
+    let (m, n) = (a.rows, b.cols());
+    if m == 0 || n == 0 || a.cols == 0 {
+        return Some(vec![0f32; m * n]);
+    }
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: AVX-512F was detected; c holds m · n floats.
+    unsafe { product_on_pool(a, b, c.as_mut_ptr(), false) };
+    // SAFETY: the units cover C, and the first K slice of each writes its whole block.
+    unsafe { c.set_len(m * n) };
+    Some(c)
+}
+
+fn product_acc(a: MatRef<'_>, b: Src<'_>, c: &mut [f32]) -> bool {
+    assert_eq!(a.cols, b.rows(), "matmul: inner dimensions differ");
+    assert_eq!(c.len(), a.rows * b.cols(), "matmul: C has the wrong length");
+    if !available() {
+        return false;
+    }
+    if a.rows > 0 && b.cols() > 0 && a.cols > 0 {
+        // SAFETY: AVX-512F was detected; c holds the whole of C.
+        unsafe { product_on_pool(a, b, c.as_mut_ptr(), true) };
+    }
+    true
+}
+
+/// Where a block's B comes from: a strided matrix, or a weight kept as [`Panels`], read as
+/// W (grad·W) or as Wᵀ (x·Wᵀ).
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Mat(MatRef<'a>),
+    W(&'a Panels),
+    Wt(&'a Panels),
+}
+
+impl Src<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Src::Mat(b) => b.rows,
+            Src::W(w) => w.out,
+            Src::Wt(w) => w.inp,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Src::Mat(b) => b.cols,
+            Src::W(w) => w.inp,
+            Src::Wt(w) => w.out,
+        }
+    }
+
+    /// The packed `kc × NR` panel of rows `k0..k0+kc`, columns `c0..c0+nr` of B: packed into
+    /// `dst`, or, for grad·W on [`Panels`], where it already lies (`c0` a multiple of `NR`).
+    ///
+    /// # Safety
+    /// `dst` must hold `NR * kc` floats; the rows and columns must lie inside B.
+    unsafe fn slice(
+        &self,
+        k0: usize,
+        kc: usize,
+        c0: usize,
+        nr: usize,
+        dst: *mut f32,
+    ) -> *const f32 {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            match self {
+                Src::Mat(b) => {
+                    pack_b(*b, k0, kc, c0, nr, dst);
+                    dst
+                }
+                Src::W(w) => {
+                    debug_assert!(c0.is_multiple_of(NR));
+                    w.floats().as_ptr().add(((c0 / NR) * w.out + k0) * NR)
+                }
+                Src::Wt(w) => {
+                    pack_wt(w, k0, kc, c0, nr, dst);
+                    dst
+                }
+            }
+        }
+    }
+}
+
+/// k steps of the microkernel per prefetch step: a few lines at a time, spread through the
+/// kernel's loop, so that the fill buffers never fill up and stall it.
+const PF_EVERY: usize = 8;
+
+/// Prefetches into L2, spread over a run of kernel calls' loops: the next panel of a weight the
+/// kernels read in place ([`Src::W`]), or what the next K slice packs ([`Src::Wt`]). W comes
+/// from memory (the caches hold no layer's weights by the time the backward returns to it),
+/// and a kernel waiting on it stalls.
+#[derive(Default)]
+struct Ahead {
+    /// Contiguous runs of 64-byte lines: start and count.
+    runs: [(usize, usize); KC / NR],
+    len: usize,
+    /// The run and line next issued, and lines per step.
+    at: (usize, usize),
+    per_step: usize,
+}
+
+impl Ahead {
+    /// Rows `k0..k0+kc` of W's panel at column `c0`, over `steps` kernel calls.
+    fn w_panel(w: &Panels, k0: usize, kc: usize, c0: usize, steps: usize) -> Self {
+        let start = w.floats().as_ptr() as usize + ((c0 / NR) * w.out + k0) * NR * 4;
+        Self::of(&[(start, kc * NR / 16)], steps)
+    }
+
+    /// What [`pack_wt`] reads for rows `k0..k0+kc` of Wᵀ at columns `cols`, over `steps`.
+    fn wt_slice(
+        w: &Panels,
+        k0: usize,
+        kc: usize,
+        cols: std::ops::Range<usize>,
+        steps: usize,
+    ) -> Self {
+        let base = w.floats().as_ptr() as usize;
+        let runs: Vec<(usize, usize)> = (k0 / NR..(k0 + kc).div_ceil(NR))
+            .map(|p| {
+                (
+                    base + (p * w.out + cols.start) * NR * 4,
+                    cols.len() * NR / 16,
+                )
+            })
+            .collect();
+        Self::of(&runs, steps)
+    }
+
+    fn of(runs: &[(usize, usize)], steps: usize) -> Self {
+        let mut a = Ahead::default();
+        let lines: usize = runs.iter().map(|r| r.1).sum();
+        a.len = runs.len().min(a.runs.len());
+        a.runs[..a.len].copy_from_slice(&runs[..a.len]);
+        a.per_step = lines.div_ceil(steps.max(1));
+        a
+    }
+
+    /// Issues the next `per_step` prefetches.
+    #[inline(always)]
+    fn step(&mut self) {
+        let mut left = self.per_step;
+        while left > 0 && self.at.0 < self.len {
+            let (start, lines) = self.runs[self.at.0];
+            let n = left.min(lines - self.at.1);
+            for l in self.at.1..self.at.1 + n {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: a prefetch does not fault, and the address lies in the weight.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm_prefetch::<_MM_HINT_T1>((start + l * 64) as *const i8);
+                }
+            }
+            left -= n;
+            self.at.1 += n;
+            if self.at.1 == lines {
+                self.at = (self.at.0 + 1, 0);
+            }
+        }
+    }
+}
+
+/// Packs rows `k0..k0+kc` × columns `c0..c0+nr` of Wᵀ (in features × out features) from
+/// [`Panels`] as `kc` rows of `NR` floats (zero past `nr`): 16 × 16 blocks of a panel (16 of
+/// W's rows, 128 bytes apart) are transposed in registers.
+///
+/// # Safety
+/// `dst` must hold `NR * kc` floats; the rows and columns must lie inside Wᵀ.
+unsafe fn pack_wt(w: &Panels, k0: usize, kc: usize, c0: usize, nr: usize, dst: *mut f32) {
+    let src = w.floats();
+    let at = |j: usize, i: usize| ((i / NR) * w.out + j) * NR + i % NR;
+    // SAFETY: every index below is inside `dst` (p < kc, j < NR) or inside `src` (j < out,
+    // i < inp, the caller's bounds).
+    unsafe {
+        if nr == NR && k0.is_multiple_of(16) && available() {
+            let full = kc / 16 * 16;
+            for jb in (0..NR).step_by(16) {
+                for pb in (0..full).step_by(16) {
+                    let s = src.as_ptr().add(at(c0 + jb, k0 + pb));
+                    transpose16(s, NR, dst.add(pb * NR + jb), NR);
+                }
+            }
+            for p in full..kc {
+                for j in 0..NR {
+                    *dst.add(p * NR + j) = src[at(c0 + j, k0 + p)];
+                }
+            }
+        } else {
+            for p in 0..kc {
+                for j in 0..NR {
+                    *dst.add(p * NR + j) = if j < nr { src[at(c0 + j, k0 + p)] } else { 0.0 };
+                }
+            }
+        }
     }
 }
 
@@ -420,9 +855,9 @@ pub fn batched_matmul(
             unsafe {
                 let ci = out.get().add(i * m * n);
                 if m <= SMALL_M {
-                    block::<MR_SMALL>(ai, bi, 0..m, 0..n, ci, n, false)
+                    block::<MR_SMALL>(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
                 } else {
-                    block::<MR>(ai, bi, 0..m, 0..n, ci, n, false)
+                    block::<MR>(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
                 }
             }
         }
@@ -466,9 +901,9 @@ pub(crate) unsafe fn matmul_into(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc:
         // SAFETY: AVX-512F was detected; C is the caller's, as the contract says.
         unsafe {
             if m <= SMALL_M {
-                block::<MR_SMALL>(a, b, 0..m, 0..n, c, ldc, acc)
+                block::<MR_SMALL>(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
             } else {
-                block::<MR>(a, b, 0..m, 0..n, c, ldc, acc)
+                block::<MR>(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
             }
         }
         return;
@@ -603,7 +1038,7 @@ fn lines(buf: &mut Vec<Line>, floats: usize) -> *mut f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn block<const R: usize>(
     a: MatRef<'_>,
-    b: MatRef<'_>,
+    b: Src<'_>,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     c: *mut f32,
@@ -615,16 +1050,25 @@ unsafe fn block<const R: usize>(
     PACK.with_borrow_mut(|(pa, pb)| {
         let pa = lines(pa, MC_TILES * R * KC);
         let pb = lines(pb, n_tiles * NR * KC);
+        let mut panels = [std::ptr::null::<f32>(); NC / NR];
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
-            for t in 0..n_tiles {
+            for (t, panel) in panels.iter_mut().enumerate().take(n_tiles) {
                 let c0 = cols.start + t * NR;
                 let nr = NR.min(cols.end - c0);
                 // SAFETY: the buffer holds n_tiles panels of KC × NR.
-                unsafe { pack_b(b, k0, kc, c0, nr, pb.add(t * NR * kc)) };
+                *panel = unsafe { b.slice(k0, kc, c0, nr, pb.add(t * NR * kc)) };
             }
             let accumulate = acc || k0 > 0;
+            // The calls of this slice's kernels, over which the prefetches are spread.
+            let calls = n_tiles * rows.len().div_ceil(R) * kc.div_ceil(PF_EVERY);
+            let mut ahead = Ahead::default();
+            if let Src::Wt(w) = b {
+                if k0 + kc < k {
+                    ahead = Ahead::wt_slice(w, k0 + kc, KC.min(k - k0 - kc), cols.clone(), calls);
+                }
+            }
             let mut m0 = rows.start;
             while m0 < rows.end {
                 let mb = (MC_TILES * R).min(rows.end - m0);
@@ -635,23 +1079,34 @@ unsafe fn block<const R: usize>(
                     // SAFETY: the buffer holds MC_TILES panels of R × KC.
                     unsafe { pack_a::<R>(a, r0, mr, k0, kc, pa.add(t * R * kc)) };
                 }
-                for tj in 0..n_tiles {
+                for (tj, &bp) in panels.iter().enumerate().take(n_tiles) {
                     let c0 = cols.start + tj * NR;
                     let nr = NR.min(cols.end - c0);
+                    if let Src::W(w) = b {
+                        // The kernels read W's panels in place: fetch the next one into L2
+                        // while this one is multiplied.
+                        let next = if tj + 1 < n_tiles {
+                            Some((k0, kc, c0 + NR))
+                        } else {
+                            (k0 + kc < k).then(|| (k0 + kc, KC.min(k - k0 - kc), cols.start))
+                        };
+                        ahead = next.map_or_else(Ahead::default, |(k0, kc, c0)| {
+                            Ahead::w_panel(w, k0, kc, c0, m_tiles * kc.div_ceil(PF_EVERY))
+                        });
+                    }
                     for ti in 0..m_tiles {
                         let r0 = m0 + ti * R;
                         let mr = R.min(m0 + mb - r0);
                         // SAFETY: panels are packed above; the tile lies inside C.
                         unsafe {
                             let ap = pa.add(ti * R * kc);
-                            let bp = pb.add(tj * NR * kc);
                             let cp = c.add(r0 * ldc + c0);
                             if mr == R && nr == NR {
-                                kernel::<R>(kc, ap, bp, cp, ldc, accumulate);
+                                kernel::<R>(kc, ap, bp, cp, ldc, accumulate, &mut ahead);
                             } else {
                                 let mut tile = [Line([0.0; 16]); MR * NR / 16];
                                 let tp: *mut f32 = tile.as_mut_ptr().cast();
-                                kernel::<R>(kc, ap, bp, tp, NR, false);
+                                kernel::<R>(kc, ap, bp, tp, NR, false, &mut ahead);
                                 write_edge(tp, cp, ldc, mr, nr, accumulate);
                             }
                         }
@@ -667,7 +1122,7 @@ unsafe fn block<const R: usize>(
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn block<const R: usize>(
     _: MatRef<'_>,
-    _: MatRef<'_>,
+    _: Src<'_>,
     _: std::ops::Range<usize>,
     _: std::ops::Range<usize>,
     _: *mut f32,
@@ -962,7 +1417,7 @@ unsafe fn transpose16(_: *const f32, _: usize, _: *mut f32, _: usize) {
     unreachable!("the AVX-512 kernel runs on x86_64 only")
 }
 
-/// C[MR × NR] (+)= A panel · B panel over `kc`.
+/// C[MR × NR] (+)= A panel · B panel over `kc`, issuing `ahead`'s prefetches as it goes.
 ///
 /// # Safety
 /// AVX-512F must be available; `a` holds `kc × R` floats, `b` holds `kc × NR`, and `c` an
@@ -977,12 +1432,16 @@ unsafe fn kernel<const R: usize>(
     c: *mut f32,
     ldc: usize,
     acc: bool,
+    ahead: &mut Ahead,
 ) {
     use std::arch::x86_64::*;
     let mut t = [[_mm512_setzero_ps(); 2]; R];
     // SAFETY: the caller guarantees the sizes read and written here.
     unsafe {
         for p in 0..kc {
+            if p % PF_EVERY == 0 {
+                ahead.step();
+            }
             let b0 = _mm512_loadu_ps(b.add(p * NR));
             let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
             let ap = a.add(p * R);
@@ -1367,6 +1826,7 @@ mod tests {
             (113, 300, 257),
             (230, 520, 70),
             (240, 70, 1100),
+            (900, 40, 300),
         ] {
             let av = values(m * k, 1);
             let bv = values(k * n, 2);
@@ -1390,6 +1850,71 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn products_with_a_weight_kept_as_panels_match_the_row_major_weight() {
+        if !available() {
+            return;
+        }
+        // (rows of x, out, in): ragged panels and K slices, few rows (8-row tiles), the
+        // per-panel hand-out (65..=896 rows, 8+ panels) and the slab units past it.
+        for &(m, out, inp) in &[
+            (1, 1, 1),
+            (13, 31, 33),
+            (70, 64, 300),
+            (188, 576, 96),
+            (240, 1100, 70),
+            (900, 300, 40),
+        ] {
+            let wv = values(out * inp, 5);
+            let p = Panels::new(&wv, out, inp);
+            assert_eq!(p.to_row_major(), wv, "({out},{inp}): round trip");
+            assert_eq!(p.get(out - 1, inp - 1), wv[out * inp - 1]);
+            let w = MatRef::new(&wv, out, inp, inp, 1);
+            let (xv, gv) = (values(m * inp, 6), values(m * out, 7));
+            let (x, g) = (
+                MatRef::new(&xv, m, inp, inp, 1),
+                MatRef::new(&gv, m, out, out, 1),
+            );
+            let check = |what: &str, got: &[f32], want: &[f64]| {
+                for (idx, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{what} ({m},{out},{inp}) at {idx}: {g} vs {w}"
+                    );
+                }
+            };
+            let fwd = matmul_wt(x, &p).unwrap();
+            check("x·Wᵀ", &fwd, &naive(x, w.t()));
+            let bwd = matmul_w(g, &p).unwrap();
+            check("g·W", &bwd, &naive(g, w));
+            if m > STREAM_M {
+                // The same packed panels reach the same kernel: the same bits.
+                assert_eq!(
+                    fwd,
+                    matmul(x, w.t()).unwrap(),
+                    "x·Wᵀ bits ({m},{out},{inp})"
+                );
+                assert_eq!(bwd, matmul(g, w).unwrap(), "g·W bits ({m},{out},{inp})");
+            }
+            let mut acc = values(m * out, 8);
+            let want: Vec<f64> = naive(x, w.t())
+                .iter()
+                .zip(&acc)
+                .map(|(p, c)| p + *c as f64)
+                .collect();
+            assert!(matmul_wt_acc(x, &p, &mut acc));
+            check("C + x·Wᵀ", &acc, &want);
+            let mut acc = values(m * inp, 9);
+            let want: Vec<f64> = naive(g, w)
+                .iter()
+                .zip(&acc)
+                .map(|(p, c)| p + *c as f64)
+                .collect();
+            assert!(matmul_w_acc(g, &p, &mut acc));
+            check("C + g·W", &acc, &want);
         }
     }
 

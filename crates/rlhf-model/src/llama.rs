@@ -421,6 +421,29 @@ impl Llama {
 }
 
 impl crate::model::Backbone for Llama {
+    fn keep_frozen_in_kernel_layout(
+        &mut self,
+        replaced: &mut crate::model::Replaced<'_>,
+    ) -> Result<()> {
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            for p in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                if let Some((old, kernel)) = p.keep_in_kernel_layout()? {
+                    replaced(old, kernel)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn forward(
         &self,
         ids: &Tensor,

@@ -59,6 +59,15 @@ pub trait Backbone {
     fn packs_natively(&self) -> bool {
         false
     }
+    /// Keeps the frozen projection weights of the layers the one-op layer runs in the GEMM
+    /// kernel's layout ([`crate::nn::Linear::keep_in_kernel_layout`]), handing each replaced
+    /// tensor's id and the weight's new form to `replaced` as it goes (which drops the
+    /// parameter store's hold on the old tensor, so that only one weight is ever held
+    /// twice). The default converts none.
+    fn keep_frozen_in_kernel_layout(&mut self, replaced: &mut Replaced<'_>) -> Result<()> {
+        let _ = replaced;
+        Ok(())
+    }
     /// Number of decoder layers (the KV cache's size).
     fn n_layers(&self) -> usize;
     /// Width of the hidden states.
@@ -73,6 +82,10 @@ pub trait Backbone {
         crate::ops::positions_from_mask(mask)
     }
 }
+
+/// What [`Backbone::keep_frozen_in_kernel_layout`] reports each converted weight to.
+pub type Replaced<'a> =
+    dyn FnMut(candle_core::TensorId, std::rc::Rc<crate::nn::KernelWeight>) -> Result<()> + 'a;
 
 /// Shortest prefix worth sharing, in tokens.
 const MIN_SHARED: usize = 4;
@@ -514,6 +527,31 @@ impl Model {
     /// The device.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Keeps the backbone's frozen projection weights in the GEMM kernel's layout, in place
+    /// of the checkpoint's (the same memory): the one-op layer's products then pack less of
+    /// them ([`crate::gemm::Panels`]). For jobs that train or score without generating
+    /// (reward and SFT training): any other path that reads such a weight rebuilds the
+    /// row-major tensor, doubling its memory. Returns how many weights were converted.
+    pub fn keep_frozen_in_kernel_layout(&mut self) -> Result<usize> {
+        let mut n = 0;
+        let params = &mut self.params;
+        // The store holds the checkpoint's tensor too: until it lets go, the old weight's
+        // memory stays beside the panels.
+        let mut replace = |old: candle_core::TensorId,
+                           kernel: std::rc::Rc<crate::nn::KernelWeight>| {
+            n += 1;
+            if params.replace_frozen(old, &kernel) {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "a frozen weight ({kernel:?}) is missing from the parameter store"
+                )))
+            }
+        };
+        self.backbone.keep_frozen_in_kernel_layout(&mut replace)?;
+        Ok(n)
     }
 
     /// All parameters under their HF/PEFT names.

@@ -1,7 +1,8 @@
 //! Layers: linear (with an optional LoRA adapter), embedding, norms.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -95,11 +96,67 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
+/// A frozen weight kept in the GEMM kernel's layout ([`crate::gemm::Panels`]) in place of
+/// the checkpoint's tensor, shared by its layer and the model's parameter store. Paths other
+/// than the one-op layer read [`KernelWeight::tensor`], which rebuilds the row-major tensor
+/// on first use and keeps it (doubling this weight's memory from then on).
+pub struct KernelWeight {
+    panels: Arc<crate::gemm::Panels>,
+    rows: OnceCell<Tensor>,
+}
+
+impl KernelWeight {
+    /// The (out, in) tensor, row-major.
+    pub fn tensor(&self) -> &Tensor {
+        self.rows.get_or_init(|| {
+            Tensor::from_vec(
+                self.panels.to_row_major(),
+                (self.panels.out(), self.panels.inp()),
+                &Device::Cpu,
+            )
+            .expect("out · in floats make an (out, in) tensor")
+        })
+    }
+
+    /// Its number of elements (out · in), without rebuilding the tensor.
+    pub fn elem_count(&self) -> usize {
+        self.panels.out() * self.panels.inp()
+    }
+}
+
+impl std::fmt::Debug for KernelWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KernelWeight({} x {})",
+            self.panels.out(),
+            self.panels.inp()
+        )
+    }
+}
+
+/// A linear layer's weight: the checkpoint's tensor, or a frozen one kept in the kernel's
+/// layout ([`Linear::keep_in_kernel_layout`]).
+#[derive(Debug, Clone)]
+enum Weight {
+    Tensor(Tensor),
+    Kernel(Rc<KernelWeight>),
+}
+
+/// A frozen projection weight as the one-op layer ([`crate::block`]) reads it.
+#[derive(Clone, Copy)]
+pub(crate) enum FrozenRef<'a> {
+    /// (out, in), row-major.
+    Rows(&'a Tensor),
+    /// The kernel's panels.
+    Panels(&'a Arc<crate::gemm::Panels>),
+}
+
 /// A linear layer over a frozen or trainable weight, optionally carrying a LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// (out, in) for nn.Linear; (in, out) for GPT-2's Conv1D (`conv1d` = true).
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     conv1d: bool,
     lora: Option<LoraAdapter>,
@@ -154,7 +211,7 @@ impl Linear {
             _ => None,
         };
         Ok(Self {
-            weight,
+            weight: Weight::Tensor(weight),
             bias,
             conv1d,
             lora,
@@ -165,7 +222,7 @@ impl Linear {
     /// A linear layer from tensors already at hand (tied heads).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>, switches: &Rc<Switches>) -> Self {
         Self {
-            weight,
+            weight: Weight::Tensor(weight),
             bias,
             conv1d: false,
             lora: None,
@@ -173,9 +230,52 @@ impl Linear {
         }
     }
 
-    /// The weight as stored in the checkpoint.
+    /// The weight as stored in the checkpoint. After [`Self::keep_in_kernel_layout`] it is
+    /// rebuilt from the panels on first use, and kept.
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        match &self.weight {
+            Weight::Tensor(t) => t,
+            Weight::Kernel(k) => k.tensor(),
+        }
+    }
+
+    /// Keeps a frozen, bias-free nn.Linear weight (f32 on the CPU) in the GEMM kernel's
+    /// layout ([`KernelWeight`]) in place of the checkpoint's tensor, where the one-op layer
+    /// runs ([`crate::block::enabled`]): the same memory once the model's parameter store
+    /// holds the same [`KernelWeight`] (see [`crate::Model::keep_frozen_in_kernel_layout`]),
+    /// and its products pack less. Returns the replaced tensor's id and the weight's new
+    /// form, or `None` where the weight stays as it is.
+    pub(crate) fn keep_in_kernel_layout(
+        &mut self,
+    ) -> Result<Option<(candle_core::TensorId, Rc<KernelWeight>)>> {
+        let Weight::Tensor(w) = &self.weight else {
+            return Ok(None);
+        };
+        if self.bias.is_some()
+            || self.conv1d
+            || w.track_op()
+            || w.rank() != 2
+            || w.dtype() != DType::F32
+            || !w.device().is_cpu()
+            || !crate::block::enabled()
+        {
+            return Ok(None);
+        }
+        let (out, inp) = w.dims2()?;
+        let w = w.contiguous()?;
+        let panels =
+            crate::attn::with_data(&w, "weight", |d| Ok(crate::gemm::Panels::new(d, out, inp)))?;
+        let kernel = Rc::new(KernelWeight {
+            panels: Arc::new(panels),
+            rows: OnceCell::new(),
+        });
+        let Weight::Tensor(old) =
+            std::mem::replace(&mut self.weight, Weight::Kernel(kernel.clone()))
+        else {
+            unreachable!("matched above")
+        };
+        let id = old.id();
+        Ok(Some((id, kernel)))
     }
 
     /// The adapter, if any.
@@ -186,8 +286,12 @@ impl Linear {
     /// The frozen (out, in) weight and the active adapter, for ops that run a whole layer
     /// ([`crate::block`]); `None` where the layer has a bias, a Conv1D or trainable weight, or
     /// an adapter dropout to apply.
-    pub(crate) fn frozen_parts(&self) -> Option<(&Tensor, Option<&LoraAdapter>)> {
-        if self.bias.is_some() || self.conv1d || self.weight.track_op() {
+    pub(crate) fn frozen_parts(&self) -> Option<(FrozenRef<'_>, Option<&LoraAdapter>)> {
+        let w = match &self.weight {
+            Weight::Tensor(t) => FrozenRef::Rows(t),
+            Weight::Kernel(k) => FrozenRef::Panels(&k.panels),
+        };
+        if self.bias.is_some() || self.conv1d || matches!(w, FrozenRef::Rows(t) if t.track_op()) {
             return None;
         }
         let lora = self
@@ -197,7 +301,7 @@ impl Linear {
         if lora.is_some_and(|l| self.switches.training() && l.dropout > 0.0) {
             return None;
         }
-        Some((&self.weight, lora))
+        Some((w, lora))
     }
 
     // x: (..., in) -> (..., out)
@@ -214,13 +318,13 @@ impl Linear {
         let dropout = lora.is_some_and(|l| self.switches.training() && l.dropout > 0.0);
         let fused = match lora {
             Some(l) if !dropout => {
-                crate::frozen::lora_linear(&x2, &self.weight, &l.a, &l.b, l.scale, self.conv1d)?
+                crate::frozen::lora_linear(&x2, self.weight(), &l.a, &l.b, l.scale, self.conv1d)?
             }
             _ => None,
         };
         let mut y = match &fused {
             Some(y) => y.clone(),
-            None => crate::frozen::linear(&x2, &self.weight, self.conv1d)?,
+            None => crate::frozen::linear(&x2, self.weight(), self.conv1d)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
@@ -253,7 +357,7 @@ impl Linear {
     pub fn forward_silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         if self.plain() {
             let (g2, u2) = (rows2(gate)?, rows2(up)?);
-            if let Some(y) = crate::glu::silu_mul_linear(&g2, &u2, &self.weight)? {
+            if let Some(y) = crate::glu::silu_mul_linear(&g2, &u2, self.weight())? {
                 return self.finish(y, gate.dims());
             }
         }
@@ -271,7 +375,7 @@ impl Linear {
     ) -> Result<Tensor> {
         if self.plain() {
             let (g2, u2, r2) = (rows2(gate)?, rows2(up)?, rows2(residual)?);
-            let fused = crate::glu::silu_mul_linear_residual(&g2, &u2, &self.weight, &r2)?;
+            let fused = crate::glu::silu_mul_linear_residual(&g2, &u2, self.weight(), &r2)?;
             if let Some(y) = fused {
                 return self.finish(y, gate.dims());
             }
@@ -285,7 +389,7 @@ impl Linear {
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         if self.plain() {
             let (x2, r2) = (rows2(x)?, rows2(residual)?);
-            if let Some(y) = crate::frozen::linear_residual(&x2, &self.weight, &r2)? {
+            if let Some(y) = crate::frozen::linear_residual(&x2, self.weight(), &r2)? {
                 return self.finish(y, x.dims());
             }
         }
@@ -301,7 +405,7 @@ impl Linear {
         if self.plain() {
             let keep = self.switches.grad_enabled();
             if let Some(lp) =
-                crate::logprob::head_token_logprobs(x, &self.weight, targets, temperature, keep)?
+                crate::logprob::head_token_logprobs(x, self.weight(), targets, temperature, keep)?
             {
                 return Ok(if keep { lp } else { lp.detach() });
             }

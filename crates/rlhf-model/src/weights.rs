@@ -262,6 +262,8 @@ pub enum Param {
     Frozen(Tensor),
     /// Updated by the optimiser.
     Trainable(Var),
+    /// Frozen, kept in the GEMM kernel's layout (shared with its layer).
+    Kernel(std::rc::Rc<crate::nn::KernelWeight>),
 }
 
 impl Param {
@@ -270,6 +272,15 @@ impl Param {
         match self {
             Param::Frozen(t) => t,
             Param::Trainable(v) => v.as_tensor(),
+            Param::Kernel(k) => k.tensor(),
+        }
+    }
+
+    /// Its number of elements (without rebuilding a kernel-layout weight).
+    pub fn elem_count(&self) -> usize {
+        match self {
+            Param::Kernel(k) => k.elem_count(),
+            p => p.tensor().elem_count(),
         }
     }
 }
@@ -296,13 +307,29 @@ impl ParamStore {
         self.params.get(name)
     }
 
+    /// Replaces the frozen parameter whose tensor has id `old` with its kernel-layout form;
+    /// returns whether one was found.
+    pub(crate) fn replace_frozen(
+        &mut self,
+        old: candle_core::TensorId,
+        kernel: &std::rc::Rc<crate::nn::KernelWeight>,
+    ) -> bool {
+        for p in self.params.values_mut() {
+            if matches!(p, Param::Frozen(t) if t.id() == old) {
+                *p = Param::Kernel(kernel.clone());
+                return true;
+            }
+        }
+        false
+    }
+
     /// The trainable parameters, sorted by name: what the optimiser owns.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         self.params
             .iter()
             .filter_map(|(n, p)| match p {
                 Param::Trainable(v) => Some((n.clone(), v.clone())),
-                Param::Frozen(_) => None,
+                Param::Frozen(_) | Param::Kernel(_) => None,
             })
             .collect()
     }
@@ -312,7 +339,7 @@ impl ParamStore {
         let mut trainable = 0;
         let mut all = 0;
         for p in self.params.values() {
-            let n = p.tensor().elem_count();
+            let n = p.elem_count();
             all += n;
             if matches!(p, Param::Trainable(_)) {
                 trainable += n;

@@ -117,7 +117,9 @@ pub fn read_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 /// Loads the model a run trains: the configured model with fresh LoRA adapters or full
-/// training, or, when resuming, the checkpoint's weights.
+/// training, or, when resuming, the checkpoint's weights. The frozen projection weights are
+/// kept in the GEMM kernel's layout ([`Model::keep_frozen_in_kernel_layout`]): the reward and
+/// SFT trainers that call this never generate.
 pub fn load_model(
     args: &TrainingArgs,
     lora: Option<&rlhf_model::lora::LoraConfig>,
@@ -133,7 +135,7 @@ pub fn load_model(
         (Some(ckpt), None) => (ckpt.to_path_buf(), None),
         (None, _) => (args.model.clone(), None),
     };
-    Ok(Model::load(
+    let mut model = Model::load(
         &dir,
         &LoadOptions {
             heads,
@@ -142,5 +144,8 @@ pub fn load_model(
             adapter,
             ..Default::default()
         },
-    )?)
+    )?;
+    let packed = model.keep_frozen_in_kernel_layout()?;
+    tracing::debug!("{packed} frozen weights kept in the GEMM kernel's layout");
+    Ok(model)
 }
