@@ -747,6 +747,51 @@ mod tests {
     }
 
     #[test]
+    fn only_layers_the_one_op_layer_runs_get_kernel_layout_weights() {
+        if !enabled() {
+            return;
+        }
+        let load = |name: &str, dropout: f64| {
+            let dir = std::path::PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/fixtures/models/"
+            ))
+            .join(name);
+            let cfg = LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                lora_dropout: dropout,
+                task_type: Some("SEQ_CLS".into()),
+                ..Default::default()
+            };
+            let options = LoadOptions {
+                heads: Heads::Score,
+                training: Training::Lora(cfg),
+                ..Default::default()
+            };
+            Model::load(&dir, &options).unwrap()
+        };
+        // Adapter dropout sends a training forward to the composed layer, and Qwen2's q, k
+        // and v carry a bias, which the one-op layer does not take: either would rebuild
+        // the row-major weights on every layer, holding them twice.
+        assert_eq!(
+            load("llama-gqa", 0.1)
+                .keep_frozen_in_kernel_layout()
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            load("qwen2", 0.0).keep_frozen_in_kernel_layout().unwrap(),
+            0
+        );
+        let mut plain = load("llama-gqa", 0.0);
+        assert_eq!(
+            plain.keep_frozen_in_kernel_layout().unwrap(),
+            7 * plain.n_layers()
+        );
+    }
+
+    #[test]
     fn scatter_is_the_adjoint_of_gather_with_repeated_rows() {
         let (m, w) = (5, 3);
         let rows = [3, 0, 3, 4];

@@ -275,16 +275,8 @@ unsafe fn product_by_panels<const R: usize>(a: MatRef<'_>, b: Src<'_>, c: *mut f
                     // SAFETY: the panels are packed above; the tile lies inside C, and no
                     // other thread touches this panel's columns until `done` moves on.
                     unsafe {
-                        let ap = pa.add(ti * R * kc);
-                        let cp = out.get().add(r0 * n + c0);
-                        if mr == R && nr == NR {
-                            kernel::<R>(kc, ap, bp, cp, n, accumulate, &mut ahead);
-                        } else {
-                            let mut tile = [Line([0.0; 16]); MR * NR / 16];
-                            let tp: *mut f32 = tile.as_mut_ptr().cast();
-                            kernel::<R>(kc, ap, bp, tp, NR, false, &mut ahead);
-                            write_edge(tp, cp, n, mr, nr, accumulate);
-                        }
+                        let (ap, cp) = (pa.add(ti * R * kc), out.get().add(r0 * n + c0));
+                        tile::<R>(kc, ap, bp, (cp, n), (mr, nr), accumulate, &mut ahead);
                     }
                 }
                 done[p].store(s + 1, Ordering::Release);
@@ -1099,16 +1091,8 @@ unsafe fn block<const R: usize>(
                         let mr = R.min(m0 + mb - r0);
                         // SAFETY: panels are packed above; the tile lies inside C.
                         unsafe {
-                            let ap = pa.add(ti * R * kc);
-                            let cp = c.add(r0 * ldc + c0);
-                            if mr == R && nr == NR {
-                                kernel::<R>(kc, ap, bp, cp, ldc, accumulate, &mut ahead);
-                            } else {
-                                let mut tile = [Line([0.0; 16]); MR * NR / 16];
-                                let tp: *mut f32 = tile.as_mut_ptr().cast();
-                                kernel::<R>(kc, ap, bp, tp, NR, false, &mut ahead);
-                                write_edge(tp, cp, ldc, mr, nr, accumulate);
-                            }
+                            let (ap, cp) = (pa.add(ti * R * kc), c.add(r0 * ldc + c0));
+                            tile::<R>(kc, ap, bp, (cp, ldc), (mr, nr), accumulate, &mut ahead);
                         }
                     }
                 }
@@ -1117,6 +1101,36 @@ unsafe fn block<const R: usize>(
             k0 += kc;
         }
     });
+}
+
+/// One `mr × nr` tile of C at `c.0` (row stride `c.1`) from packed panels: the kernel
+/// straight into C where the tile is whole, through a scratch tile at C's edges.
+///
+/// # Safety
+/// As for [`kernel`], with `mr <= R` and `nr <= NR` rows and columns of C inside it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile<const R: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: (*mut f32, usize),
+    (mr, nr): (usize, usize),
+    acc: bool,
+    ahead: &mut Ahead,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if mr == R && nr == NR {
+            kernel::<R>(kc, a, b, c.0, c.1, acc, ahead);
+        } else {
+            let mut tile = [Line([0.0; 16]); MR * NR / 16];
+            let tp: *mut f32 = tile.as_mut_ptr().cast();
+            kernel::<R>(kc, a, b, tp, NR, false, ahead);
+            write_edge(tp, c.0, c.1, mr, nr, acc);
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]

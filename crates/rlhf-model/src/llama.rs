@@ -425,9 +425,14 @@ impl crate::model::Backbone for Llama {
         &mut self,
         replaced: &mut crate::model::Replaced<'_>,
     ) -> Result<()> {
+        // Only layers the one-op layer runs ([`Self::fused_layer`]): every projection must
+        // fit, or the layer composes and would rebuild the row-major weights.
+        if !matches!(self.cfg.hidden_act.as_str(), "silu" | "swish") {
+            return Ok(());
+        }
         for l in &mut self.layers {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            for p in [
+            let projs = [
                 &mut a.q_proj,
                 &mut a.k_proj,
                 &mut a.v_proj,
@@ -435,7 +440,11 @@ impl crate::model::Backbone for Llama {
                 &mut m.gate_proj,
                 &mut m.up_proj,
                 &mut m.down_proj,
-            ] {
+            ];
+            if !projs.iter().all(|p| p.kernel_layout_fits()) {
+                continue;
+            }
+            for p in projs {
                 if let Some((old, kernel)) = p.keep_in_kernel_layout()? {
                     replaced(old, kernel)?;
                 }

@@ -109,6 +109,13 @@ impl KernelWeight {
     /// The (out, in) tensor, row-major.
     pub fn tensor(&self) -> &Tensor {
         self.rows.get_or_init(|| {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "a weight kept in the GEMM kernel's layout is read row-major by another \
+                     path: rebuilding it, which holds it twice in memory from now on"
+                )
+            });
             Tensor::from_vec(
                 self.panels.to_row_major(),
                 (self.panels.out(), self.panels.inp()),
@@ -239,28 +246,39 @@ impl Linear {
         }
     }
 
-    /// Keeps a frozen, bias-free nn.Linear weight (f32 on the CPU) in the GEMM kernel's
-    /// layout ([`KernelWeight`]) in place of the checkpoint's tensor, where the one-op layer
-    /// runs ([`crate::block::enabled`]): the same memory once the model's parameter store
-    /// holds the same [`KernelWeight`] (see [`crate::Model::keep_frozen_in_kernel_layout`]),
-    /// and its products pack less. Returns the replaced tensor's id and the weight's new
-    /// form, or `None` where the weight stays as it is.
+    /// Whether [`Self::keep_in_kernel_layout`] would convert this weight: frozen, f32 on the
+    /// CPU, nn.Linear without bias, no adapter dropout (which sends a training forward to the
+    /// composed layer), where the one-op layer runs ([`crate::block::enabled`]).
+    pub(crate) fn kernel_layout_fits(&self) -> bool {
+        let Weight::Tensor(w) = &self.weight else {
+            return false;
+        };
+        self.bias.is_none()
+            && !self.conv1d
+            && !w.track_op()
+            && w.rank() == 2
+            && w.dtype() == DType::F32
+            && w.device().is_cpu()
+            && self.lora.as_ref().is_none_or(|l| l.dropout == 0.0)
+            && crate::block::enabled()
+    }
+
+    /// Keeps the weight in the GEMM kernel's layout ([`KernelWeight`]) in place of the
+    /// checkpoint's tensor, where [`Self::kernel_layout_fits`]: the same memory once the
+    /// model's parameter store holds the same [`KernelWeight`] (see
+    /// [`crate::Model::keep_frozen_in_kernel_layout`]), and the one-op layer's products pack
+    /// less. Returns the replaced tensor's id and the weight's new form, or `None` where the
+    /// weight stays as it is. Only for layers the one-op layer will run: any other forward
+    /// rebuilds the row-major tensor.
     pub(crate) fn keep_in_kernel_layout(
         &mut self,
     ) -> Result<Option<(candle_core::TensorId, Rc<KernelWeight>)>> {
+        if !self.kernel_layout_fits() {
+            return Ok(None);
+        }
         let Weight::Tensor(w) = &self.weight else {
             return Ok(None);
         };
-        if self.bias.is_some()
-            || self.conv1d
-            || w.track_op()
-            || w.rank() != 2
-            || w.dtype() != DType::F32
-            || !w.device().is_cpu()
-            || !crate::block::enabled()
-        {
-            return Ok(None);
-        }
         let (out, inp) = w.dims2()?;
         let w = w.contiguous()?;
         let panels =
