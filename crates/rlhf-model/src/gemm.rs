@@ -161,7 +161,7 @@ pub fn matmul_acc(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> bool {
 unsafe fn product_on_pool(a: MatRef<'_>, b: Src<'_>, c: *mut f32, acc: bool) {
     let (m, n) = (a.rows, b.cols());
     let mr = if m <= SMALL_M { MR_SMALL } else { MR };
-    if m > SMALL_M && m <= SHARED_M && n.div_ceil(NR) >= 4 * threads() && shared_enabled() {
+    if m > SMALL_M && m <= SHARED_M && n.div_ceil(NR) >= 2 * threads() && shared_enabled() {
         // SAFETY: as the caller guarantees.
         unsafe { product_by_panels::<MR>(a, b, c, acc) };
         return;
@@ -1873,12 +1873,13 @@ mod tests {
             return;
         }
         // (rows of x, out, in): ragged panels and K slices, few rows (8-row tiles), the
-        // per-panel hand-out (65..=896 rows, 8+ panels) and the slab units past it.
+        // per-panel hand-out (65..=896 rows, 4+ panels) and the slab units past it.
         for &(m, out, inp) in &[
             (1, 1, 1),
             (13, 31, 33),
             (70, 64, 300),
             (188, 576, 96),
+            (150, 192, 100),
             (240, 1100, 70),
             (900, 300, 40),
         ] {
