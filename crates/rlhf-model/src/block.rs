@@ -203,6 +203,55 @@ enum Weight {
     Panels(std::sync::Arc<gemm::Panels>),
 }
 
+impl Weight {
+    /// (out, in).
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Weight::Rows(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            Weight::Panels(w) => (w.out(), w.inp()),
+        }
+    }
+
+    /// a·Wᵀ (`wt`, a the layer's input rows) or a·W (a an output gradient), into a new
+    /// buffer it returns, or, with `acc`, added to `acc`.
+    fn product(
+        &self,
+        a: MatRef<'_>,
+        wt: bool,
+        acc: Option<&mut [f32]>,
+    ) -> CResult<Option<Vec<f32>>> {
+        let (n, k) = self.dims();
+        let out = match (self, acc) {
+            (Weight::Rows(w), acc) => with_data(w, "weight", |w| {
+                let w = MatRef::new(w, n, k, k, 1);
+                let b = if wt { w.t() } else { w };
+                Ok(match acc {
+                    Some(c) => gemm::matmul_acc(a, b, c).then_some(None),
+                    None => gemm::matmul(a, b).map(Some),
+                })
+            })?,
+            (Weight::Panels(w), Some(c)) => {
+                let done = if wt {
+                    gemm::matmul_wt_acc(a, w, c)
+                } else {
+                    gemm::matmul_w_acc(a, w, c)
+                };
+                done.then_some(None)
+            }
+            (Weight::Panels(w), None) => if wt {
+                gemm::matmul_wt(a, w)
+            } else {
+                gemm::matmul_w(a, w)
+            }
+            .map(Some),
+        };
+        Ok(out.expect("AVX-512F checked"))
+    }
+}
+
 /// Where a projection's adapter lies in the flat adapter tensor: A `(r, in)` at `a`, B
 /// `(out, r)` at `b`, both row-major.
 #[derive(Clone, Copy)]
@@ -249,43 +298,25 @@ struct Saved {
 impl Layer {
     /// (out, in) of projection `i`.
     fn dims(&self, i: usize) -> (usize, usize) {
-        match &self.w[i] {
-            Weight::Rows(w) => {
-                let d = w.dims();
-                (d[0], d[1])
-            }
-            Weight::Panels(w) => (w.out(), w.inp()),
-        }
+        self.w[i].dims()
     }
 
     /// x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) of projection `i` for input rows `x`.
     fn project(&self, i: usize, x: &[f32], lora: &[f32]) -> CResult<Vec<f32>> {
-        let (n, k) = self.dims(i);
+        let k = self.dims(i).1;
         let xm = MatRef::new(x, x.len() / k, k, k, 1);
-        let mut y = match &self.w[i] {
-            Weight::Rows(w) => with_data(w, "weight", |w| {
-                Ok(gemm::matmul(xm, MatRef::new(w, n, k, k, 1).t()))
-            })?,
-            Weight::Panels(w) => gemm::matmul_wt(xm, w),
-        }
-        .expect("AVX-512F checked");
+        let mut y = self.w[i]
+            .product(xm, true, None)?
+            .expect("a new buffer was asked for");
         self.add_adapter(i, xm, lora, &mut y);
         Ok(y)
     }
 
     /// out += x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) of projection `i`.
     fn project_acc(&self, i: usize, x: &[f32], lora: &[f32], out: &mut [f32]) -> CResult<()> {
-        let (n, k) = self.dims(i);
+        let k = self.dims(i).1;
         let xm = MatRef::new(x, x.len() / k, k, k, 1);
-        match &self.w[i] {
-            Weight::Rows(w) => with_data(w, "weight", |w| {
-                gemm::matmul_acc(xm, MatRef::new(w, n, k, k, 1).t(), out);
-                Ok(())
-            })?,
-            Weight::Panels(w) => {
-                gemm::matmul_wt_acc(xm, w, out);
-            }
-        }
+        self.w[i].product(xm, true, Some(out))?;
         self.add_adapter(i, xm, lora, out);
         Ok(())
     }
@@ -338,26 +369,14 @@ impl Layer {
         match dx {
             InputGrad::Skip => Ok(None),
             InputGrad::New => {
-                let mut dx = match &self.w[i] {
-                    Weight::Rows(w) => with_data(w, "weight", |w| {
-                        Ok(gemm::matmul(gm, MatRef::new(w, n, k, k, 1)))
-                    })?,
-                    Weight::Panels(w) => gemm::matmul_w(gm, w),
-                }
-                .expect("AVX-512F checked");
+                let mut dx = self.w[i]
+                    .product(gm, false, None)?
+                    .expect("a new buffer was asked for");
                 add_adapter(&mut dx);
                 Ok(Some(dx))
             }
             InputGrad::Add(dx) => {
-                match &self.w[i] {
-                    Weight::Rows(w) => with_data(w, "weight", |w| {
-                        gemm::matmul_acc(gm, MatRef::new(w, n, k, k, 1), dx);
-                        Ok(())
-                    })?,
-                    Weight::Panels(w) => {
-                        gemm::matmul_w_acc(gm, w, dx);
-                    }
-                }
+                self.w[i].product(gm, false, Some(dx))?;
                 add_adapter(dx);
                 Ok(None)
             }

@@ -113,23 +113,11 @@ pub fn available() -> bool {
 /// When the inner dimensions differ.
 pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
-    if !available() {
-        return None;
-    }
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 || k == 0 {
-        return Some(vec![0f32; m * n]);
-    }
-    if m <= STREAM_M && b.rs == 1 && stream_enabled() {
+    if m > 0 && n > 0 && k > 0 && m <= STREAM_M && b.rs == 1 && available() && stream_enabled() {
         return Some(stream(a, b));
     }
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: AVX-512F was detected; c holds m · n floats.
-    unsafe { product_on_pool(a, Src::Mat(b), c.as_mut_ptr(), false) };
-    // SAFETY: the units cover C, and the first K slice of each writes every element of its
-    // block (k > 0 here).
-    unsafe { c.set_len(m * n) };
-    Some(c)
+    product_into_new(a, Src::Mat(b))
 }
 
 /// C += A·B into a row-major `(a.rows, b.cols)` buffer, shared out over the pool as
@@ -138,20 +126,7 @@ pub fn matmul(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
 /// # Panics
 /// When the inner dimensions differ or `c` has the wrong length.
 pub fn matmul_acc(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> bool {
-    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
-    assert_eq!(
-        c.len(),
-        a.rows * b.cols,
-        "matmul_acc: C has the wrong length"
-    );
-    if !available() {
-        return false;
-    }
-    if a.rows > 0 && b.cols > 0 && a.cols > 0 {
-        // SAFETY: AVX-512F was detected; c holds the whole of C.
-        unsafe { product_on_pool(a, Src::Mat(b), c.as_mut_ptr(), true) };
-    }
-    true
+    product_acc(a, Src::Mat(b), c)
 }
 
 /// C = A·B (or C += A·B with `acc`) for non-empty A and B, in units over candle's pool.
@@ -343,10 +318,15 @@ impl Panels {
         Line::floats(&self.data)
     }
 
+    /// Where element (j, i) of W lies in [`Self::floats`]: row j of panel i / NR.
+    fn at(&self, j: usize, i: usize) -> usize {
+        ((i / NR) * self.out + j) * NR + i % NR
+    }
+
     /// Element (j, i) of W.
     pub fn get(&self, j: usize, i: usize) -> f32 {
         assert!(j < self.out && i < self.inp, "Panels::get out of bounds");
-        self.floats()[((i / NR) * self.out + j) * NR + i % NR]
+        self.floats()[self.at(j, i)]
     }
 
     /// W row-major again (`out · inp` floats).
@@ -355,7 +335,7 @@ impl Panels {
         let src = self.floats();
         for (j, row) in w.chunks_exact_mut(self.inp.max(1)).enumerate() {
             for (t, chunk) in row.chunks_mut(NR).enumerate() {
-                let at = (t * self.out + j) * NR;
+                let at = self.at(j, t * NR);
                 chunk.copy_from_slice(&src[at..at + chunk.len()]);
             }
         }
@@ -409,6 +389,7 @@ pub fn matmul_w_acc(g: MatRef<'_>, w: &Panels, c: &mut [f32]) -> bool {
     product_acc(g, Src::W(w), c)
 }
 
+/// C = A·B as a new row-major buffer, over the pool: [`matmul`]'s body, for any B.
 fn product_into_new(a: MatRef<'_>, b: Src<'_>) -> Option<Vec<f32>> {
     assert_eq!(a.cols, b.rows(), "matmul: inner dimensions differ");
     if !available() {
@@ -421,14 +402,20 @@ fn product_into_new(a: MatRef<'_>, b: Src<'_>) -> Option<Vec<f32>> {
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: AVX-512F was detected; c holds m · n floats.
     unsafe { product_on_pool(a, b, c.as_mut_ptr(), false) };
-    // SAFETY: the units cover C, and the first K slice of each writes its whole block.
+    // SAFETY: the units cover C, and the first K slice of each writes every element of its
+    // block (k > 0 here).
     unsafe { c.set_len(m * n) };
     Some(c)
 }
 
+/// C += A·B over the pool: [`matmul_acc`]'s body, for any B.
 fn product_acc(a: MatRef<'_>, b: Src<'_>, c: &mut [f32]) -> bool {
     assert_eq!(a.cols, b.rows(), "matmul: inner dimensions differ");
-    assert_eq!(c.len(), a.rows * b.cols(), "matmul: C has the wrong length");
+    assert_eq!(
+        c.len(),
+        a.rows * b.cols(),
+        "matmul_acc: C has the wrong length"
+    );
     if !available() {
         return false;
     }
@@ -487,7 +474,7 @@ impl Src<'_> {
                 }
                 Src::W(w) => {
                     debug_assert!(c0.is_multiple_of(NR));
-                    w.floats().as_ptr().add(((c0 / NR) * w.out + k0) * NR)
+                    w.floats().as_ptr().add(w.at(k0, c0))
                 }
                 Src::Wt(w) => {
                     pack_wt(w, k0, kc, c0, nr, dst);
@@ -519,8 +506,8 @@ struct Ahead {
 impl Ahead {
     /// Rows `k0..k0+kc` of W's panel at column `c0`, over `steps` kernel calls.
     fn w_panel(w: &Panels, k0: usize, kc: usize, c0: usize, steps: usize) -> Self {
-        let start = w.floats().as_ptr() as usize + ((c0 / NR) * w.out + k0) * NR * 4;
-        Self::of(&[(start, kc * NR / 16)], steps)
+        let start = w.floats().as_ptr() as usize + w.at(k0, c0) * 4;
+        Self::of([(start, kc * NR / 16)].into_iter(), steps)
     }
 
     /// What [`pack_wt`] reads for rows `k0..k0+kc` of Wᵀ at columns `cols`, over `steps`.
@@ -532,22 +519,20 @@ impl Ahead {
         steps: usize,
     ) -> Self {
         let base = w.floats().as_ptr() as usize;
-        let runs: Vec<(usize, usize)> = (k0 / NR..(k0 + kc).div_ceil(NR))
-            .map(|p| {
-                (
-                    base + (p * w.out + cols.start) * NR * 4,
-                    cols.len() * NR / 16,
-                )
-            })
-            .collect();
-        Self::of(&runs, steps)
+        let runs = (k0 / NR..(k0 + kc).div_ceil(NR))
+            .map(|p| (base + w.at(cols.start, p * NR) * 4, cols.len() * NR / 16));
+        Self::of(runs, steps)
     }
 
-    fn of(runs: &[(usize, usize)], steps: usize) -> Self {
+    /// At most `KC / NR` runs (one K slice's in-panels), spread over `steps` steps.
+    fn of(runs: impl Iterator<Item = (usize, usize)>, steps: usize) -> Self {
         let mut a = Ahead::default();
-        let lines: usize = runs.iter().map(|r| r.1).sum();
-        a.len = runs.len().min(a.runs.len());
-        a.runs[..a.len].copy_from_slice(&runs[..a.len]);
+        let mut lines = 0;
+        for (slot, run) in a.runs.iter_mut().zip(runs) {
+            *slot = run;
+            a.len += 1;
+            lines += run.1;
+        }
         a.per_step = lines.div_ceil(steps.max(1));
         a
     }
@@ -583,8 +568,7 @@ impl Ahead {
 /// # Safety
 /// `dst` must hold `NR * kc` floats; the rows and columns must lie inside Wᵀ.
 unsafe fn pack_wt(w: &Panels, k0: usize, kc: usize, c0: usize, nr: usize, dst: *mut f32) {
-    let src = w.floats();
-    let at = |j: usize, i: usize| ((i / NR) * w.out + j) * NR + i % NR;
+    let (src, at) = (w.floats(), |j: usize, i: usize| w.at(j, i));
     // SAFETY: every index below is inside `dst` (p < kc, j < NR) or inside `src` (j < out,
     // i < inp, the caller's bounds).
     unsafe {

@@ -269,6 +269,36 @@ struct Block {
     mlp: Mlp,
 }
 
+impl Block {
+    /// q, k, v, o, gate, up and down: the one-op layer's order ([`crate::block`]).
+    fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// [`Self::projections`], mutable.
+    fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+}
+
 /// The Llama-family decoder (without heads).
 pub struct Llama {
     embed_tokens: Embedding,
@@ -377,6 +407,11 @@ impl Llama {
         self.run(ids, positions, &bias, None, None, rows)
     }
 
+    /// Whether the MLP's activation is the one the one-op layer computes (silu).
+    fn one_op_activation(&self) -> bool {
+        matches!(self.cfg.hidden_act.as_str(), "silu" | "swish")
+    }
+
     /// The layer as one op ([`crate::block`]) where it can run.
     #[allow(clippy::too_many_arguments)]
     fn fused_layer(
@@ -389,26 +424,17 @@ impl Llama {
         segments: Option<&crate::ops::Packing>,
         rows: Option<&[usize]>,
     ) -> Result<Option<Tensor>> {
-        if !matches!(self.cfg.hidden_act.as_str(), "silu" | "swish") {
+        if !self.one_op_activation() {
             return Ok(None);
         }
-        let (a, m) = (&layer.self_attn, &layer.mlp);
         fn proj(l: &Linear) -> Option<Proj<'_>> {
             l.frozen_parts().map(|(w, lora)| Proj { w, lora })
         }
-        let projs = [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
-        .map(proj);
+        let projs = layer.projections().map(proj);
         if projs.iter().any(Option::is_none) {
             return Ok(None);
         }
+        let a = &layer.self_attn;
         let parts = LayerParts {
             norm1: layer.input_layernorm.parts(),
             projs: projs.map(|p| p.expect("checked above")),
@@ -427,24 +453,14 @@ impl crate::model::Backbone for Llama {
     ) -> Result<()> {
         // Only layers the one-op layer runs ([`Self::fused_layer`]): every projection must
         // fit, or the layer composes and would rebuild the row-major weights.
-        if !matches!(self.cfg.hidden_act.as_str(), "silu" | "swish") {
+        if !self.one_op_activation() {
             return Ok(());
         }
         for l in &mut self.layers {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            let projs = [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ];
-            if !projs.iter().all(|p| p.kernel_layout_fits()) {
+            if !l.projections().iter().all(|p| p.kernel_layout_fits()) {
                 continue;
             }
-            for p in projs {
+            for p in l.projections_mut() {
                 if let Some((old, kernel)) = p.keep_in_kernel_layout()? {
                     replaced(old, kernel)?;
                 }

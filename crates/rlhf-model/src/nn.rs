@@ -246,19 +246,17 @@ impl Linear {
         }
     }
 
-    /// Whether [`Self::keep_in_kernel_layout`] would convert this weight: frozen, f32 on the
-    /// CPU, nn.Linear without bias, no adapter dropout (which sends a training forward to the
-    /// composed layer), where the one-op layer runs ([`crate::block::enabled`]).
+    /// Whether [`Self::keep_in_kernel_layout`] would convert this weight: one the one-op
+    /// layer takes ([`Self::frozen_parts`]: frozen, nn.Linear, no bias), still row-major, f32
+    /// on the CPU, without adapter dropout at all (a training forward with it composes the
+    /// layer), where that layer runs ([`crate::block::enabled`]).
     pub(crate) fn kernel_layout_fits(&self) -> bool {
-        let Weight::Tensor(w) = &self.weight else {
-            return false;
-        };
-        self.bias.is_none()
-            && !self.conv1d
-            && !w.track_op()
-            && w.rank() == 2
-            && w.dtype() == DType::F32
-            && w.device().is_cpu()
+        let row_major_f32 = matches!(
+            self.frozen_parts(),
+            Some((FrozenRef::Rows(w), _))
+                if w.rank() == 2 && w.dtype() == DType::F32 && w.device().is_cpu()
+        );
+        row_major_f32
             && self.lora.as_ref().is_none_or(|l| l.dropout == 0.0)
             && crate::block::enabled()
     }
