@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod ppo;
 pub mod reward;
 pub mod rl;
+pub mod rollout;
 pub mod scheduler;
 pub mod scoring;
 pub mod sft;

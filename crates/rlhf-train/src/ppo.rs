@@ -33,13 +33,15 @@ use rlhf_data::{PromptRecord, Sampler, SamplerState, SftExample};
 use rlhf_model::generate::{generate, generate_with_states, GenerationConfig};
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::Tokenizer;
-use rlhf_model::{Batch, Heads, LoadOptions, Model, Training};
+use rlhf_model::{Heads, LoadOptions, Model, Training};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, TrainingArgs};
 use crate::metrics::MetricsLogger;
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::rl::{self, AdaptiveKl, KlEstimator};
+pub use crate::rollout::load_prompts;
+use crate::rollout::{pack, padded, response_states, Decoder, Packed};
 use crate::scheduler::LrScheduler;
 pub use crate::scoring::{Completions, ModelScorer, RewardModel, Scorer};
 use crate::trainer::{accumulate, mix, progress, Summary};
@@ -378,65 +380,6 @@ impl ValueHead {
     }
 }
 
-/// Rollout rows laid out for one forward pass: each row is its prompt left-padded to the
-/// longest prompt, then its response right-padded to the longest response, so response
-/// token j of every row sits at column P + j.
-struct Packed {
-    batch: Batch,
-    prompt_len: usize,
-    response_len: usize,
-    /// (b, R) response token ids (pad where the row has ended).
-    targets: Tensor,
-    /// (b, R) 1.0 on real response tokens.
-    mask: Tensor,
-    /// Each row's prompt + response without padding, and its prompt's length: the same
-    /// rows packed into one sequence, for models that run them so
-    /// ([`Model::packs_natively`]).
-    rows: Vec<Vec<u32>>,
-    prompt_lens: Vec<usize>,
-}
-
-fn pack(prompts: &[&[u32]], responses: &[&[u32]], pad: u32, device: &Device) -> Result<Packed> {
-    let p = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
-    let r = responses.iter().map(|x| x.len()).max().unwrap_or(0).max(1);
-    let mut input_ids = Vec::with_capacity(prompts.len());
-    let mut attention_mask = Vec::with_capacity(prompts.len());
-    let mut targets = Vec::with_capacity(prompts.len() * r);
-    let mut mask = Vec::with_capacity(prompts.len() * r);
-    for (pr, re) in prompts.iter().zip(responses) {
-        let mut ids = vec![pad; p - pr.len()];
-        let mut m = vec![0u8; p - pr.len()];
-        ids.extend_from_slice(pr);
-        m.extend(std::iter::repeat_n(1u8, pr.len()));
-        ids.extend_from_slice(re);
-        m.extend(std::iter::repeat_n(1u8, re.len()));
-        ids.extend(std::iter::repeat_n(pad, r - re.len()));
-        m.extend(std::iter::repeat_n(0u8, r - re.len()));
-        input_ids.push(ids);
-        attention_mask.push(m);
-        targets.extend_from_slice(re);
-        targets.extend(std::iter::repeat_n(pad, r - re.len()));
-        mask.extend((0..r).map(|j| (j < re.len()) as u8 as f32));
-    }
-    let b = prompts.len();
-    Ok(Packed {
-        batch: Batch {
-            input_ids,
-            attention_mask,
-        },
-        prompt_len: p,
-        response_len: r,
-        targets: Tensor::from_vec(targets, (b, r), device)?,
-        mask: Tensor::from_vec(mask, (b, r), device)?,
-        rows: prompts
-            .iter()
-            .zip(responses)
-            .map(|(p, r)| [*p, *r].concat())
-            .collect(),
-        prompt_lens: prompts.iter().map(|p| p.len()).collect(),
-    })
-}
-
 /// Temperature-scaled log-probs of each response token and (with a value head) the value of
 /// the state before it, as TRL reads them: positions P−1 .. P+R−2 predict the response.
 // -> ((b, R), Option<(b, R)>)
@@ -453,74 +396,6 @@ fn response_logprobs(
         None => None,
     };
     Ok((logp, values))
-}
-
-/// The hidden states that predict each response token, (b, R, hidden): from the padded
-/// batch, or, where the model runs packed sequences natively, from the rows packed into one
-/// sequence with no padding, each distinct prompt once for all the rows that share it
-/// ([`Model::hidden_shared_prompts`]; then the slots past a row's response repeat its last
-/// state, and the mask zeroes them wherever they are used).
-fn response_states(model: &Model, packed: &Packed) -> Result<Tensor> {
-    response_states_as(model, packed, model.packs_natively())
-}
-
-fn response_states_as(model: &Model, packed: &Packed, pack: bool) -> Result<Tensor> {
-    let (p, r) = (packed.prompt_len, packed.response_len);
-    if !pack || packed.prompt_lens.contains(&0) {
-        let hidden = model.hidden(&packed.batch)?;
-        return Ok(hidden.narrow(1, p - 1, r)?);
-    }
-    // Rows with the same prompt (a prompt's completions) share one copy of it.
-    let mut group_of: HashMap<&[u32], usize> = HashMap::new();
-    let mut groups: Vec<(&[u32], Vec<&[u32]>)> = Vec::new();
-    let mut place = Vec::with_capacity(packed.rows.len()); // (group, completion)
-    for (row, &pl) in packed.rows.iter().zip(&packed.prompt_lens) {
-        let (prompt, response) = row.split_at(pl);
-        let g = *group_of.entry(prompt).or_insert_with(|| {
-            groups.push((prompt, Vec::new()));
-            groups.len() - 1
-        });
-        place.push((g, groups[g].1.len()));
-        groups[g].1.push(response);
-    }
-    let (hidden, offsets) = model.hidden_shared_prompts(&groups)?;
-    let mut idx = Vec::with_capacity(packed.rows.len() * r);
-    for (&(g, c), &pl) in place.iter().zip(&packed.prompt_lens) {
-        let o = &offsets[g];
-        let len = groups[g].1[c].len();
-        let last = o.prompt_row(pl - 1) as u32;
-        // The state before response token j: the prompt's last for j = 0, then the
-        // completion's own tokens; past its end, its last state (masked where used).
-        idx.extend((0..r).map(|j| match j {
-            0 => last,
-            _ if len == 0 => last,
-            _ => (o.completions[c] + (j - 1).min(len - 1)) as u32,
-        }));
-    }
-    let idx = Tensor::new(idx.as_slice(), hidden.device())?;
-    let h = hidden.squeeze(0)?.index_select(&idx, 0)?;
-    Ok(h.reshape((packed.rows.len(), r, ()))?)
-}
-
-fn rows_of(t: &Tensor, lens: &[usize]) -> Result<Vec<Vec<f32>>> {
-    let all: Vec<Vec<f32>> = t.to_dtype(DType::F32)?.to_vec2()?;
-    Ok(all
-        .into_iter()
-        .zip(lens)
-        .map(|(mut r, &n)| {
-            r.truncate(n);
-            r
-        })
-        .collect())
-}
-
-fn padded(rows: &[&Vec<f32>], width: usize, device: &Device) -> Result<Tensor> {
-    let mut flat = Vec::with_capacity(rows.len() * width);
-    for r in rows {
-        flat.extend_from_slice(r);
-        flat.extend(std::iter::repeat_n(0.0, width - r.len()));
-    }
-    Ok(Tensor::from_vec(flat, (rows.len(), width), device)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -580,45 +455,6 @@ pub struct PpoTrainer<'a> {
     state: PpoState,
     sampler: Sampler,
     ptx_sampler: Option<Sampler>,
-}
-
-/// Loads a prompt file and tokenises each prompt (text as is with special tokens, messages
-/// through the chat template with the generation prompt), keeping at most `max_prompt`
-/// tokens (the last ones; counted and reported).
-pub fn load_prompts(
-    path: &Path,
-    tok: &Tokenizer,
-    skip_invalid: bool,
-    max_prompt: usize,
-) -> Result<(Vec<PromptRecord>, Vec<Vec<u32>>)> {
-    let data = rlhf_data::load::<PromptRecord>(path, &rlhf_data::ReadOptions { skip_invalid })?;
-    if data.report.skipped > 0 {
-        tracing::warn!("{}", data.report);
-    }
-    let mut ids = Vec::with_capacity(data.records.len());
-    let mut truncated = 0;
-    for r in &data.records {
-        let mut p = rlhf_data::prompt_ids(tok, &r.prompt)?;
-        if p.is_empty() {
-            return Err(Error::Config(format!(
-                "{}: the prompt tokenises to nothing",
-                r.at
-            )));
-        }
-        if p.len() > max_prompt {
-            p.drain(..p.len() - max_prompt);
-            truncated += 1;
-        }
-        ids.push(p);
-    }
-    if truncated > 0 {
-        tracing::warn!(
-            "{}: {truncated} prompts longer than max_length − response_length = {max_prompt} \
-             tokens kept their last {max_prompt} tokens",
-            path.display()
-        );
-    }
-    Ok((data.records, ids))
 }
 
 /// The metrics of one PPO step, TRL's names.
@@ -804,25 +640,29 @@ impl<'a> PpoTrainer<'a> {
 
     /// Completion text for scoring: the generated tokens without the EOS that ended them.
     fn completion_text(&self, ids: &[u32]) -> Result<String> {
-        let body = match ids.last() {
-            Some(l) if self.eos_ids.contains(l) => &ids[..ids.len() - 1],
-            _ => ids,
-        };
-        Ok(self.tok.decode(body, true)?)
+        Decoder::new(&self.tok, &self.eos_ids).text(ids)
     }
 
-    /// Log-probs under the frozen reference (adapters off, or the reference copy).
-    fn reference_logprobs(&self, packed: &Packed) -> Result<Tensor> {
-        let t = self.cfg.ppo.temperature;
-        match &self.reference {
-            Some(r) => Ok(response_logprobs(r, None, packed, t)?.0),
-            None => {
-                self.policy.set_adapters_enabled(false);
-                let out = response_logprobs(&self.policy, None, packed, t);
-                self.policy.set_adapters_enabled(true);
-                Ok(out?.0)
-            }
-        }
+    /// Log-probs of each response under the frozen reference (adapters off, or the
+    /// reference copy), at the rollout temperature.
+    fn reference_logprobs(
+        &self,
+        prompts: &[Vec<u32>],
+        responses: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let (model, adapters_off) = match &self.reference {
+            Some(r) => (r, false),
+            None => (&self.policy, true),
+        };
+        crate::rollout::response_logprobs_no_grad(
+            model,
+            adapters_off,
+            prompts,
+            responses,
+            self.cfg.ppo.temperature,
+            self.pad_id,
+            self.cfg.ppo.local_rollout_forward_batch_size,
+        )
     }
 
     /// Runs the whole training; returns the summary (the last line of metrics.jsonl).
@@ -939,7 +779,6 @@ impl<'a> PpoTrainer<'a> {
         let step = self.state.global_step;
         let ppo = self.cfg.ppo.clone();
         let args = self.cfg.args.clone();
-        let device = self.policy.device().clone();
         let t_step = Instant::now();
         let mut m = StepMetrics::new();
 
@@ -990,20 +829,7 @@ impl<'a> PpoTrainer<'a> {
             })
             .collect::<Result<_>>()?;
         drop(states);
-        let was = self.policy.set_grad_enabled(false);
-        let fwd = (|| -> Result<Vec<Vec<f32>>> {
-            let mut rlp = Vec::new();
-            for (pc, rc) in prompts.chunks(micro).zip(responses.chunks(micro)) {
-                let pr: Vec<&[u32]> = pc.iter().map(|x| x.as_slice()).collect();
-                let re: Vec<&[u32]> = rc.iter().map(|x| x.as_slice()).collect();
-                let l: Vec<usize> = re.iter().map(|x| x.len()).collect();
-                let packed = pack(&pr, &re, self.pad_id, &device)?;
-                rlp.extend(rows_of(&self.reference_logprobs(&packed)?, &l)?);
-            }
-            Ok(rlp)
-        })();
-        self.policy.set_grad_enabled(was);
-        let ref_logprobs = fwd?;
+        let ref_logprobs = self.reference_logprobs(&prompts, &responses)?;
         let fwd_secs = t_fwd.elapsed().as_secs_f64();
 
         let t_score = Instant::now();
@@ -1434,60 +1260,6 @@ mod tests {
             "/../../../shared/fixtures/models"
         ))
         .join(name)
-    }
-
-    /// Rows packed into one sequence, each prompt shared by its completions (two prompts
-    /// here have two and three), give the padded batch's response states on every real
-    /// response token; also when every prompt starts with the same turn (packed once, as
-    /// the root every group sees).
-    #[test]
-    fn packed_rows_give_the_padded_batchs_response_states() {
-        let model = Model::load(&fixture("llama-gqa"), &LoadOptions::default()).unwrap();
-        let plain: Vec<Vec<u32>> = vec![
-            vec![5, 6, 7, 3],
-            vec![8, 9],
-            vec![5, 6, 7, 3],
-            vec![4],
-            vec![4],
-            vec![4],
-        ];
-        let system = [30u32, 31, 32, 33, 34];
-        let rooted: Vec<Vec<u32>> = plain
-            .iter()
-            .map(|p| system.iter().chain(p).copied().collect())
-            .collect();
-        for prompts in [plain, rooted] {
-            let prompts: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-            check_packed_response_states(&model, &prompts);
-        }
-    }
-
-    fn check_packed_response_states(model: &Model, prompts: &[&[u32]]) {
-        let responses: Vec<&[u32]> = vec![
-            &[10, 11, 12],
-            &[13, 14, 15, 16, 17],
-            &[19, 20],
-            &[18],
-            &[21, 22, 23, 24],
-            &[25, 26],
-        ];
-        let packed = pack(prompts, &responses, 1, &Device::Cpu).unwrap();
-        let a = response_states_as(model, &packed, false).unwrap();
-        let b = response_states_as(model, &packed, true).unwrap();
-        assert_eq!(a.dims(), b.dims());
-        let mask = packed.mask.unsqueeze(2).unwrap();
-        let diff = (a.broadcast_mul(&mask).unwrap() - b.broadcast_mul(&mask).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff < 1e-5,
-            "packed and padded response states differ by {diff}"
-        );
     }
 
     /// One plain gradient step on the clipped loss raises the log-prob of a completion with
