@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod judge;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
@@ -14,6 +15,7 @@ pub mod rl;
 pub mod scheduler;
 pub mod scoring;
 pub mod sft;
+pub mod stats;
 pub mod tensorboard;
 pub mod trainer;
 
