@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod judge;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
@@ -15,6 +16,7 @@ pub mod rollout;
 pub mod scheduler;
 pub mod scoring;
 pub mod sft;
+pub mod stats;
 pub mod tensorboard;
 pub mod trainer;
 
