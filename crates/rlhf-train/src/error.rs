@@ -68,6 +68,15 @@ pub enum Error {
         /// The gradient's shape.
         found: Vec<usize>,
     },
+    /// A reward program could not be started, exited or hung before answering a row, or
+    /// answered with a line that is not a score; the message names the row and the fix.
+    #[error("reward program `{command}`: {problem}")]
+    RewardProgram {
+        /// The command as configured (`reward_program`).
+        command: String,
+        /// What went wrong, naming the row (file:line) it was answering.
+        problem: String,
+    },
     /// I/O with the path it happened on.
     #[error("{path}: {source}")]
     Io {

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod optim;
 pub mod pipeline;
 pub mod ppo;
+pub mod program;
 pub mod reward;
 pub mod rl;
 pub mod rollout;

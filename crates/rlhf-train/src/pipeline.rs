@@ -148,6 +148,10 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
             if PATH_KEYS.contains(&k.as_str()) {
                 absolute(base, k, v);
             }
+            if k == "reward_program" {
+                // Its file arguments, absolute now, since the stage config is written elsewhere.
+                crate::program::resolve_program_args(base, v);
+            }
             if k == "reward_models" {
                 if let toml::Value::Table(rm) = v {
                     for (_, x) in rm.iter_mut() {

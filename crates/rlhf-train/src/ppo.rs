@@ -1,11 +1,12 @@
 //! PPO against a reward model (InstructGPT step 3; TRL's `PPOTrainer`), with the Llama 2
-//! combination of a helpfulness and a safety reward model and InstructGPT's PPO-ptx.
+//! combination of a helpfulness and a safety reward model, reward programs (verifiable
+//! rewards, alone or weighted beside a reward model: [`ScorerSpec`]) and InstructGPT's PPO-ptx.
 //!
 //! One PPO step, in the order of the algorithm box:
 //! 1. **rollout**: sample prompts, generate `num_generations` completions each with the policy;
 //! 2. **evaluate the rollout** (no gradients): the policy's log-probs and values, the frozen
 //!    reference's log-probs (the adapter-disabled forward for LoRA policies, a second model
-//!    otherwise), the reward model score(s) of each completion;
+//!    otherwise), the score of each completion (reward model(s) and/or reward program);
 //! 3. **rewards**: −β·KL per token, the score added at the last token (after the missing-EOS
 //!    penalty and clipping), optionally whitened;
 //! 4. **advantages**: GAE(γ, λ), whitened; returns = advantages + values;
@@ -17,9 +18,10 @@
 //! The value head is a `Linear(hidden, 1)` on the policy's last hidden state (TRL's
 //! `AutoModelForCausalLMWithValueHead`, saved as `value_head.safetensors` with its
 //! `v_head.summary.*` names), initialised from the reward model's score head as InstructGPT
-//! initialises its value function from the reward model. Runs resume exactly: generation and
-//! shuffling seeds are functions of (seed, step), and a checkpoint holds the adapter, the value
-//! head, the optimiser, the KL coefficient and the prompt order.
+//! initialises its value function from the reward model (at zero when only a reward program
+//! scores). Runs resume exactly: generation and shuffling seeds are functions of (seed, step),
+//! and a checkpoint holds the adapter, the value head, the optimiser, the KL coefficient and
+//! the prompt order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -43,22 +45,18 @@ use crate::rl::{self, AdaptiveKl, KlEstimator};
 pub use crate::rollout::load_prompts;
 use crate::rollout::{pack, padded, response_states, Decoder, Packed};
 use crate::scheduler::LrScheduler;
-pub use crate::scoring::{Completions, ModelScorer, RewardModel, Scorer};
+pub use crate::scoring::{
+    Completions, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
+};
 use crate::trainer::{accumulate, mix, progress, Summary};
 use crate::{Error, Result};
 
-/// The PPO keys beyond the shared training ones, named as TRL's PPOConfig names them (and,
-/// for what it no longer has, as its older versions did: `adap_kl_ctrl`, `target`,
-/// `horizon`, `score_clip`).
+/// The PPO keys beyond the shared training ones and the scorer's ([`ScorerSpec`]), named as
+/// TRL's PPOConfig names them (and, for what it no longer has, as its older versions did:
+/// `adap_kl_ctrl`, `target`, `horizon`, `score_clip`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct PpoArgs {
-    /// The reward model directory (an HF sequence-classification model or a SEQ_CLS adapter).
-    pub reward_model: Option<PathBuf>,
-    /// Llama 2's pair: `{ helpfulness = "...", safety = "..." }`, combined by `[llama2]`.
-    pub reward_models: Option<RewardModels>,
-    /// The Llama 2 safety gate.
-    pub llama2: Llama2Gate,
     /// New tokens per completion at most.
     pub response_length: usize,
     /// Completions per prompt; `per_device_train_batch_size` counts completions.
@@ -103,7 +101,8 @@ pub struct PpoArgs {
     pub ptx_file: Option<PathBuf>,
     /// γ of PPO-ptx.
     pub ptx_coef: f64,
-    /// "reward_model" (copy the reward model's score head) or "zeros".
+    /// "reward_model" (copy the reward model's score head; zeros when there is none) or
+    /// "zeros".
     pub value_head_init: String,
     /// Evaluation prompts (greedy) scored on `eval_file` at most this many.
     pub eval_prompts: usize,
@@ -115,9 +114,6 @@ pub struct PpoArgs {
 impl Default for PpoArgs {
     fn default() -> Self {
         Self {
-            reward_model: None,
-            reward_models: None,
-            llama2: Llama2Gate::default(),
             response_length: 53,
             num_generations: 1,
             temperature: 0.7,
@@ -147,43 +143,10 @@ impl Default for PpoArgs {
     }
 }
 
-/// Llama 2's two reward models.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RewardModels {
-    /// Helpfulness reward model directory.
-    pub helpfulness: PathBuf,
-    /// Safety reward model directory.
-    pub safety: PathBuf,
-}
-
-/// The Llama 2 gate: R = R_safety if the prompt is tagged `safety_tag` or
-/// σ(R_safety) < `safety_threshold`, else R_helpfulness; then whitened across the batch.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Llama2Gate {
-    /// Threshold on σ(safety score) (Llama 2: 0.15).
-    pub safety_threshold: f64,
-    /// The prompt tag that always routes to the safety model.
-    pub safety_tag: String,
-    /// Whiten the combined score across the rollout batch (Llama 2 does).
-    pub whiten: bool,
-}
-
-impl Default for Llama2Gate {
-    fn default() -> Self {
-        Self {
-            safety_threshold: 0.15,
-            safety_tag: "safety".into(),
-            whiten: true,
-        }
-    }
-}
-
+/// PPO's own keys. How completions are scored is read from [`crate::scoring::SCORER_KEYS`]:
+/// `reward_model`, or `reward_models` with `[llama2]`, and/or `reward_program`, summed with
+/// `reward_weights` (reward model first, then the program), `reward_program_timeout`.
 const PPO_KEYS: &[&str] = &[
-    "reward_model",
-    "reward_models",
-    "llama2",
     "response_length",
     "num_generations",
     "temperature",
@@ -218,6 +181,8 @@ pub struct PpoConfig {
     pub args: TrainingArgs,
     /// PPO's own.
     pub ppo: PpoArgs,
+    /// The reward model(s) and/or reward program that score completions.
+    pub scorer: ScorerSpec,
     /// LoRA on the policy (the reference is then the adapter-disabled forward).
     pub lora: Option<rlhf_model::lora::LoraConfig>,
 }
@@ -228,6 +193,7 @@ impl PpoConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut allowed = config::TRAINING_KEYS.to_vec();
         allowed.extend(PPO_KEYS);
+        allowed.extend(crate::scoring::SCORER_KEYS);
         allowed.push("lora");
         let mut table = config::load_table(path, overrides, &allowed)?;
         Self::from_table(path, &mut table)
@@ -237,20 +203,9 @@ impl PpoConfig {
     pub fn from_table(path: &Path, table: &mut toml::Table) -> Result<Self> {
         let lora = config::take_lora(path, table)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let rel = |v: &mut toml::Value| {
-            if let toml::Value::String(s) = v {
-                *s = config::relative_to(base, s);
-            }
-        };
-        let mut own = config::take_keys(table, PPO_KEYS);
-        if let Some(v) = own.get_mut("reward_model") {
-            rel(v);
-        }
-        if let Some(toml::Value::Table(t)) = own.get_mut("reward_models") {
-            for (_, x) in t.iter_mut() {
-                rel(x);
-            }
-        }
+        let own = config::take_keys(table, PPO_KEYS);
+        let mut scoring = config::take_keys(table, crate::scoring::SCORER_KEYS);
+        crate::scoring::resolve_scorer_paths(base, &mut scoring);
         table
             .entry("learning_rate")
             .or_insert(toml::Value::Float(3e-6));
@@ -260,18 +215,11 @@ impl PpoConfig {
         let args: TrainingArgs = config::parse(path, table.clone())?;
         args.validate()?;
         let ppo: PpoArgs = config::parse(path, own)?;
+        let mut scorer: ScorerSpec = config::parse(path, scoring)?;
+        scorer.batch_size = args.per_device_eval_batch_size;
         let bad = |m: String| Err(Error::Config(format!("{}: {m}", path.display())));
-        match (&ppo.reward_model, &ppo.reward_models) {
-            (Some(_), Some(_)) => {
-                return bad("give `reward_model` or `reward_models`, not both".into())
-            }
-            (None, None) => {
-                return bad(
-                    "`reward_model` is required (or `reward_models = { helpfulness, safety }`)"
-                        .into(),
-                )
-            }
-            _ => {}
+        if let Err(m) = scorer.validate() {
+            return bad(m);
         }
         if ppo.num_generations == 0 || ppo.num_ppo_epochs == 0 || ppo.num_mini_batches == 0 {
             return bad("num_generations, num_ppo_epochs and num_mini_batches must be >= 1".into());
@@ -293,7 +241,12 @@ impl PpoConfig {
                 ppo.value_head_init
             ));
         }
-        Ok(Self { args, ppo, lora })
+        Ok(Self {
+            args,
+            ppo,
+            scorer,
+            lora,
+        })
     }
 
     /// Completions per PPO step (TRL's local batch size).
@@ -503,7 +456,13 @@ impl<'a> PpoTrainer<'a> {
             )?)
         };
         let init = if cfg.ppo.value_head_init == "reward_model" {
-            scorer.value_head_init()
+            let w = scorer.value_head_init();
+            if w.is_none() {
+                tracing::info!(
+                    "no reward model to copy a score head from: the value head starts at zero"
+                );
+            }
+            w
         } else {
             None
         };
@@ -1212,22 +1171,6 @@ fn ptx_nll(model: &Model, examples: &[&SftExample], pad: u32) -> Result<Tensor> 
     Ok((sum / n.max(1) as f64)?)
 }
 
-/// Loads the reward model(s) a config names.
-pub fn load_scorer(cfg: &PpoConfig, cache: &mut SourceCache) -> Result<ModelScorer> {
-    let bs = cfg.args.per_device_eval_batch_size;
-    match (&cfg.ppo.reward_model, &cfg.ppo.reward_models) {
-        (Some(dir), _) => Ok(ModelScorer::Single(Box::new(RewardModel::load(
-            dir, bs, cache,
-        )?))),
-        (None, Some(rm)) => Ok(ModelScorer::Llama2 {
-            helpfulness: Box::new(RewardModel::load(&rm.helpfulness, bs, cache)?),
-            safety: Box::new(RewardModel::load(&rm.safety, bs, cache)?),
-            gate: cfg.ppo.llama2.clone(),
-        }),
-        (None, None) => Err(Error::Config("no reward model configured".into())),
-    }
-}
-
 /// `rlhf ppo --config FILE [--set k=v]... [--resume [DIR]]`.
 pub fn run(
     config_path: &Path,
@@ -1245,8 +1188,8 @@ pub fn run_config(cfg: PpoConfig, resume: Option<Option<&Path>>) -> Result<Summa
         None => None,
     };
     let mut cache = SourceCache::default();
-    let mut scorer = load_scorer(&cfg, &mut cache)?;
-    let mut trainer = PpoTrainer::new(cfg, &mut scorer, &mut cache, resume_dir.as_deref())?;
+    let mut scorer = cfg.scorer.load(&mut cache)?;
+    let mut trainer = PpoTrainer::new(cfg, scorer.as_mut(), &mut cache, resume_dir.as_deref())?;
     trainer.train()
 }
 

@@ -1,15 +1,20 @@
 //! Scoring completions: reward models (each with its own tokenizer and chat template),
-//! Llama 2's helpfulness + safety combination, or any rule that implements [`Scorer`].
+//! Llama 2's helpfulness + safety combination, reward programs ([`crate::program`]), a
+//! weighted sum of these (TRL's `reward_funcs` + `reward_weights`), or any rule that
+//! implements [`Scorer`]. [`ScorerSpec`] holds the config keys that choose them, so every
+//! command that scores (PPO, eval, sampling) reads the same keys.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 use rlhf_data::{Content, PromptRecord};
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::{ChatMessage, Tokenizer};
 use rlhf_model::{Heads, LoadOptions, Model};
+use serde::{Deserialize, Serialize};
 
-use crate::ppo::Llama2Gate;
+use crate::program::RewardProgram;
 use crate::rl;
 use crate::{Error, Result};
 
@@ -165,5 +170,268 @@ impl Scorer for ModelScorer {
             ModelScorer::Single(rm) => rm.score_weight(),
             ModelScorer::Llama2 { helpfulness, .. } => helpfulness.score_weight(),
         }
+    }
+}
+
+/// Llama 2's two reward models.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RewardModels {
+    /// Helpfulness reward model directory.
+    pub helpfulness: PathBuf,
+    /// Safety reward model directory.
+    pub safety: PathBuf,
+}
+
+/// The Llama 2 gate: R = R_safety if the prompt is tagged `safety_tag` or
+/// σ(R_safety) < `safety_threshold`, else R_helpfulness; then whitened across the batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Llama2Gate {
+    /// Threshold on σ(safety score) (Llama 2: 0.15).
+    pub safety_threshold: f64,
+    /// The prompt tag that always routes to the safety model.
+    pub safety_tag: String,
+    /// Whiten the combined score across the rollout batch (Llama 2 does).
+    pub whiten: bool,
+}
+
+impl Default for Llama2Gate {
+    fn default() -> Self {
+        Self {
+            safety_threshold: 0.15,
+            safety_tag: "safety".into(),
+            whiten: true,
+        }
+    }
+}
+
+/// Several scorers summed with weights (TRL's `reward_funcs` with `reward_weights`). Each
+/// part's unweighted batch mean is logged as `objective/scores_<name>`.
+pub struct WeightedSum {
+    parts: Vec<(String, f32, Box<dyn Scorer>)>,
+}
+
+impl WeightedSum {
+    /// `(name, weight, scorer)` for each part; the value head starts from the first part that
+    /// has a score head.
+    pub fn new(parts: Vec<(String, f64, Box<dyn Scorer>)>) -> Self {
+        Self {
+            parts: parts
+                .into_iter()
+                .map(|(n, w, s)| (n, w as f32, s))
+                .collect(),
+        }
+    }
+}
+
+impl Scorer for WeightedSum {
+    fn score(&mut self, batch: &Completions, metrics: &mut Vec<(String, f64)>) -> Result<Vec<f32>> {
+        let mut total = vec![0f32; batch.texts.len()];
+        for (name, w, scorer) in &mut self.parts {
+            let s = scorer.score(batch, metrics)?;
+            if s.len() != total.len() {
+                return Err(Error::Config(format!(
+                    "reward source `{name}` returned {} scores for {} completions",
+                    s.len(),
+                    total.len()
+                )));
+            }
+            let mean = s.iter().map(|&x| x as f64).sum::<f64>() / s.len().max(1) as f64;
+            metrics.push((format!("objective/scores_{name}"), mean));
+            for (t, x) in total.iter_mut().zip(&s) {
+                *t += *w * x;
+            }
+        }
+        Ok(total)
+    }
+
+    fn value_head_init(&self) -> Option<Tensor> {
+        self.parts.iter().find_map(|(_, _, s)| s.value_head_init())
+    }
+}
+
+/// The config keys that choose how completions are scored (PPO's, eval's, sampling's).
+pub const SCORER_KEYS: &[&str] = &[
+    "reward_model",
+    "reward_models",
+    "llama2",
+    "reward_program",
+    "reward_weights",
+    "reward_program_timeout",
+];
+
+/// How to score completions, as a config gives it: a reward model or Llama 2's pair, and/or a
+/// reward program, summed with `reward_weights`. Parse the [`SCORER_KEYS`] of a config table
+/// after [`resolve_scorer_paths`], set `batch_size`, [`validate`](Self::validate), then
+/// [`load`](Self::load).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScorerSpec {
+    /// `reward_model`: a reward model directory (an HF sequence-classification model or a
+    /// SEQ_CLS adapter).
+    pub reward_model: Option<PathBuf>,
+    /// `reward_models = { helpfulness = "...", safety = "..." }`: Llama 2's pair, combined by
+    /// `[llama2]`.
+    pub reward_models: Option<RewardModels>,
+    /// `[llama2]`: the Llama 2 safety gate.
+    pub llama2: Llama2Gate,
+    /// `reward_program = ["python3", "judge.py"]`: a command scoring completions over JSON
+    /// lines ([`crate::program`]).
+    pub reward_program: Option<Vec<String>>,
+    /// `reward_weights`: one weight per reward source, the reward model (or pair) first, then
+    /// the program; all 1.0 when absent.
+    pub reward_weights: Option<Vec<f64>>,
+    /// `reward_program_timeout`: seconds the program may take to answer one batch.
+    pub reward_program_timeout: f64,
+    /// Completions per reward-model forward (not a config key: the command sets it).
+    #[serde(skip)]
+    pub batch_size: usize,
+}
+
+impl Default for ScorerSpec {
+    fn default() -> Self {
+        Self {
+            reward_model: None,
+            reward_models: None,
+            llama2: Llama2Gate::default(),
+            reward_program: None,
+            reward_weights: None,
+            reward_program_timeout: 60.0,
+            batch_size: 8,
+        }
+    }
+}
+
+impl ScorerSpec {
+    /// The reward sources given, in `reward_weights` order.
+    pub fn sources(&self) -> Vec<&'static str> {
+        let mut s = Vec::new();
+        if self.reward_model.is_some() {
+            s.push("reward_model");
+        }
+        if self.reward_models.is_some() {
+            s.push("reward_models");
+        }
+        if self.reward_program.is_some() {
+            s.push("reward_program");
+        }
+        s
+    }
+
+    /// Checks what serde cannot; the message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.reward_model.is_some() && self.reward_models.is_some() {
+            return Err("give `reward_model` or `reward_models`, not both".into());
+        }
+        let sources = self.sources();
+        if sources.is_empty() {
+            return Err(
+                "`reward_model` is required (or `reward_models = { helpfulness, \
+                        safety }`, or `reward_program = [\"python3\", \"judge.py\"]`)"
+                    .into(),
+            );
+        }
+        if let Some(p) = &self.reward_program {
+            if p.first().is_none_or(|c| c.is_empty()) {
+                return Err(
+                    "`reward_program` is empty: give the command and its arguments, \
+                            e.g. [\"python3\", \"judge.py\"]"
+                        .into(),
+                );
+            }
+        }
+        if let Some(w) = &self.reward_weights {
+            if w.len() != sources.len() {
+                return Err(format!(
+                    "`reward_weights` has {} weight{} for {} reward sources ({}): give one \
+                     per source, in that order",
+                    w.len(),
+                    if w.len() == 1 { "" } else { "s" },
+                    sources.len(),
+                    sources.join(", ")
+                ));
+            }
+            if let Some(x) = w.iter().find(|x| !x.is_finite()) {
+                return Err(format!(
+                    "`reward_weights` holds {x}: weights must be finite"
+                ));
+            }
+        }
+        let t = self.reward_program_timeout;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(format!(
+                "`reward_program_timeout` = {t}: give a positive number of seconds"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the reward model(s) and starts the reward program; several sources, or one with
+    /// a weight other than 1, are combined by a [`WeightedSum`].
+    pub fn load(&self, cache: &mut SourceCache) -> Result<Box<dyn Scorer>> {
+        self.validate().map_err(Error::Config)?;
+        let bs = self.batch_size;
+        let mut parts: Vec<(String, Box<dyn Scorer>)> = Vec::new();
+        if let Some(dir) = &self.reward_model {
+            let rm = RewardModel::load(dir, bs, cache)?;
+            parts.push((
+                "reward_model".into(),
+                Box::new(ModelScorer::Single(Box::new(rm))),
+            ));
+        }
+        if let Some(rm) = &self.reward_models {
+            parts.push((
+                "reward_models".into(),
+                Box::new(ModelScorer::Llama2 {
+                    helpfulness: Box::new(RewardModel::load(&rm.helpfulness, bs, cache)?),
+                    safety: Box::new(RewardModel::load(&rm.safety, bs, cache)?),
+                    gate: self.llama2.clone(),
+                }),
+            ));
+        }
+        if let Some(argv) = &self.reward_program {
+            let timeout = Duration::from_secs_f64(self.reward_program_timeout);
+            parts.push((
+                "reward_program".into(),
+                Box::new(RewardProgram::start(argv, timeout)?),
+            ));
+        }
+        let weights = self
+            .reward_weights
+            .clone()
+            .unwrap_or_else(|| vec![1.0; parts.len()]);
+        if parts.len() == 1 && weights[0] == 1.0 {
+            return Ok(parts.pop().expect("one part").1);
+        }
+        Ok(Box::new(WeightedSum::new(
+            parts
+                .into_iter()
+                .zip(weights)
+                .map(|((n, s), w)| (n, w, s))
+                .collect(),
+        )))
+    }
+}
+
+/// Resolves the paths among a config table's scorer keys against `base` (the config file's
+/// directory): the reward model directories, and the `reward_program` arguments that name
+/// existing files ([`crate::program::resolve_program_args`]).
+pub fn resolve_scorer_paths(base: &Path, table: &mut toml::Table) {
+    let rel = |v: &mut toml::Value| {
+        if let toml::Value::String(s) = v {
+            *s = crate::config::relative_to(base, s);
+        }
+    };
+    if let Some(v) = table.get_mut("reward_model") {
+        rel(v);
+    }
+    if let Some(toml::Value::Table(t)) = table.get_mut("reward_models") {
+        for (_, x) in t.iter_mut() {
+            rel(x);
+        }
+    }
+    if let Some(v) = table.get_mut("reward_program") {
+        crate::program::resolve_program_args(base, v);
     }
 }
