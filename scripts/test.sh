@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: installs headless Chromium (Debian's `chromium`, `chromium-driver`) where it
 # is missing, for the report's browser test, then runs every crate's tests.
-# Arguments go to `cargo test --workspace` (e.g. scripts/test.sh -p rlhf-report).
+# Arguments go to `cargo test --workspace` (e.g. a test-name filter, or `-- --nocapture`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v chromium >/dev/null 2>&1; then
