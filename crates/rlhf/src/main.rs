@@ -46,6 +46,8 @@ enum Command {
     Ppo(cmd::train::Args),
     /// The InstructGPT pipeline: SFT → reward model → PPO, each stage feeding the next.
     Pipeline(cmd::train::PipelineArgs),
+    /// A run directory as one self-contained report.html with plots.
+    Report(cmd::report::Args),
 }
 
 /// mimalloc's `purge_delay` option (mimalloc v3's `mi_option_e`).
@@ -98,6 +100,7 @@ fn main() -> std::process::ExitCode {
         Command::Reward(a) => cmd::train::reward(a),
         Command::Ppo(a) => cmd::train::ppo(a),
         Command::Pipeline(a) => cmd::train::pipeline(a),
+        Command::Report(a) => cmd::report::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
