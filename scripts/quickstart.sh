@@ -4,9 +4,10 @@
 #     Hugging Face directory with `rlhf convert gguf`;
 #  2. ask it the quickstart prompts through its chat template (`rlhf generate --chat`);
 #  3. run the InstructGPT pipeline on it (configs/pipeline.toml): SFT on data/sft, a reward
-#     model with the seed article's LoRA settings on data/prefs, PPO against it on data/ppo;
-#     prints the reward model's held-out accuracy before and after, and for held-out prompts
-#     the reward before and after PPO with a few answers side by side.
+#     model with the seed article's LoRA settings on data/prefs, PPO against it on data/ppo,
+#     then `rlhf eval` of the PPO policy against the SFT policy on 96 held-out prompts, judged
+#     by the reward model (proxy) and by the rule that labelled the data (gold, a reward
+#     program), with KL; writes runs/pipeline/report.html.
 # Everything comes from the package registries by name; what was already made is re-used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,23 +36,40 @@ echo "== greedy answers from $HF (rlhf generate --chat)" >&2
 "$RLHF" generate --model "$HF" --input data/quickstart_prompts.jsonl --chat --max-new-tokens 48 --temperature 0
 
 echo "== the InstructGPT pipeline: rlhf pipeline --config configs/pipeline.toml" >&2
-echo "   (SFT → reward model with the seed article's LoRA settings → PPO; about 5 minutes)" >&2
+echo "   (SFT → reward model → PPO → eval and report; about 12 minutes)" >&2
 OUT=runs/pipeline
 mkdir -p "$(dirname "$OUT")"
 "$RLHF" pipeline --config configs/pipeline.toml "$@" > "$OUT.summary.json"
-python3 - "$OUT/reward/metrics.jsonl" "$OUT/ppo/metrics.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+rows = [json.loads(l) for l in open(os.path.join(out, "reward/metrics.jsonl"))]
 before = next(r for r in rows if r.get("step") == 0 and "eval_accuracy" in r)
 after = rows[-1]
 print(f"reward model, held-out accuracy (100 pairs): before {before['eval_accuracy']:.3f}, "
       f"after {after['eval_accuracy']:.3f}; {after['train_samples_per_second']:.2f} pairs/s")
-ppo = [json.loads(l) for l in open(sys.argv[2])]
+ppo = [json.loads(l) for l in open(os.path.join(out, "ppo/metrics.jsonl"))]
 steps = [r for r in ppo if "time/step" in r]
 print(f"PPO: {len(steps)} logged steps, mean {sum(r['time/step'] for r in steps) / len(steps):.1f} s/step, "
       f"objective/scores {steps[0]['objective/scores']:.3f} (first) -> {steps[-1]['objective/scores']:.3f} (last), "
       f"objective/kl {steps[-1]['objective/kl']:.3f}")
+ev = json.load(open(os.path.join(out, "eval/eval.json")))
+print(f"rlhf eval, PPO policy vs SFT policy on {ev['n_prompts']} held-out prompts no stage trained on:")
+for name, j in sorted(ev["judges"].items()):
+    l2 = j.get("llama2_win_rate")
+    print(f"  {name:>5}: mean score {j['baseline_mean']:+.3f} (SFT) -> {j['policy_mean']:+.3f} (PPO); "
+          f"wins {j['n_wins']}, losses {j['n_wins_base']}, ties {j['n_draws']}; "
+          f"Llama 2 win rate {l2 if l2 is None else round(l2, 3)}, AlpacaEval win rate {j['win_rate']:.3f} "
+          f"(LC {j['length_controlled_winrate']:.3f})")
+if ev.get("kl"):
+    print(f"  KL(PPO || SFT): k1 {ev['kl']['k1']:.3f}, k3 {ev['kl']['k3']:.3f} nats per answer")
+gp = os.path.join(out, "eval/gold_proxy.jsonl")
+if os.path.exists(gp):
+    print("  gold and proxy over PPO checkpoints (step: KL k1, proxy, gold):")
+    for r in map(json.loads, open(gp)):
+        print(f"    {r['step']:>3}: {r['kl_k1']:.3f}, {r['proxy']:+.3f}, {r['gold']:+.3f}")
 PY
-echo "== outputs in $OUT/{sft,reward,ppo}; try the PPO policy with:" >&2
-echo "   $RLHF generate --model $OUT/ppo --input data/ppo/eval.jsonl --max-new-tokens 32" >&2
+echo "== the report: $OUT/report.html (plots, the eval table, answers side by side)" >&2
+echo "== outputs in $OUT/{sft,reward,ppo,eval}; try the PPO policy with:" >&2
+echo "   $RLHF generate --model $OUT/ppo --input data/ppo/eval.jsonl --max-new-tokens 48" >&2
 echo "   (the pipeline trained on \"Question: ...\\nAnswer:\" prompts, the format of data/ppo)" >&2

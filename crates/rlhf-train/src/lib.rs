@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod judge;
 pub mod losses;
 pub mod metrics;

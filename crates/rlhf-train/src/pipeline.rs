@@ -72,6 +72,22 @@ pub struct Stages {
     pub output_dir: PathBuf,
     /// Each stage's name and full standalone config, with absolute paths, in order.
     pub stages: Vec<(String, toml::Table)>,
+    /// The held-out evaluation after the last stage (`[eval]`), if the config has one.
+    pub eval: Option<PipelineEval>,
+}
+
+/// The pipeline's `[eval]`: `rlhf eval` of the PPO policy against the SFT policy it started
+/// from, and, with `gold_proxy = true`, the proxy and gold judges over every saved PPO
+/// checkpoint (Gao et al. 2022).
+pub struct PipelineEval {
+    /// The evaluation's settings, with the pipeline's defaults filled in.
+    pub config: crate::eval::EvalConfig,
+    /// Run the proxy (`proxy_judge`) and gold (`gold_judge`) judges over PPO's checkpoints.
+    pub gold_proxy: bool,
+    /// The judge the policy was trained against (default "proxy").
+    pub proxy_judge: String,
+    /// The held-out judge (default "gold").
+    pub gold_judge: String,
 }
 
 impl Stages {
@@ -125,6 +141,16 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
             }
         }
     }
+    let eval_table = match top.remove("eval") {
+        Some(toml::Value::Table(t)) => Some(t),
+        Some(_) => {
+            return Err(Error::Config(format!(
+                "{}: `eval` must be a table ([eval])",
+                path.display()
+            )))
+        }
+        None => None,
+    };
     for (k, v) in top.iter_mut() {
         if PATH_KEYS.contains(&k.as_str()) {
             absolute(base, k, v);
@@ -180,9 +206,75 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
         }
         result.push((s.to_string(), t));
     }
+    let eval = eval_table
+        .map(|t| pipeline_eval(path, base, t, &out, &result))
+        .transpose()?;
     Ok(Stages {
         output_dir: out,
         stages: result,
+        eval,
+    })
+}
+
+/// `[eval]` with the pipeline's defaults: the PPO policy against the SFT policy (also the KL
+/// reference), PPO's held-out prompts, and the reward stage's model as the judge "proxy".
+fn pipeline_eval(
+    path: &Path,
+    base: &Path,
+    mut t: toml::Table,
+    out: &Path,
+    stages: &[(String, toml::Table)],
+) -> Result<PipelineEval> {
+    let key = |stage: &str, k: &str| -> Option<toml::Value> {
+        stages
+            .iter()
+            .find(|(n, _)| n == stage)
+            .and_then(|(_, t)| t.get(k).cloned())
+    };
+    let gold_proxy = match t.remove("gold_proxy") {
+        Some(toml::Value::Boolean(b)) => b,
+        None => false,
+        Some(v) => {
+            return Err(Error::Config(format!(
+                "{}: [eval] gold_proxy = {v}: use true or false",
+                path.display()
+            )))
+        }
+    };
+    let name = |t: &mut toml::Table, k: &str, default: &str| -> String {
+        match t.remove(k) {
+            Some(toml::Value::String(s)) => s,
+            _ => default.to_string(),
+        }
+    };
+    let proxy_judge = name(&mut t, "proxy_judge", "proxy");
+    let gold_judge = name(&mut t, "gold_judge", "gold");
+    let mut config = crate::eval::EvalConfig::from_table(path, base, t)?;
+    let dir = |stage: &str| key(stage, "output_dir").and_then(|v| v.as_str().map(PathBuf::from));
+    if config.model.as_os_str().is_empty() {
+        config.model = dir("ppo").unwrap_or_default();
+    }
+    if config.baseline_model.is_none() && config.baseline_file.is_none() {
+        config.baseline_model = dir("sft");
+    }
+    if config.eval_file.as_os_str().is_empty() {
+        if let Some(f) = key("ppo", "eval_file").and_then(|v| v.as_str().map(PathBuf::from)) {
+            config.eval_file = f;
+        }
+    }
+    if config.output_dir == crate::eval::EvalConfig::default().output_dir {
+        config.output_dir = out.join("eval");
+    }
+    if !config.judges.contains_key(&proxy_judge) {
+        let mut j = crate::eval::JudgeSpec::default();
+        j.scorer.reward_model = dir("reward");
+        config.judges.insert(proxy_judge.clone(), j);
+    }
+    Ok(PipelineEval {
+        config,
+        gold_proxy,
+        proxy_judge,
+        gold_judge,
     })
 }
 
@@ -192,6 +284,7 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
     let Stages {
         output_dir: out,
         stages,
+        eval,
     } = stage_tables(path, overrides)?;
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let state_path = out.join("pipeline_state.json");
@@ -200,13 +293,13 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
     } else {
         PipelineState::default()
     };
-    for (name, table) in stages {
-        if state.done.contains_key(&name) {
+    for (name, table) in &stages {
+        if state.done.contains_key(name) {
             tracing::info!("== {name}: done in an earlier run, skipped");
             continue;
         }
         let cfg_path = out.join(format!("{name}.toml"));
-        let text = toml::to_string(&table)
+        let text = toml::to_string(table)
             .map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
         rlhf_model::save::write_atomic(&cfg_path, text.as_bytes())?;
         let stage_out = PathBuf::from(
@@ -227,7 +320,69 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
         state.done.insert(name.clone(), summary);
         crate::checkpoint::write_json(&state_path, &state)?;
     }
+    if let Some(ev) = eval {
+        if state.done.contains_key("eval") {
+            tracing::info!("== eval: done in an earlier run, skipped");
+        } else {
+            let summary = run_eval(&ev, &stages)?;
+            state.done.insert("eval".into(), summary);
+            crate::checkpoint::write_json(&state_path, &state)?;
+        }
+    }
     Ok(state.done)
+}
+
+/// The pipeline's evaluation: gold and proxy over PPO's checkpoints (when asked), then the
+/// final policy against the SFT policy; its summary holds each judge's numbers and the KL.
+fn run_eval(ev: &PipelineEval, stages: &[(String, toml::Table)]) -> Result<Summary> {
+    let cfg = &ev.config;
+    tracing::info!(
+        "== eval: {} vs {:?}",
+        cfg.model.display(),
+        cfg.baseline_model
+    );
+    if ev.gold_proxy {
+        let max_steps = stages
+            .iter()
+            .find(|(n, _)| n == "ppo")
+            .and_then(|(_, t)| t.get("max_steps"))
+            .and_then(|v| v.as_integer())
+            .unwrap_or(0) as usize;
+        let start = cfg.baseline_model.clone().ok_or_else(|| {
+            Error::Config(
+                "[eval] gold_proxy needs the policy PPO started from (baseline_model)".into(),
+            )
+        })?;
+        let policies = crate::eval::run_policies(&start, &cfg.model, max_steps);
+        crate::eval::gold_proxy(cfg, &policies, &ev.proxy_judge, &ev.gold_judge)?;
+    }
+    let report = crate::eval::run(cfg)?;
+    tracing::info!("\n{}", crate::eval::table(&report));
+    let mut summary = Summary::new();
+    for (name, j) in &report.judges {
+        let r = &j.rates;
+        summary.insert(format!("{name}/win_rate"), r.win_rate);
+        summary.insert(
+            format!("{name}/length_controlled_winrate"),
+            r.length_controlled_winrate,
+        );
+        if let Some(w) = r.llama2_win_rate {
+            summary.insert(format!("{name}/llama2_win_rate"), w);
+        }
+        for (k, v) in [
+            ("policy_mean", j.policy_mean),
+            ("baseline_mean", j.baseline_mean),
+        ] {
+            if let Some(v) = v {
+                summary.insert(format!("{name}/{k}"), v);
+            }
+        }
+    }
+    if let Some(kl) = report.kl {
+        summary.insert("kl_k1".into(), kl.k1);
+        summary.insert("kl_k3".into(), kl.k3);
+    }
+    Ok(summary)
 }
 
 /// For the held-out prompts PPO evaluated: the reward-model score before PPO (the SFT

@@ -185,7 +185,6 @@ pub fn padded(rows: &[&Vec<f32>], width: usize, device: &Device) -> Result<Tenso
     Ok(Tensor::from_vec(flat, (rows.len(), width), device)?)
 }
 
-
 /// Turns generated ids into the text a scorer reads: without the EOS that ended them.
 pub struct Decoder<'a> {
     tok: &'a Tokenizer,
@@ -335,5 +334,4 @@ mod tests {
             "packed and padded response states differ by {diff}"
         );
     }
-
 }

@@ -34,6 +34,8 @@ enum Command {
         #[command(subcommand)]
         what: cmd::convert::Convert,
     },
+    /// Judge a policy against a baseline on held-out prompts (win rates, KL; eval.json).
+    Eval(cmd::eval::Args),
     /// Generate completions for prompts (JSONL in, JSONL out).
     Generate(cmd::generate::Args),
     /// Score prompt/response pairs with a reward model (JSONL in, JSONL out).
@@ -94,6 +96,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Bench { what } => cmd::bench::run(what),
         Command::Convert { what } => cmd::convert::run(what),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::Sft(a) => cmd::train::sft(a),

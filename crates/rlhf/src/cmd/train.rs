@@ -73,8 +73,9 @@ pub struct PipelineArgs {
     resume: bool,
 }
 
-/// `rlhf pipeline`: SFT → reward model → PPO; prints each stage's summary as a JSON line and,
-/// on stderr, the held-out answers before and after PPO.
+/// `rlhf pipeline`: SFT → reward model → PPO (→ eval); prints each stage's summary as a JSON
+/// line and, on stderr, the eval table (or, without `[eval]`, PPO's held-out answers before
+/// and after); writes `report.html` into the pipeline's output_dir.
 pub fn pipeline(a: PipelineArgs) -> Result<()> {
     let done = rlhf_train::pipeline::run(&a.config, &a.set, a.resume)?;
     println!(
@@ -82,8 +83,54 @@ pub fn pipeline(a: PipelineArgs) -> Result<()> {
         serde_json::to_string(&done).expect("numbers serialise")
     );
     let stages = rlhf_train::pipeline::stage_tables(&a.config, &a.set)?;
-    if let Some(dir) = stages.output_of("ppo") {
-        eprintln!("\n{}", rlhf_train::pipeline::report(&dir, 3)?);
+    match &stages.eval {
+        Some(ev) => {
+            let path = ev.config.output_dir.join("eval.json");
+            let text = std::fs::read_to_string(&path)?;
+            let report: serde_json::Value = serde_json::from_str(&text)?;
+            eprintln!(
+                "\nrlhf eval ({}):\n{}",
+                path.display(),
+                summary_table(&report)
+            );
+        }
+        None => {
+            if let Some(dir) = stages.output_of("ppo") {
+                eprintln!("\n{}", rlhf_train::pipeline::report(&dir, 3)?);
+            }
+        }
     }
+    let page = rlhf_report::write_report(&stages.output_dir, &stages.output_dir)?;
+    eprintln!("report: {}", page.display());
     Ok(())
+}
+
+/// Each judge's line of an eval.json, for the terminal.
+fn summary_table(report: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
+    if let Some(judges) = report["judges"].as_object() {
+        for (name, j) in judges {
+            out.push_str(&format!(
+                "  {name}: policy mean {} vs baseline {}; wins {} losses {} ties {}; Llama 2 \
+                 win rate {}, win_rate {} (LC {})\n",
+                num(&j["policy_mean"]),
+                num(&j["baseline_mean"]),
+                j["n_wins"],
+                j["n_wins_base"],
+                j["n_draws"],
+                num(&j["llama2_win_rate"]),
+                num(&j["win_rate"]),
+                num(&j["length_controlled_winrate"]),
+            ));
+        }
+    }
+    if report["kl"].is_object() {
+        out.push_str(&format!(
+            "  KL(policy || reference): k1 {}, k3 {}\n",
+            num(&report["kl"]["k1"]),
+            num(&report["kl"]["k3"])
+        ));
+    }
+    out
 }
