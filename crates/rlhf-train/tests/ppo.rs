@@ -259,8 +259,9 @@ fn ppo_resumes_exactly_with_the_llama2_gate_and_ptx() {
 }
 
 /// The whole pipeline on the tiny Llama: SFT (LoRA) → reward model (LoRA on the SFT adapter,
-/// merged in memory) → PPO (LoRA on SFT, scored by the reward adapter), then `--resume`
-/// skips every finished stage.
+/// merged in memory) → PPO (LoRA on SFT, scored by the reward adapter) → `[eval]` (PPO vs SFT
+/// by a gold program and the reward stage's model, and both over every PPO checkpoint), then
+/// `--resume` skips every finished stage.
 #[test]
 fn pipeline_chains_sft_reward_and_ppo() {
     let tmp = tempfile::tempdir().unwrap();
@@ -278,6 +279,12 @@ fn pipeline_chains_sft_reward_and_ppo() {
         .collect();
     std::fs::write(d.join("prefs.jsonl"), prefs.join("\n")).unwrap();
     prompts_file(d);
+    std::fs::write(
+        d.join("judge.py"),
+        "import json, sys\nfor l in sys.stdin:\n    \
+         print(json.dumps({\"score\": len(json.loads(l)[\"completion\"])}), flush=True)\n",
+    )
+    .unwrap();
     let cfg = format!(
         "model = {model:?}\noutput_dir = \"out\"\nseed = 1\nlogging_steps = 1\nreport_to = [\"jsonl\"]\n\
          [sft]\ntrain_file = \"sft.jsonl\"\nmax_steps = 2\nper_device_train_batch_size = 4\nlearning_rate = 1e-3\n\
@@ -287,8 +294,10 @@ fn pipeline_chains_sft_reward_and_ppo() {
          [reward.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"SEQ_CLS\"\n\
          [ppo]\ntrain_file = \"prompts.jsonl\"\neval_file = \"prompts.jsonl\"\neval_prompts = 2\n\
          max_steps = 2\nper_device_train_batch_size = 4\nnum_generations = 2\nresponse_length = 4\n\
-         learning_rate = 1e-3\n\
-         [ppo.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"CAUSAL_LM\"\n",
+         learning_rate = 1e-3\nsave_steps = 1\n\
+         [ppo.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"CAUSAL_LM\"\n\
+         [eval]\nmax_new_tokens = 4\nkl_samples = 1\ngold_proxy = true\n\
+         [eval.judges.gold]\nreward_program = [\"python3\", \"judge.py\"]\n",
         model = shared().join("models/llama-gqa"),
     );
     let path = d.join("pipeline.toml");
@@ -296,10 +305,36 @@ fn pipeline_chains_sft_reward_and_ppo() {
     let done = rlhf_train::pipeline::run(&path, &[], false).unwrap();
     assert_eq!(
         done.keys().collect::<Vec<_>>(),
-        ["ppo", "reward", "sft"],
+        ["eval", "ppo", "reward", "sft"],
         "every stage ran"
     );
     let out = d.join("out");
+    for k in [
+        "gold/win_rate",
+        "proxy/win_rate",
+        "gold/policy_mean",
+        "kl_k1",
+        "kl_k3",
+    ] {
+        assert!(done["eval"].contains_key(k), "eval summary lacks {k}");
+    }
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval/eval.json")).unwrap())
+            .unwrap();
+    assert_eq!(eval["n_prompts"], 8);
+    assert!(eval["baseline"].as_str().unwrap().ends_with("sft"));
+    // Gold and proxy at the start (the SFT policy, KL 0), checkpoint-1 and the final policy.
+    let curve: Vec<serde_json::Value> = std::fs::read_to_string(out.join("eval/gold_proxy.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = curve.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 1, 2]);
+    assert_eq!(curve[0]["kl_k1"], 0.0);
+    assert!(curve
+        .iter()
+        .all(|r| r["gold"].is_number() && r["proxy"].is_number()));
     // Each stage's adapter names the previous stage's output as its base.
     let base_of = |s: &str| -> String {
         let v: serde_json::Value = serde_json::from_str(
@@ -326,7 +361,7 @@ fn pipeline_chains_sft_reward_and_ppo() {
     assert_eq!(g[0].completion_ids.len(), 64);
     // Resume with every stage done runs nothing again.
     let again = rlhf_train::pipeline::run(&path, &[], true).unwrap();
-    for stage in ["sft", "reward", "ppo"] {
+    for stage in ["sft", "reward", "ppo", "eval"] {
         let (a, b) = (&again[stage], &done[stage]);
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         for (k, v) in b {
