@@ -43,5 +43,5 @@ pub use sampler::{Sampler, SamplerState};
 pub use tokenize::{
     prompt_ids, reward_ids, tokenize_comparison, tokenize_comparisons, tokenize_demonstration,
     tokenize_demonstrations, tokenize_dpo, tokenize_dpo_pair, DpoExample, RewardGroup, RewardPair,
-    SftExample, TokenizeOptions, TokenizeReport, Tokenized, IGNORE_INDEX,
+    SftExample, TokenizeOptions, TokenizeReport, Tokenized, TruncationMode, IGNORE_INDEX,
 };

@@ -21,7 +21,9 @@
 //! Where this differs from TRL, on purpose:
 //! - Sequences longer than `max_length` are truncated (keeping the start, TRL's default
 //!   `truncation_mode`) and counted in a [`TokenizeReport`]; TRL's RewardTrainer drops such
-//!   pairs without a word. Examples left with nothing to learn from (an SFT example with no
+//!   pairs without a word. Reward pairs may instead keep their end
+//!   ([`TruncationMode::KeepEnd`]): the prompt is cut from its start, so a long conversation
+//!   keeps both answers and the EOS the score is read at. Examples left with nothing to learn from (an SFT example with no
 //!   label, a DPO prompt that fills `max_length`) are dropped, as TRL does, and counted.
 //! - `messages` rows train on assistant turns only by default
 //!   ([`TokenizeOptions::assistant_only_loss`]; TRL defaults to all tokens). TRL finds assistant
@@ -46,12 +48,40 @@ use crate::records::{
 /// The label of tokens that do not count in the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
+/// Which end of an over-long sequence survives truncation (TRL's `truncation_mode` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncationMode {
+    /// Keep the first `max_length` tokens (TRL's default): a prompt that fills the window
+    /// cuts both answers away.
+    #[default]
+    KeepStart,
+    /// Keep the last `max_length` tokens: the prompt is cut from its start and the answers,
+    /// with their EOS, stay.
+    KeepEnd,
+}
+
+impl TruncationMode {
+    /// `ids` cut to at most `max` tokens from the chosen end.
+    fn apply(self, ids: &mut Vec<u32>, max: usize) {
+        match self {
+            TruncationMode::KeepStart => ids.truncate(max),
+            TruncationMode::KeepEnd => {
+                let extra = ids.len().saturating_sub(max);
+                ids.drain(..extra);
+            }
+        }
+    }
+}
+
 /// Settings for turning records into token ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokenizeOptions {
     /// Longest sequence kept; longer ones are cut, keeping the start. `None`: no limit.
     pub max_length: Option<usize>,
+    /// Reward pairs only: which end of an over-long sequence is kept (SFT and DPO keep the start).
+    pub truncation_mode: TruncationMode,
     /// Which Llama 2 table turns a pair's `degree` into a margin.
     pub margin_table: MarginTable,
     /// SFT prompt-completion rows: no loss on prompt tokens (TRL's default for such rows).
@@ -67,6 +97,7 @@ impl Default for TokenizeOptions {
     fn default() -> Self {
         Self {
             max_length: None,
+            truncation_mode: TruncationMode::KeepStart,
             margin_table: MarginTable::Small,
             completion_only_loss: true,
             assistant_only_loss: true,
@@ -135,7 +166,8 @@ impl fmt::Display for TokenizeReport {
         if self.identical_after_truncation > 0 {
             write!(
                 f,
-                "; {} pairs identical after truncation (raise max_length)",
+                "; {} pairs identical after truncation (raise max_length, or set \
+                 truncation_mode = \"keep_end\" to cut prompts from their start)",
                 self.identical_after_truncation
             )?;
         }
@@ -284,8 +316,8 @@ pub fn tokenize_comparison(
             let cut_c = report.cut(chosen_ids.len());
             let cut_r = report.cut(rejected_ids.len());
             if let Some(max) = opts.max_length {
-                chosen_ids.truncate(max);
-                rejected_ids.truncate(max);
+                opts.truncation_mode.apply(&mut chosen_ids, max);
+                opts.truncation_mode.apply(&mut rejected_ids, max);
             }
             report.examples += 1;
             if cut_c || cut_r {

@@ -70,6 +70,53 @@ fn reward_truncation_keeps_the_start_and_is_counted() {
 }
 
 #[test]
+fn reward_keep_end_cuts_a_long_prompt_and_keeps_both_answers_and_eos() {
+    let tok = gpt2();
+    let eos = tok.eos_token_id().unwrap();
+    let long = "This prompt is long enough to fill the whole window by itself, and then some.";
+    let rows = [serde_json::json!({"prompt": long, "chosen": " Yes!", "rejected": " No."})];
+    let recs: Vec<Comparison> = records(&rows);
+    let full = tokenize_comparisons(&tok, &recs, &TokenizeOptions::default()).unwrap();
+    let (fc, fr) = (
+        &full.examples[0].pairs[0].chosen_ids,
+        &full.examples[0].pairs[0].rejected_ids,
+    );
+    let max = 10;
+    assert!(
+        fc.len() > max + 4 && fr.len() > max + 4,
+        "the prompt must fill the window"
+    );
+    let opts = |truncation_mode| TokenizeOptions {
+        max_length: Some(max),
+        truncation_mode,
+        ..Default::default()
+    };
+    // The start is kept by default: both answers are cut away and the pair carries nothing.
+    let start = tokenize_comparisons(&tok, &recs, &opts(TruncationMode::KeepStart)).unwrap();
+    assert_eq!(start.report.identical_after_truncation, 1);
+    assert!(start.report.to_string().contains("keep_end"));
+    let end = tokenize_comparisons(&tok, &recs, &opts(TruncationMode::KeepEnd)).unwrap();
+    let p = &end.examples[0].pairs[0];
+    assert_eq!((p.chosen_ids.len(), p.rejected_ids.len()), (max, max));
+    // The last `max` tokens of each sequence: the answer and its EOS, after the prompt's end.
+    assert_eq!(p.chosen_ids[..], fc[fc.len() - max..]);
+    assert_eq!(p.rejected_ids[..], fr[fr.len() - max..]);
+    assert_eq!(p.chosen_ids.last(), Some(&eos));
+    assert_eq!(p.rejected_ids.last(), Some(&eos));
+    assert_ne!(p.chosen_ids, p.rejected_ids);
+    let answer = |a: &str| tok.encode(&format!("{a}<|endoftext|>"), false).unwrap();
+    assert!(p.chosen_ids.ends_with(&answer(" Yes!")));
+    assert!(p.rejected_ids.ends_with(&answer(" No.")));
+    // What is left of the window holds the prompt's last tokens, not nothing.
+    assert!(answer(" Yes!").len() < max && answer(" No.").len() < max);
+    let r = &end.report;
+    assert_eq!(
+        (r.examples, r.truncated, r.identical_after_truncation),
+        (1, 1, 0)
+    );
+}
+
+#[test]
 fn sft_truncation_counts_and_drops_examples_without_loss_tokens() {
     let tok = gpt2();
     let rows = [

@@ -25,6 +25,10 @@ pub struct RewardArgs {
     /// Llama 2 margin table for rows with a `degree`: "small" {1, 2/3, 1/3, 0} or
     /// "large" {3, 2, 1, 0}.
     pub margin_table: rlhf_data::MarginTable,
+    /// Which end of an over-long pair survives `max_length`: "keep_start" (TRL's default
+    /// name; long prompts can cut both answers away) or "keep_end" (the prompt is cut from
+    /// its start, so both answers and their EOS stay).
+    pub truncation_mode: rlhf_data::TruncationMode,
 }
 
 impl Default for RewardArgs {
@@ -32,14 +36,23 @@ impl Default for RewardArgs {
         Self {
             center_rewards_coefficient: None,
             margin_table: rlhf_data::MarginTable::Small,
+            truncation_mode: rlhf_data::TruncationMode::KeepStart,
         }
     }
 }
 
+/// The keys of [`RewardArgs`].
+const REWARD_KEYS: [&str; 3] = [
+    "center_rewards_coefficient",
+    "margin_table",
+    "truncation_mode",
+];
+
 /// Every key a reward config may hold.
 fn allowed_keys() -> Vec<&'static str> {
     let mut v = config::TRAINING_KEYS.to_vec();
-    v.extend(["center_rewards_coefficient", "margin_table", "lora"]);
+    v.extend(REWARD_KEYS);
+    v.push("lora");
     v
 }
 
@@ -60,8 +73,7 @@ impl RewardConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut table = config::load_table(path, overrides, &allowed_keys())?;
         let lora = config::take_lora(path, &mut table)?;
-        let reward_table =
-            config::take_keys(&mut table, &["center_rewards_coefficient", "margin_table"]);
+        let reward_table = config::take_keys(&mut table, &REWARD_KEYS);
         table
             .entry("learning_rate")
             .or_insert(toml::Value::Float(1e-4));
@@ -193,7 +205,7 @@ pub fn load_groups(
     path: &Path,
     tok: &rlhf_model::tokenizer::Tokenizer,
     args: &TrainingArgs,
-    margin_table: rlhf_data::MarginTable,
+    reward: &RewardArgs,
 ) -> Result<Vec<RewardGroup>> {
     let data = rlhf_data::load::<Comparison>(
         path,
@@ -206,7 +218,8 @@ pub fn load_groups(
     }
     let opts = TokenizeOptions {
         max_length: Some(args.max_length),
-        margin_table,
+        truncation_mode: reward.truncation_mode,
+        margin_table: reward.margin_table,
         skip_invalid: args.skip_invalid,
         ..Default::default()
     };
@@ -224,9 +237,9 @@ pub fn run(
     let cfg = RewardConfig::load(config_path, overrides)?;
     let args = &cfg.args;
     let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
-    let train_set = load_groups(&args.train_file, &tok, args, cfg.reward.margin_table)?;
+    let train_set = load_groups(&args.train_file, &tok, args, &cfg.reward)?;
     let eval_set = match &args.eval_file {
-        Some(p) => load_groups(p, &tok, args, cfg.reward.margin_table)?,
+        Some(p) => load_groups(p, &tok, args, &cfg.reward)?,
         None => Vec::new(),
     };
     let resume_dir = match resume {
@@ -261,4 +274,28 @@ pub fn run(
         Heads::Score,
         resume_dir.as_deref(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_mode_is_read_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("reward.toml");
+        std::fs::write(&p, "model = \"m\"\ntrain_file = \"t.jsonl\"\n").unwrap();
+        let cfg = RewardConfig::load(&p, &[]).unwrap();
+        assert_eq!(
+            cfg.reward.truncation_mode,
+            rlhf_data::TruncationMode::KeepStart
+        );
+        let set = |v: &str| RewardConfig::load(&p, &[format!("truncation_mode={v}")]);
+        assert_eq!(
+            set("keep_end").unwrap().reward.truncation_mode,
+            rlhf_data::TruncationMode::KeepEnd
+        );
+        let err = set("keep_middle").unwrap_err().to_string();
+        assert!(err.contains("keep_middle"), "{err}");
+    }
 }
