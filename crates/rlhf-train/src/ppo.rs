@@ -32,7 +32,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rlhf_data::{PromptRecord, Sampler, SamplerState, SftExample};
-use rlhf_model::generate::{generate, generate_with_states, GenerationConfig};
+use rlhf_model::generate::{generate_with_states, GenerationConfig};
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::Tokenizer;
 use rlhf_model::{Heads, LoadOptions, Model, Training};
@@ -1055,14 +1055,18 @@ impl<'a> PpoTrainer<'a> {
     pub fn evaluate(&mut self, step: usize) -> Result<StepMetrics> {
         let started = Instant::now();
         let bs = self.cfg.args.per_device_eval_batch_size.max(1);
-        let mut texts = Vec::new();
-        let mut ids = Vec::new();
-        for chunk in self.eval_ids.chunks(bs) {
-            for g in generate(&self.policy, chunk, &self.gen_config(0.0, 0))? {
-                texts.push(self.completion_text(&g.completion_ids)?);
-                ids.push(g.completion_ids);
-            }
-        }
+        let gens = crate::rollout::generate_batched(
+            &self.policy,
+            &self.eval_ids,
+            &self.gen_config(0.0, 0),
+            bs,
+            |_| 0,
+        )?;
+        let texts: Vec<String> = gens
+            .iter()
+            .map(|g| self.completion_text(&g.completion_ids))
+            .collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> = gens.into_iter().map(|g| g.completion_ids).collect();
         let lens: Vec<f64> = ids.iter().map(|x| x.len() as f64).collect();
         let records: Vec<&PromptRecord> = self.eval_prompts.iter().collect();
         let mut extra = Vec::new();
