@@ -892,10 +892,38 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// The policies of a training run in step order: `(0, start)`, each `checkpoint-N`, and the
-/// final output as `(max_steps, output_dir)` when it holds a model.
+/// The policies of a training run in step order: `(0, start)`, then each round's policy for
+/// rejection sampling (`iteration-i` as step i) and ReST (`grow-g/improve-k` numbered in
+/// order), else each `checkpoint-N` and the final output as `(max_steps, output_dir)` when it
+/// holds a model.
 pub fn run_policies(start: &Path, run_dir: &Path, final_step: usize) -> Vec<(usize, PathBuf)> {
     let mut out = vec![(0, start.to_path_buf())];
+    let holds_model =
+        |d: &Path| d.join("adapter_config.json").exists() || d.join("config.json").exists();
+    let rounds: Vec<PathBuf> = (1..)
+        .map(|i| run_dir.join(format!("iteration-{i}")))
+        .take_while(|d| holds_model(d))
+        .collect();
+    let improve: Vec<PathBuf> = (1..)
+        .map(|g| run_dir.join(format!("grow-{g}")))
+        .take_while(|d| d.exists())
+        .flat_map(|g| {
+            (1..)
+                .map(move |k| g.join(format!("improve-{k}")))
+                .take_while(|d| holds_model(d))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !rounds.is_empty() || !improve.is_empty() {
+        out.extend(
+            rounds
+                .into_iter()
+                .chain(improve)
+                .enumerate()
+                .map(|(i, d)| (i + 1, d)),
+        );
+        return out;
+    }
     out.extend(
         crate::trainer::checkpoints(run_dir)
             .into_iter()

@@ -1,16 +1,24 @@
-//! The InstructGPT pipeline as one command: SFT → reward model → PPO, each stage's output
-//! directory feeding the next (`rlhf pipeline --config pipeline.toml`).
+//! Training pipelines as one command: stages run in the order the config writes them, each
+//! stage's output directory feeding the next (`rlhf pipeline --config pipeline.toml`): the
+//! InstructGPT pipeline (SFT → reward model → PPO), Llama 2's (SFT → helpfulness and safety
+//! reward models → rejection sampling → PPO with the gate), or any other order of sft,
+//! reward, ppo, rejection_sampling, rest, dpo and kto.
 //!
 //! The config has top-level keys shared by every stage (`model`, `output_dir`, `seed`,
-//! `report_to`, `logging_steps`, `max_length`, ...) and one table per stage, `[sft]`,
-//! `[reward]` and `[ppo]`, each holding what that stage's own config holds (its `[lora]` as
-//! `[sft.lora]`, ...). A stage table wins over the shared keys. Where a stage is silent:
-//! SFT trains `model`; the reward model and the policy start from SFT's output (a LoRA
-//! adapter is merged into its base in memory); PPO's `reward_model` is the reward stage's
-//! output; outputs go to `output_dir/{sft,reward,ppo}`. The exact config each stage ran is
+//! `report_to`, `logging_steps`, `max_length`, ...) and one table per stage, holding what that
+//! stage's own config holds (its `[lora]` as `[sft.lora]`, ...). A table is named after its
+//! trainer (`[sft]`, `[rejection_sampling]`), or names it with `trainer = "reward"` (two
+//! reward models: `[helpfulness]` and `[safety]`, each `trainer = "reward"`). A stage table
+//! wins over the shared keys. Where a stage is silent: the first policy stage trains `model`,
+//! each later one starts from the previous policy stage's output (a LoRA adapter is merged
+//! into its base in memory); a reward model starts from the latest SFT stage's output; a stage
+//! that scores samples (ppo, rejection_sampling, rest) and names no scorer uses the latest
+//! reward stage's model; outputs go to `output_dir/STAGE`. A model key (`model`,
+//! `reward_model`, `reward_models`, `ref_model`) may name an earlier stage: `reward_models =
+//! { helpfulness = "helpfulness", safety = "safety" }` means those stages' outputs. The exact config each stage ran is
 //! written beside its output (`output_dir/STAGE.toml`), and `pipeline_state.json` records
-//! the stages done, so `--resume` skips them and resumes the interrupted one from its newest
-//! checkpoint.
+//! the stages done, so `--resume` skips them and resumes the interrupted one (from its newest
+//! checkpoint, or for the sampling methods from their last whole batch or round).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,17 +28,32 @@ use serde::{Deserialize, Serialize};
 use crate::trainer::Summary;
 use crate::{Error, Result};
 
-/// The stages, in order.
-pub const STAGES: [&str; 3] = ["sft", "reward", "ppo"];
+/// What a stage can run.
+pub const KINDS: [&str; 7] = [
+    "sft",
+    "reward",
+    "ppo",
+    "rejection_sampling",
+    "rest",
+    "dpo",
+    "kto",
+];
+
+/// Stages whose output is the policy the next stage starts from.
+const POLICY_KINDS: [&str; 6] = ["sft", "ppo", "rejection_sampling", "rest", "dpo", "kto"];
+
+/// Stages that score samples, and so need a reward model or program.
+const SCORED_KINDS: [&str; 3] = ["ppo", "rejection_sampling", "rest"];
 
 /// Keys whose values are paths, made absolute against the pipeline config's directory.
-const PATH_KEYS: [&str; 6] = [
+const PATH_KEYS: [&str; 7] = [
     "model",
     "train_file",
     "eval_file",
     "output_dir",
     "ptx_file",
     "reward_model",
+    "ref_model",
 ];
 
 /// What `pipeline_state.json` holds.
@@ -72,13 +95,16 @@ pub struct Stages {
     pub output_dir: PathBuf,
     /// Each stage's name and full standalone config, with absolute paths, in order.
     pub stages: Vec<(String, toml::Table)>,
+    /// Each stage's trainer (`kinds[i]` runs `stages[i]`).
+    pub kinds: Vec<String>,
     /// The held-out evaluation after the last stage (`[eval]`), if the config has one.
     pub eval: Option<PipelineEval>,
 }
 
-/// The pipeline's `[eval]`: `rlhf eval` of the PPO policy against the SFT policy it started
-/// from, and, with `gold_proxy = true`, the proxy and gold judges over every saved PPO
-/// checkpoint (Gao et al. 2022).
+/// The pipeline's `[eval]`: `rlhf eval` of the last policy stage's output against the SFT
+/// policy, and, with `gold_proxy = true`, the proxy and gold judges over every policy that
+/// stage saved on the way (PPO's checkpoints, rejection sampling's rounds, ReST's Improve
+/// steps: Gao et al. 2022).
 pub struct PipelineEval {
     /// The evaluation's settings, with the pipeline's defaults filled in.
     pub config: crate::eval::EvalConfig,
@@ -121,26 +147,6 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
             }
         })
         .unwrap_or(Path::new("."));
-    let mut stages: BTreeMap<String, toml::Table> = BTreeMap::new();
-    for s in STAGES {
-        match top.remove(s) {
-            Some(toml::Value::Table(t)) => {
-                stages.insert(s.to_string(), t);
-            }
-            Some(_) => {
-                return Err(Error::Config(format!(
-                    "{}: `{s}` must be a table ([{s}])",
-                    path.display()
-                )))
-            }
-            None => {
-                return Err(Error::Config(format!(
-                    "{}: no [{s}] table; the pipeline runs sft, reward and ppo in turn",
-                    path.display()
-                )))
-            }
-        }
-    }
     let eval_table = match top.remove("eval") {
         Some(toml::Value::Table(t)) => Some(t),
         Some(_) => {
@@ -151,6 +157,45 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
         }
         None => None,
     };
+    // Every other table is a stage, in the order written.
+    let names: Vec<String> = top
+        .iter()
+        .filter(|(_, v)| v.is_table())
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut stages: Vec<(String, String, toml::Table)> = Vec::new();
+    for name in names {
+        let Some(toml::Value::Table(mut t)) = top.remove(&name) else {
+            unreachable!("filtered to tables")
+        };
+        let kind = match t.remove("trainer") {
+            Some(toml::Value::String(k)) => k,
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "{}: [{name}] trainer = {v}: give one of {}",
+                    path.display(),
+                    KINDS.join(", ")
+                )))
+            }
+            None => name.clone(),
+        };
+        if !KINDS.contains(&kind.as_str()) {
+            return Err(Error::Config(format!(
+                "{}: [{name}] is not a trainer ({}): name the table after one, or say which \
+                 with `trainer = \"reward\"`",
+                path.display(),
+                KINDS.join(", ")
+            )));
+        }
+        stages.push((name, kind, t));
+    }
+    if stages.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: no stage tables; write one per stage in the order to run them, e.g. [sft], \
+             [reward], [ppo]",
+            path.display()
+        )));
+    }
     for (k, v) in top.iter_mut() {
         if PATH_KEYS.contains(&k.as_str()) {
             absolute(base, k, v);
@@ -168,8 +213,29 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
         .ok_or_else(|| Error::Config(format!("{}: `output_dir` is required", path.display())))?;
     let out_of = |s: &str| out.join(s).to_string_lossy().into_owned();
     let mut result = Vec::new();
-    for s in STAGES {
-        let mut t = stages.remove(s).expect("every stage checked above");
+    let mut kinds = Vec::new();
+    let mut last_policy: Option<String> = None;
+    let mut last_sft: Option<String> = None;
+    let mut last_reward: Option<String> = None;
+    let mut outputs: BTreeMap<String, String> = BTreeMap::new();
+    for (name, kind, mut t) in stages {
+        // A model key naming an earlier stage means that stage's output.
+        let by_name = |v: &mut toml::Value| {
+            if let Some(o) = v.as_str().and_then(|s| outputs.get(s)) {
+                *v = toml::Value::String(o.clone());
+            }
+        };
+        for (k, v) in t.iter_mut() {
+            match k.as_str() {
+                "model" | "reward_model" | "ref_model" => by_name(v),
+                "reward_models" => {
+                    if let toml::Value::Table(rm) = v {
+                        rm.iter_mut().for_each(|(_, x)| by_name(x));
+                    }
+                }
+                _ => {}
+            }
+        }
         for (k, v) in t.iter_mut() {
             if PATH_KEYS.contains(&k.as_str()) {
                 absolute(base, k, v);
@@ -192,26 +258,45 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
                 t.insert(k.clone(), v.clone());
             }
         }
-        let default_model = match s {
-            "sft" => model.to_string_lossy().into_owned(),
-            _ => out_of("sft"),
-        };
+        let default_model = match kind.as_str() {
+            "reward" => last_sft.clone(),
+            _ => last_policy.clone(),
+        }
+        .unwrap_or_else(|| model.to_string_lossy().into_owned());
         t.entry("model")
             .or_insert(toml::Value::String(default_model));
         t.entry("output_dir")
-            .or_insert(toml::Value::String(out_of(s)));
-        if s == "ppo" && !t.contains_key("reward_models") {
-            t.entry("reward_model")
-                .or_insert(toml::Value::String(out_of("reward")));
+            .or_insert(toml::Value::String(out_of(&name)));
+        let scorer_given = ["reward_model", "reward_models", "reward_program"]
+            .iter()
+            .any(|k| t.contains_key(*k));
+        if SCORED_KINDS.contains(&kind.as_str()) && !scorer_given {
+            if let Some(rm) = &last_reward {
+                t.insert("reward_model".into(), toml::Value::String(rm.clone()));
+            }
         }
-        result.push((s.to_string(), t));
+        let this_out = t["output_dir"].as_str().expect("set above").to_string();
+        outputs.insert(name.clone(), this_out.clone());
+        match kind.as_str() {
+            "reward" => last_reward = Some(this_out),
+            k if POLICY_KINDS.contains(&k) => {
+                if k == "sft" {
+                    last_sft = Some(this_out.clone());
+                }
+                last_policy = Some(this_out);
+            }
+            _ => {}
+        }
+        result.push((name, t));
+        kinds.push(kind);
     }
     let eval = eval_table
-        .map(|t| pipeline_eval(path, base, t, &out, &result))
+        .map(|t| pipeline_eval(path, base, t, &out, &result, &kinds))
         .transpose()?;
     Ok(Stages {
         output_dir: out,
         stages: result,
+        kinds,
         eval,
     })
 }
@@ -224,13 +309,19 @@ fn pipeline_eval(
     mut t: toml::Table,
     out: &Path,
     stages: &[(String, toml::Table)],
+    kinds: &[String],
 ) -> Result<PipelineEval> {
-    let key = |stage: &str, k: &str| -> Option<toml::Value> {
-        stages
-            .iter()
-            .find(|(n, _)| n == stage)
-            .and_then(|(_, t)| t.get(k).cloned())
+    let get = |i: usize, k: &str| -> Option<PathBuf> {
+        stages[i]
+            .1
+            .get(k)
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from)
     };
+    let last_of = |pred: &dyn Fn(&str) -> bool| (0..stages.len()).rev().find(|&i| pred(&kinds[i]));
+    let policy = last_of(&|k| POLICY_KINDS.contains(&k));
+    let first_sft = (0..stages.len()).find(|&i| kinds[i] == "sft");
+    let reward = last_of(&|k| k == "reward");
     let gold_proxy = match t.remove("gold_proxy") {
         Some(toml::Value::Boolean(b)) => b,
         None => false,
@@ -250,15 +341,22 @@ fn pipeline_eval(
     let proxy_judge = name(&mut t, "proxy_judge", "proxy");
     let gold_judge = name(&mut t, "gold_judge", "gold");
     let mut config = crate::eval::EvalConfig::from_table(path, base, t)?;
-    let dir = |stage: &str| key(stage, "output_dir").and_then(|v| v.as_str().map(PathBuf::from));
     if config.model.as_os_str().is_empty() {
-        config.model = dir("ppo").unwrap_or_default();
+        config.model = policy
+            .and_then(|i| get(i, "output_dir"))
+            .unwrap_or_default();
     }
     if config.baseline_model.is_none() && config.baseline_file.is_none() {
-        config.baseline_model = dir("sft");
+        // The SFT policy; without an SFT stage (or when it is what is judged), the model the
+        // judged stage started from.
+        config.baseline_model = match (first_sft, policy) {
+            (Some(s), Some(p)) if s != p => get(s, "output_dir"),
+            (_, Some(p)) => get(p, "model"),
+            _ => None,
+        };
     }
     if config.eval_file.as_os_str().is_empty() {
-        if let Some(f) = key("ppo", "eval_file").and_then(|v| v.as_str().map(PathBuf::from)) {
+        if let Some(f) = (0..stages.len()).rev().find_map(|i| get(i, "eval_file")) {
             config.eval_file = f;
         }
     }
@@ -267,7 +365,7 @@ fn pipeline_eval(
     }
     if !config.judges.contains_key(&proxy_judge) {
         let mut j = crate::eval::JudgeSpec::default();
-        j.scorer.reward_model = dir("reward");
+        j.scorer.reward_model = reward.and_then(|i| get(i, "output_dir"));
         config.judges.insert(proxy_judge.clone(), j);
     }
     Ok(PipelineEval {
@@ -284,6 +382,7 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
     let Stages {
         output_dir: out,
         stages,
+        kinds,
         eval,
     } = stage_tables(path, overrides)?;
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
@@ -293,7 +392,7 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
     } else {
         PipelineState::default()
     };
-    for (name, table) in &stages {
+    for ((name, table), kind) in stages.iter().zip(&kinds) {
         if state.done.contains_key(name) {
             tracing::info!("== {name}: done in an earlier run, skipped");
             continue;
@@ -308,14 +407,29 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
                 .and_then(|v| v.as_str())
                 .expect("stage_tables sets every output_dir"),
         );
-        // Resume the interrupted stage from its newest checkpoint, if it wrote one.
-        let resume_stage = resume && !crate::trainer::checkpoints(&stage_out).is_empty();
+        // Resume the interrupted stage: from its newest checkpoint, or for the sampling
+        // methods from what they wrote (their rounds and samples).
+        let sampling = matches!(kind.as_str(), "rejection_sampling" | "rest");
+        let resume_stage = resume
+            && if sampling {
+                stage_out.exists()
+            } else {
+                !crate::trainer::checkpoints(&stage_out).is_empty()
+            };
         let r = resume_stage.then_some(None);
-        tracing::info!("== {name}: {}", cfg_path.display());
-        let summary = match name.as_str() {
+        tracing::info!("== {name} ({kind}): {}", cfg_path.display());
+        let summary = match kind.as_str() {
             "sft" => crate::sft::run(&cfg_path, &[], r)?,
             "reward" => crate::reward::run(&cfg_path, &[], r)?,
-            _ => crate::ppo::run(&cfg_path, &[], r)?,
+            "ppo" => crate::ppo::run(&cfg_path, &[], r)?,
+            "rejection_sampling" => crate::rejection_sampling::run(&cfg_path, &[], r)?,
+            "rest" => crate::rest::run(&cfg_path, &[], r)?,
+            other => {
+                return Err(Error::Config(format!(
+                    "{}: [{name}] trainer {other:?} cannot run in a pipeline yet",
+                    path.display()
+                )))
+            }
         };
         state.done.insert(name.clone(), summary);
         crate::checkpoint::write_json(&state_path, &state)?;
@@ -342,15 +456,16 @@ fn run_eval(ev: &PipelineEval, stages: &[(String, toml::Table)]) -> Result<Summa
         cfg.baseline_model
     );
     if ev.gold_proxy {
+        let judged = cfg.model.to_string_lossy();
         let max_steps = stages
             .iter()
-            .find(|(n, _)| n == "ppo")
+            .find(|(_, t)| t.get("output_dir").and_then(|v| v.as_str()) == Some(&*judged))
             .and_then(|(_, t)| t.get("max_steps"))
             .and_then(|v| v.as_integer())
             .unwrap_or(0) as usize;
         let start = cfg.baseline_model.clone().ok_or_else(|| {
             Error::Config(
-                "[eval] gold_proxy needs the policy PPO started from (baseline_model)".into(),
+                "[eval] gold_proxy needs the policy training started from (baseline_model)".into(),
             )
         })?;
         let policies = crate::eval::run_policies(&start, &cfg.model, max_steps);

@@ -46,6 +46,10 @@ enum Command {
     Reward(cmd::train::Args),
     /// Optimise a policy with PPO against a reward model (InstructGPT step 3, Llama 2 gate).
     Ppo(cmd::train::Args),
+    /// Llama 2's iterative rejection sampling: best of K samples per prompt, then SFT on them.
+    RejectionSampling(cmd::train::Args),
+    /// ReST: Grow (sample, score) then Improve (SFT on rising-threshold subsets), repeated.
+    Rest(cmd::train::Args),
     /// The InstructGPT pipeline: SFT → reward model → PPO, each stage feeding the next.
     Pipeline(cmd::train::PipelineArgs),
     /// A run directory as one self-contained report.html with plots.
@@ -102,6 +106,8 @@ fn main() -> std::process::ExitCode {
         Command::Sft(a) => cmd::train::sft(a),
         Command::Reward(a) => cmd::train::reward(a),
         Command::Ppo(a) => cmd::train::ppo(a),
+        Command::RejectionSampling(a) => cmd::train::rejection_sampling(a),
+        Command::Rest(a) => cmd::train::rest(a),
         Command::Pipeline(a) => cmd::train::pipeline(a),
         Command::Report(a) => cmd::report::run(a),
     };

@@ -1,4 +1,4 @@
-//! `rlhf sft|reward --config FILE.toml [--set key=value]... [--resume [DIR]]`.
+//! `rlhf TRAINER --config FILE.toml [--set key=value]... [--resume [DIR]]` for each trainer.
 
 use std::path::PathBuf;
 
@@ -48,6 +48,20 @@ pub fn reward(a: Args) -> Result<()> {
 /// `rlhf sft`.
 pub fn sft(a: Args) -> Result<()> {
     let s = rlhf_train::sft::run(&a.config, &a.set, a.resume())?;
+    print_summary(&s);
+    Ok(())
+}
+
+/// `rlhf rejection-sampling`.
+pub fn rejection_sampling(a: Args) -> Result<()> {
+    let s = rlhf_train::rejection_sampling::run(&a.config, &a.set, a.resume())?;
+    print_summary(&s);
+    Ok(())
+}
+
+/// `rlhf rest`.
+pub fn rest(a: Args) -> Result<()> {
+    let s = rlhf_train::rest::run(&a.config, &a.set, a.resume())?;
     print_summary(&s);
     Ok(())
 }
