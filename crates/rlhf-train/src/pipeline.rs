@@ -364,8 +364,27 @@ fn pipeline_eval(
         config.output_dir = out.join("eval");
     }
     if !config.judges.contains_key(&proxy_judge) {
+        // What the last stage that scored samples was trained against; else the last reward
+        // model. The Llama 2 gate judges unwhitened: a judge's score must not depend on the
+        // batch an answer landed in.
         let mut j = crate::eval::JudgeSpec::default();
-        j.scorer.reward_model = reward.and_then(|i| get(i, "output_dir"));
+        let scored = last_of(&|k| SCORED_KINDS.contains(&k));
+        let spec = scored.and_then(|i| {
+            let t = &stages[i].1;
+            let keys: toml::Table = crate::scoring::SCORER_KEYS
+                .iter()
+                .filter_map(|k| t.get(*k).map(|v| ((*k).to_string(), v.clone())))
+                .collect();
+            crate::config::parse::<crate::scoring::ScorerSpec>(path, keys).ok()
+        });
+        match spec {
+            Some(mut s) if !s.sources().is_empty() => {
+                s.llama2.whiten = false;
+                s.batch_size = j.scorer.batch_size;
+                j.scorer = s;
+            }
+            _ => j.scorer.reward_model = reward.and_then(|i| get(i, "output_dir")),
+        }
         config.judges.insert(proxy_judge.clone(), j);
     }
     Ok(PipelineEval {

@@ -92,6 +92,20 @@ pub(crate) fn parse_sampling_method(
     let samp = config::take_keys(table, sampling::SAMPLING_KEYS);
     let mut scoring = config::take_keys(table, crate::scoring::SCORER_KEYS);
     crate::scoring::resolve_scorer_paths(base, &mut scoring);
+    // The gate's whitening is PPO's: it makes a score depend on the batch it was computed
+    // in, and sampling compares scores across batches and rounds.
+    let whiten = scoring
+        .get("llama2")
+        .and_then(|g| g.get("whiten"))
+        .and_then(|w| w.as_bool());
+    if whiten == Some(true) {
+        return Err(Error::Config(format!(
+            "{}: [llama2] whiten = true: rejection sampling and ReST compare raw scores \
+             across batches and rounds, which whitening per batch would make incomparable; \
+             remove the key",
+            path.display()
+        )));
+    }
     table
         .entry("learning_rate")
         .or_insert(toml::Value::Float(2e-5));
@@ -100,6 +114,7 @@ pub(crate) fn parse_sampling_method(
     let sampling: SamplingArgs = config::parse(path, samp)?;
     let mut scorer: ScorerSpec = config::parse(path, scoring)?;
     scorer.batch_size = args.per_device_eval_batch_size;
+    scorer.llama2.whiten = false;
     let bad = |m: String| Error::Config(format!("{}: {m}", path.display()));
     scorer.validate().map_err(bad)?;
     sampling.validate().map_err(bad)?;
