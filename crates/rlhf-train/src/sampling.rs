@@ -223,6 +223,23 @@ impl Policy {
         })
     }
 
+    /// A policy that only samples (every weight frozen): `rlhf bench best-of-n`, or sampling
+    /// from a finished model.
+    pub fn frozen(args: &TrainingArgs) -> Result<Self> {
+        let tok = Tokenizer::from_dir(&args.model)?;
+        let pad_id = rlhf_data::pad_id(&tok)?;
+        let model = Model::load(&args.model, &LoadOptions::default())?;
+        let eos_ids = rlhf_model::generate::eos_ids(&model, &tok);
+        Ok(Self {
+            model,
+            tok,
+            pad_id,
+            eos_ids,
+            args: args.clone(),
+            lora: None,
+        })
+    }
+
     /// Replaces the weights with those saved in `from` (a round's output or a checkpoint).
     pub fn reload(&mut self, from: &Path) -> Result<()> {
         *self = Self::load(&self.args, self.lora.as_ref(), Some(from))?;

@@ -23,6 +23,126 @@ pub enum Bench {
     /// GFLOP/s of candle's f32 and bf16 matmul and of rlhf-model's AVX-512 kernels (f32, bf16) on
     /// n×n matrices (the ceiling of training).
     Matmul(MatmulArgs),
+    /// Time best-of-K sampling as rejection sampling runs it: K samples per prompt, generated in
+    /// batches with the KV cache and shared prompt prefill, decoded and scored by a reward model.
+    BestOfN(BestOfNArgs),
+}
+
+/// Options of `rlhf bench best-of-n` (`bench/sampling/hf_best_of_n.py` is the transformers side).
+#[derive(clap::Args)]
+pub struct BestOfNArgs {
+    /// The policy (an HF directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// The reward model (an HF sequence-classification directory).
+    #[arg(long)]
+    reward_model: PathBuf,
+    /// Prompts: JSONL `{"prompt"}` or `{"messages"}`; the first --prompts rows are used.
+    #[arg(long)]
+    prompts_file: PathBuf,
+    /// Prompts sampled.
+    #[arg(long, default_value_t = 16)]
+    prompts: usize,
+    /// K: samples per prompt.
+    #[arg(long, default_value_t = 8)]
+    num_samples: usize,
+    /// New tokens per sample (EOS ignored, so every sample has exactly this many).
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Samples per generation batch.
+    #[arg(long, default_value_t = 32)]
+    generation_batch_size: usize,
+    /// Samples per reward-model forward.
+    #[arg(long, default_value_t = 32)]
+    score_batch_size: usize,
+    /// Timed repetitions (after one untimed).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+fn best_of_n_bench(a: BestOfNArgs) -> Result<()> {
+    use rlhf_train::sampling::{sample_and_score, Policy, Round, SamplingArgs, Temperature};
+    let dir = tempfile_dir()?;
+    let args = rlhf_train::config::TrainingArgs {
+        model: a.model.clone(),
+        max_length: 1024,
+        ..Default::default()
+    };
+    let mut policy = Policy::frozen(&args)?;
+    // Every sample runs to max_new_tokens, as the transformers side's min_new_tokens forces.
+    policy.eos_ids.clear();
+    let (mut records, mut ids) = policy.prompts(&a.prompts_file, a.max_new_tokens)?;
+    if records.len() < a.prompts {
+        bail!(
+            "{}: {} prompts, fewer than --prompts {}",
+            a.prompts_file.display(),
+            records.len(),
+            a.prompts
+        );
+    }
+    records.truncate(a.prompts);
+    ids.truncate(a.prompts);
+    let spec = rlhf_train::scoring::ScorerSpec {
+        reward_model: Some(a.reward_model.clone()),
+        batch_size: a.score_batch_size,
+        ..Default::default()
+    };
+    let mut scorer = spec.load(&mut Default::default())?;
+    let sampling = SamplingArgs {
+        num_samples: a.num_samples,
+        temperature: Temperature::One(1.0),
+        max_new_tokens: a.max_new_tokens,
+        generation_batch_size: a.generation_batch_size,
+        ..Default::default()
+    };
+    let mut secs = Vec::new();
+    let mut mean_score = 0.0;
+    for rep in 0..=a.reps {
+        let path = dir.join(format!("rep{rep}/samples.jsonl"));
+        let t0 = Instant::now();
+        let samples = sample_and_score(
+            &policy,
+            scorer.as_mut(),
+            &records,
+            &ids,
+            &Round {
+                round: rep + 1,
+                args: &sampling,
+                seed: 0,
+                stop_after_batches: None,
+            },
+            &path,
+        )?;
+        let s = t0.elapsed().as_secs_f64();
+        if rep > 0 {
+            secs.push(s);
+        }
+        mean_score = samples.iter().map(|x| x.score as f64).sum::<f64>() / samples.len() as f64;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let med = median(&secs);
+    let n = a.prompts * a.num_samples;
+    println!(
+        "{}",
+        json!({
+            "impl": "rlhf-rs", "job": "best_of_n", "prompts": a.prompts, "num_samples": a.num_samples,
+            "max_new_tokens": a.max_new_tokens, "generation_batch_size": a.generation_batch_size,
+            "threads": candle_core::utils::get_num_threads(),
+            "median_seconds": r4(med), "seconds": secs.iter().map(|x| r4(*x)).collect::<Vec<_>>(),
+            "samples_scored_per_second": r4(n as f64 / med),
+            "new_tokens_per_second": r1((n * a.max_new_tokens) as f64 / med),
+            "mean_score": r4(mean_score),
+            "peak_rss_mb": r1(peak_rss_mb()),
+        })
+    );
+    Ok(())
+}
+
+/// A fresh scratch directory under the system's temporary directory.
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("rlhf-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).with_context(|| d.display().to_string())?;
+    Ok(d)
 }
 
 /// Options of `rlhf bench matmul`.
@@ -167,6 +287,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Train(a) => train(a),
         Bench::Generate(a) => generate_bench(a),
         Bench::Matmul(a) => matmul_bench(a),
+        Bench::BestOfN(a) => best_of_n_bench(a),
     }
 }
 
