@@ -32,7 +32,6 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rlhf_data::{PromptRecord, Sampler, SamplerState, SftExample};
-use rlhf_model::generate::{generate_with_states, GenerationConfig};
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::Tokenizer;
 use rlhf_model::{Heads, LoadOptions, Model, Training};
@@ -43,7 +42,7 @@ use crate::metrics::MetricsLogger;
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::rl::{self, AdaptiveKl, KlEstimator};
 pub use crate::rollout::load_prompts;
-use crate::rollout::{pack, padded, response_states, Decoder, Packed};
+use crate::rollout::{pack, padded, response_logprobs, Decoder, Reference, Sampling};
 use crate::scheduler::LrScheduler;
 pub use crate::scoring::{
     Completions, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
@@ -109,6 +108,18 @@ pub struct PpoArgs {
     /// Rows per generation batch and per no-grad reference forward (TRL's name). Decoding
     /// reads every weight once per token for the whole batch, so bigger is faster.
     pub local_rollout_forward_batch_size: usize,
+}
+
+impl PpoArgs {
+    /// The rollout's sampling settings.
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            max_new_tokens: self.response_length,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
 }
 
 impl Default for PpoArgs {
@@ -331,24 +342,6 @@ impl ValueHead {
         }
         Ok(())
     }
-}
-
-/// Temperature-scaled log-probs of each response token and (with a value head) the value of
-/// the state before it, as TRL reads them: positions P−1 .. P+R−2 predict the response.
-// -> ((b, R), Option<(b, R)>)
-fn response_logprobs(
-    model: &Model,
-    value_head: Option<&ValueHead>,
-    packed: &Packed,
-    temperature: f64,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let h = response_states(model, packed)?;
-    let logp = model.token_logprobs(&h, &packed.targets, temperature)?;
-    let values = match value_head {
-        Some(v) => Some(v.forward(&h.to_dtype(DType::F32)?)?),
-        None => None,
-    };
-    Ok((logp, values))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,43 +578,9 @@ impl<'a> PpoTrainer<'a> {
         &self.state
     }
 
-    fn gen_config(&self, temperature: f64, seed: u64) -> GenerationConfig {
-        GenerationConfig {
-            max_new_tokens: self.cfg.ppo.response_length,
-            temperature,
-            top_k: (self.cfg.ppo.top_k > 0).then_some(self.cfg.ppo.top_k),
-            top_p: (self.cfg.ppo.top_p < 1.0).then_some(self.cfg.ppo.top_p),
-            eos_token_ids: self.eos_ids.clone(),
-            pad_token_id: self.pad_id,
-            seed,
-        }
-    }
-
-    /// Completion text for scoring: the generated tokens without the EOS that ended them.
-    fn completion_text(&self, ids: &[u32]) -> Result<String> {
-        Decoder::new(&self.tok, &self.eos_ids).text(ids)
-    }
-
-    /// Log-probs of each response under the frozen reference (adapters off, or the
-    /// reference copy), at the rollout temperature.
-    fn reference_logprobs(
-        &self,
-        prompts: &[Vec<u32>],
-        responses: &[Vec<u32>],
-    ) -> Result<Vec<Vec<f32>>> {
-        let (model, adapters_off) = match &self.reference {
-            Some(r) => (r, false),
-            None => (&self.policy, true),
-        };
-        crate::rollout::response_logprobs_no_grad(
-            model,
-            adapters_off,
-            prompts,
-            responses,
-            self.cfg.ppo.temperature,
-            self.pad_id,
-            self.cfg.ppo.local_rollout_forward_batch_size,
-        )
+    /// The completion text scorers read: without the EOS that ended it.
+    fn decoder(&self) -> Decoder<'_> {
+        Decoder::new(&self.tok, &self.eos_ids)
     }
 
     /// Runs the whole training; returns the summary (the last line of metrics.jsonl).
@@ -750,19 +709,16 @@ impl<'a> PpoTrainer<'a> {
             .collect();
         let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| self.prompt_ids[i].clone()).collect();
         let t_gen = Instant::now();
-        let micro = ppo.local_rollout_forward_batch_size.max(1);
         // Generation also yields what the no-grad policy pass of TRL recomputes: the log-prob
         // of each sampled token (temperature-scaled, before top-k/top-p) and the hidden state
         // that predicted it, which the value head reads. One forward pass saved per step.
-        let mut gens = Vec::with_capacity(rows.len());
-        let mut states = Vec::with_capacity(rows.len());
-        for (k, chunk) in prompts.chunks(micro).enumerate() {
-            let seed = mix(args.seed, step as u64, 1_000 + k as u64);
-            let (g, st) =
-                generate_with_states(&self.policy, chunk, &self.gen_config(ppo.temperature, seed))?;
-            gens.extend(g);
-            states.extend(st);
-        }
+        let (gens, states) = crate::rollout::generate_batched_with_states(
+            &self.policy,
+            &prompts,
+            &ppo.sampling().config(&self.eos_ids, self.pad_id, 0),
+            ppo.local_rollout_forward_batch_size,
+            |k| mix(args.seed, step as u64, 1_000 + k as u64),
+        )?;
         let gen_secs = t_gen.elapsed().as_secs_f64();
         let responses: Vec<Vec<u32>> = gens.iter().map(|g| g.completion_ids.clone()).collect();
         let finished: Vec<bool> = gens.iter().map(|g| g.finished).collect();
@@ -788,14 +744,17 @@ impl<'a> PpoTrainer<'a> {
             })
             .collect::<Result<_>>()?;
         drop(states);
-        let ref_logprobs = self.reference_logprobs(&prompts, &responses)?;
+        let ref_logprobs = Reference::of(&self.policy, self.reference.as_ref()).logprobs(
+            &prompts,
+            &responses,
+            ppo.temperature,
+            self.pad_id,
+            ppo.local_rollout_forward_batch_size,
+        )?;
         let fwd_secs = t_fwd.elapsed().as_secs_f64();
 
         let t_score = Instant::now();
-        let texts: Vec<String> = responses
-            .iter()
-            .map(|r| self.completion_text(r))
-            .collect::<Result<_>>()?;
+        let texts = self.decoder().texts(&responses)?;
         let records: Vec<&PromptRecord> = rows.iter().map(|&i| &self.prompts[i]).collect();
         let mut extra = Vec::new();
         let raw_scores = self.scorer.score(
@@ -975,13 +934,8 @@ impl<'a> PpoTrainer<'a> {
                     let old_values = padded(&sel(&ro.values, idx), width, &device)?;
                     let adv = padded(&sel(&ro.advantages, idx), width, &device)?;
                     let ret = padded(&sel(&ro.returns, idx), width, &device)?;
-                    let (logp, vpred) = response_logprobs(
-                        &self.policy,
-                        Some(&self.value_head),
-                        &packed,
-                        ppo.temperature,
-                    )?;
-                    let vpred = vpred.expect("value head given");
+                    let (logp, states) = response_logprobs(&self.policy, &packed, ppo.temperature)?;
+                    let vpred = self.value_head.forward(&states.to_dtype(DType::F32)?)?;
                     let (pg_loss, ps) = rl::clipped_policy_loss(
                         &logp,
                         &old_logp,
@@ -1058,15 +1012,17 @@ impl<'a> PpoTrainer<'a> {
         let gens = crate::rollout::generate_batched(
             &self.policy,
             &self.eval_ids,
-            &self.gen_config(0.0, 0),
+            &self
+                .cfg
+                .ppo
+                .sampling()
+                .greedy()
+                .config(&self.eos_ids, self.pad_id, 0),
             bs,
             |_| 0,
         )?;
-        let texts: Vec<String> = gens
-            .iter()
-            .map(|g| self.completion_text(&g.completion_ids))
-            .collect::<Result<_>>()?;
         let ids: Vec<Vec<u32>> = gens.into_iter().map(|g| g.completion_ids).collect();
+        let texts = self.decoder().texts(&ids)?;
         let lens: Vec<f64> = ids.iter().map(|x| x.len() as f64).collect();
         let records: Vec<&PromptRecord> = self.eval_prompts.iter().collect();
         let mut extra = Vec::new();
@@ -1199,6 +1155,8 @@ pub fn run_config(cfg: PpoConfig, resume: Option<Option<&Path>>) -> Result<Summa
 
 #[cfg(test)]
 mod tests {
+    use rlhf_model::generate::{generate_with_states, GenerationConfig};
+
     use super::*;
 
     fn fixture(name: &str) -> PathBuf {
@@ -1229,13 +1187,13 @@ mod tests {
         let responses: Vec<&[u32]> = vec![&[10, 11, 12], &[13, 14]];
         let packed = pack(&prompts, &responses, 1, &Device::Cpu).unwrap();
         let sums = |m: &Model| -> Vec<f32> {
-            let (lp, _) = response_logprobs(m, None, &packed, 1.0).unwrap();
+            let (lp, _) = response_logprobs(m, &packed, 1.0).unwrap();
             let lp = (lp * &packed.mask).unwrap();
             lp.sum(1).unwrap().to_vec1::<f32>().unwrap()
         };
         let before = sums(&model);
         for _ in 0..3 {
-            let (lp, _) = response_logprobs(&model, None, &packed, 1.0).unwrap();
+            let (lp, _) = response_logprobs(&model, &packed, 1.0).unwrap();
             let adv = Tensor::new(&[[1f32, 1., 1.], [-1., -1., 0.]], &Device::Cpu).unwrap();
             let (loss, _) =
                 rl::clipped_policy_loss(&lp, &lp.detach(), &adv, &packed.mask, 0.2).unwrap();
@@ -1274,9 +1232,9 @@ mod tests {
         let pr: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
         let re: Vec<&[u32]> = gens.iter().map(|g| g.completion_ids.as_slice()).collect();
         let packed = pack(&pr, &re, 1, &Device::Cpu).unwrap();
-        let (lp, v) = response_logprobs(&model, Some(&vh), &packed, 0.8).unwrap();
+        let (lp, h) = response_logprobs(&model, &packed, 0.8).unwrap();
         let lp: Vec<Vec<f32>> = lp.to_vec2().unwrap();
-        let v: Vec<Vec<f32>> = v.unwrap().to_vec2().unwrap();
+        let v: Vec<Vec<f32>> = vh.forward(&h).unwrap().to_vec2().unwrap();
         for (i, g) in gens.iter().enumerate() {
             let from_states: Vec<f32> = vh
                 .forward(&states[i].unsqueeze(0).unwrap())
