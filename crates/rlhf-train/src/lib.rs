@@ -15,6 +15,7 @@ pub mod program;
 pub mod reward;
 pub mod rl;
 pub mod rollout;
+pub mod run;
 pub mod scheduler;
 pub mod scoring;
 pub mod sft;

@@ -43,11 +43,12 @@ use crate::optim::{clip_grad_norm, AdamW};
 use crate::rl::{self, AdaptiveKl, KlEstimator};
 pub use crate::rollout::load_prompts;
 use crate::rollout::{pack, padded, response_logprobs, Decoder, Reference, Sampling};
+use crate::run::progress;
 use crate::scheduler::LrScheduler;
 pub use crate::scoring::{
     Completions, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
 };
-use crate::trainer::{accumulate, mix, progress, Summary};
+use crate::trainer::{accumulate, mix, Summary};
 use crate::{Error, Result};
 
 /// The PPO keys beyond the shared training ones and the scorer's ([`ScorerSpec`]), named as
