@@ -38,17 +38,16 @@ use rlhf_model::{Heads, LoadOptions, Model, Training};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, TrainingArgs};
-use crate::metrics::MetricsLogger;
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::rl::{self, AdaptiveKl, KlEstimator};
 pub use crate::rollout::load_prompts;
 use crate::rollout::{pack, padded, response_logprobs, Decoder, Reference, Sampling};
-use crate::run::progress;
+use crate::run::{Run, RunState, StepReport, Summary};
 use crate::scheduler::LrScheduler;
 pub use crate::scoring::{
     Completions, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
 };
-use crate::trainer::{accumulate, mix, Summary};
+use crate::trainer::{accumulate, mix};
 use crate::{Error, Result};
 
 /// The PPO keys beyond the shared training ones and the scorer's ([`ScorerSpec`]), named as
@@ -201,7 +200,7 @@ pub struct PpoConfig {
 
 impl PpoConfig {
     /// Reads `path` with `--set` overrides. Where the file is silent: learning_rate 3e-6
-    /// (TRL's PPOConfig), per_device_train_batch_size 8, logging_steps 1.
+    /// (TRL's PPOConfig), per_device_train_batch_size 8, logging_steps 1, eval_on_start true.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut allowed = config::TRAINING_KEYS.to_vec();
         allowed.extend(PPO_KEYS);
@@ -224,6 +223,11 @@ impl PpoConfig {
         table
             .entry("logging_steps")
             .or_insert(toml::Value::Integer(1));
+        // PPO's evaluation before the first step is what "before PPO" is measured against
+        // (`rlhf pipeline`'s report, eval_step0.jsonl): on unless the config turns it off.
+        table
+            .entry("eval_on_start")
+            .or_insert(toml::Value::Boolean(true));
         let args: TrainingArgs = config::parse(path, table.clone())?;
         args.validate()?;
         let ppo: PpoArgs = config::parse(path, own)?;
@@ -351,10 +355,10 @@ impl ValueHead {
 /// The loop's state, saved as trainer_state.json in each checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PpoState {
-    /// PPO steps done (rollout + update).
-    pub global_step: usize,
-    /// Steps of the run.
-    pub max_steps: usize,
+    /// PPO steps done (rollout + update), skipped steps and the logged history
+    /// ([`RunState`]).
+    #[serde(flatten)]
+    pub run: RunState,
     /// Prompt order position.
     pub sampler: SamplerState,
     /// Demonstration order position (PPO-ptx).
@@ -363,10 +367,6 @@ pub struct PpoState {
     pub kl_coef: f64,
     /// Completions generated so far (TRL's `episode`).
     pub episodes: usize,
-    /// Steps whose update was skipped for a non-finite loss.
-    pub skipped_steps: usize,
-    /// Everything logged, as transformers' `log_history`.
-    pub log_history: Vec<BTreeMap<String, f64>>,
 }
 
 /// One rollout batch after scoring and advantage estimation (ragged rows: response tokens).
@@ -513,14 +513,11 @@ impl<'a> PpoTrainer<'a> {
         let ptx_sampler = (!ptx.is_empty()).then(|| Sampler::new(ptx.len(), args.seed, true));
         let mut me = Self {
             state: PpoState {
-                global_step: 0,
-                max_steps,
+                run: RunState::new(max_steps),
                 sampler: Sampler::new(prompts.len(), args.seed, args.shuffle).state(),
                 ptx_sampler: ptx_sampler.as_ref().map(|s| s.state()),
                 kl_coef: cfg.ppo.kl_coef,
                 episodes: 0,
-                skipped_steps: 0,
-                log_history: Vec::new(),
             },
             sampler: Sampler::new(prompts.len(), args.seed, args.shuffle),
             ptx_sampler,
@@ -564,7 +561,7 @@ impl<'a> PpoTrainer<'a> {
         tracing::info!(
             "resumed from {} at step {}",
             dir.display(),
-            self.state.global_step
+            self.state.run.global_step
         );
         Ok(())
     }
@@ -584,118 +581,90 @@ impl<'a> PpoTrainer<'a> {
         Decoder::new(&self.tok, &self.eos_ids)
     }
 
-    /// Runs the whole training; returns the summary (the last line of metrics.jsonl).
+    /// Runs the whole training; returns the summary (the last line of metrics.jsonl). The
+    /// [`Run`] logs, evaluates (an epoch of `eval_strategy = "epoch"` is one pass over the
+    /// prompts) and saves; this loop holds only the PPO step.
     pub fn train(&mut self) -> Result<Summary> {
         let args = self.cfg.args.clone();
-        std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+        let mut run = Run::open(
+            &args,
+            &self.state.run,
+            self.sampler.epoch_progress(),
+            !self.eval_prompts.is_empty(),
+            &["objective/scores", "objective/kl"],
+        )?;
         self.tok.save(&args.output_dir)?;
-        let mut logger =
-            MetricsLogger::open(&args.output_dir, &args.report_to, self.state.global_step)?;
-        let started = Instant::now();
-        let episodes_at_start = self.state.episodes;
-        if self.state.global_step == 0 && !self.eval_prompts.is_empty() {
+        if run.eval_on_start(&self.state.run) {
             let ev = self.evaluate(0)?;
-            tracing::info!(
-                "before training: eval mean score {:.4} over {} prompts",
-                ev["eval_objective/scores"],
-                self.eval_prompts.len()
-            );
-            logger.log(0, &ev)?;
-            self.push_history(0, ev);
+            run.log_eval(&mut self.state.run, ev)?;
         }
-        let bar = progress(self.state.max_steps, self.state.global_step);
-        let mut consecutive_bad = 0;
-        let mut window: Vec<StepMetrics> = Vec::new();
-        while self.state.global_step < self.state.max_steps {
-            let m = self.step()?;
-            let ok = m.get("loss/policy_avg").is_some_and(|v| v.is_finite());
-            if ok {
-                consecutive_bad = 0;
-            } else {
-                consecutive_bad += 1;
-                if consecutive_bad >= 5 {
-                    return Err(Error::Diverged(format!(
-                        "5 PPO steps in a row had a non-finite loss or gradient (last at step \
-                         {}); lower learning_rate or kl_coef; the last good checkpoint is kept",
-                        self.state.global_step
-                    )));
-                }
+        while self.state.run.global_step < self.state.run.max_steps {
+            let report = self.step_report()?;
+            run.end_step(&mut self.state.run, report)?;
+            if run.eval_due(&self.state.run) {
+                let ev = self.evaluate(self.state.run.global_step)?;
+                run.log_eval(&mut self.state.run, ev)?;
             }
-            bar.inc(1);
-            bar.set_message(format!(
-                "score {:.3} kl {:.3}",
-                m.get("objective/scores").copied().unwrap_or(f64::NAN),
-                m.get("objective/kl").copied().unwrap_or(f64::NAN)
-            ));
-            window.push(m);
-            let gs = self.state.global_step;
-            if gs.is_multiple_of(args.logging_steps) || gs == self.state.max_steps {
-                let log = average(&window);
-                window.clear();
-                logger.log(gs, &log)?;
-                self.push_history(gs, log);
-            }
-            let eval_every = args.eval_steps.unwrap_or(0);
-            if args.eval_strategy == "steps"
-                && eval_every > 0
-                && gs.is_multiple_of(eval_every)
-                && gs < self.state.max_steps
-                && !self.eval_prompts.is_empty()
-            {
-                let ev = self.evaluate(gs)?;
-                logger.log(gs, &ev)?;
-                self.push_history(gs, ev);
-            }
-            if args.save_steps > 0
-                && gs.is_multiple_of(args.save_steps)
-                && gs < self.state.max_steps
-            {
+            if run.save_due(&self.state.run) {
                 self.save_checkpoint()?;
             }
         }
-        bar.finish_and_clear();
         self.save_final(&args.output_dir)?;
-        let runtime = started.elapsed().as_secs_f64();
-        let mut summary = Summary::new();
-        summary.insert("train_runtime".into(), runtime);
-        summary.insert(
-            "train_samples_per_second".into(),
-            (self.state.episodes - episodes_at_start) as f64 / runtime.max(1e-9),
-        );
-        summary.insert("episode".into(), self.state.episodes as f64);
-        summary.insert("skipped_steps".into(), self.state.skipped_steps as f64);
+        let mut own = Summary::new();
+        own.insert("episode".into(), self.state.episodes as f64);
         for key in ["objective/scores", "objective/kl"] {
             let vals: Vec<f64> = self
                 .state
+                .run
                 .log_history
                 .iter()
                 .filter_map(|h| h.get(key).copied())
                 .collect();
             if let (Some(first), Some(last)) = (vals.first(), vals.last()) {
-                summary.insert(format!("{key}_first"), *first);
-                summary.insert(format!("{key}_last"), *last);
+                own.insert(format!("{key}_first"), *first);
+                own.insert(format!("{key}_last"), *last);
             }
         }
-        if !self.eval_prompts.is_empty() {
-            let ev = self.evaluate(self.state.global_step)?;
-            tracing::info!(
-                "after training: eval mean score {:.4}",
-                ev["eval_objective/scores"]
-            );
-            summary.extend(ev);
-        }
-        logger.summary(self.state.global_step, &summary)?;
-        Ok(summary)
+        let state = self.state.run.clone();
+        run.finish(&state, own, || self.evaluate(state.global_step))
     }
 
-    fn push_history(&mut self, step: usize, mut m: StepMetrics) {
-        m.insert("step".into(), step as f64);
-        self.state.log_history.push(m);
-    }
-
-    /// One PPO step: rollout → score → advantages → update. Returns its metrics.
+    /// One PPO step: rollout → score → advantages → update. Returns its metrics (TRL's
+    /// names); a step whose update was skipped, wholly or in part, for a non-finite loss or
+    /// gradient logs `loss/policy_avg` as NaN and counts in `skipped_steps`.
     pub fn step(&mut self) -> Result<StepMetrics> {
-        let step = self.state.global_step;
+        let (m, skipped) = self.ppo_step()?;
+        if skipped {
+            self.state.run.skipped_steps += 1;
+        }
+        Ok(m)
+    }
+
+    /// A step for the [`Run`]: counters, β and the learning rate are logged at their latest
+    /// value, the rest averaged over the logging window.
+    fn step_report(&mut self) -> Result<StepReport> {
+        const LATEST: [&str; 3] = ["episode", "objective/kl_coef", "learning_rate"];
+        let episodes = self.state.episodes;
+        let (m, skipped) = self.ppo_step()?;
+        let mut report = StepReport {
+            samples: self.state.episodes - episodes,
+            epoch: self.sampler.epoch_progress(),
+            skipped,
+            ..Default::default()
+        };
+        for (k, v) in m {
+            if LATEST.contains(&k.as_str()) {
+                report.last.push((k, v));
+            } else if k != "epoch" {
+                report.mean.push((k, v));
+            }
+        }
+        Ok(report)
+    }
+
+    /// One PPO step and whether its update was skipped (in part).
+    fn ppo_step(&mut self) -> Result<(StepMetrics, bool)> {
+        let step = self.state.run.global_step;
         let ppo = self.cfg.ppo.clone();
         let args = self.cfg.args.clone();
         let t_step = Instant::now();
@@ -824,7 +793,7 @@ impl<'a> PpoTrainer<'a> {
 
         // 5. Update.
         let t_train = Instant::now();
-        let upd = self.update(&rollout, step)?;
+        let (upd, skipped) = self.update(&rollout, step)?;
         let train_secs = t_train.elapsed().as_secs_f64() + fwd_secs;
 
         // 6. Bookkeeping: KL controller, metrics.
@@ -893,12 +862,13 @@ impl<'a> PpoTrainer<'a> {
         );
         self.state.sampler = self.sampler.state();
         self.state.ptx_sampler = self.ptx_sampler.as_ref().map(|s| s.state());
-        self.state.global_step += 1;
-        Ok(m)
+        self.state.run.global_step += 1;
+        Ok((m, skipped))
     }
 
-    /// `num_ppo_epochs` passes of shuffled mini-batches over the rollout.
-    fn update(&mut self, ro: &Rollout, step: usize) -> Result<StepMetrics> {
+    /// `num_ppo_epochs` passes of shuffled mini-batches over the rollout; also whether a
+    /// mini-batch's update was skipped for a non-finite loss or gradient.
+    fn update(&mut self, ro: &Rollout, step: usize) -> Result<(StepMetrics, bool)> {
         let ppo = &self.cfg.ppo;
         let args = &self.cfg.args;
         let device = self.policy.device().clone();
@@ -979,22 +949,13 @@ impl<'a> PpoTrainer<'a> {
                 }
                 let mut grads = grads.expect("a mini-batch has a micro-batch");
                 let norm = clip_grad_norm(&mut grads, &self.params, args.max_grad_norm)?;
-                if !loss_sum.is_finite() || !norm.is_finite() {
-                    // Never let NaN/inf into the weights.
-                    tracing::warn!(
-                        "step {}: loss {loss_sum} / grad_norm {norm} is not finite; the \
-                         update of this mini-batch is skipped",
-                        step + 1
-                    );
+                if !crate::run::finite_update(step + 1, loss_sum, norm) {
                     skipped = true;
                     continue;
                 }
                 add("grad_norm", norm);
                 self.opt.step(&grads, lr)?;
             }
-        }
-        if skipped {
-            self.state.skipped_steps += 1;
         }
         let mut out: StepMetrics = acc
             .into_iter()
@@ -1003,7 +964,7 @@ impl<'a> PpoTrainer<'a> {
         if skipped {
             out.insert("loss/policy_avg".into(), f64::NAN);
         }
-        Ok(out)
+        Ok((out, skipped))
     }
 
     /// Greedy completions for the eval prompts, scored; written to `eval_step{N}.jsonl`.
@@ -1073,7 +1034,7 @@ impl<'a> PpoTrainer<'a> {
         let args = &self.cfg.args;
         crate::checkpoint::write_checkpoint(
             &args.output_dir,
-            self.state.global_step,
+            self.state.run.global_step,
             args.save_total_limit,
             |tmp| {
                 self.save_weights(tmp)?;
@@ -1092,27 +1053,6 @@ impl<'a> PpoTrainer<'a> {
 
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// Averages a logging window's step metrics; counters (`episode`, `epoch`) and the current
-/// KL coefficient and learning rate take their last value.
-fn average(window: &[StepMetrics]) -> StepMetrics {
-    const LAST: [&str; 4] = ["episode", "epoch", "objective/kl_coef", "learning_rate"];
-    let mut sum: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for m in window {
-        for (k, v) in m {
-            let e = sum.entry(k.clone()).or_insert((0.0, 0));
-            if LAST.contains(&k.as_str()) {
-                *e = (*v, 1);
-            } else {
-                e.0 += v;
-                e.1 += 1;
-            }
-        }
-    }
-    sum.into_iter()
-        .map(|(k, (s, c))| (k, s / c as f64))
-        .collect()
 }
 
 /// Mean next-token NLL of demonstrations on their labelled tokens (PPO-ptx's term).

@@ -13,7 +13,7 @@
 //!     if run.eval_due(&state.run) { run.log_eval(&mut state.run, evaluate()?)? }
 //!     if run.save_due(&state.run) { ... write checkpoint-N ... }
 //! }
-//! run.finish(&mut state.run, own_summary, evaluate)
+//! run.finish(&state.run, own_summary, evaluate)
 //! ```
 //!
 //! What of it a checkpoint keeps is [`RunState`], flattened into each method's
@@ -310,7 +310,7 @@ impl Run {
     /// after the final weights are saved.
     pub fn finish(
         mut self,
-        state: &mut RunState,
+        state: &RunState,
         own: Summary,
         evaluate: impl FnOnce() -> Result<Metrics>,
     ) -> Result<Summary> {

@@ -275,7 +275,7 @@ pub fn train<O: Objective>(
         ("train_loss".to_string(), state.total_loss / good),
         ("epoch".to_string(), sampler.epoch_progress()),
     ]);
-    run.finish(&mut state.run, own, evaluate)
+    run.finish(&state.run, own, evaluate)
 }
 
 /// The objective's evaluation, eval_-prefixed, with its timing.
