@@ -559,6 +559,8 @@ fn score_both(
                     prompts: &prompts,
                     texts: &answers.texts[start..end],
                     ids: &answers.ids[start..end],
+                    // Each side's ids are in its own tokenizer: scorers read the text.
+                    source: None,
                 },
                 &mut extra,
             )?;

@@ -45,7 +45,7 @@ use crate::rollout::{pack, padded, response_logprobs, Decoder, Reference, Sampli
 use crate::run::{Run, RunState, StepReport, Summary};
 use crate::scheduler::LrScheduler;
 pub use crate::scoring::{
-    Completions, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
+    Completions, IdSource, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
 };
 use crate::trainer::{accumulate, mix};
 use crate::{Error, Result};
@@ -732,6 +732,10 @@ impl<'a> PpoTrainer<'a> {
                 prompts: &records,
                 texts: &texts,
                 ids: &responses,
+                source: Some(IdSource {
+                    tokenizer: &self.tok,
+                    eos_ids: &self.eos_ids,
+                }),
             },
             &mut extra,
         )?;
@@ -993,6 +997,10 @@ impl<'a> PpoTrainer<'a> {
                 prompts: &records,
                 texts: &texts,
                 ids: &ids,
+                source: Some(IdSource {
+                    tokenizer: &self.tok,
+                    eos_ids: &self.eos_ids,
+                }),
             },
             &mut extra,
         )?;
