@@ -88,6 +88,8 @@ pub struct Tokenizer {
     config: Map<String, Json>,
     model_max_length: Option<usize>,
     clean_up_tokenization_spaces: bool,
+    /// [`Tokenizer::fingerprint`], computed on first use.
+    fingerprint: std::sync::OnceLock<u64>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -190,6 +192,7 @@ impl Tokenizer {
             config,
             model_max_length,
             clean_up_tokenization_spaces,
+            fingerprint: std::sync::OnceLock::new(),
         };
         let origin = tokenizer.template_origin.clone();
         tokenizer.set_chat_template_from(chat_template, origin);
@@ -459,12 +462,38 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// A hash of everything that decides how text becomes ids and ids become text: the
+    /// tokenizer.json pipeline (normaliser, pre-tokeniser, model and vocabulary, added tokens,
+    /// post-processor, decoder; padding and truncation are off and do not count), the named
+    /// special tokens, the chat template and `clean_up_tokenization_spaces`. Two tokenizers
+    /// with the same fingerprint encode and decode alike, so one's ids mean the same to the
+    /// other (a reward model fine-tuned from the policy's base, say), whatever else their
+    /// directories differ in. Computed once (it serialises the vocabulary); stable within a
+    /// build, not meant to be stored.
+    pub fn fingerprint(&self) -> u64 {
+        *self.fingerprint.get_or_init(|| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            match self.inner.to_string(false) {
+                Ok(json) => json.hash(&mut h),
+                // Not serialisable: make it equal to no other tokenizer.
+                Err(_) => (self as *const Self as usize).hash(&mut h),
+            }
+            self.special.hash(&mut h);
+            self.additional_special_tokens.hash(&mut h);
+            self.chat_template.hash(&mut h);
+            self.clean_up_tokenization_spaces.hash(&mut h);
+            h.finish()
+        })
+    }
+
     /// The underlying `tokenizers` tokenizer (padding and truncation disabled).
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
 
     fn set_chat_template_from(&mut self, template: Option<String>, origin: String) {
+        self.fingerprint = std::sync::OnceLock::new();
         self.template_origin = origin;
         self.template_error = None;
         self.env.remove_template(TEMPLATE_NAME);

@@ -220,6 +220,36 @@ fn padding_and_truncation_in_tokenizer_json_are_ignored() {
     assert_eq!(tok.pad_token_id(), Some(1));
 }
 
+/// The fingerprint tells tokenizers that encode alike from ones that do not: the policy and
+/// reward fixtures (tokenizer.json differs only in stored padding) share it; another chat
+/// template, EOS token or vocabulary changes it.
+#[test]
+fn fingerprints_compare_what_encodes_and_decodes() {
+    let policy = Tokenizer::from_dir(&models().join("llama-gqa")).unwrap();
+    let reward = Tokenizer::from_dir(&models().join("llama-gqa-reward")).unwrap();
+    assert_ne!(
+        std::fs::read(models().join("llama-gqa/tokenizer.json")).unwrap(),
+        std::fs::read(models().join("llama-gqa-reward/tokenizer.json")).unwrap(),
+        "the files differ (padding)"
+    );
+    assert_eq!(policy.fingerprint(), reward.fingerprint());
+    let again = Tokenizer::from_dir(&models().join("llama-gqa")).unwrap();
+    assert_eq!(policy.fingerprint(), again.fingerprint());
+
+    let mut templated = policy.clone();
+    templated.set_chat_template(Some(SMOL_TEMPLATE.into()));
+    assert_ne!(policy.fingerprint(), templated.fingerprint());
+    let (_d, other_eos) = with_template(SMOL_TEMPLATE, "<|endoftext|>", "<|pad|>");
+    assert_ne!(templated.fingerprint(), other_eos.fingerprint());
+    let fewer_merges = dir_with(Some(json!({"eos_token": "<|endoftext|>"})), |t| {
+        t["model"]["merges"].as_array_mut().unwrap().pop();
+    });
+    let fewer_merges = Tokenizer::from_dir(fewer_merges.path()).unwrap();
+    let same_config = dir_with(Some(json!({"eos_token": "<|endoftext|>"})), |_| {});
+    let same_config = Tokenizer::from_dir(same_config.path()).unwrap();
+    assert_ne!(fewer_merges.fingerprint(), same_config.fingerprint());
+}
+
 #[test]
 fn special_tokens_from_added_token_objects_and_special_tokens_map() {
     // No added_tokens_decoder: transformers 5 takes its legacy path, where

@@ -35,7 +35,7 @@ pub fn save(
 ) -> Result<PathBuf> {
     write_checkpoint(
         &args.output_dir,
-        state.global_step,
+        state.run.global_step,
         args.save_total_limit,
         |tmp| {
             save_weights(model, heads, tmp)?;

@@ -56,7 +56,8 @@ pub struct TrainingArgs {
     pub save_total_limit: Option<usize>,
     /// Log every this many steps.
     pub logging_steps: usize,
-    /// "no" | "steps" | "epoch"; alias `evaluation_strategy`.
+    /// "no" | "steps" | "epoch" (after the step that ends each epoch of the training data; for
+    /// PPO one pass over the prompts); alias `evaluation_strategy`.
     #[serde(alias = "evaluation_strategy")]
     pub eval_strategy: String,
     /// Evaluate every this many steps (defaults to `logging_steps`).
@@ -356,6 +357,12 @@ impl TrainingArgs {
                 "eval_strategy = {:?} needs an `eval_file`",
                 self.eval_strategy
             ));
+        }
+        if self.eval_steps == Some(0) {
+            return bad(
+                "eval_steps must be at least 1 (leave it out to evaluate every logging_steps)"
+                    .into(),
+            );
         }
         if self.logging_steps == 0 {
             return bad("logging_steps must be at least 1".into());

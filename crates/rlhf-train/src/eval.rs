@@ -23,14 +23,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rlhf_data::PromptRecord;
-use rlhf_model::generate::GenerationConfig;
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::Tokenizer;
 use rlhf_model::{Heads, LoadOptions, Model};
 use serde::{Deserialize, Serialize};
 
 use crate::judge::{PairwiseJudge, PairwiseJudgeApi};
-use crate::rollout::{self, Decoder};
+use crate::rollout::{self, Decoder, Sampling};
 use crate::scoring::{Completions, Scorer, ScorerSpec};
 use crate::stats::{self, Verdict, WinRates};
 use crate::trainer::mix;
@@ -251,15 +250,12 @@ impl EvalConfig {
             .or(self.baseline_model.as_deref())
     }
 
-    fn gen_config(&self, eos: &[u32], pad: u32, temperature: f64) -> GenerationConfig {
-        GenerationConfig {
+    fn sampling(&self) -> Sampling {
+        Sampling {
             max_new_tokens: self.max_new_tokens,
-            temperature,
-            top_k: (self.top_k > 0).then_some(self.top_k),
-            top_p: (self.top_p < 1.0).then_some(self.top_p),
-            eos_token_ids: eos.to_vec(),
-            pad_token_id: pad,
-            seed: self.seed,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
         }
     }
 }
@@ -376,7 +372,7 @@ fn answers_of(
 ) -> Result<Answers> {
     let eos = rlhf_model::generate::eos_ids(model, tok);
     let pad = rlhf_data::pad_id(tok)?;
-    let gen = cfg.gen_config(&eos, pad, cfg.temperature);
+    let gen = cfg.sampling().config(&eos, pad, cfg.seed);
     let gens = rollout::generate_batched(
         model,
         prompt_ids,
@@ -384,15 +380,11 @@ fn answers_of(
         cfg.per_device_eval_batch_size,
         |k| mix(cfg.seed, 0, k as u64),
     )?;
-    let dec = Decoder::new(tok, &eos);
-    let texts = gens
-        .iter()
-        .map(|g| dec.text(&g.completion_ids))
-        .collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = gens.into_iter().map(|g| g.completion_ids).collect();
     Ok(Answers {
         source: dir.display().to_string(),
-        texts,
-        ids: gens.into_iter().map(|g| g.completion_ids).collect(),
+        texts: Decoder::new(tok, &eos).texts(&ids)?,
+        ids,
     })
 }
 
@@ -407,11 +399,13 @@ fn kl_of(
 ) -> Result<KlSummary> {
     let eos = rlhf_model::generate::eos_ids(policy, tok);
     let pad = rlhf_data::pad_id(tok)?;
-    let gen = GenerationConfig {
-        top_k: None,
-        top_p: None,
-        ..cfg.gen_config(&eos, pad, 1.0)
-    };
+    let gen = Sampling {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        ..cfg.sampling()
+    }
+    .config(&eos, pad, cfg.seed);
     let prompts: Vec<Vec<u32>> = prompt_ids
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), cfg.kl_samples))
@@ -565,6 +559,8 @@ fn score_both(
                     prompts: &prompts,
                     texts: &answers.texts[start..end],
                     ids: &answers.ids[start..end],
+                    // Each side's ids are in its own tokenizer: scorers read the text.
+                    source: None,
                 },
                 &mut extra,
             )?;

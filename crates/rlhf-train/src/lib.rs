@@ -17,6 +17,7 @@ pub mod rest;
 pub mod reward;
 pub mod rl;
 pub mod rollout;
+pub mod run;
 pub mod sampling;
 pub mod scheduler;
 pub mod scoring;

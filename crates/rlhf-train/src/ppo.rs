@@ -32,23 +32,22 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rlhf_data::{PromptRecord, Sampler, SamplerState, SftExample};
-use rlhf_model::generate::{generate_with_states, GenerationConfig};
 use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::Tokenizer;
 use rlhf_model::{Heads, LoadOptions, Model, Training};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, TrainingArgs};
-use crate::metrics::MetricsLogger;
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::rl::{self, AdaptiveKl, KlEstimator};
 pub use crate::rollout::load_prompts;
-use crate::rollout::{pack, padded, response_states, Decoder, Packed};
+use crate::rollout::{pack, padded, response_logprobs, Decoder, Reference, Sampling};
+use crate::run::{Run, RunState, StepReport, Summary};
 use crate::scheduler::LrScheduler;
 pub use crate::scoring::{
-    Completions, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
+    Completions, IdSource, Llama2Gate, ModelScorer, RewardModel, RewardModels, Scorer, ScorerSpec,
 };
-use crate::trainer::{accumulate, mix, progress, Summary};
+use crate::trainer::{accumulate, mix};
 use crate::{Error, Result};
 
 /// The PPO keys beyond the shared training ones and the scorer's ([`ScorerSpec`]), named as
@@ -109,6 +108,18 @@ pub struct PpoArgs {
     /// Rows per generation batch and per no-grad reference forward (TRL's name). Decoding
     /// reads every weight once per token for the whole batch, so bigger is faster.
     pub local_rollout_forward_batch_size: usize,
+}
+
+impl PpoArgs {
+    /// The rollout's sampling settings.
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            max_new_tokens: self.response_length,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
 }
 
 impl Default for PpoArgs {
@@ -189,7 +200,7 @@ pub struct PpoConfig {
 
 impl PpoConfig {
     /// Reads `path` with `--set` overrides. Where the file is silent: learning_rate 3e-6
-    /// (TRL's PPOConfig), per_device_train_batch_size 8, logging_steps 1.
+    /// (TRL's PPOConfig), per_device_train_batch_size 8, logging_steps 1, eval_on_start true.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut allowed = config::TRAINING_KEYS.to_vec();
         allowed.extend(PPO_KEYS);
@@ -212,6 +223,11 @@ impl PpoConfig {
         table
             .entry("logging_steps")
             .or_insert(toml::Value::Integer(1));
+        // PPO's evaluation before the first step is what "before PPO" is measured against
+        // (`rlhf pipeline`'s report, eval_step0.jsonl): on unless the config turns it off.
+        table
+            .entry("eval_on_start")
+            .or_insert(toml::Value::Boolean(true));
         let args: TrainingArgs = config::parse(path, table.clone())?;
         args.validate()?;
         let ppo: PpoArgs = config::parse(path, own)?;
@@ -333,34 +349,16 @@ impl ValueHead {
     }
 }
 
-/// Temperature-scaled log-probs of each response token and (with a value head) the value of
-/// the state before it, as TRL reads them: positions P−1 .. P+R−2 predict the response.
-// -> ((b, R), Option<(b, R)>)
-fn response_logprobs(
-    model: &Model,
-    value_head: Option<&ValueHead>,
-    packed: &Packed,
-    temperature: f64,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let h = response_states(model, packed)?;
-    let logp = model.token_logprobs(&h, &packed.targets, temperature)?;
-    let values = match value_head {
-        Some(v) => Some(v.forward(&h.to_dtype(DType::F32)?)?),
-        None => None,
-    };
-    Ok((logp, values))
-}
-
 // ---------------------------------------------------------------------------------------------
 // The trainer
 
 /// The loop's state, saved as trainer_state.json in each checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PpoState {
-    /// PPO steps done (rollout + update).
-    pub global_step: usize,
-    /// Steps of the run.
-    pub max_steps: usize,
+    /// PPO steps done (rollout + update), skipped steps and the logged history
+    /// ([`RunState`]).
+    #[serde(flatten)]
+    pub run: RunState,
     /// Prompt order position.
     pub sampler: SamplerState,
     /// Demonstration order position (PPO-ptx).
@@ -369,10 +367,6 @@ pub struct PpoState {
     pub kl_coef: f64,
     /// Completions generated so far (TRL's `episode`).
     pub episodes: usize,
-    /// Steps whose update was skipped for a non-finite loss.
-    pub skipped_steps: usize,
-    /// Everything logged, as transformers' `log_history`.
-    pub log_history: Vec<BTreeMap<String, f64>>,
 }
 
 /// One rollout batch after scoring and advantage estimation (ragged rows: response tokens).
@@ -519,14 +513,11 @@ impl<'a> PpoTrainer<'a> {
         let ptx_sampler = (!ptx.is_empty()).then(|| Sampler::new(ptx.len(), args.seed, true));
         let mut me = Self {
             state: PpoState {
-                global_step: 0,
-                max_steps,
+                run: RunState::new(max_steps),
                 sampler: Sampler::new(prompts.len(), args.seed, args.shuffle).state(),
                 ptx_sampler: ptx_sampler.as_ref().map(|s| s.state()),
                 kl_coef: cfg.ppo.kl_coef,
                 episodes: 0,
-                skipped_steps: 0,
-                log_history: Vec::new(),
             },
             sampler: Sampler::new(prompts.len(), args.seed, args.shuffle),
             ptx_sampler,
@@ -570,7 +561,7 @@ impl<'a> PpoTrainer<'a> {
         tracing::info!(
             "resumed from {} at step {}",
             dir.display(),
-            self.state.global_step
+            self.state.run.global_step
         );
         Ok(())
     }
@@ -585,157 +576,95 @@ impl<'a> PpoTrainer<'a> {
         &self.state
     }
 
-    fn gen_config(&self, temperature: f64, seed: u64) -> GenerationConfig {
-        GenerationConfig {
-            max_new_tokens: self.cfg.ppo.response_length,
-            temperature,
-            top_k: (self.cfg.ppo.top_k > 0).then_some(self.cfg.ppo.top_k),
-            top_p: (self.cfg.ppo.top_p < 1.0).then_some(self.cfg.ppo.top_p),
-            eos_token_ids: self.eos_ids.clone(),
-            pad_token_id: self.pad_id,
-            seed,
-        }
+    /// The completion text scorers read: without the EOS that ended it.
+    fn decoder(&self) -> Decoder<'_> {
+        Decoder::new(&self.tok, &self.eos_ids)
     }
 
-    /// Completion text for scoring: the generated tokens without the EOS that ended them.
-    fn completion_text(&self, ids: &[u32]) -> Result<String> {
-        Decoder::new(&self.tok, &self.eos_ids).text(ids)
-    }
-
-    /// Log-probs of each response under the frozen reference (adapters off, or the
-    /// reference copy), at the rollout temperature.
-    fn reference_logprobs(
-        &self,
-        prompts: &[Vec<u32>],
-        responses: &[Vec<u32>],
-    ) -> Result<Vec<Vec<f32>>> {
-        let (model, adapters_off) = match &self.reference {
-            Some(r) => (r, false),
-            None => (&self.policy, true),
-        };
-        crate::rollout::response_logprobs_no_grad(
-            model,
-            adapters_off,
-            prompts,
-            responses,
-            self.cfg.ppo.temperature,
-            self.pad_id,
-            self.cfg.ppo.local_rollout_forward_batch_size,
-        )
-    }
-
-    /// Runs the whole training; returns the summary (the last line of metrics.jsonl).
+    /// Runs the whole training; returns the summary (the last line of metrics.jsonl). The
+    /// [`Run`] logs, evaluates (an epoch of `eval_strategy = "epoch"` is one pass over the
+    /// prompts) and saves; this loop holds only the PPO step.
     pub fn train(&mut self) -> Result<Summary> {
         let args = self.cfg.args.clone();
-        std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+        let mut run = Run::open(
+            &args,
+            &self.state.run,
+            self.sampler.epoch_progress(),
+            !self.eval_prompts.is_empty(),
+            &["objective/scores", "objective/kl"],
+        )?;
         self.tok.save(&args.output_dir)?;
-        let mut logger =
-            MetricsLogger::open(&args.output_dir, &args.report_to, self.state.global_step)?;
-        let started = Instant::now();
-        let episodes_at_start = self.state.episodes;
-        if self.state.global_step == 0 && !self.eval_prompts.is_empty() {
+        if run.eval_on_start(&self.state.run) {
             let ev = self.evaluate(0)?;
-            tracing::info!(
-                "before training: eval mean score {:.4} over {} prompts",
-                ev["eval_objective/scores"],
-                self.eval_prompts.len()
-            );
-            logger.log(0, &ev)?;
-            self.push_history(0, ev);
+            run.log_eval(&mut self.state.run, ev)?;
         }
-        let bar = progress(self.state.max_steps, self.state.global_step);
-        let mut consecutive_bad = 0;
-        let mut window: Vec<StepMetrics> = Vec::new();
-        while self.state.global_step < self.state.max_steps {
-            let m = self.step()?;
-            let ok = m.get("loss/policy_avg").is_some_and(|v| v.is_finite());
-            if ok {
-                consecutive_bad = 0;
-            } else {
-                consecutive_bad += 1;
-                if consecutive_bad >= 5 {
-                    return Err(Error::Diverged(format!(
-                        "5 PPO steps in a row had a non-finite loss or gradient (last at step \
-                         {}); lower learning_rate or kl_coef; the last good checkpoint is kept",
-                        self.state.global_step
-                    )));
-                }
+        while self.state.run.global_step < self.state.run.max_steps {
+            let report = self.step_report()?;
+            run.end_step(&mut self.state.run, report)?;
+            if run.eval_due(&self.state.run) {
+                let ev = self.evaluate(self.state.run.global_step)?;
+                run.log_eval(&mut self.state.run, ev)?;
             }
-            bar.inc(1);
-            bar.set_message(format!(
-                "score {:.3} kl {:.3}",
-                m.get("objective/scores").copied().unwrap_or(f64::NAN),
-                m.get("objective/kl").copied().unwrap_or(f64::NAN)
-            ));
-            window.push(m);
-            let gs = self.state.global_step;
-            if gs.is_multiple_of(args.logging_steps) || gs == self.state.max_steps {
-                let log = average(&window);
-                window.clear();
-                logger.log(gs, &log)?;
-                self.push_history(gs, log);
-            }
-            let eval_every = args.eval_steps.unwrap_or(0);
-            if args.eval_strategy == "steps"
-                && eval_every > 0
-                && gs.is_multiple_of(eval_every)
-                && gs < self.state.max_steps
-                && !self.eval_prompts.is_empty()
-            {
-                let ev = self.evaluate(gs)?;
-                logger.log(gs, &ev)?;
-                self.push_history(gs, ev);
-            }
-            if args.save_steps > 0
-                && gs.is_multiple_of(args.save_steps)
-                && gs < self.state.max_steps
-            {
+            if run.save_due(&self.state.run) {
                 self.save_checkpoint()?;
             }
         }
-        bar.finish_and_clear();
         self.save_final(&args.output_dir)?;
-        let runtime = started.elapsed().as_secs_f64();
-        let mut summary = Summary::new();
-        summary.insert("train_runtime".into(), runtime);
-        summary.insert(
-            "train_samples_per_second".into(),
-            (self.state.episodes - episodes_at_start) as f64 / runtime.max(1e-9),
-        );
-        summary.insert("episode".into(), self.state.episodes as f64);
-        summary.insert("skipped_steps".into(), self.state.skipped_steps as f64);
+        let mut own = Summary::new();
+        own.insert("episode".into(), self.state.episodes as f64);
         for key in ["objective/scores", "objective/kl"] {
             let vals: Vec<f64> = self
                 .state
+                .run
                 .log_history
                 .iter()
                 .filter_map(|h| h.get(key).copied())
                 .collect();
             if let (Some(first), Some(last)) = (vals.first(), vals.last()) {
-                summary.insert(format!("{key}_first"), *first);
-                summary.insert(format!("{key}_last"), *last);
+                own.insert(format!("{key}_first"), *first);
+                own.insert(format!("{key}_last"), *last);
             }
         }
-        if !self.eval_prompts.is_empty() {
-            let ev = self.evaluate(self.state.global_step)?;
-            tracing::info!(
-                "after training: eval mean score {:.4}",
-                ev["eval_objective/scores"]
-            );
-            summary.extend(ev);
-        }
-        logger.summary(self.state.global_step, &summary)?;
-        Ok(summary)
+        let state = self.state.run.clone();
+        run.finish(&state, own, || self.evaluate(state.global_step))
     }
 
-    fn push_history(&mut self, step: usize, mut m: StepMetrics) {
-        m.insert("step".into(), step as f64);
-        self.state.log_history.push(m);
-    }
-
-    /// One PPO step: rollout → score → advantages → update. Returns its metrics.
+    /// One PPO step: rollout → score → advantages → update. Returns its metrics (TRL's
+    /// names); a step whose update was skipped, wholly or in part, for a non-finite loss or
+    /// gradient logs `loss/policy_avg` as NaN and counts in `skipped_steps`.
     pub fn step(&mut self) -> Result<StepMetrics> {
-        let step = self.state.global_step;
+        let (m, skipped) = self.ppo_step()?;
+        if skipped {
+            self.state.run.skipped_steps += 1;
+        }
+        Ok(m)
+    }
+
+    /// A step for the [`Run`]: counters, β and the learning rate are logged at their latest
+    /// value, the rest averaged over the logging window.
+    fn step_report(&mut self) -> Result<StepReport> {
+        const LATEST: [&str; 3] = ["episode", "objective/kl_coef", "learning_rate"];
+        let episodes = self.state.episodes;
+        let (m, skipped) = self.ppo_step()?;
+        let mut report = StepReport {
+            samples: self.state.episodes - episodes,
+            epoch: self.sampler.epoch_progress(),
+            skipped,
+            ..Default::default()
+        };
+        for (k, v) in m {
+            if LATEST.contains(&k.as_str()) {
+                report.last.push((k, v));
+            } else if k != "epoch" {
+                report.mean.push((k, v));
+            }
+        }
+        Ok(report)
+    }
+
+    /// One PPO step and whether its update was skipped (in part).
+    fn ppo_step(&mut self) -> Result<(StepMetrics, bool)> {
+        let step = self.state.run.global_step;
         let ppo = self.cfg.ppo.clone();
         let args = self.cfg.args.clone();
         let t_step = Instant::now();
@@ -750,19 +679,16 @@ impl<'a> PpoTrainer<'a> {
             .collect();
         let prompts: Vec<Vec<u32>> = rows.iter().map(|&i| self.prompt_ids[i].clone()).collect();
         let t_gen = Instant::now();
-        let micro = ppo.local_rollout_forward_batch_size.max(1);
         // Generation also yields what the no-grad policy pass of TRL recomputes: the log-prob
         // of each sampled token (temperature-scaled, before top-k/top-p) and the hidden state
         // that predicted it, which the value head reads. One forward pass saved per step.
-        let mut gens = Vec::with_capacity(rows.len());
-        let mut states = Vec::with_capacity(rows.len());
-        for (k, chunk) in prompts.chunks(micro).enumerate() {
-            let seed = mix(args.seed, step as u64, 1_000 + k as u64);
-            let (g, st) =
-                generate_with_states(&self.policy, chunk, &self.gen_config(ppo.temperature, seed))?;
-            gens.extend(g);
-            states.extend(st);
-        }
+        let (gens, states) = crate::rollout::generate_batched_with_states(
+            &self.policy,
+            &prompts,
+            &ppo.sampling().config(&self.eos_ids, self.pad_id, 0),
+            ppo.local_rollout_forward_batch_size,
+            |k| mix(args.seed, step as u64, 1_000 + k as u64),
+        )?;
         let gen_secs = t_gen.elapsed().as_secs_f64();
         let responses: Vec<Vec<u32>> = gens.iter().map(|g| g.completion_ids.clone()).collect();
         let finished: Vec<bool> = gens.iter().map(|g| g.finished).collect();
@@ -788,14 +714,17 @@ impl<'a> PpoTrainer<'a> {
             })
             .collect::<Result<_>>()?;
         drop(states);
-        let ref_logprobs = self.reference_logprobs(&prompts, &responses)?;
+        let ref_logprobs = Reference::of(&self.policy, self.reference.as_ref()).logprobs(
+            &prompts,
+            &responses,
+            ppo.temperature,
+            self.pad_id,
+            ppo.local_rollout_forward_batch_size,
+        )?;
         let fwd_secs = t_fwd.elapsed().as_secs_f64();
 
         let t_score = Instant::now();
-        let texts: Vec<String> = responses
-            .iter()
-            .map(|r| self.completion_text(r))
-            .collect::<Result<_>>()?;
+        let texts = self.decoder().texts(&responses)?;
         let records: Vec<&PromptRecord> = rows.iter().map(|&i| &self.prompts[i]).collect();
         let mut extra = Vec::new();
         let raw_scores = self.scorer.score(
@@ -803,6 +732,10 @@ impl<'a> PpoTrainer<'a> {
                 prompts: &records,
                 texts: &texts,
                 ids: &responses,
+                source: Some(IdSource {
+                    tokenizer: &self.tok,
+                    eos_ids: &self.eos_ids,
+                }),
             },
             &mut extra,
         )?;
@@ -864,7 +797,7 @@ impl<'a> PpoTrainer<'a> {
 
         // 5. Update.
         let t_train = Instant::now();
-        let upd = self.update(&rollout, step)?;
+        let (upd, skipped) = self.update(&rollout, step)?;
         let train_secs = t_train.elapsed().as_secs_f64() + fwd_secs;
 
         // 6. Bookkeeping: KL controller, metrics.
@@ -933,12 +866,13 @@ impl<'a> PpoTrainer<'a> {
         );
         self.state.sampler = self.sampler.state();
         self.state.ptx_sampler = self.ptx_sampler.as_ref().map(|s| s.state());
-        self.state.global_step += 1;
-        Ok(m)
+        self.state.run.global_step += 1;
+        Ok((m, skipped))
     }
 
-    /// `num_ppo_epochs` passes of shuffled mini-batches over the rollout.
-    fn update(&mut self, ro: &Rollout, step: usize) -> Result<StepMetrics> {
+    /// `num_ppo_epochs` passes of shuffled mini-batches over the rollout; also whether a
+    /// mini-batch's update was skipped for a non-finite loss or gradient.
+    fn update(&mut self, ro: &Rollout, step: usize) -> Result<(StepMetrics, bool)> {
         let ppo = &self.cfg.ppo;
         let args = &self.cfg.args;
         let device = self.policy.device().clone();
@@ -975,13 +909,8 @@ impl<'a> PpoTrainer<'a> {
                     let old_values = padded(&sel(&ro.values, idx), width, &device)?;
                     let adv = padded(&sel(&ro.advantages, idx), width, &device)?;
                     let ret = padded(&sel(&ro.returns, idx), width, &device)?;
-                    let (logp, vpred) = response_logprobs(
-                        &self.policy,
-                        Some(&self.value_head),
-                        &packed,
-                        ppo.temperature,
-                    )?;
-                    let vpred = vpred.expect("value head given");
+                    let (logp, states) = response_logprobs(&self.policy, &packed, ppo.temperature)?;
+                    let vpred = self.value_head.forward(&states.to_dtype(DType::F32)?)?;
                     let (pg_loss, ps) = rl::clipped_policy_loss(
                         &logp,
                         &old_logp,
@@ -1024,22 +953,13 @@ impl<'a> PpoTrainer<'a> {
                 }
                 let mut grads = grads.expect("a mini-batch has a micro-batch");
                 let norm = clip_grad_norm(&mut grads, &self.params, args.max_grad_norm)?;
-                if !loss_sum.is_finite() || !norm.is_finite() {
-                    // Never let NaN/inf into the weights.
-                    tracing::warn!(
-                        "step {}: loss {loss_sum} / grad_norm {norm} is not finite; the \
-                         update of this mini-batch is skipped",
-                        step + 1
-                    );
+                if !crate::run::finite_update(step + 1, loss_sum, norm) {
                     skipped = true;
                     continue;
                 }
                 add("grad_norm", norm);
                 self.opt.step(&grads, lr)?;
             }
-        }
-        if skipped {
-            self.state.skipped_steps += 1;
         }
         let mut out: StepMetrics = acc
             .into_iter()
@@ -1048,7 +968,7 @@ impl<'a> PpoTrainer<'a> {
         if skipped {
             out.insert("loss/policy_avg".into(), f64::NAN);
         }
-        Ok(out)
+        Ok((out, skipped))
     }
 
     /// Greedy completions for the eval prompts, scored; written to `eval_step{N}.jsonl`.
@@ -1058,15 +978,17 @@ impl<'a> PpoTrainer<'a> {
         let gens = crate::rollout::generate_batched(
             &self.policy,
             &self.eval_ids,
-            &self.gen_config(0.0, 0),
+            &self
+                .cfg
+                .ppo
+                .sampling()
+                .greedy()
+                .config(&self.eos_ids, self.pad_id, 0),
             bs,
             |_| 0,
         )?;
-        let texts: Vec<String> = gens
-            .iter()
-            .map(|g| self.completion_text(&g.completion_ids))
-            .collect::<Result<_>>()?;
         let ids: Vec<Vec<u32>> = gens.into_iter().map(|g| g.completion_ids).collect();
+        let texts = self.decoder().texts(&ids)?;
         let lens: Vec<f64> = ids.iter().map(|x| x.len() as f64).collect();
         let records: Vec<&PromptRecord> = self.eval_prompts.iter().collect();
         let mut extra = Vec::new();
@@ -1075,6 +997,10 @@ impl<'a> PpoTrainer<'a> {
                 prompts: &records,
                 texts: &texts,
                 ids: &ids,
+                source: Some(IdSource {
+                    tokenizer: &self.tok,
+                    eos_ids: &self.eos_ids,
+                }),
             },
             &mut extra,
         )?;
@@ -1116,7 +1042,7 @@ impl<'a> PpoTrainer<'a> {
         let args = &self.cfg.args;
         crate::checkpoint::write_checkpoint(
             &args.output_dir,
-            self.state.global_step,
+            self.state.run.global_step,
             args.save_total_limit,
             |tmp| {
                 self.save_weights(tmp)?;
@@ -1135,27 +1061,6 @@ impl<'a> PpoTrainer<'a> {
 
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// Averages a logging window's step metrics; counters (`episode`, `epoch`) and the current
-/// KL coefficient and learning rate take their last value.
-fn average(window: &[StepMetrics]) -> StepMetrics {
-    const LAST: [&str; 4] = ["episode", "epoch", "objective/kl_coef", "learning_rate"];
-    let mut sum: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for m in window {
-        for (k, v) in m {
-            let e = sum.entry(k.clone()).or_insert((0.0, 0));
-            if LAST.contains(&k.as_str()) {
-                *e = (*v, 1);
-            } else {
-                e.0 += v;
-                e.1 += 1;
-            }
-        }
-    }
-    sum.into_iter()
-        .map(|(k, (s, c))| (k, s / c as f64))
-        .collect()
 }
 
 /// Mean next-token NLL of demonstrations on their labelled tokens (PPO-ptx's term).
@@ -1199,6 +1104,8 @@ pub fn run_config(cfg: PpoConfig, resume: Option<Option<&Path>>) -> Result<Summa
 
 #[cfg(test)]
 mod tests {
+    use rlhf_model::generate::{generate_with_states, GenerationConfig};
+
     use super::*;
 
     fn fixture(name: &str) -> PathBuf {
@@ -1229,13 +1136,13 @@ mod tests {
         let responses: Vec<&[u32]> = vec![&[10, 11, 12], &[13, 14]];
         let packed = pack(&prompts, &responses, 1, &Device::Cpu).unwrap();
         let sums = |m: &Model| -> Vec<f32> {
-            let (lp, _) = response_logprobs(m, None, &packed, 1.0).unwrap();
+            let (lp, _) = response_logprobs(m, &packed, 1.0).unwrap();
             let lp = (lp * &packed.mask).unwrap();
             lp.sum(1).unwrap().to_vec1::<f32>().unwrap()
         };
         let before = sums(&model);
         for _ in 0..3 {
-            let (lp, _) = response_logprobs(&model, None, &packed, 1.0).unwrap();
+            let (lp, _) = response_logprobs(&model, &packed, 1.0).unwrap();
             let adv = Tensor::new(&[[1f32, 1., 1.], [-1., -1., 0.]], &Device::Cpu).unwrap();
             let (loss, _) =
                 rl::clipped_policy_loss(&lp, &lp.detach(), &adv, &packed.mask, 0.2).unwrap();
@@ -1274,9 +1181,9 @@ mod tests {
         let pr: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
         let re: Vec<&[u32]> = gens.iter().map(|g| g.completion_ids.as_slice()).collect();
         let packed = pack(&pr, &re, 1, &Device::Cpu).unwrap();
-        let (lp, v) = response_logprobs(&model, Some(&vh), &packed, 0.8).unwrap();
+        let (lp, h) = response_logprobs(&model, &packed, 0.8).unwrap();
         let lp: Vec<Vec<f32>> = lp.to_vec2().unwrap();
-        let v: Vec<Vec<f32>> = v.unwrap().to_vec2().unwrap();
+        let v: Vec<Vec<f32>> = vh.forward(&h).unwrap().to_vec2().unwrap();
         for (i, g) in gens.iter().enumerate() {
             let from_states: Vec<f32> = vh
                 .forward(&states[i].unsqueeze(0).unwrap())

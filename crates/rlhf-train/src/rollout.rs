@@ -1,14 +1,16 @@
 //! The rollout every sampling method shares (PPO, `rlhf eval`, and later rejection sampling
-//! and ReST): prompts tokenised once, completions generated in batches with the KV cache,
-//! decoded for scorers, and the log-probs of a response under the policy or its frozen
-//! reference (the adapter-disabled policy for LoRA, or a second model).
+//! and ReST): prompts tokenised once, completions generated in batches with the KV cache
+//! ([`Sampling`] turns a config's sampling keys into a [`GenerationConfig`]), decoded for
+//! scorers ([`Decoder`]), and the log-probs of a response under the policy
+//! ([`response_logprobs`], with gradients) or its frozen [`Reference`] (the
+//! adapter-disabled policy for LoRA, or a second model).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use rlhf_data::PromptRecord;
-use rlhf_model::generate::{generate, Generation, GenerationConfig};
+use rlhf_model::generate::{generate, generate_with_states, Generation, GenerationConfig};
 use rlhf_model::tokenizer::Tokenizer;
 use rlhf_model::{Batch, Model};
 
@@ -205,6 +207,49 @@ impl<'a> Decoder<'a> {
         };
         Ok(self.tok.decode(body, true)?)
     }
+
+    /// The completion text of each id list.
+    pub fn texts(&self, ids: &[Vec<u32>]) -> Result<Vec<String>> {
+        ids.iter().map(|c| self.text(c)).collect()
+    }
+}
+
+/// How completions are sampled, in the config's names (TRL's): `top_k = 0` and `top_p = 1.0`
+/// switch those filters off.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// New tokens per completion at most.
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    pub temperature: f64,
+    /// Top-k filtering (0: none).
+    pub top_k: usize,
+    /// Top-p filtering (1.0: none).
+    pub top_p: f64,
+}
+
+impl Sampling {
+    /// The generation settings for a policy whose tokenizer ends completions with `eos_ids`
+    /// and pads with `pad`.
+    pub fn config(&self, eos_ids: &[u32], pad: u32, seed: u64) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: (self.top_k > 0).then_some(self.top_k),
+            top_p: (self.top_p < 1.0).then_some(self.top_p),
+            eos_token_ids: eos_ids.to_vec(),
+            pad_token_id: pad,
+            seed,
+        }
+    }
+
+    /// The same settings, decoding greedily (evaluation).
+    pub fn greedy(&self) -> Self {
+        Self {
+            temperature: 0.0,
+            ..*self
+        }
+    }
 }
 
 /// Generates one completion per prompt, `batch` prompts per KV-cache batch; batch k samples
@@ -225,6 +270,89 @@ pub fn generate_batched(
         out.extend(generate(model, chunk, &cfg)?);
     }
     Ok(out)
+}
+
+/// [`generate_batched`] that also returns, per completion, the hidden states that predicted
+/// each of its tokens (`(len_i, hidden)`): what a value head reads, without a second forward
+/// pass ([`generate_with_states`]).
+pub fn generate_batched_with_states(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    batch: usize,
+    seed_of: impl Fn(usize) -> u64,
+) -> Result<(Vec<Generation>, Vec<Tensor>)> {
+    let mut gens = Vec::with_capacity(prompts.len());
+    let mut states = Vec::with_capacity(prompts.len());
+    for (k, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+        let cfg = GenerationConfig {
+            seed: seed_of(k),
+            ..cfg.clone()
+        };
+        let (g, st) = generate_with_states(model, chunk, &cfg)?;
+        gens.extend(g);
+        states.extend(st);
+    }
+    Ok((gens, states))
+}
+
+/// Temperature-scaled log-probs of each response token under `model` (with gradients when
+/// the model has them on), and the hidden states that predicted them, as TRL reads them:
+/// positions P−1 .. P+R−2 predict the response.
+// -> logprobs (b, R), states (b, R, hidden)
+pub fn response_logprobs(
+    model: &Model,
+    packed: &Packed,
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
+    let h = response_states(model, packed)?;
+    let logp = model.token_logprobs(&h, &packed.targets, temperature)?;
+    Ok((logp, h))
+}
+
+/// The frozen reference a policy's KL is measured against.
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    /// A separate frozen model (the reference of a fully fine-tuned policy).
+    Model(&'a Model),
+    /// The policy itself with its LoRA adapters disabled (no second copy of the weights).
+    AdaptersOff(&'a Model),
+}
+
+impl<'a> Reference<'a> {
+    /// `reference` when there is one, else the adapter-disabled `policy`.
+    pub fn of(policy: &'a Model, reference: Option<&'a Model>) -> Self {
+        match reference {
+            Some(r) => Reference::Model(r),
+            None => Reference::AdaptersOff(policy),
+        }
+    }
+
+    /// Temperature-scaled log-probs of each response under the reference, without
+    /// gradients, `batch` rows per forward pass.
+    // -> one row per response: (len_i)
+    pub fn logprobs(
+        &self,
+        prompts: &[Vec<u32>],
+        responses: &[Vec<u32>],
+        temperature: f64,
+        pad: u32,
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (model, adapters_off) = match *self {
+            Reference::Model(m) => (m, false),
+            Reference::AdaptersOff(m) => (m, true),
+        };
+        response_logprobs_no_grad(
+            model,
+            adapters_off,
+            prompts,
+            responses,
+            temperature,
+            pad,
+            batch,
+        )
+    }
 }
 
 /// Temperature-scaled log-probs of each response token under `model` without gradients, or,
@@ -252,8 +380,7 @@ pub fn response_logprobs_no_grad(
             let re: Vec<&[u32]> = rc.iter().map(|x| x.as_slice()).collect();
             let lens: Vec<usize> = re.iter().map(|x| x.len()).collect();
             let packed = pack(&pr, &re, pad, model.device())?;
-            let h = response_states(model, &packed)?;
-            let logp = model.token_logprobs(&h, &packed.targets, temperature)?;
+            let (logp, _) = response_logprobs(model, &packed, temperature)?;
             rows.extend(rows_of(&logp, &lens)?);
         }
         Ok(rows)

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainingArgs;
 use crate::rollout::Decoder;
-use crate::scoring::{Completions, Scorer};
+use crate::scoring::{Completions, IdSource, Scorer};
 use crate::sft::SftObjective;
 use crate::trainer::{mix, Summary};
 use crate::{Error, Result};
@@ -397,7 +397,7 @@ pub fn sample_and_score(
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    let bar = crate::trainer::progress(prompts.len(), done_prompts);
+    let bar = crate::run::progress(prompts.len(), done_prompts);
     bar.set_message("prompts sampled".to_string());
     let decoder = Decoder::new(&policy.tok, &policy.eos_ids);
     let mut written = 0usize;
@@ -437,6 +437,10 @@ pub fn sample_and_score(
                 prompts: &records,
                 texts: &texts,
                 ids: &completion_ids,
+                source: Some(IdSource {
+                    tokenizer: &policy.tok,
+                    eos_ids: &policy.eos_ids,
+                }),
             },
             &mut extra,
         )?;

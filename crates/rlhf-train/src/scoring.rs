@@ -3,6 +3,30 @@
 //! weighted sum of these (TRL's `reward_funcs` + `reward_weights`), or any rule that
 //! implements [`Scorer`]. [`ScorerSpec`] holds the config keys that choose them, so every
 //! command that scores (PPO, eval, sampling) reads the same keys.
+//!
+//! A reward model reads a completion as the reward trainer built its inputs (prompt +
+//! answer + EOS, or the conversation through its chat template). When the completion's ids
+//! come with the tokenizer that made them ([`Completions::source`]) and that tokenizer is the
+//! reward model's own (same [`Tokenizer::fingerprint`]: vocabulary, merges, added and special
+//! tokens, chat template; not the file's bytes, which also store padding), the reward model
+//! reads the generated ids as they are instead of decoding them and tokenising the text
+//! again: its input is its own ids of the prompt (with the generation prompt, for a
+//! conversation), then the generated ids without their EOS, then what its format puts after
+//! an answer (the EOS id for text; for a conversation, the template's text after the
+//! answer). That shortcut is taken for a text row when the tokenizer adds nothing after a
+//! sequence (a BOS-only post-processor) and names an EOS token, and for a conversation when
+//! the template renders the prompt with its generation prompt as the start of the
+//! conversation with the answer, and the answer's text whole (a template that strips or
+//! rewrites the answer is read through text instead); other rows go through text.
+//!
+//! Where both apply, the two paths give the same ids, hence the same scores, whenever the
+//! generated ids are the tokenizer's own encoding of their text and tokens do not merge
+//! across the prompt/answer boundary. Sampling can break either: a sampled sequence may
+//! spell a word in pieces the tokenizer would merge (" s" "at" for " sat"), an answer that
+//! begins without a space can merge with the prompt's last word, and decoding drops special
+//! tokens a policy emitted mid-answer. The shortcut then scores exactly the tokens the
+//! policy produced, which is what PPO's KL and advantages are computed on; the text path
+//! scores a re-tokenised neighbour.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,6 +50,19 @@ pub struct Completions<'a> {
     pub texts: &'a [String],
     /// The generated ids (EOS included when generation stopped on it).
     pub ids: &'a [Vec<u32>],
+    /// The tokenizer `ids` are in, when known: a reward model with the same one reads `ids`
+    /// without decoding and re-tokenising them (see the module docs).
+    pub source: Option<IdSource<'a>>,
+}
+
+/// Which tokenizer made a batch's ids, and which ids end a completion.
+#[derive(Clone, Copy)]
+pub struct IdSource<'a> {
+    /// The policy's tokenizer.
+    pub tokenizer: &'a Tokenizer,
+    /// The ids that stop generation (a completion's last id is dropped when it is one of
+    /// them, as from its text).
+    pub eos_ids: &'a [u32],
 }
 
 /// What scores completions: reward models, or any rule (tests, rule-based rewards).
@@ -44,7 +81,14 @@ pub struct RewardModel {
     model: Model,
     tok: Tokenizer,
     batch_size: usize,
+    /// The id that ends a text row's answer, where generated ids can be read directly (the
+    /// EOS token is one id and the tokenizer adds nothing after a sequence).
+    text_end: Option<u32>,
 }
+
+/// Stands for the answer while finding what a chat template puts around it; the spaces
+/// catch templates that strip the answer.
+const ANSWER: &str = " \u{E000}answer\u{E000} ";
 
 impl RewardModel {
     /// Loads a reward model (an HF directory with a score head, or a SEQ_CLS adapter).
@@ -68,25 +112,117 @@ impl RewardModel {
             )));
         }
         let tok = Tokenizer::from_dir(dir)?;
+        let text_end = match tok.eos_token().and_then(|e| tok.token_to_id(e)) {
+            Some(eos)
+                if tok
+                    .encode("a b", true)?
+                    .ends_with(&tok.encode("a b", false)?) =>
+            {
+                Some(eos)
+            }
+            _ => None,
+        };
         Ok(Self {
             model,
             tok,
             batch_size: batch_size.max(1),
+            text_end,
         })
+    }
+
+    /// Scores a batch of completions, reading the generated ids directly where the module
+    /// docs say so, else their text ([`Self::score_texts`]).
+    pub fn score(&self, batch: &Completions) -> Result<Vec<f32>> {
+        let ids = self.input_ids(batch)?;
+        self.score_ids(&ids)
+    }
+
+    /// The ids this model reads for each completion of `batch`.
+    pub fn input_ids(&self, batch: &Completions) -> Result<Vec<Vec<u32>>> {
+        let source = batch
+            .source
+            .filter(|s| s.tokenizer.fingerprint() == self.tok.fingerprint());
+        let mut out = Vec::with_capacity(batch.prompts.len());
+        for (i, p) in batch.prompts.iter().enumerate() {
+            let direct = match source {
+                Some(s) => self.direct_ids(&p.prompt, &batch.ids[i], s.eos_ids)?,
+                None => None,
+            };
+            out.push(match direct {
+                Some(ids) => ids,
+                None => self.text_ids(&p.prompt, &batch.texts[i])?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The prompt's ids, the generated ids without their EOS, and what follows an answer;
+    /// `None` where the format does not allow reading the ids directly.
+    fn direct_ids(
+        &self,
+        prompt: &Content,
+        generated: &[u32],
+        eos_ids: &[u32],
+    ) -> Result<Option<Vec<u32>>> {
+        let body = match generated.last() {
+            Some(l) if eos_ids.contains(l) => &generated[..generated.len() - 1],
+            _ => generated,
+        };
+        let (mut ids, end) = match prompt {
+            Content::Text(p) => {
+                let Some(eos) = self.text_end else {
+                    return Ok(None);
+                };
+                (self.tok.encode(p, true)?, vec![eos])
+            }
+            Content::Messages(m) => {
+                let start = self.tok.apply_chat_template(m, true)?;
+                let mut probe = m.clone();
+                probe.push(ChatMessage::new("assistant", ANSWER));
+                let whole = self.tok.apply_chat_template(&probe, false)?;
+                let Some(after) = whole
+                    .strip_prefix(start.as_str())
+                    .and_then(|rest| rest.strip_prefix(ANSWER))
+                else {
+                    return Ok(None);
+                };
+                (
+                    self.tok.encode(&start, false)?,
+                    self.tok.encode(after, false)?,
+                )
+            }
+        };
+        ids.extend_from_slice(body);
+        ids.extend(end);
+        Ok(Some(ids))
+    }
+
+    /// The reward trainer's ids of a prompt and an answer's text.
+    fn text_ids(&self, prompt: &Content, completion: &str) -> Result<Vec<u32>> {
+        let response = match prompt {
+            Content::Text(_) => Content::Text(completion.to_string()),
+            Content::Messages(_) => {
+                Content::Messages(vec![ChatMessage::new("assistant", completion)])
+            }
+        };
+        Ok(rlhf_data::reward_ids(&self.tok, Some(prompt), &response)?)
     }
 
     /// Scores each (prompt, completion) as the reward trainer built its inputs: prompt text +
     /// completion + EOS, or the conversation with the completion as the assistant's turn,
     /// through this model's own chat template.
     pub fn score_texts(&self, prompts: &[&Content], completions: &[String]) -> Result<Vec<f32>> {
-        let mut ids = Vec::with_capacity(prompts.len());
-        for (p, c) in prompts.iter().zip(completions) {
-            let response = match p {
-                Content::Text(_) => Content::Text(c.clone()),
-                Content::Messages(_) => Content::Messages(vec![ChatMessage::new("assistant", c)]),
-            };
-            ids.push(rlhf_data::reward_ids(&self.tok, Some(p), &response)?);
-        }
+        let ids = prompts
+            .iter()
+            .zip(completions)
+            .map(|(p, c)| self.text_ids(p, c))
+            .collect::<Result<Vec<_>>>()?;
+        self.score_ids(&ids)
+    }
+
+    /// Scores sequences of this model's ids, `batch_size` per forward pass, without
+    /// gradients.
+    pub fn score_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
         let was = self.model.set_grad_enabled(false);
         let out = (|| -> Result<Vec<f32>> {
             let mut scores = Vec::with_capacity(ids.len());
@@ -127,18 +263,17 @@ pub enum ModelScorer {
 
 impl Scorer for ModelScorer {
     fn score(&mut self, batch: &Completions, metrics: &mut Vec<(String, f64)>) -> Result<Vec<f32>> {
-        let (prompts, completions) = (batch.prompts, batch.texts);
-        let contents: Vec<&Content> = prompts.iter().map(|p| &p.prompt).collect();
         match self {
-            ModelScorer::Single(rm) => rm.score_texts(&contents, completions),
+            ModelScorer::Single(rm) => rm.score(batch),
             ModelScorer::Llama2 {
                 helpfulness,
                 safety,
                 gate,
             } => {
-                let h = helpfulness.score_texts(&contents, completions)?;
-                let s = safety.score_texts(&contents, completions)?;
-                let tagged: Vec<bool> = prompts
+                let h = helpfulness.score(batch)?;
+                let s = safety.score(batch)?;
+                let tagged: Vec<bool> = batch
+                    .prompts
                     .iter()
                     .map(|p| p.tags.contains(&gate.safety_tag))
                     .collect();

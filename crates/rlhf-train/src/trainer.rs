@@ -1,7 +1,8 @@
 //! The training loop every trainer shares, visible in one place:
 //! batch → forward → loss → backward (× gradient_accumulation_steps) → clip → step → log →
 //! eval → checkpoint. A trainer supplies only its [`Objective`]: how a micro-batch becomes a
-//! loss and metrics, and how to evaluate.
+//! loss and metrics, and how to evaluate. What runs the job around the step (logging window,
+//! non-finite guard, evaluation and save schedules, summary) is a [`Run`], shared with PPO.
 //!
 //! Runs are repeatable (seeded order and dropout) and resumable: a checkpoint holds the
 //! weights (adapter or full model), the optimiser state, the data order's position and the
@@ -18,8 +19,9 @@ use rlhf_model::{Heads, Model};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainingArgs;
-use crate::metrics::MetricsLogger;
 use crate::optim::{clip_grad_norm, AdamW};
+pub use crate::run::Summary;
+use crate::run::{Run, RunState, StepReport};
 use crate::scheduler::LrScheduler;
 use crate::{Error, Result};
 
@@ -72,26 +74,18 @@ pub trait Objective {
 /// Everything the loop needs to continue where it stopped, saved as trainer_state.json.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
-    /// Optimiser steps taken.
-    pub global_step: usize,
-    /// Steps the run will take in all.
-    pub max_steps: usize,
+    /// Steps, skipped steps and the logged history ([`RunState`]).
+    #[serde(flatten)]
+    pub run: RunState,
     /// Position of the data order.
     pub sampler: SamplerState,
     /// Sum of step losses so far (for `train_loss`).
     pub total_loss: f64,
-    /// Steps skipped for a non-finite loss or gradient.
-    pub skipped_steps: usize,
-    /// Samples and tokens processed.
+    /// Samples processed.
     pub samples_seen: usize,
     /// Tokens processed.
     pub tokens_seen: usize,
-    /// Everything logged so far, as transformers' `log_history`.
-    pub log_history: Vec<BTreeMap<String, f64>>,
 }
-
-/// What a finished run reports (also the last line of metrics.jsonl).
-pub type Summary = BTreeMap<String, f64>;
 
 /// The number of optimiser steps a run takes (transformers' rule: `max_steps` if set, else
 /// ceil(epochs × floor(batches per epoch / accumulation))).
@@ -140,7 +134,8 @@ pub fn resolve_resume(output_dir: &Path, given: Option<&Path>) -> Result<PathBuf
 }
 
 /// The loop. `model` must already hold the weights to start from (the checkpoint's, when
-/// resuming); `resume` is that checkpoint, for the optimiser and the loop state.
+/// resuming); `resume` is that checkpoint, for the optimiser and the loop state. Logging,
+/// evaluation, checkpoints and the summary are the [`Run`]'s.
 pub fn train<O: Objective>(
     args: &TrainingArgs,
     model: &Model,
@@ -182,53 +177,29 @@ pub fn train<O: Objective>(
             st
         }
         None => TrainerState {
-            global_step: 0,
-            max_steps,
+            run: RunState::new(max_steps),
             sampler: Sampler::new(train_set.len(), args.seed, args.shuffle).state(),
             total_loss: 0.0,
-            skipped_steps: 0,
             samples_seen: 0,
             tokens_seen: 0,
-            log_history: Vec::new(),
         },
     };
     let mut sampler = Sampler::from_state(state.sampler, train_set.len())
         .map_err(|e| Error::Config(e.to_string()))?;
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
-    let mut logger = MetricsLogger::open(&args.output_dir, &args.report_to, state.global_step)?;
-
-    if args.eval_on_start && resume.is_none() && !eval_set.is_empty() {
-        let ev = run_eval(
-            objective,
-            model,
-            eval_set,
-            args.per_device_eval_batch_size,
-            &sampler,
-        )?;
-        let show: Vec<String> = ev
-            .iter()
-            .filter(|(k, _)| matches!(k.as_str(), "eval_loss" | "eval_accuracy"))
-            .map(|(k, v)| format!("{k} {v:.4}"))
-            .collect();
-        tracing::info!("before training: {}", show.join(", "));
-        logger.log(0, &ev)?;
-        let mut ev = ev;
-        ev.insert("step".into(), 0.0);
-        state.log_history.push(ev);
+    let evaluate = || run_eval(objective, model, eval_set, args.per_device_eval_batch_size);
+    let mut run = Run::open(
+        args,
+        &state.run,
+        sampler.epoch_progress(),
+        !eval_set.is_empty(),
+        &["loss"],
+    )?;
+    if run.eval_on_start(&state.run) {
+        run.log_eval(&mut state.run, evaluate()?)?;
     }
-    let bar = progress(max_steps, state.global_step);
-    let started = Instant::now();
-    let samples_at_start = state.samples_seen;
-    let eval_every = args.eval_steps.unwrap_or(args.logging_steps).max(1);
-    // Logging window: summed step losses and metric sums since the last log.
-    let mut window_loss = 0.0;
-    let mut window_steps = 0usize;
-    let mut window_metrics: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
-    let mut last_grad_norm = f64::NAN;
-    let mut consecutive_bad = 0usize;
 
-    while state.global_step < max_steps {
-        let step = state.global_step;
+    while state.run.global_step < max_steps {
+        let step = state.run.global_step;
         let micro: Vec<Vec<usize>> = (0..args.gradient_accumulation_steps)
             .map(|_| sampler.next_batch(args.per_device_train_batch_size))
             .collect();
@@ -243,7 +214,7 @@ pub fn train<O: Objective>(
         model.set_training(true);
         let mut grads: Option<GradStore> = None;
         let mut step_loss = 0.0;
-        let mut step_metrics = Vec::new();
+        let mut report = StepReport::default();
         for (k, idx) in micro.iter().enumerate() {
             model.set_dropout_seed(mix(args.seed, step as u64, k as u64));
             let batch: Vec<&O::Example> = idx.iter().map(|&i| &train_set[i]).collect();
@@ -252,7 +223,10 @@ pub fn train<O: Objective>(
                 .loss
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
-            step_metrics.extend(out.metrics);
+            report
+                .mean
+                .extend(out.metrics.into_iter().map(|(k, v)| (k.to_string(), v)));
+            report.samples += out.samples;
             state.samples_seen += out.samples;
             state.tokens_seen += out.tokens;
             let g = out.loss.backward()?;
@@ -265,123 +239,51 @@ pub fn train<O: Objective>(
         let mut grads = grads.expect("at least one micro-batch");
         let grad_norm = clip_grad_norm(&mut grads, &params, args.max_grad_norm)?;
         state.sampler = sampler.state();
-        state.global_step += 1;
-        if !step_loss.is_finite() || !grad_norm.is_finite() {
-            // Never let NaN/inf into the weights: skip the update, say so, stop if it persists.
-            state.skipped_steps += 1;
-            consecutive_bad += 1;
-            tracing::warn!(
-                "step {}: loss {step_loss} / grad_norm {grad_norm} is not finite; update skipped \
-                 ({} skipped so far)",
-                state.global_step,
-                state.skipped_steps
-            );
-            if consecutive_bad >= 5 {
-                return Err(Error::Diverged(format!(
-                    "5 steps in a row had a non-finite loss or gradient (last at step {}); \
-                     lower learning_rate or check the data; the last good checkpoint is kept",
-                    state.global_step
-                )));
-            }
-        } else {
-            consecutive_bad = 0;
+        state.run.global_step += 1;
+        let gs = state.run.global_step;
+        if crate::run::finite_update(gs, step_loss, grad_norm) {
             opt.step(&grads, scheduler.lr_at(step))?;
             state.total_loss += step_loss;
-            window_loss += step_loss;
-            window_steps += 1;
-            last_grad_norm = grad_norm;
-            for (k, v) in step_metrics {
-                let e = window_metrics.entry(k).or_insert((0.0, 0));
-                e.0 += v;
-                e.1 += 1;
-            }
+            report.mean.push(("loss".into(), step_loss));
+            report.last.push(("grad_norm".into(), grad_norm));
+        } else {
+            // Nothing of a skipped step is averaged into the log.
+            report.mean.clear();
+            report.skipped = true;
         }
-        bar.inc(1);
-        let gs = state.global_step;
-        if gs % args.logging_steps == 0 || gs == max_steps {
-            let mut log = BTreeMap::new();
-            if window_steps > 0 {
-                log.insert("loss".to_string(), window_loss / window_steps as f64);
-            }
-            log.insert("grad_norm".into(), last_grad_norm);
-            // transformers 5 logs the rate the update of this step used.
-            log.insert("learning_rate".into(), scheduler.logged_lr(gs));
-            for (k, (sum, n)) in &window_metrics {
-                log.insert((*k).to_string(), sum / *n as f64);
-            }
-            log.insert("num_tokens".into(), state.tokens_seen as f64);
-            log.insert("epoch".into(), epoch_of(&sampler));
-            bar.set_message(format!(
-                "loss {:.4}",
-                log.get("loss").copied().unwrap_or(f64::NAN)
-            ));
-            logger.log(gs, &log)?;
-            log.insert("step".into(), gs as f64);
-            state.log_history.push(log);
-            window_loss = 0.0;
-            window_steps = 0;
-            window_metrics.clear();
+        // transformers 5 logs the rate the update of this step used.
+        report
+            .last
+            .push(("learning_rate".into(), scheduler.logged_lr(gs)));
+        report
+            .last
+            .push(("num_tokens".into(), state.tokens_seen as f64));
+        report.epoch = sampler.epoch_progress();
+        run.end_step(&mut state.run, report)?;
+        if run.eval_due(&state.run) {
+            run.log_eval(&mut state.run, evaluate()?)?;
         }
-        if args.eval_strategy == "steps" && gs % eval_every == 0 && !eval_set.is_empty() {
-            let ev = run_eval(
-                objective,
-                model,
-                eval_set,
-                args.per_device_eval_batch_size,
-                &sampler,
-            )?;
-            logger.log(gs, &ev)?;
-            let mut ev = ev;
-            ev.insert("step".into(), gs as f64);
-            state.log_history.push(ev);
-        }
-        if args.save_steps > 0 && gs % args.save_steps == 0 && gs < max_steps {
+        if run.save_due(&state.run) {
             crate::checkpoint::save(args, model, heads, &opt, &state)?;
         }
     }
-    bar.finish_and_clear();
 
     // The final model, then the summary with transformers' names.
     crate::checkpoint::save_final(args, model, heads)?;
-    let runtime = started.elapsed().as_secs_f64();
-    let mut summary = Summary::new();
-    summary.insert("train_runtime".into(), runtime);
-    let samples = (state.samples_seen - samples_at_start) as f64;
-    summary.insert(
-        "train_samples_per_second".into(),
-        samples / runtime.max(1e-9),
-    );
-    let steps_run = state.global_step as f64;
-    summary.insert(
-        "train_steps_per_second".into(),
-        steps_run / runtime.max(1e-9),
-    );
-    let good = (state.global_step - state.skipped_steps).max(1) as f64;
-    summary.insert("train_loss".into(), state.total_loss / good);
-    summary.insert("epoch".into(), epoch_of(&sampler));
-    summary.insert("skipped_steps".into(), state.skipped_steps as f64);
-    // A run given an eval_file always ends with its eval_* in the summary (what a user reads
-    // after `trainer.train(); trainer.evaluate()`), whatever eval_strategy says for mid-run.
-    if !eval_set.is_empty() {
-        let ev = run_eval(
-            objective,
-            model,
-            eval_set,
-            args.per_device_eval_batch_size,
-            &sampler,
-        )?;
-        summary.extend(ev);
-    }
-    logger.summary(state.global_step, &summary)?;
-    Ok(summary)
+    let good = (state.run.global_step - state.run.skipped_steps).max(1) as f64;
+    let own = Summary::from([
+        ("train_loss".to_string(), state.total_loss / good),
+        ("epoch".to_string(), sampler.epoch_progress()),
+    ]);
+    run.finish(&state.run, own, evaluate)
 }
 
+/// The objective's evaluation, eval_-prefixed, with its timing.
 fn run_eval<O: Objective>(
     objective: &O,
     model: &Model,
     eval_set: &[O::Example],
     batch_size: usize,
-    sampler: &Sampler,
 ) -> Result<BTreeMap<String, f64>> {
     model.set_training(false);
     let started = Instant::now();
@@ -399,12 +301,7 @@ fn run_eval<O: Objective>(
         "eval_samples_per_second".into(),
         eval_set.len() as f64 / secs.max(1e-9),
     );
-    out.insert("epoch".into(), epoch_of(sampler));
     Ok(out)
-}
-
-fn epoch_of(sampler: &Sampler) -> f64 {
-    sampler.epoch_progress()
 }
 
 /// The configured AdamW (`adam_beta1/2`, `adam_epsilon`, `weight_decay`) over `params`.
@@ -454,17 +351,4 @@ pub(crate) fn mix(seed: u64, step: u64, micro: u64) -> u64 {
 
 fn read_state(dir: &Path) -> Result<TrainerState> {
     crate::checkpoint::read_json(&dir.join("trainer_state.json"))
-}
-
-pub(crate) fn progress(total: usize, done: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_position(done as u64);
-    bar
 }

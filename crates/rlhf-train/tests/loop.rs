@@ -224,3 +224,68 @@ fn sft_learns_its_demonstrations() {
         "full fine-tune saves an HF dir"
     );
 }
+
+/// The steps at which metrics.jsonl has an evaluation row (the summary line excluded).
+fn eval_rows(out: &Path, key: &str) -> Vec<u64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get(key).is_some() && r.get("train_runtime").is_none())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// `eval_strategy = "epoch"` evaluates after the step that ends each epoch (8 pairs, 2 per
+/// step: steps 4 and 8 of 10), and the summary reuses none of them (step 10 ends no epoch).
+/// Before the shared Run, the loop accepted "epoch" and never evaluated.
+#[test]
+fn epoch_strategy_evaluates_at_each_epoch_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "epochs", "");
+    let sets = [
+        "eval_strategy=epoch".to_string(),
+        "max_steps=10".into(),
+        "gradient_accumulation_steps=1".into(),
+        "save_steps=0".into(),
+        "report_to=[\"jsonl\"]".into(),
+    ];
+    let summary = rlhf_train::reward::run(&cfg, &sets, None).unwrap();
+    let out = tmp.path().join("epochs");
+    assert_eq!(eval_rows(&out, "eval_accuracy"), [4, 8]);
+    assert!(summary.contains_key("eval_accuracy"));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at4 = rows
+        .iter()
+        .find(|r| r["step"] == 4 && r.get("eval_accuracy").is_some())
+        .unwrap();
+    assert_eq!(at4["epoch"], 1.0);
+}
+
+/// "steps" without `eval_steps` evaluates every `logging_steps` (transformers' default), and
+/// `eval_steps = 0` is refused rather than read as 1.
+#[test]
+fn eval_steps_default_to_logging_steps_and_zero_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "every", "");
+    // write_config sets eval_steps = 3; drop it.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("eval_steps = 3\n", "")).unwrap();
+    let sets = [
+        "logging_steps=2".to_string(),
+        "max_steps=5".into(),
+        "save_steps=0".into(),
+        "report_to=[\"jsonl\"]".into(),
+    ];
+    rlhf_train::reward::run(&cfg, &sets, None).unwrap();
+    assert_eq!(
+        eval_rows(&tmp.path().join("every"), "eval_accuracy"),
+        [2, 4]
+    );
+    let err = rlhf_train::reward::run(&cfg, &["eval_steps=0".to_string()], None).unwrap_err();
+    assert!(err.to_string().contains("eval_steps"), "{err}");
+}

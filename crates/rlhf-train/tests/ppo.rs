@@ -147,7 +147,7 @@ fn ppo_learns_a_rule_reward_with_bounded_kl() {
     let mut cache = SourceCache::default();
     let mut tr = PpoTrainer::new(cfg, &mut rule, &mut cache, None).unwrap();
     tr.train().unwrap();
-    let h = &tr.state().log_history;
+    let h = &tr.state().run.log_history;
     let early = mean_of(h, "objective/scores", 1..6);
     let late = mean_of(h, "objective/scores", 36..41);
     let kl_late = mean_of(h, "objective/kl", 36..41);
@@ -370,5 +370,66 @@ fn pipeline_chains_sft_reward_and_ppo() {
                 "{stage}: {k} was rerun"
             );
         }
+    }
+}
+
+/// Steps with an evaluation row in metrics.jsonl (summary excluded) and the
+/// `eval_step{N}.jsonl` files written.
+fn evals(out: &Path) -> (Vec<u64>, Vec<u64>) {
+    let rows: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("eval_objective/scores").is_some() && r.get("train_runtime").is_none())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    let mut files: Vec<u64> = std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("eval_step")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    files.sort();
+    (rows, files)
+}
+
+/// PPO evaluates on the shared Run's schedule: "steps" without `eval_steps` every
+/// `logging_steps` (it never evaluated mid-run before), `eval_on_start = false` skips the
+/// evaluation before training (it always ran), and "epoch" evaluates after each pass over
+/// the prompts (8 prompts, 4 a step: steps 2 and 4; it was ignored). The final evaluation is
+/// the last step's when the schedule made one there, written once.
+#[test]
+fn ppo_follows_the_shared_eval_schedule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fast = "max_steps = 4\nsave_steps = 0\nreport_to = [\"jsonl\"]\n";
+    // (output, --set, steps with an eval row, eval_step{N}.jsonl written)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [u64], &'a [u64]);
+    let cases: [Case; 3] = [
+        (
+            "steps",
+            &["eval_strategy=steps", "logging_steps=2"],
+            &[0, 2, 4],
+            &[0, 2, 4],
+        ),
+        (
+            "nostart",
+            &["eval_strategy=steps", "eval_steps=3", "eval_on_start=false"],
+            &[3],
+            &[3, 4],
+        ),
+        ("epoch", &["eval_strategy=epoch"], &[0, 2, 4], &[0, 2, 4]),
+    ];
+    for (name, sets, rows, files) in cases {
+        let cfg = config(tmp.path(), name, fast);
+        let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        sets.extend(["num_ppo_epochs=1".into(), "num_mini_batches=1".into()]);
+        let summary = rlhf_train::ppo::run(&cfg, &sets, None).unwrap();
+        assert!(summary.contains_key("eval_objective/scores"), "{name}");
+        let (r, f) = evals(&tmp.path().join(name));
+        assert_eq!((r.as_slice(), f.as_slice()), (rows, files), "{name}");
     }
 }

@@ -59,6 +59,7 @@ fn score(
             prompts: &prompts,
             texts: &texts,
             ids: &ids,
+            source: None,
         },
         &mut metrics,
     )?;
@@ -415,7 +416,21 @@ fn ppo_runs_on_a_reward_program_alone() {
 fn ppo_sums_a_reward_model_and_a_program_with_reward_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let rm_dir = shared().join("models/llama-gqa-reward");
+    // The fixture reward model with a chat template the policy's tokenizer lacks: another
+    // tokenizer, so it scores the completions' text, as the program does, and the test can
+    // recompute its scores from the program's log (with the policy's own tokenizer it would
+    // read the generated ids, which the log does not hold).
+    let rm_dir = d.join("rm");
+    std::fs::create_dir_all(&rm_dir).unwrap();
+    for e in std::fs::read_dir(shared().join("models/llama-gqa-reward")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), rm_dir.join(e.file_name())).unwrap();
+    }
+    let tc = rm_dir.join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    v["chat_template"] = "{{ messages[0]['content'] }}".into();
+    std::fs::write(&tc, v.to_string()).unwrap();
     let prompts = d.join("prompts.jsonl");
     let extra = format!(
         "reward_model = {rm_dir:?}\nreward_weights = [3.0, 0.5]\nreward_program_timeout = 120\n\
