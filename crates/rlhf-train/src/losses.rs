@@ -7,11 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// log σ(x), stable for large |x|: -(max(-x, 0) + log(1 + exp(-|x|))).
+/// log σ(x), stable for large |x|: x − max(x, 0) − log(1 + exp(−|x|)).
+///
+/// Written so that its gradient, σ(−x), is right at x = 0 too, where DPO's first step puts
+/// every pair (the policy is its reference): candle's backward takes relu′(0) = abs′(0) = 1,
+/// which gives 1 − 1 + ½ here, but 1.5 for the form −(max(−x, 0) + log(1 + exp(−|x|))).
 // x: any shape -> same shape
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let softplus_neg = (x.neg()?.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    Ok(softplus_neg.neg()?)
+    let softplus = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok(((x - x.relu()?)? - softplus)?)
 }
 
 /// What the reward loss reports, with TRL's metric names.
@@ -306,6 +310,25 @@ mod tests {
         ];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn log_sigmoid_gradient_is_sigmoid_of_minus_x_at_zero_too() {
+        let x = candle_core::Var::new(&[-100f64, -2.0, 0.0, 3.0, 100.0], &Device::Cpu).unwrap();
+        let g = log_sigmoid(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let got = g.get(&x).unwrap().to_vec1::<f64>().unwrap();
+        for (&x, g) in [-100f64, -2.0, 0.0, 3.0, 100.0].iter().zip(got) {
+            let want = 1.0 / (1.0 + x.exp());
+            assert!(
+                (g - want).abs() < 1e-12,
+                "d/dx log σ({x}) = {g}, want {want}"
+            );
         }
     }
 
