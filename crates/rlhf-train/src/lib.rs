@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dpo;
 pub mod error;
 pub mod eval;
 pub mod judge;
@@ -12,6 +13,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod ppo;
 pub mod program;
+pub mod reference;
 pub mod reward;
 pub mod rl;
 pub mod rollout;
