@@ -7,6 +7,7 @@ pub mod dpo;
 pub mod error;
 pub mod eval;
 pub mod judge;
+pub mod kto;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
