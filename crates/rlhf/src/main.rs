@@ -46,6 +46,11 @@ enum Command {
     Reward(cmd::train::Args),
     /// Optimise a policy with PPO against a reward model (InstructGPT step 3, Llama 2 gate).
     Ppo(cmd::train::Args),
+    /// Direct Preference Optimization on preference pairs (no reward model; also IPO, hinge,
+    /// robust DPO).
+    Dpo(cmd::train::Args),
+    /// Kahneman-Tversky Optimization on completions labelled desirable or undesirable.
+    Kto(cmd::train::Args),
     /// The InstructGPT pipeline: SFT → reward model → PPO, each stage feeding the next.
     Pipeline(cmd::train::PipelineArgs),
     /// A run directory as one self-contained report.html with plots.
@@ -102,6 +107,8 @@ fn main() -> std::process::ExitCode {
         Command::Sft(a) => cmd::train::sft(a),
         Command::Reward(a) => cmd::train::reward(a),
         Command::Ppo(a) => cmd::train::ppo(a),
+        Command::Dpo(a) => cmd::train::dpo(a),
+        Command::Kto(a) => cmd::train::kto(a),
         Command::Pipeline(a) => cmd::train::pipeline(a),
         Command::Report(a) => cmd::report::run(a),
     };
