@@ -84,16 +84,41 @@ impl<'a> Seq<'a> {
 }
 
 /// Σ log π(completion | prompt) of each sequence, differentiable where the model records
-/// gradients, with the states that predicted the completion tokens (for [`token_stats`]).
-// seqs: n -> (logps (n), states (n, R, hidden))
+/// gradients, with the states that predicted the completion tokens, sequence by sequence
+/// and token by token (for [`token_stats`]). Only real completion tokens go through the LM
+/// head: the layout pads every row to the longest completion.
+// seqs: n -> (logps (n), states (Σ completion lengths, hidden))
 pub fn sequence_logps(model: &Model, seqs: &[Seq], pad: u32) -> Result<(Tensor, Tensor)> {
     let prompts: Vec<&[u32]> = seqs.iter().map(|s| s.prompt).collect();
     let completions: Vec<&[u32]> = seqs.iter().map(|s| s.completion).collect();
     let packed = pack(&prompts, &completions, pad, model.device())?;
-    let states = response_states(model, &packed)?;
-    let per_token = model.token_logprobs(&states, &packed.targets, 1.0)?;
-    let logps = (per_token * &packed.mask)?.sum(1)?;
-    Ok((logps, states))
+    let states = response_states(model, &packed)?; // (n, R, hidden)
+    let (n, r, h) = states.dims3()?;
+    let device = states.device();
+    let m: usize = completions.iter().map(|c| c.len()).sum();
+    if m == 0 {
+        let none = Tensor::zeros((0, h), states.dtype(), device)?;
+        return Ok((Tensor::zeros(n, states.dtype(), device)?, none));
+    }
+    let mut rows = Vec::with_capacity(m);
+    let mut targets = Vec::with_capacity(m);
+    // (n, m): row i sums sequence i's tokens.
+    let mut owner = vec![0f32; n * m];
+    for (i, c) in completions.iter().enumerate() {
+        for (j, &t) in c.iter().enumerate() {
+            owner[i * m + rows.len()] = 1.0;
+            rows.push((i * r + j) as u32);
+            targets.push(t);
+        }
+    }
+    let picked = states
+        .reshape((n * r, h))?
+        .index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+    let per_token =
+        model.token_logprobs(&picked, &Tensor::new(targets.as_slice(), device)?, 1.0)?;
+    let owner = Tensor::from_vec(owner, (n, m), device)?.to_dtype(per_token.dtype())?;
+    let logps = owner.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)?;
+    Ok((logps, picked))
 }
 
 /// Where the reference log-probs come from (TRL's rule: `ref_model` if given, else the
@@ -200,34 +225,28 @@ impl std::ops::AddAssign for TokenStats {
 /// Rows of logits made at once: a vocabulary of 49k makes 256 rows about 50 MB.
 const STATS_ROWS: usize = 256;
 
-/// [`TokenStats`] of each sequence from the states [`sequence_logps`] returned (slot j of
-/// row i predicts completion token j), without
-/// gradients: the LM head runs once more over the completion tokens, in row chunks, since
-/// the log-prob op keeps no logits.
-// states: (n, R, hidden) -> n
+/// [`TokenStats`] of each sequence from the states [`sequence_logps`] returned (one per
+/// completion token, sequence by sequence), without gradients: the LM head runs once more,
+/// in row chunks, since the log-prob op keeps no logits.
+// states: (Σ completion lengths, hidden) -> n
 pub fn token_stats(model: &Model, states: &Tensor, seqs: &[Seq]) -> Result<Vec<TokenStats>> {
-    let (n, r, h) = states.dims3()?;
-    let mut rows = Vec::new();
     let mut owner = Vec::new();
     let mut targets = Vec::new();
     for (i, s) in seqs.iter().enumerate() {
-        for (j, &t) in s.completion.iter().enumerate() {
-            rows.push((i * r + j) as u32);
-            owner.push(i);
-            targets.push(t);
-        }
+        owner.extend(std::iter::repeat_n(i, s.completion.len()));
+        targets.extend_from_slice(s.completion);
     }
-    let mut out = vec![TokenStats::default(); n];
-    if rows.is_empty() {
+    let mut out = vec![TokenStats::default(); seqs.len()];
+    if owner.is_empty() {
         return Ok(out);
     }
     let was = model.set_grad_enabled(false);
     let result = (|| -> Result<()> {
-        let flat = states.detach().reshape((n * r, h))?;
-        for (k, chunk) in rows.chunks(STATS_ROWS).enumerate() {
-            let idx = Tensor::new(chunk, states.device())?;
+        let states = states.detach();
+        for start in (0..owner.len()).step_by(STATS_ROWS) {
+            let len = STATS_ROWS.min(owner.len() - start);
             let logits = model
-                .logits(&flat.index_select(&idx, 0)?)?
+                .logits(&states.narrow(0, start, len)?)?
                 .to_dtype(DType::F32)?;
             let mean = logits.mean(D::Minus1)?.to_vec1::<f32>()?;
             let max = logits.max_keepdim(D::Minus1)?;
@@ -238,8 +257,8 @@ pub fn token_stats(model: &Model, states: &Tensor, seqs: &[Seq]) -> Result<Vec<T
             let p_dot = (e * &shifted)?.sum_keepdim(D::Minus1)?.div(&z)?;
             let entropy = (z.log()? - p_dot)?.squeeze(D::Minus1)?.to_vec1::<f32>()?;
             let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            for (m, ((mean, ent), am)) in mean.iter().zip(&entropy).zip(&argmax).enumerate() {
-                let at = k * STATS_ROWS + m;
+            for (k, ((mean, ent), am)) in mean.iter().zip(&entropy).zip(&argmax).enumerate() {
+                let at = start + k;
                 let s = &mut out[owner[at]];
                 s.tokens += 1;
                 s.mean_logit += *mean as f64;

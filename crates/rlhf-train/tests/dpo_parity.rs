@@ -141,6 +141,7 @@ fn check(name: &str) -> BTreeMap<String, f64> {
     let in_loop = train(&fx, tmp.path(), false);
     let pre = train(&fx, tmp.path(), true);
     let mut worst: BTreeMap<String, f64> = BTreeMap::new();
+    let mut worst_abs: BTreeMap<String, f64> = BTreeMap::new();
     for (i, want) in fx["steps"].as_array().unwrap().iter().enumerate() {
         for (key, w) in want.as_object().unwrap() {
             if key == "step" {
@@ -173,10 +174,13 @@ fn check(name: &str) -> BTreeMap<String, f64> {
                 );
                 let e = worst.entry(key.clone()).or_default();
                 *e = e.max(err);
+                let e = worst_abs.entry(key.clone()).or_default();
+                *e = e.max((g - w).abs());
             }
         }
     }
     eprintln!("{name}: largest relative error per key: {worst:?}");
+    eprintln!("{name}: largest absolute error per key: {worst_abs:?}");
     worst
 }
 
