@@ -37,11 +37,12 @@ pub use load::{from_rows, load, Loaded, ReadOptions, ReadReport, Record, MAX_REA
 pub use read::{read_rows, rows, FileFormat, RawRow, Rows};
 pub use records::{
     Comparison, Content, Degree, Demonstration, DemonstrationBody, MarginTable, PairSafety,
-    Preference, PromptRecord, Ranking, Safety,
+    Preference, PromptRecord, Ranking, Safety, UnpairedPreference,
 };
 pub use sampler::{Sampler, SamplerState};
 pub use tokenize::{
     prompt_ids, reward_ids, tokenize_comparison, tokenize_comparisons, tokenize_demonstration,
-    tokenize_demonstrations, tokenize_dpo, tokenize_dpo_pair, DpoExample, RewardGroup, RewardPair,
-    SftExample, TokenizeOptions, TokenizeReport, Tokenized, TruncationMode, IGNORE_INDEX,
+    tokenize_demonstrations, tokenize_dpo, tokenize_dpo_pair, tokenize_unpaired,
+    tokenize_unpaired_row, DpoExample, KtoExample, RewardGroup, RewardPair, SftExample,
+    TokenizeOptions, TokenizeReport, Tokenized, TruncationMode, IGNORE_INDEX,
 };

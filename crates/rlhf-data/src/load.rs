@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::read::{describe, rows, RawRow};
 use crate::records::{
     Comparison, Content, Degree, Demonstration, DemonstrationBody, PairSafety, Preference,
-    PromptRecord, Ranking, Safety,
+    PromptRecord, Ranking, Safety, UnpairedPreference,
 };
 
 const DEMONSTRATION_HINT: &str = "demonstration rows look like {\"prompt\", \"completion\"}, \
@@ -24,6 +24,9 @@ const DEMONSTRATION_HINT: &str = "demonstration rows look like {\"prompt\", \"co
 const PREFERENCE_HINT: &str = "preference rows look like {\"prompt\", \"chosen\", \"rejected\"} \
     (optional \"margin\" or \"degree\", and \"safety\"), {\"chosen\", \"rejected\"} with the prompt \
     inside both, or {\"prompt\", \"responses\": [...], \"ranking\": [indices, best first]}";
+const UNPAIRED_HINT: &str = "unpaired preference rows look like {\"prompt\", \"completion\", \
+    \"label\": true} (true: a desirable completion, false: an undesirable one), prompt and \
+    completion both strings or both message lists";
 const PROMPT_HINT: &str =
     "prompt rows look like {\"prompt\"} or {\"messages\": [...]}, with optional \"tags\": [...]";
 const MESSAGES_HINT: &str = "messages look like [{\"role\": \"user\", \"content\": \"...\"}, \
@@ -419,6 +422,45 @@ impl Record for Comparison {
             degree,
             safety,
         }))
+    }
+}
+
+impl Record for UnpairedPreference {
+    const KIND: &'static str = "KTO";
+
+    fn from_row(row: RawRow) -> Result<Self> {
+        let f = Fields {
+            row: &row,
+            hint: UNPAIRED_HINT,
+        };
+        if (f.has("chosen") || f.has("rejected")) && !f.has("completion") {
+            return Err(f.unknown(
+                Self::KIND,
+                format!(
+                    "it looks like a preference pair; split each pair into two rows, \
+                     {{\"prompt\", \"completion\": chosen, \"label\": true}} and \
+                     {{\"prompt\", \"completion\": rejected, \"label\": false}}; {UNPAIRED_HINT}"
+                ),
+            ));
+        }
+        if !f.has("completion") && !f.has("label") {
+            return Err(f.unknown(Self::KIND, UNPAIRED_HINT));
+        }
+        let prompt = f.content("prompt")?;
+        let completion = f.content("completion")?;
+        f.same_kind("completion", &completion, &prompt)?;
+        let label = match f.required("label")? {
+            Value::Bool(b) => *b,
+            other => {
+                return Err(f.wrong("label", "true (desirable) or false (undesirable)", other))
+            }
+        };
+        Ok(UnpairedPreference {
+            at: row.at,
+            prompt,
+            completion,
+            label,
+        })
     }
 }
 

@@ -6,6 +6,8 @@
 //!   with optional `margin` or Llama 2 `degree` and `safety` labels, the implicit-prompt form
 //!   `{"chosen", "rejected"}`, the conversational forms (TRL's: message lists), or a
 //!   [`Ranking`] `{"prompt", "responses", "ranking"}` that stands for all K-choose-2 pairs.
+//! - [`UnpairedPreference`] (KTO): `{"prompt", "completion", "label": true|false}`, prompt and
+//!   completion both text or both message lists (TRL's unpaired preference format).
 //! - [`PromptRecord`] (PPO, sampling): `{"prompt"}` | `{"messages"}`, optional `"tags"`.
 //!
 //! Parsing rows into these types and loading files is in [`crate::load`].
@@ -245,6 +247,19 @@ impl Comparison {
             Comparison::Ranking(r) => r.ranking.len() * r.ranking.len().saturating_sub(1) / 2,
         }
     }
+}
+
+/// One completion judged on its own (KTO's binary feedback): desirable or not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpairedPreference {
+    /// Where the row came from.
+    pub at: Location,
+    /// The prompt.
+    pub prompt: Content,
+    /// The completion the label is about (the same kind as the prompt).
+    pub completion: Content,
+    /// `true`: desirable (a thumbs-up), `false`: undesirable.
+    pub label: bool,
 }
 
 /// A prompt for generation (PPO rollouts, sampling, scoring).

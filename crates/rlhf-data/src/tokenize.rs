@@ -17,6 +17,11 @@
 //! - DPO: prompt ids and the two completions' ids split at the shorter common prefix; the
 //!   implicit-prompt form first takes the shared start of `chosen` and `rejected` as the prompt
 //!   (TRL's `extract_prompt`, quirks included).
+//! - KTO: prompt ids and the completion's ids split where the tokenised prompt and the
+//!   tokenised prompt + completion diverge, as for DPO. (TRL's KTOTrainer cuts at the prompt's
+//!   length instead, which is the same split whenever the prompt's tokens are a prefix of the
+//!   whole, the case it warns about otherwise; cutting at the common prefix keeps the sequence
+//!   the model reads equal to the tokenised prompt + completion.)
 //!
 //! Where this differs from TRL, on purpose:
 //! - Sequences longer than `max_length` are truncated (keeping the start, TRL's default
@@ -43,6 +48,7 @@ use crate::error::{Error, Location, Result};
 use crate::load::MAX_REASONS;
 use crate::records::{
     Comparison, Content, Demonstration, DemonstrationBody, MarginTable, Preference,
+    UnpairedPreference,
 };
 
 /// The label of tokens that do not count in the loss (PyTorch's `ignore_index`).
@@ -80,7 +86,9 @@ impl TruncationMode {
 pub struct TokenizeOptions {
     /// Longest sequence kept; longer ones are cut, keeping the start. `None`: no limit.
     pub max_length: Option<usize>,
-    /// Reward pairs only: which end of an over-long sequence is kept (SFT and DPO keep the start).
+    /// Reward and DPO pairs: which end of an over-long sequence is kept (SFT and KTO keep the
+    /// start). DPO pairs with [`TruncationMode::KeepEnd`] keep their ids whole and are cut row
+    /// by row when batched.
     pub truncation_mode: TruncationMode,
     /// Which Llama 2 table turns a pair's `degree` into a margin.
     pub margin_table: MarginTable,
@@ -237,10 +245,24 @@ pub struct DpoExample {
     pub at: Location,
     /// Shared prompt ids.
     pub prompt_ids: Vec<u32>,
-    /// Chosen completion ids (truncated so prompt + completion fits `max_length`).
+    /// Chosen completion ids (truncated so prompt + completion fits `max_length`, unless
+    /// the pair was tokenised to keep its end).
     pub chosen_ids: Vec<u32>,
     /// Rejected completion ids (likewise).
     pub rejected_ids: Vec<u32>,
+}
+
+/// A tokenised unpaired preference (KTO), split like TRL's `prompt_ids` / `completion_ids`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KtoExample {
+    /// The row it came from.
+    pub at: Location,
+    /// Prompt ids.
+    pub prompt_ids: Vec<u32>,
+    /// Completion ids (truncated so prompt + completion fits `max_length`).
+    pub completion_ids: Vec<u32>,
+    /// Whether the completion is desirable.
+    pub label: bool,
 }
 
 /// Ids of a reward model input as TRL's RewardTrainer builds them: `prompt + response`
@@ -405,7 +427,9 @@ pub fn tokenize_dpo(
     })
 }
 
-/// Tokenises one DPO pair; `None` when the prompt alone fills `max_length` (counted).
+/// Tokenises one DPO pair; `None` when the prompt alone fills `max_length` (counted). With
+/// [`TruncationMode::KeepEnd`] nothing is cut or dropped here (see
+/// [`TokenizeOptions::truncation_mode`]); over-long pairs are counted.
 pub fn tokenize_dpo_pair(
     tok: &Tokenizer,
     p: &Preference,
@@ -416,13 +440,19 @@ pub fn tokenize_dpo_pair(
     report.max_length = opts.max_length;
     let cut_c = report.cut(prompt_ids.len() + chosen_ids.len());
     let cut_r = report.cut(prompt_ids.len() + rejected_ids.len());
-    if let Some(max) = opts.max_length {
-        if prompt_ids.len() >= max {
-            report.dropped_no_loss += 1;
-            return Ok(None);
+    match (opts.max_length, opts.truncation_mode) {
+        (Some(max), TruncationMode::KeepStart) => {
+            if prompt_ids.len() >= max {
+                report.dropped_no_loss += 1;
+                return Ok(None);
+            }
+            chosen_ids.truncate(max - prompt_ids.len());
+            rejected_ids.truncate(max - prompt_ids.len());
         }
-        chosen_ids.truncate(max - prompt_ids.len());
-        rejected_ids.truncate(max - prompt_ids.len());
+        // Each row loses its own start when it is batched (TRL's collator): the chosen and
+        // rejected rows may lose different numbers of prompt tokens, which one shared
+        // `prompt_ids` cannot hold, so the ids stay whole here.
+        (Some(_), TruncationMode::KeepEnd) | (None, _) => {}
     }
     report.examples += 1;
     if cut_c || cut_r {
@@ -436,6 +466,46 @@ pub fn tokenize_dpo_pair(
         prompt_ids,
         chosen_ids,
         rejected_ids,
+    }))
+}
+
+/// Tokenises unpaired preferences for KTO; see the module docs for the rules.
+pub fn tokenize_unpaired(
+    tok: &Tokenizer,
+    records: &[UnpairedPreference],
+    opts: &TokenizeOptions,
+) -> Result<Tokenized<KtoExample>> {
+    run(records, opts, |u, report| {
+        tokenize_unpaired_row(tok, u, opts, report)
+    })
+}
+
+/// Tokenises one unpaired preference; `None` when the prompt alone fills `max_length`
+/// (counted, as TRL drops such rows).
+pub fn tokenize_unpaired_row(
+    tok: &Tokenizer,
+    u: &UnpairedPreference,
+    opts: &TokenizeOptions,
+    report: &mut TokenizeReport,
+) -> Result<Option<KtoExample>> {
+    let (prompt_ids, mut completion_ids) =
+        row(&u.at, prompt_completion_ids(tok, &u.prompt, &u.completion))?;
+    report.max_length = opts.max_length;
+    let cut = report.cut(prompt_ids.len() + completion_ids.len());
+    if let Some(max) = opts.max_length {
+        if prompt_ids.len() >= max {
+            report.dropped_no_loss += 1;
+            return Ok(None);
+        }
+        completion_ids.truncate(max - prompt_ids.len());
+    }
+    report.examples += 1;
+    report.truncated += cut as usize;
+    Ok(Some(KtoExample {
+        at: u.at.clone(),
+        prompt_ids,
+        completion_ids,
+        label: u.label,
     }))
 }
 
@@ -664,6 +734,28 @@ fn dpo_ids(tok: &Tokenizer, p: &Preference) -> rlhf_model::Result<(Vec<u32>, Vec
     };
     let n = common_prefix(&prompt_ids, &pc).min(common_prefix(&prompt_ids, &pr));
     Ok((prompt_ids[..n].to_vec(), pc[n..].to_vec(), pr[n..].to_vec()))
+}
+
+/// Prompt and completion ids of a prompt-completion row, untruncated, split where the
+/// tokenised prompt stops being a prefix of the tokenised whole (TRL's KTO `tokenize_fn`).
+fn prompt_completion_ids(
+    tok: &Tokenizer,
+    prompt: &Content,
+    completion: &Content,
+) -> rlhf_model::Result<(Vec<u32>, Vec<u32>)> {
+    let (prompt_ids, whole) = match (prompt, completion) {
+        (Content::Text(p), Content::Text(c)) => (
+            tok.encode(p, true)?,
+            tok.encode(&format!("{p}{}", with_eos(tok, c)?), true)?,
+        ),
+        (Content::Messages(p), Content::Messages(c)) => (
+            chat_ids(tok, p, true)?,
+            chat_ids(tok, &concat(p, c), false)?,
+        ),
+        _ => return Err(mixed_kinds()),
+    };
+    let n = common_prefix(&prompt_ids, &whole);
+    Ok((prompt_ids[..n].to_vec(), whole[n..].to_vec()))
 }
 
 #[cfg(test)]

@@ -191,6 +191,81 @@ fn dpo_truncation_cuts_completions_and_counts() {
 }
 
 #[test]
+fn dpo_keep_end_leaves_ids_whole_and_counts() {
+    let tok = gpt2();
+    let rows = [serde_json::json!({
+        "prompt": "A prompt longer than the window allows", "chosen": " a", "rejected": " b"
+    })];
+    let recs: Vec<Comparison> = records(&rows);
+    let opts = TokenizeOptions {
+        max_length: Some(7),
+        truncation_mode: TruncationMode::KeepEnd,
+        ..Default::default()
+    };
+    let out = tokenize_dpo(&tok, &recs, &opts).unwrap();
+    let whole = tokenize_dpo(&tok, &recs, &TokenizeOptions::default()).unwrap();
+    assert_eq!(
+        out.examples, whole.examples,
+        "the trainer cuts each row's start"
+    );
+    assert_eq!((out.report.truncated, out.report.dropped_no_loss), (1, 0));
+}
+
+#[test]
+fn kto_rows_split_at_the_prompt_and_truncate_like_dpo() {
+    let tok = gpt2();
+    let rows = [
+        serde_json::json!({"prompt": "Hi?", "completion": " Hello there, friend!", "label": true}),
+        serde_json::json!({"prompt": "Hi?", "completion": " No.", "label": false}),
+        serde_json::json!({"prompt": "A prompt longer than the window allows", "completion": " a", "label": true}),
+    ];
+    let recs: Vec<UnpairedPreference> = records(&rows);
+    let all = tokenize_unpaired(&tok, &recs, &TokenizeOptions::default()).unwrap();
+    // The same split as DPO's on the pair these rows unpair.
+    let pair: Vec<Comparison> = records(&[serde_json::json!(
+        {"prompt": "Hi?", "chosen": " Hello there, friend!", "rejected": " No."}
+    )]);
+    let dpo = &tokenize_dpo(&tok, &pair, &TokenizeOptions::default())
+        .unwrap()
+        .examples[0];
+    let (c, r) = (&all.examples[0], &all.examples[1]);
+    assert_eq!(
+        (&c.prompt_ids, &c.completion_ids),
+        (&dpo.prompt_ids, &dpo.chosen_ids)
+    );
+    assert_eq!(&r.completion_ids, &dpo.rejected_ids);
+    assert_eq!((c.label, r.label), (true, false));
+    assert_eq!(
+        *c.completion_ids.last().unwrap(),
+        tok.eos_token_id().unwrap(),
+        "EOS appended"
+    );
+
+    let opts = TokenizeOptions {
+        max_length: Some(7),
+        ..Default::default()
+    };
+    let cut = tokenize_unpaired(&tok, &recs, &opts).unwrap();
+    assert_eq!(
+        (
+            cut.report.examples,
+            cut.report.truncated,
+            cut.report.dropped_no_loss
+        ),
+        (2, 2, 1),
+        "{}",
+        cut.report
+    );
+    for e in &cut.examples {
+        assert_eq!(
+            e.prompt_ids.len() + e.completion_ids.len(),
+            7,
+            "the start kept"
+        );
+    }
+}
+
+#[test]
 fn reward_batch_has_chosen_rows_then_rejected_rows_and_rankings_expand() {
     let tok = gpt2();
     let rows = [

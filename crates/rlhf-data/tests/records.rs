@@ -447,3 +447,50 @@ fn unsupported_parquet_codec_says_how_to_rewrite() {
     assert!(e.contains("zstd"), "{e}");
     assert!(e.contains("compression=\"snappy\""), "{e}");
 }
+
+#[test]
+fn unpaired_rows_parse_and_bad_ones_say_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "kto.jsonl",
+        &[
+            r#"{"prompt": "Hi?", "completion": " Hello!", "label": true}"#,
+            r#"{"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "No."}], "label": false}"#,
+        ],
+    );
+    let got = load::<UnpairedPreference>(&p, &strict()).unwrap();
+    assert_eq!(got.records.len(), 2);
+    assert!(got.records[0].label && !got.records[1].label);
+    assert!(got.records[1].completion.is_conversational());
+
+    let cases = [
+        (
+            r#"{"prompt": "Hi?", "completion": " Hello!", "label": 1}"#,
+            "kto.jsonl:1: field \"label\" must be true (desirable) or false (undesirable), found",
+        ),
+        (
+            r#"{"prompt": "Hi?", "completion": " Hello!"}"#,
+            "kto.jsonl:1: field \"label\" is missing; unpaired preference rows look like",
+        ),
+        (
+            r#"{"prompt": "Hi?", "chosen": " a", "rejected": " b"}"#,
+            "it looks like a preference pair; split each pair into two rows",
+        ),
+        (
+            r#"{"prompt": "Hi?", "completion": [{"role": "assistant", "content": "a"}], "label": true}"#,
+            "kto.jsonl:1: field \"completion\" must be a string like the row's other text fields",
+        ),
+        (
+            r#"{"text": "Hi?"}"#,
+            "is not a KTO row; unpaired preference rows look like",
+        ),
+    ];
+    for (row, want) in cases {
+        let p = write(dir.path(), "kto.jsonl", &[row]);
+        let e = load::<UnpairedPreference>(&p, &strict())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{row}: {e}");
+    }
+}

@@ -3,15 +3,18 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dpo;
 pub mod error;
 pub mod eval;
 pub mod judge;
+pub mod kto;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
 pub mod ppo;
 pub mod program;
+pub mod reference;
 pub mod rejection_sampling;
 pub mod rest;
 pub mod reward;

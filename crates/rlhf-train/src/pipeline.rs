@@ -443,12 +443,8 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
             "ppo" => crate::ppo::run(&cfg_path, &[], r)?,
             "rejection_sampling" => crate::rejection_sampling::run(&cfg_path, &[], r)?,
             "rest" => crate::rest::run(&cfg_path, &[], r)?,
-            other => {
-                return Err(Error::Config(format!(
-                    "{}: [{name}] trainer {other:?} cannot run in a pipeline yet",
-                    path.display()
-                )))
-            }
+            "dpo" => crate::dpo::run(&cfg_path, &[], r)?,
+            _ => crate::kto::run(&cfg_path, &[], r)?,
         };
         state.done.insert(name.clone(), summary);
         crate::checkpoint::write_json(&state_path, &state)?;

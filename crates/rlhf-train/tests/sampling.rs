@@ -190,7 +190,7 @@ fn rest_improve_steps_filter_with_rising_thresholds() {
 
 /// Llama 2's shape as a pipeline: SFT → two reward stages named by `trainer = "reward"` →
 /// rejection sampling scored by the helpfulness + safety gate → ReST on the reward stage
-/// named last, in the order written; `[eval]`'s gold and proxy judges run over every round.
+/// named last → DPO, in the order written; `[eval]`'s gold and proxy judges run over every round.
 #[test]
 fn a_pipeline_runs_stages_in_the_order_written() {
     let tmp = tempfile::tempdir().unwrap();
@@ -232,6 +232,8 @@ fn a_pipeline_runs_stages_in_the_order_written() {
          [rejection_sampling.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"CAUSAL_LM\"\n\
          [rest]\n{sampling}thresholds = [0.5]\nthreshold_type = \"quantile\"\n\
          [rest.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"CAUSAL_LM\"\n\
+         [dpo]\ntrain_file = \"prefs.jsonl\"\nmax_steps = 1\nper_device_train_batch_size = 4\n\
+         [dpo.lora]\nr = 4\nlora_alpha = 8\ntask_type = \"CAUSAL_LM\"\n\
          [eval]\neval_file = \"prompts.jsonl\"\nmax_new_tokens = 4\nkl_samples = 1\n\
          [eval.judges.gold]\nreward_program = [\"python3\", \"judge.py\"]\n",
         model = shared().join("models/llama-gqa"),
@@ -244,11 +246,25 @@ fn a_pipeline_runs_stages_in_the_order_written() {
     let names: Vec<&str> = stages.stages.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["sft", "helpfulness", "safety", "rejection_sampling", "rest"]
+        [
+            "sft",
+            "helpfulness",
+            "safety",
+            "rejection_sampling",
+            "rest",
+            "dpo"
+        ]
     );
     assert_eq!(
         stages.kinds,
-        ["sft", "reward", "reward", "rejection_sampling", "rest"]
+        [
+            "sft",
+            "reward",
+            "reward",
+            "rejection_sampling",
+            "rest",
+            "dpo"
+        ]
     );
     let get = |i: usize, k: &str| stages.stages[i].1[k].as_str().unwrap().to_string();
     let out = d.join("out").canonicalize().unwrap_or(d.join("out"));
@@ -264,14 +280,15 @@ fn a_pipeline_runs_stages_in_the_order_written() {
     assert_eq!(Path::new(&get(4, "reward_model")), out_s("safety"));
     assert!(!stages.stages[3].1.contains_key("reward_model"));
     let ev = stages.eval.as_ref().unwrap();
-    assert_eq!(ev.config.model, out_s("rest"));
+    assert_eq!(Path::new(&get(5, "model")), out_s("rest"));
+    assert_eq!(ev.config.model, out_s("dpo"));
     assert_eq!(
         ev.config.baseline_model.as_deref(),
         Some(out_s("sft").as_path())
     );
 
     let done = rlhf_train::pipeline::run(&path, &[], false).unwrap();
-    assert_eq!(done.len(), 6, "{:?}", done.keys().collect::<Vec<_>>());
+    assert_eq!(done.len(), 7, "{:?}", done.keys().collect::<Vec<_>>());
     let _ = out;
     let rs = d.join("out/rejection_sampling");
     for i in 1..=2 {

@@ -50,6 +50,11 @@ enum Command {
     RejectionSampling(cmd::train::Args),
     /// ReST: Grow (sample, score) then Improve (SFT on rising-threshold subsets), repeated.
     Rest(cmd::train::Args),
+    /// Direct Preference Optimization on preference pairs (no reward model; also IPO, hinge,
+    /// robust DPO).
+    Dpo(cmd::train::Args),
+    /// Kahneman-Tversky Optimization on completions labelled desirable or undesirable.
+    Kto(cmd::train::Args),
     /// The InstructGPT pipeline: SFT → reward model → PPO, each stage feeding the next.
     Pipeline(cmd::train::PipelineArgs),
     /// A run directory as one self-contained report.html with plots.
@@ -108,6 +113,8 @@ fn main() -> std::process::ExitCode {
         Command::Ppo(a) => cmd::train::ppo(a),
         Command::RejectionSampling(a) => cmd::train::rejection_sampling(a),
         Command::Rest(a) => cmd::train::rest(a),
+        Command::Dpo(a) => cmd::train::dpo(a),
+        Command::Kto(a) => cmd::train::kto(a),
         Command::Pipeline(a) => cmd::train::pipeline(a),
         Command::Report(a) => cmd::report::run(a),
     };

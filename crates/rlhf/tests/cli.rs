@@ -266,3 +266,132 @@ fn ppo_runs_and_bad_configs_say_what_to_fix() {
         );
     }
 }
+
+/// The 8 TRL fixture pairs as a preference file.
+fn pairs_file(dir: &std::path::Path) -> PathBuf {
+    let p = fixtures().join("../trl/dpo-llama-gqa-sigmoid.json");
+    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let rows: Vec<String> = fx["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    let out = dir.join("pairs.jsonl");
+    std::fs::write(&out, rows.join("\n") + "\n").unwrap();
+    out
+}
+
+fn tensors(p: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// `rlhf dpo` trains from a config, and `--resume` from a checkpoint reaches the weights of
+/// the uninterrupted run, bit for bit: with LoRA (the reference is the policy with its
+/// adapters off) and with full fine-tuning (the reference is reloaded from `model`, not from
+/// the checkpoint).
+#[test]
+fn dpo_runs_and_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pairs = pairs_file(d);
+    for (name, lora, weights) in [
+        (
+            "lora",
+            "[lora]\nr = 4\nlora_alpha = 8\nlora_dropout = 0.1\ntarget_modules = \"all-linear\"\n",
+            "adapter_model.safetensors",
+        ),
+        ("full", "", "model.safetensors"),
+    ] {
+        let write = |out: &str| {
+            let p = d.join(format!("{name}-{out}.toml"));
+            std::fs::write(
+                &p,
+                format!(
+                    "model = {:?}\ntrain_file = {pairs:?}\neval_file = {pairs:?}\n\
+                     output_dir = \"{name}-{out}\"\nmax_steps = 4\nper_device_train_batch_size = 2\n\
+                     gradient_accumulation_steps = 2\nlearning_rate = 1e-3\nlogging_steps = 1\n\
+                     save_steps = 2\nreport_to = [\"jsonl\"]\nseed = 3\nbeta = 0.2\n{lora}",
+                    fixtures().join("llama-gqa")
+                ),
+            )
+            .unwrap();
+            p.to_string_lossy().into_owned()
+        };
+        let (ok, stdout, stderr) = rlhf(&["dpo", "--config", &write("a")]);
+        assert!(ok, "{stderr}");
+        let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(
+            summary["eval_rewards/margins"].as_f64().unwrap() > 0.0,
+            "{summary}"
+        );
+        assert_eq!(summary["epoch"], 2.0, "4 steps × 2 × 2 pairs over 8 pairs");
+
+        // A second run that stopped after its step-2 checkpoint, then resumed.
+        let ckpt = d.join(format!("{name}-a/checkpoint-2"));
+        let part = d.join(format!("{name}-b/checkpoint-2"));
+        std::fs::create_dir_all(&part).unwrap();
+        for e in std::fs::read_dir(&ckpt).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), part.join(e.file_name())).unwrap();
+        }
+        let (ok, _, stderr) = rlhf(&["dpo", "--config", &write("b"), "--resume"]);
+        assert!(ok, "{stderr}");
+        let a = tensors(&d.join(format!("{name}-a/{weights}")));
+        let b = tensors(&d.join(format!("{name}-b/{weights}")));
+        assert_eq!(a.len(), b.len());
+        for (k, v) in &a {
+            assert_eq!(v, &b[k], "{name}: {k} differs after resume");
+        }
+    }
+}
+
+/// `rlhf kto` trains on labelled rows; a bad row stops it with the file, line, field and fix.
+#[test]
+fn kto_runs_and_bad_rows_say_what_to_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let rows = [
+        r#"{"prompt": "What is 2 plus 2?", "completion": " 4.", "label": true}"#,
+        r#"{"prompt": "Say thank you.", "completion": " No.", "label": false}"#,
+        r#"{"prompt": "What is Rust?", "completion": " A language.", "label": true}"#,
+        r#"{"prompt": "Describe a fox.", "completion": " Lazy dog.", "label": false}"#,
+    ];
+    std::fs::write(d.join("kto.jsonl"), rows.join("\n") + "\n").unwrap();
+    let cfg = d.join("kto.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ntrain_file = \"kto.jsonl\"\noutput_dir = \"out\"\nmax_steps = 2\n\
+             per_device_train_batch_size = 4\nlearning_rate = 1e-3\nreport_to = [\"jsonl\"]\n\
+             [lora]\nr = 4\nlora_alpha = 8\n",
+            fixtures().join("llama-gqa")
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_string_lossy().into_owned();
+    let (ok, stdout, stderr) = rlhf(&["kto", "--config", &cfg]);
+    assert!(ok, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(summary["train_loss"].as_f64().unwrap() > 0.0);
+    assert!(d.join("out/adapter_model.safetensors").exists());
+
+    std::fs::write(
+        d.join("kto.jsonl"),
+        format!(
+            "{}\n{}\n",
+            rows[0], r#"{"prompt": "Hi", "completion": " Yo", "label": "yes"}"#
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = rlhf(&["kto", "--config", &cfg]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("kto.jsonl:2: field \"label\" must be true (desirable) or false"),
+        "{stderr}"
+    );
+}

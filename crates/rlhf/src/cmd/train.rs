@@ -14,19 +14,17 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Continue from a checkpoint: the given checkpoint-N directory, or the newest in output_dir.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    resume: Option<PathBuf>,
+    // A String, not a PathBuf: clap's path parser refuses the empty value that a bare
+    // `--resume` stands for.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    resume: Option<String>,
 }
 
 impl Args {
     fn resume(&self) -> Option<Option<&std::path::Path>> {
-        self.resume.as_deref().map(|p| {
-            if p.as_os_str().is_empty() {
-                None
-            } else {
-                Some(p)
-            }
-        })
+        self.resume
+            .as_deref()
+            .map(|p| (!p.is_empty()).then(|| std::path::Path::new(p)))
     }
 }
 
@@ -69,6 +67,20 @@ pub fn rest(a: Args) -> Result<()> {
 /// `rlhf ppo`.
 pub fn ppo(a: Args) -> Result<()> {
     let s = rlhf_train::ppo::run(&a.config, &a.set, a.resume())?;
+    print_summary(&s);
+    Ok(())
+}
+
+/// `rlhf dpo`.
+pub fn dpo(a: Args) -> Result<()> {
+    let s = rlhf_train::dpo::run(&a.config, &a.set, a.resume())?;
+    print_summary(&s);
+    Ok(())
+}
+
+/// `rlhf kto`.
+pub fn kto(a: Args) -> Result<()> {
+    let s = rlhf_train::kto::run(&a.config, &a.set, a.resume())?;
     print_summary(&s);
     Ok(())
 }
