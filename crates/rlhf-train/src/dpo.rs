@@ -46,6 +46,10 @@ pub struct DpoArgs {
     pub truncation_mode: TruncationMode,
     /// Train without dropout (TRL's default): a `[lora]` lora_dropout is set to 0.
     pub disable_dropout: bool,
+    /// RPO (Pang et al. 2024, TRL's `rpo_alpha`): add α × the mean per-token NLL of the chosen
+    /// completions to the loss, so pushing a rejected answer down cannot pull the chosen
+    /// answers' shared wording down with it. None: plain DPO.
+    pub rpo_alpha: Option<f64>,
 }
 
 impl Default for DpoArgs {
@@ -59,12 +63,13 @@ impl Default for DpoArgs {
             ref_model: None,
             truncation_mode: TruncationMode::KeepStart,
             disable_dropout: true,
+            rpo_alpha: None,
         }
     }
 }
 
 /// The keys of [`DpoArgs`].
-pub const DPO_KEYS: [&str; 8] = [
+pub const DPO_KEYS: [&str; 9] = [
     "beta",
     "loss_type",
     "label_smoothing",
@@ -73,6 +78,7 @@ pub const DPO_KEYS: [&str; 8] = [
     "ref_model",
     "truncation_mode",
     "disable_dropout",
+    "rpo_alpha",
 ];
 
 /// Every key a DPO config may hold.
@@ -117,6 +123,15 @@ impl DpoConfig {
         args.validate()?;
         let dpo: DpoArgs = config::parse(path, own)?;
         check_dpo_settings(dpo.loss_type, dpo.beta, dpo.label_smoothing)?;
+        if let Some(a) = dpo.rpo_alpha {
+            if !(a.is_finite() && a >= 0.0) {
+                return Err(Error::invalid(
+                    "rpo_alpha",
+                    a,
+                    "a number >= 0 (TRL's RPO uses 1.0)",
+                ));
+            }
+        }
         if dpo.precompute_ref_batch_size == Some(0) {
             return Err(Error::invalid(
                 "precompute_ref_batch_size",
@@ -231,6 +246,20 @@ impl DpoObjective {
             self.dpo.beta,
             self.dpo.label_smoothing,
         )?;
+        // RPO: the chosen completions' mean per-token NLL, weighted by rpo_alpha.
+        let mut extra = Vec::new();
+        let loss = match self.dpo.rpo_alpha {
+            Some(alpha) => {
+                let chosen_tokens: usize = seqs[..b].iter().map(|s| s.completion_tokens).sum();
+                let nll = (logps.narrow(0, 0, b)?.sum_all()?.neg()? / chosen_tokens.max(1) as f64)?;
+                extra.push((
+                    "nll_loss",
+                    nll.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                ));
+                (loss + (nll * alpha)?)?
+            }
+            None => loss,
+        };
 
         let beta = self.dpo.beta;
         let lr: Vec<f32> = logratios.detach().to_dtype(DType::F32)?.to_vec1()?;
@@ -258,6 +287,7 @@ impl DpoObjective {
             ("entropy", per_token(&stats, |s| s.entropy)),
             ("mean_token_accuracy", per_token(sc, |s| s.correct as f64)),
         ];
+        let metrics = metrics.into_iter().chain(extra).collect();
         Ok(Forward {
             loss,
             metrics,

@@ -106,3 +106,37 @@ fn lora_reference_in_the_loop_or_precomputed_logs_the_same() {
         }
     }
 }
+
+/// RPO (`rpo_alpha`): the step-1 loss is DPO's (ln 2: every pair at zero margin) plus α times
+/// the chosen completions' mean per-token NLL, which is logged as `nll_loss` and equals
+/// −logps/chosen summed over the batch over its chosen tokens.
+#[test]
+fn rpo_alpha_adds_the_chosen_nll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "rpo", "rpo_alpha = 0.5");
+    rlhf_train::dpo::run(&cfg, &[], None).unwrap();
+    let first = &logs(&tmp.path().join("rpo"))[0];
+    let nll = first["nll_loss"].as_f64().unwrap();
+    let loss = first["loss"].as_f64().unwrap();
+    assert!(nll > 0.0);
+    assert!(
+        (loss - (std::f64::consts::LN_2 + 0.5 * nll)).abs() < 1e-4,
+        "loss {loss}, nll {nll}"
+    );
+    // The NLL per token from the logged sums: the first 4 pairs' chosen completions.
+    let fx = fixture();
+    let chosen_tokens: usize = fx["tokenized"]["chosen_ids"].as_array().unwrap()[..4]
+        .iter()
+        .map(|c| c.as_array().unwrap().len())
+        .sum();
+    let logps_chosen = first["logps/chosen"].as_f64().unwrap(); // mean over the 4 pairs
+    let want = -logps_chosen * 4.0 / chosen_tokens as f64;
+    assert!(
+        (nll - want).abs() < 1e-4 * want.abs(),
+        "nll {nll} vs {want}"
+    );
+    // Plain DPO logs no nll_loss.
+    let plain = config(tmp.path(), "plain", "");
+    rlhf_train::dpo::run(&plain, &[], None).unwrap();
+    assert!(logs(&tmp.path().join("plain"))[0].get("nll_loss").is_none());
+}
