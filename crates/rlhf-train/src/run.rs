@@ -57,8 +57,26 @@ pub struct RunState {
     /// Steps whose update was skipped (wholly or, for PPO, in part) for a non-finite loss or
     /// gradient.
     pub skipped_steps: usize,
-    /// Everything logged so far, as transformers' `log_history`.
+    /// Everything logged so far, as transformers' `log_history`. A non-finite value (a PPO
+    /// step whose update was partly skipped logs a NaN loss) is written as JSON `null` and
+    /// read back as NaN, so such a checkpoint still resumes.
+    #[serde(deserialize_with = "null_as_nan")]
     pub log_history: Vec<BTreeMap<String, f64>>,
+}
+
+/// Reads a log history whose non-finite values were written as `null`.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<BTreeMap<String, f64>>, D::Error> {
+    let rows: Vec<BTreeMap<String, Option<f64>>> = serde::Deserialize::deserialize(d)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+                .collect()
+        })
+        .collect())
 }
 
 impl RunState {
@@ -475,5 +493,37 @@ mod tests {
         assert!(err.to_string().contains("non-finite"), "{err}");
         assert!(!finite_update(1, f64::NAN, 1.0) && !finite_update(1, 1.0, f64::INFINITY));
         assert!(finite_update(1, 1.0, 1.0));
+    }
+}
+
+#[cfg(test)]
+mod null_tests {
+    use super::*;
+
+    /// A NaN in the log history (a PPO step whose update was partly skipped) is written as
+    /// `null` and read back as NaN, also through the trainer state that flattens it, so the
+    /// checkpoint still resumes.
+    #[test]
+    fn a_nan_in_the_log_history_survives_a_checkpoint() {
+        let mut st = RunState::new(3);
+        st.log_history.push(BTreeMap::from([
+            ("loss/policy_avg".to_string(), f64::NAN),
+            ("step".to_string(), 1.0),
+        ]));
+        let json = serde_json::to_string(&st).unwrap();
+        assert!(json.contains("null"), "{json}");
+        let back: RunState = serde_json::from_str(&json).unwrap();
+        assert!(back.log_history[0]["loss/policy_avg"].is_nan());
+        assert_eq!(back.log_history[0]["step"], 1.0);
+        let state = crate::trainer::TrainerState {
+            run: st,
+            sampler: rlhf_data::Sampler::new(4, 0, false).state(),
+            total_loss: 0.0,
+            samples_seen: 0,
+            tokens_seen: 0,
+        };
+        let json = serde_json::to_string(&state).unwrap();
+        let back: crate::trainer::TrainerState = serde_json::from_str(&json).unwrap();
+        assert!(back.run.log_history[0]["loss/policy_avg"].is_nan());
     }
 }
