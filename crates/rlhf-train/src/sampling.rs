@@ -150,6 +150,10 @@ pub struct Sample {
     pub finished: bool,
     /// The scorer's reward.
     pub score: f32,
+    /// Each part of the reward where the scorer has parts (Llama 2's `helpfulness`, `safety`
+    /// and `safety_gated`; a weighted sum's sources).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scores: BTreeMap<String, f32>,
 }
 
 /// What the sampling of one round was run with: a resumed round must match it.
@@ -432,7 +436,7 @@ pub fn sample_and_score(
         let completion_ids: Vec<Vec<u32>> = gens.iter().map(|g| g.completion_ids.clone()).collect();
         let records: Vec<&PromptRecord> = rows.iter().map(|&p| &prompts[p]).collect();
         let mut extra = Vec::new();
-        let scores = scorer.score(
+        let (scores, parts) = scorer.score_parts(
             &Completions {
                 prompts: &records,
                 texts: &texts,
@@ -456,6 +460,7 @@ pub fn sample_and_score(
                 completion_ids: completion_ids[r].clone(),
                 finished: gens[r].finished,
                 score: scores[r],
+                scores: parts.iter().map(|(k, v)| (k.clone(), v[r])).collect(),
             })
             .collect();
         append_batch(&mut file, path, &batch)?;
@@ -612,6 +617,18 @@ pub fn sample_metrics(samples: &[Sample], prefix: &str) -> BTreeMap<String, f64>
         format!("{prefix}/mean_reward"),
         samples.iter().map(|s| s.score as f64).sum::<f64>() / n,
     );
+    // Each part's mean (`rs/scores_helpfulness`, `rs/scores_safety_gated`: the gate's share).
+    let mut parts: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    for s in samples {
+        for (k, v) in &s.scores {
+            let e = parts.entry(k).or_default();
+            e.0 += *v as f64;
+            e.1 += 1;
+        }
+    }
+    for (k, (sum, c)) in parts {
+        m.insert(format!("{prefix}/scores_{k}"), sum / c as f64);
+    }
     m.insert(
         format!("{prefix}/finished_fraction"),
         samples.iter().filter(|s| s.finished).count() as f64 / n,
@@ -641,6 +658,7 @@ pub(crate) mod tests {
             completion_ids: vec![prompt as u32, k as u32],
             finished: true,
             score,
+            scores: BTreeMap::new(),
         }
     }
 

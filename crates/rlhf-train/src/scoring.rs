@@ -65,10 +65,24 @@ pub struct IdSource<'a> {
     pub eos_ids: &'a [u32],
 }
 
+/// Scores, and each named part's scores, one per completion.
+pub type ScoreParts = (Vec<f32>, Vec<(String, Vec<f32>)>);
+
 /// What scores completions: reward models, or any rule (tests, rule-based rewards).
 pub trait Scorer {
     /// One score per completion; `metrics` receives extras (e.g. the share gated to safety).
     fn score(&mut self, batch: &Completions, metrics: &mut Vec<(String, f64)>) -> Result<Vec<f32>>;
+
+    /// [`Scorer::score`], with each part's own score per completion where the scorer has parts
+    /// (Llama 2's `helpfulness` and `safety` and whether the gate chose safety, a weighted
+    /// sum's sources): what `samples.jsonl` keeps beside the score.
+    fn score_parts(
+        &mut self,
+        batch: &Completions,
+        metrics: &mut Vec<(String, f64)>,
+    ) -> Result<ScoreParts> {
+        Ok((self.score(batch, metrics)?, Vec::new()))
+    }
 
     /// The score head to start the value head from, if any.
     fn value_head_init(&self) -> Option<Tensor> {
@@ -263,8 +277,16 @@ pub enum ModelScorer {
 
 impl Scorer for ModelScorer {
     fn score(&mut self, batch: &Completions, metrics: &mut Vec<(String, f64)>) -> Result<Vec<f32>> {
+        Ok(self.score_parts(batch, metrics)?.0)
+    }
+
+    fn score_parts(
+        &mut self,
+        batch: &Completions,
+        metrics: &mut Vec<(String, f64)>,
+    ) -> Result<ScoreParts> {
         match self {
-            ModelScorer::Single(rm) => rm.score(batch),
+            ModelScorer::Single(rm) => Ok((rm.score(batch)?, Vec::new())),
             ModelScorer::Llama2 {
                 helpfulness,
                 safety,
@@ -291,11 +313,20 @@ impl Scorer for ModelScorer {
                     "objective/scores_safety".into(),
                     s.iter().map(|&x| x as f64).sum::<f64>() / n,
                 ));
-                Ok(if gate.whiten && combined.len() > 1 {
+                let combined = if gate.whiten && combined.len() > 1 {
                     rl::whiten_flat(&combined, true)
                 } else {
                     combined
-                })
+                };
+                let gated = gated.iter().map(|&g| g as u8 as f32).collect();
+                Ok((
+                    combined,
+                    vec![
+                        ("helpfulness".into(), h),
+                        ("safety".into(), s),
+                        ("safety_gated".into(), gated),
+                    ],
+                ))
             }
         }
     }
@@ -362,9 +393,18 @@ impl WeightedSum {
 
 impl Scorer for WeightedSum {
     fn score(&mut self, batch: &Completions, metrics: &mut Vec<(String, f64)>) -> Result<Vec<f32>> {
+        Ok(self.score_parts(batch, metrics)?.0)
+    }
+
+    fn score_parts(
+        &mut self,
+        batch: &Completions,
+        metrics: &mut Vec<(String, f64)>,
+    ) -> Result<ScoreParts> {
         let mut total = vec![0f32; batch.texts.len()];
+        let mut parts = Vec::new();
         for (name, w, scorer) in &mut self.parts {
-            let s = scorer.score(batch, metrics)?;
+            let (s, sub) = scorer.score_parts(batch, metrics)?;
             if s.len() != total.len() {
                 return Err(Error::Config(format!(
                     "reward source `{name}` returned {} scores for {} completions",
@@ -377,8 +417,10 @@ impl Scorer for WeightedSum {
             for (t, x) in total.iter_mut().zip(&s) {
                 *t += *w * x;
             }
+            parts.extend(sub.into_iter().map(|(k, v)| (format!("{name}/{k}"), v)));
+            parts.push((name.clone(), s));
         }
-        Ok(total)
+        Ok((total, parts))
     }
 
     fn value_head_init(&self) -> Option<Tensor> {

@@ -295,6 +295,21 @@ fn a_pipeline_runs_stages_in_the_order_written() {
         assert!(rs.join(format!("iteration-{i}/selected.jsonl")).exists());
     }
     assert!(done["rejection_sampling"].contains_key("rs/mean_selected_reward"));
+    // Every sample keeps the gate's parts; the round logs their means (the gate's share).
+    let samples =
+        rlhf_train::sampling::read_samples(&rs.join("iteration-1/samples.jsonl")).unwrap();
+    for s in &samples {
+        let keys: Vec<&str> = s.scores.keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["helpfulness", "safety", "safety_gated"]);
+        let gated = s.scores["safety_gated"] == 1.0;
+        let chosen = if gated { "safety" } else { "helpfulness" };
+        assert_eq!(
+            s.score, s.scores[chosen],
+            "unwhitened: the gated model's score"
+        );
+    }
+    let share = done["rejection_sampling"]["rs/scores_safety_gated"];
+    assert!((0.0..=1.0).contains(&share));
     assert!(done["rest"].contains_key("rest/kept_fraction"));
     assert!(done["eval"].contains_key("gold/win_rate"));
 }
