@@ -14,12 +14,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rlhf_model::model::SourceCache;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, TrainingArgs};
-use crate::metrics::MetricsLogger;
-use crate::sampling::{self, Policy, Round, Sample, SamplingArgs};
+use crate::sampling::{self, Round, Sample, SamplingArgs, Steps};
 use crate::scoring::ScorerSpec;
 use crate::trainer::Summary;
 use crate::{Error, Result};
@@ -180,28 +178,6 @@ pub fn round_dir(output_dir: &Path, round: usize) -> PathBuf {
     output_dir.join(format!("iteration-{round}"))
 }
 
-/// What a finished round wrote last: its metrics (the round's done marker).
-const ROUND_FILE: &str = "round.json";
-
-/// The rounds in `output_dir` that finished, counted from the first.
-pub(crate) fn rounds_done(dir_of: impl Fn(usize) -> PathBuf, max: usize) -> usize {
-    (1..=max)
-        .take_while(|&i| dir_of(i).join(ROUND_FILE).exists())
-        .count()
-}
-
-/// Refuses to start afresh over an earlier run's rounds.
-pub(crate) fn check_fresh(first_round: &Path, resume: bool) -> Result<()> {
-    if !resume && first_round.exists() {
-        return Err(Error::Resume(format!(
-            "{} exists from an earlier run: pass --resume to continue it, or choose another \
-             output_dir",
-            first_round.display()
-        )));
-    }
-    Ok(())
-}
-
 /// `rlhf rejection-sampling --config FILE [--set k=v]... [--resume]`.
 pub fn run(
     config_path: &Path,
@@ -217,34 +193,24 @@ pub fn run(
 pub fn run_config(cfg: RsConfig, resume: bool) -> Result<Summary> {
     let out = cfg.args.output_dir.clone();
     let iters = cfg.rs.iterations;
-    check_fresh(&round_dir(&out, 1), resume)?;
-    let done = rounds_done(|i| round_dir(&out, i), iters);
-    let last_done = (done > 0).then(|| round_dir(&out, done));
-    let mut policy = Policy::load(&cfg.args, cfg.lora.as_ref(), last_done.as_deref())?;
-    let mut cache = SourceCache::default();
-    let mut scorer = cfg.scorer.load(&mut cache)?;
-    let (prompts, prompt_ids) =
-        policy.prompts(&cfg.args.train_file, cfg.sampling.max_new_tokens)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let mut logger = MetricsLogger::open(&out, &cfg.args.report_to, done)?;
-    let mut summary = Summary::new();
-    if done > 0 {
-        summary = crate::checkpoint::read_json(&round_dir(&out, done).join(ROUND_FILE))?;
-        tracing::info!("{done} of {iters} rounds done in an earlier run");
-    }
-    for i in done + 1..=iters {
-        let dir = round_dir(&out, i);
+    let dirs: Vec<PathBuf> = (1..=iters).map(|i| round_dir(&out, i)).collect();
+    let mut run = Steps::open(
+        &cfg.args,
+        cfg.lora.as_ref(),
+        &cfg.scorer,
+        &cfg.sampling,
+        &dirs,
+        resume,
+    )?;
+    for i in run.done + 1..=iters {
+        let dir = &dirs[i - 1];
         let temperature = cfg.sampling.temperature.of_round(i);
         tracing::info!(
             "round {i}/{iters}: {} samples for each of {} prompts at temperature {temperature}",
             cfg.sampling.num_samples,
-            prompts.len()
+            run.prompts.len()
         );
-        let samples = sampling::sample_and_score(
-            &policy,
-            scorer.as_mut(),
-            &prompts,
-            &prompt_ids,
+        let samples = run.sample(
             &Round {
                 round: i,
                 args: &cfg.sampling,
@@ -254,7 +220,7 @@ pub fn run_config(cfg: RsConfig, resume: bool) -> Result<Summary> {
             &dir.join("samples.jsonl"),
         )?;
         let pool = if cfg.rs.pool_previous_iterations && i > 1 {
-            sampling::read_samples(&round_dir(&out, i - 1).join("selected.jsonl"))?
+            sampling::read_samples(&dirs[i - 2].join("selected.jsonl"))?
         } else {
             Vec::new()
         };
@@ -278,23 +244,16 @@ pub fn run_config(cfg: RsConfig, resume: bool) -> Result<Summary> {
             m[&format!("rs/max_reward@{}", cfg.sampling.num_samples)],
             m["rs/mean_selected_reward"]
         );
-        // Fine-tune on the selection, from this round's newest checkpoint if it has one.
-        let ckpt = crate::trainer::checkpoints(&dir).pop().map(|(_, p)| p);
-        if let Some(c) = &ckpt {
-            policy.reload(c)?;
-        }
         let chosen: Vec<&Sample> = selected.iter().collect();
-        let sft = policy.sft(&dir, &chosen, &prompt_ids, ckpt.as_deref())?;
+        let sft = run.sft(dir, &chosen)?;
         m.insert("rs/sft_train_loss".into(), sft["train_loss"]);
         m.insert("rs/sft_train_runtime".into(), sft["train_runtime"]);
-        logger.log(i, &m)?;
-        crate::checkpoint::write_json(&dir.join(ROUND_FILE), &m)?;
-        summary = m;
+        run.finish(i, dir, m)?;
     }
-    policy.save(&out)?;
-    summary.insert("iterations".into(), iters as f64);
-    logger.summary(iters, &summary)?;
-    Ok(summary)
+    run.close(
+        iters,
+        Summary::from([("iterations".to_string(), iters as f64)]),
+    )
 }
 
 #[cfg(test)]

@@ -15,13 +15,11 @@
 
 use std::path::{Path, PathBuf};
 
-use rlhf_model::model::SourceCache;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, TrainingArgs};
-use crate::metrics::MetricsLogger;
-use crate::rejection_sampling::{check_fresh, parse_sampling_method, sampling_method_keys};
-use crate::sampling::{self, Policy, Round, Sample, SamplingArgs};
+use crate::rejection_sampling::{parse_sampling_method, sampling_method_keys};
+use crate::sampling::{self, Round, Sample, SamplingArgs, Steps};
 use crate::scoring::ScorerSpec;
 use crate::trainer::Summary;
 use crate::{Error, Result};
@@ -162,8 +160,6 @@ fn improve_dir(out: &Path, g: usize, k: usize) -> PathBuf {
     grow_dir(out, g).join(format!("improve-{k}"))
 }
 
-const STEP_FILE: &str = "round.json";
-
 /// `rlhf rest --config FILE [--set k=v]... [--resume]`.
 pub fn run(
     config_path: &Path,
@@ -178,43 +174,32 @@ pub fn run(
 pub fn run_config(cfg: RestConfig, resume: bool) -> Result<Summary> {
     let out = cfg.args.output_dir.clone();
     let n_improve = cfg.rest.thresholds.len();
-    check_fresh(&grow_dir(&out, 1), resume)?;
-    // Every (grow, improve) step in order; those with their marker are done.
+    // Every (grow, improve) step in order.
     let steps: Vec<(usize, usize)> = (1..=cfg.rest.grow_steps)
         .flat_map(|g| (1..=n_improve).map(move |k| (g, k)))
         .collect();
-    let done = steps
+    let dirs: Vec<PathBuf> = steps
         .iter()
-        .take_while(|&&(g, k)| improve_dir(&out, g, k).join(STEP_FILE).exists())
-        .count();
-    let last_done = done
-        .checked_sub(1)
-        .map(|i| improve_dir(&out, steps[i].0, steps[i].1));
-    let mut policy = Policy::load(&cfg.args, cfg.lora.as_ref(), last_done.as_deref())?;
-    let mut cache = SourceCache::default();
-    let mut scorer = cfg.scorer.load(&mut cache)?;
-    let (prompts, prompt_ids) =
-        policy.prompts(&cfg.args.train_file, cfg.sampling.max_new_tokens)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let mut logger = MetricsLogger::open(&out, &cfg.args.report_to, done)?;
-    let mut summary = match &last_done {
-        Some(d) => crate::checkpoint::read_json(&d.join(STEP_FILE))?,
-        None => Summary::new(),
-    };
+        .map(|&(g, k)| improve_dir(&out, g, k))
+        .collect();
+    let mut run = Steps::open(
+        &cfg.args,
+        cfg.lora.as_ref(),
+        &cfg.scorer,
+        &cfg.sampling,
+        &dirs,
+        resume,
+    )?;
     let mut grown: Option<(usize, Vec<Sample>)> = None;
-    for (n, &(g, k)) in steps.iter().enumerate().skip(done) {
+    for (n, &(g, k)) in steps.iter().enumerate().skip(run.done) {
         if grown.as_ref().is_none_or(|(at, _)| *at != g) {
             tracing::info!(
                 "grow {g}/{}: {} samples for each of {} prompts",
                 cfg.rest.grow_steps,
                 cfg.sampling.num_samples,
-                prompts.len()
+                run.prompts.len()
             );
-            let samples = sampling::sample_and_score(
-                &policy,
-                scorer.as_mut(),
-                &prompts,
-                &prompt_ids,
+            let samples = run.sample(
                 &Round {
                     round: g,
                     args: &cfg.sampling,
@@ -226,7 +211,7 @@ pub fn run_config(cfg: RestConfig, resume: bool) -> Result<Summary> {
             grown = Some((g, samples));
         }
         let samples = &grown.as_ref().expect("grown above").1;
-        let dir = improve_dir(&out, g, k);
+        let dir = &dirs[n];
         let scores: Vec<f32> = samples.iter().map(|s| s.score).collect();
         let tau = threshold_value(
             cfg.rest.thresholds[k - 1],
@@ -234,8 +219,7 @@ pub fn run_config(cfg: RestConfig, resume: bool) -> Result<Summary> {
             &scores,
         );
         let kept = filter(samples, tau);
-        let owned: Vec<Sample> = kept.iter().map(|s| (*s).clone()).collect();
-        sampling::write_samples(&dir.join("filtered.jsonl"), &owned)?;
+        sampling::write_samples(&dir.join("filtered.jsonl"), kept.iter().copied())?;
         let mut m = sampling::sample_metrics(samples, "rest");
         m.insert("rest/grow_step".into(), g as f64);
         m.insert("rest/improve_step".into(), k as f64);
@@ -245,40 +229,28 @@ pub fn run_config(cfg: RestConfig, resume: bool) -> Result<Summary> {
             kept.len() as f64 / samples.len().max(1) as f64,
         );
         m.insert("rest/kept".into(), kept.len() as f64);
-        let mean_kept = if kept.is_empty() {
-            f64::NAN
-        } else {
-            kept.iter().map(|s| s.score as f64).sum::<f64>() / kept.len() as f64
-        };
-        m.insert("rest/mean_kept_reward".into(), mean_kept);
-        tracing::info!(
-            "grow {g} improve {k}: threshold {tau:.4} keeps {} of {} samples (mean reward \
-             {mean_kept:.4})",
-            kept.len(),
-            samples.len()
-        );
         if kept.is_empty() {
             tracing::warn!(
                 "grow {g} improve {k}: no sample reaches the threshold {tau:.4}; the step \
                  trains nothing (lower `thresholds`, or use threshold_type = \"quantile\")"
             );
-            policy.save(&dir)?;
+            run.policy.save(dir)?;
         } else {
-            let ckpt = crate::trainer::checkpoints(&dir).pop().map(|(_, p)| p);
-            if let Some(c) = &ckpt {
-                policy.reload(c)?;
-            }
-            let sft = policy.sft(&dir, &kept, &prompt_ids, ckpt.as_deref())?;
+            let mean_kept = kept.iter().map(|s| s.score as f64).sum::<f64>() / kept.len() as f64;
+            m.insert("rest/mean_kept_reward".into(), mean_kept);
+            tracing::info!(
+                "grow {g} improve {k}: threshold {tau:.4} keeps {} of {} samples (mean reward \
+                 {mean_kept:.4})",
+                kept.len(),
+                samples.len()
+            );
+            let sft = run.sft(dir, &kept)?;
             m.insert("rest/sft_train_loss".into(), sft["train_loss"]);
             m.insert("rest/sft_train_runtime".into(), sft["train_runtime"]);
         }
-        logger.log(n + 1, &m)?;
-        crate::checkpoint::write_json(&dir.join(STEP_FILE), &m)?;
-        summary = m;
+        run.finish(n + 1, dir, m)?;
     }
-    policy.save(&out)?;
-    logger.summary(steps.len(), &summary)?;
-    Ok(summary)
+    run.close(steps.len(), Summary::new())
 }
 
 #[cfg(test)]

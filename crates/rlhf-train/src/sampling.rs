@@ -12,18 +12,20 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rlhf_data::{PromptRecord, SftExample, IGNORE_INDEX};
 use rlhf_model::generate::{generate, GenerationConfig};
 use rlhf_model::lora::LoraConfig;
+use rlhf_model::model::SourceCache;
 use rlhf_model::tokenizer::Tokenizer;
 use rlhf_model::{Heads, LoadOptions, Model, Training};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainingArgs;
+use crate::metrics::MetricsLogger;
 use crate::rollout::Decoder;
-use crate::scoring::{Completions, IdSource, Scorer};
+use crate::scoring::{Completions, IdSource, Scorer, ScorerSpec};
 use crate::sft::SftObjective;
 use crate::trainer::{mix, Summary};
 use crate::{Error, Result};
@@ -308,6 +310,116 @@ impl Policy {
     }
 }
 
+/// What a finished step (a round, an Improve step) writes last: its metrics, the step's done
+/// marker.
+pub const STEP_FILE: &str = "round.json";
+
+/// A sampling method's run: its steps in order, each an output directory that is finished
+/// when it holds [`STEP_FILE`]; the policy as the last finished step left it, the scorer, the
+/// prompts, and `output_dir/metrics.jsonl` (one line per step).
+pub struct Steps {
+    /// The policy, from the last finished step's output (or `model` when none).
+    pub policy: Policy,
+    /// What scores the samples.
+    pub scorer: Box<dyn Scorer>,
+    /// The prompt rows.
+    pub prompts: Vec<PromptRecord>,
+    /// Their ids.
+    pub prompt_ids: Vec<Vec<u32>>,
+    /// Steps finished in an earlier run.
+    pub done: usize,
+    /// The metrics of the last finished step (empty when none): the run's summary so far.
+    pub last: Summary,
+    logger: MetricsLogger,
+}
+
+impl Steps {
+    /// Opens a run whose steps write to `dirs`, in order. Without `resume`, an earlier run's
+    /// first step directory is refused rather than overwritten.
+    pub fn open(
+        args: &TrainingArgs,
+        lora: Option<&LoraConfig>,
+        scorer: &ScorerSpec,
+        sampling: &SamplingArgs,
+        dirs: &[PathBuf],
+        resume: bool,
+    ) -> Result<Self> {
+        if let (false, Some(first)) = (resume, dirs.first().filter(|d| d.exists())) {
+            return Err(Error::Resume(format!(
+                "{} exists from an earlier run: pass --resume to continue it, or choose \
+                 another output_dir",
+                first.display()
+            )));
+        }
+        let done = dirs
+            .iter()
+            .take_while(|d| d.join(STEP_FILE).exists())
+            .count();
+        let last_dir = done.checked_sub(1).map(|i| dirs[i].as_path());
+        let policy = Policy::load(args, lora, last_dir)?;
+        let scorer = scorer.load(&mut SourceCache::default())?;
+        let (prompts, prompt_ids) = policy.prompts(&args.train_file, sampling.max_new_tokens)?;
+        let out = &args.output_dir;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let logger = MetricsLogger::open(out, &args.report_to, done)?;
+        let last = match last_dir {
+            Some(d) => {
+                tracing::info!("{done} of {} steps done in an earlier run", dirs.len());
+                crate::checkpoint::read_json(&d.join(STEP_FILE))?
+            }
+            None => Summary::new(),
+        };
+        Ok(Self {
+            policy,
+            scorer,
+            prompts,
+            prompt_ids,
+            done,
+            last,
+            logger,
+        })
+    }
+
+    /// Samples and scores a round ([`sample_and_score`]) into `path`.
+    pub fn sample(&mut self, round: &Round, path: &Path) -> Result<Vec<Sample>> {
+        sample_and_score(
+            &self.policy,
+            self.scorer.as_mut(),
+            &self.prompts,
+            &self.prompt_ids,
+            round,
+            path,
+        )
+    }
+
+    /// Fine-tunes the policy on `chosen` into `dir`, continuing from the newest checkpoint
+    /// there when a killed run left one.
+    pub fn sft(&mut self, dir: &Path, chosen: &[&Sample]) -> Result<Summary> {
+        let ckpt = crate::trainer::checkpoints(dir).pop().map(|(_, p)| p);
+        if let Some(c) = &ckpt {
+            self.policy.reload(c)?;
+        }
+        self.policy
+            .sft(dir, chosen, &self.prompt_ids, ckpt.as_deref())
+    }
+
+    /// Ends step `step` (1-based) in `dir`: logs its metrics and writes its done marker.
+    pub fn finish(&mut self, step: usize, dir: &Path, metrics: Summary) -> Result<()> {
+        self.logger.log(step, &metrics)?;
+        crate::checkpoint::write_json(&dir.join(STEP_FILE), &metrics)?;
+        self.last = metrics;
+        Ok(())
+    }
+
+    /// Saves the final policy into `output_dir` and logs the summary at `step`.
+    pub fn close(mut self, step: usize, mut summary: Summary) -> Result<Summary> {
+        self.policy.save(&self.policy.args.output_dir.clone())?;
+        summary.extend(std::mem::take(&mut self.last));
+        self.logger.summary(step, &summary)?;
+        Ok(summary)
+    }
+}
+
 /// Prompt + completion as one SFT example, the loss on the completion only; at most
 /// `max_length` tokens (the completion's end is cut, and with it the EOS).
 pub fn sft_example(prompt: &[u32], s: &Sample, max_length: usize) -> SftExample {
@@ -433,7 +545,8 @@ pub fn sample_and_score(
             .iter()
             .map(|g| decoder.text(&g.completion_ids))
             .collect::<Result<_>>()?;
-        let completion_ids: Vec<Vec<u32>> = gens.iter().map(|g| g.completion_ids.clone()).collect();
+        let finished: Vec<bool> = gens.iter().map(|g| g.finished).collect();
+        let completion_ids: Vec<Vec<u32>> = gens.into_iter().map(|g| g.completion_ids).collect();
         let records: Vec<&PromptRecord> = rows.iter().map(|&p| &prompts[p]).collect();
         let mut extra = Vec::new();
         let (scores, parts) = scorer.score_parts(
@@ -450,15 +563,17 @@ pub fn sample_and_score(
         )?;
         let batch: Vec<Sample> = rows
             .iter()
+            .zip(texts)
+            .zip(completion_ids)
             .enumerate()
-            .map(|(r, &p)| Sample {
+            .map(|(r, ((&p, completion), completion_ids))| Sample {
                 prompt_index: p,
                 sample_index: r % k,
                 round: round.round,
                 prompt: prompt_value(&prompts[p]),
-                completion: texts[r].clone(),
-                completion_ids: completion_ids[r].clone(),
-                finished: gens[r].finished,
+                completion,
+                completion_ids,
+                finished: finished[r],
                 score: scores[r],
                 scores: parts.iter().map(|(k, v)| (k.clone(), v[r])).collect(),
             })
@@ -495,7 +610,7 @@ fn append_batch(file: &mut std::fs::File, path: &Path, batch: &[Sample]) -> Resu
 }
 
 /// Writes `samples` as JSON lines, atomically.
-pub fn write_samples(path: &Path, samples: &[Sample]) -> Result<()> {
+pub fn write_samples<'a>(path: &Path, samples: impl IntoIterator<Item = &'a Sample>) -> Result<()> {
     let mut buf = String::new();
     for s in samples {
         buf.push_str(&serde_json::to_string(s).expect("samples serialise"));

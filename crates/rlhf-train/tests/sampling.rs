@@ -313,3 +313,17 @@ fn a_pipeline_runs_stages_in_the_order_written() {
     assert!(done["rest"].contains_key("rest/kept_fraction"));
     assert!(done["eval"].contains_key("gold/win_rate"));
 }
+
+/// An Improve step whose threshold keeps nothing trains nothing, says so in its metrics
+/// (kept 0, no mean of an empty set), and a finished run resumed reads its steps back.
+#[test]
+fn rest_threshold_that_keeps_nothing_trains_nothing_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = config(tmp.path(), "none", "thresholds = [1e9]");
+    rest::run_config(RestConfig::load(&p, &[]).unwrap(), false).unwrap();
+    let m = metrics(&tmp.path().join("none"));
+    assert_eq!(f(&m[0], "rest/kept"), 0.0);
+    assert!(!m[0].contains_key("rest/mean_kept_reward"));
+    let again = rest::run_config(RestConfig::load(&p, &[]).unwrap(), true).unwrap();
+    assert_eq!(again["rest/kept"], 0.0);
+}
