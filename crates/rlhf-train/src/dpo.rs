@@ -415,10 +415,7 @@ pub fn run(
         Some(p) => load_pairs(p, &tok, args, &cfg.dpo)?,
         None => Vec::new(),
     };
-    let resume_dir = match resume {
-        Some(given) => Some(trainer::resolve_resume(&args.output_dir, given)?),
-        None => None,
-    };
+    let resume_dir = crate::trainer::resume_dir(&args.output_dir, resume)?;
     let model =
         crate::checkpoint::load_model(args, cfg.lora.as_ref(), Heads::Lm, resume_dir.as_deref())?;
     let (trainable, all) = model.params().counts();

@@ -1092,10 +1092,7 @@ pub fn run(
 
 /// Runs a parsed config (also the pipeline's third stage).
 pub fn run_config(cfg: PpoConfig, resume: Option<Option<&Path>>) -> Result<Summary> {
-    let resume_dir = match resume {
-        Some(given) => Some(crate::trainer::resolve_resume(&cfg.args.output_dir, given)?),
-        None => None,
-    };
+    let resume_dir = crate::trainer::resume_dir(&cfg.args.output_dir, resume)?;
     let mut cache = SourceCache::default();
     let mut scorer = cfg.scorer.load(&mut cache)?;
     let mut trainer = PpoTrainer::new(cfg, scorer.as_mut(), &mut cache, resume_dir.as_deref())?;

@@ -117,6 +117,14 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
+/// The checkpoint a command's `--resume` names: none without the flag, the given directory,
+/// or (a bare `--resume`) the newest in `output_dir`.
+pub fn resume_dir(output_dir: &Path, resume: Option<Option<&Path>>) -> Result<Option<PathBuf>> {
+    resume
+        .map(|given| resolve_resume(output_dir, given))
+        .transpose()
+}
+
 /// `--resume` with no directory: the newest checkpoint in `output_dir`.
 pub fn resolve_resume(output_dir: &Path, given: Option<&Path>) -> Result<PathBuf> {
     match given {
