@@ -498,6 +498,21 @@ fn parse_ranking(f: &Fields<'_>) -> Result<Ranking> {
         ));
     };
     let k = responses.len();
+    let ranking = if idx.iter().any(Value::is_array) {
+        grouped_ranking(f, idx, k)?
+    } else {
+        flat_ranking(f, idx, k)?
+    };
+    Ok(Ranking {
+        at: f.row.at.clone(),
+        prompt,
+        responses,
+        ranking,
+    })
+}
+
+/// The flat form `[2, 0, 1]`: a permutation of `0..k`, best first, as groups of one.
+fn flat_ranking(f: &Fields<'_>, idx: &[Value], k: usize) -> Result<Vec<Vec<usize>>> {
     let mut seen = vec![false; k];
     let mut ranking = Vec::with_capacity(k);
     for (i, v) in idx.iter().enumerate() {
@@ -513,10 +528,13 @@ fn parse_ranking(f: &Fields<'_>) -> Result<Ranking> {
         if std::mem::replace(&mut seen[n], true) {
             return Err(f.bad(
                 "ranking",
-                format!("lists response {n} twice; ties are not supported, give each answer once"),
+                format!(
+                    "lists response {n} twice; ties are not supported in a flat ranking, give \
+                     each answer once (or write tied answers as one group: [[1], [0, 2]])"
+                ),
             ));
         }
-        ranking.push(n);
+        ranking.push(vec![n]);
     }
     if ranking.len() != k {
         return Err(f.bad(
@@ -527,12 +545,66 @@ fn parse_ranking(f: &Fields<'_>) -> Result<Ranking> {
             ),
         ));
     }
-    Ok(Ranking {
-        at: f.row.at.clone(),
-        prompt,
-        responses,
-        ranking,
-    })
+    Ok(ranking)
+}
+
+/// The grouped form `[[1], [0, 2]]` (or mixed, `[1, [0, 2]]`): groups best first, answers in
+/// one group tied; responses in no group are unranked; at least two groups.
+fn grouped_ranking(f: &Fields<'_>, idx: &[Value], k: usize) -> Result<Vec<Vec<usize>>> {
+    let mut seen = vec![false; k];
+    let mut ranking = Vec::with_capacity(idx.len());
+    let index = |field: String, v: &Value, seen: &mut Vec<bool>| -> Result<usize> {
+        let n = v.as_u64().filter(|&n| (n as usize) < k).ok_or_else(|| {
+            f.bad(
+                &field,
+                format!(
+                    "is {v}; it must be an index into \"responses\" (0 to {})",
+                    k - 1
+                ),
+            )
+        })? as usize;
+        if std::mem::replace(&mut seen[n], true) {
+            return Err(f.bad(
+                "ranking",
+                format!(
+                    "lists response {n} twice; give each answer once, tied answers in one \
+                     group: [[1], [0, 2]]"
+                ),
+            ));
+        }
+        Ok(n)
+    };
+    for (i, v) in idx.iter().enumerate() {
+        let group = match v {
+            Value::Array(members) => {
+                if members.is_empty() {
+                    return Err(f.bad(
+                        &format!("ranking[{i}]"),
+                        "is an empty group; a group lists one or more tied indices, or is left \
+                         out",
+                    ));
+                }
+                members
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| index(format!("ranking[{i}][{j}]"), m, &mut seen))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            other => vec![index(format!("ranking[{i}]"), other, &mut seen)?],
+        };
+        ranking.push(group);
+    }
+    if ranking.len() < 2 {
+        return Err(f.bad(
+            "ranking",
+            format!(
+                "has {} group(s); a ranking needs at least two groups, best first (answers in \
+                 one group are tied and give no pair)",
+                ranking.len()
+            ),
+        ));
+    }
+    Ok(ranking)
 }
 
 fn parse_safety(f: &Fields<'_>, v: &Value) -> Result<PairSafety> {

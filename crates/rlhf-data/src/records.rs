@@ -5,7 +5,9 @@
 //! - [`Comparison`] (reward, DPO): a [`Preference`] pair `{"prompt", "chosen", "rejected"}`
 //!   with optional `margin` or Llama 2 `degree` and `safety` labels, the implicit-prompt form
 //!   `{"chosen", "rejected"}`, the conversational forms (TRL's: message lists), or a
-//!   [`Ranking`] `{"prompt", "responses", "ranking"}` that stands for all K-choose-2 pairs.
+//!   [`Ranking`] `{"prompt", "responses", "ranking"}` that stands for all K-choose-2 pairs
+//!   (or, with ties and partial rankings in the grouped form `[[1], [0, 2]]`, for the pairs of
+//!   answers in different groups).
 //! - [`UnpairedPreference`] (KTO): `{"prompt", "completion", "label": true|false}`, prompt and
 //!   completion both text or both message lists (TRL's unpaired preference format).
 //! - [`PromptRecord`] (PPO, sampling): `{"prompt"}` | `{"messages"}`, optional `"tags"`.
@@ -170,7 +172,14 @@ impl Preference {
     }
 }
 
-/// K answers to one prompt ranked best first (InstructGPT): stands for all K(K-1)/2 pairs.
+/// K answers to one prompt ranked best first (InstructGPT): stands for every pair of answers
+/// in different places.
+///
+/// The ranking is a list of groups, best first. A file's flat form `[2, 0, 1]` (a permutation
+/// of `0..K`) is read as groups of one, `[[2], [0], [1]]`, and gives all K(K-1)/2 pairs. The
+/// grouped form (`[[1], [0, 2]]`, or mixed: `[1, [0, 2]]`) allows ties, answers in one group,
+/// which give no pair between them, and partial rankings: responses in no group are unranked
+/// and give no pair at all (an annotator's "I cannot tell these apart").
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ranking {
     /// Where the row came from.
@@ -179,22 +188,40 @@ pub struct Ranking {
     pub prompt: Content,
     /// The K answers.
     pub responses: Vec<Content>,
-    /// A permutation of `0..K`: indices into `responses`, best first.
-    pub ranking: Vec<usize>,
+    /// Groups of indices into `responses`, best first: at least two non-empty groups, each
+    /// index in at most one group; answers in one group are tied.
+    pub ranking: Vec<Vec<usize>>,
 }
 
 impl Ranking {
-    /// All K(K-1)/2 `(better, worse)` index pairs: for ranking positions `i < j`, the pair
-    /// `(ranking[i], ranking[j])`, ordered by `i` then `j`.
+    /// Every `(better, worse)` index pair of answers in different groups: for groups `i < j`,
+    /// each answer of group `i` with each of group `j`, ordered by `i`, then the better
+    /// answer's place in its group, then `j`, then the worse one's place. Without ties this
+    /// is all K(K-1)/2 pairs `(ranking[i], ranking[j])` of the flat form, by `i` then `j`.
     pub fn index_pairs(&self) -> Vec<(usize, usize)> {
-        let r = &self.ranking;
-        let mut out = Vec::with_capacity(r.len() * r.len().saturating_sub(1) / 2);
-        for i in 0..r.len() {
-            for j in i + 1..r.len() {
-                out.push((r[i], r[j]));
+        let g = &self.ranking;
+        let mut out = Vec::with_capacity(self.num_pairs());
+        for i in 0..g.len() {
+            for &better in &g[i] {
+                for worse_group in &g[i + 1..] {
+                    out.extend(worse_group.iter().map(|&worse| (better, worse)));
+                }
             }
         }
         out
+    }
+
+    /// How many pairs [`Ranking::index_pairs`] gives: `(n² − Σ gᵢ²) / 2` for `n` ranked
+    /// answers in groups of sizes `gᵢ`.
+    pub fn num_pairs(&self) -> usize {
+        let n: usize = self.ranking.iter().map(Vec::len).sum();
+        let same: usize = self.ranking.iter().map(|g| g.len() * g.len()).sum();
+        (n * n - same) / 2
+    }
+
+    /// The indices of the responses that are ranked (in some group), best first.
+    pub fn ranked(&self) -> impl Iterator<Item = usize> + '_ {
+        self.ranking.iter().flatten().copied()
     }
 
     /// The pairs as preferences (no margin), in [`Ranking::index_pairs`] order.
@@ -232,7 +259,7 @@ impl Comparison {
         }
     }
 
-    /// The row's pairs: itself, or a ranking's K(K-1)/2.
+    /// The row's pairs: itself, or a ranking's pairs (K(K-1)/2 without ties).
     pub fn pairs(&self) -> Vec<Preference> {
         match self {
             Comparison::Pair(p) => vec![p.clone()],
@@ -244,7 +271,7 @@ impl Comparison {
     pub fn num_pairs(&self) -> usize {
         match self {
             Comparison::Pair(_) => 1,
-            Comparison::Ranking(r) => r.ranking.len() * r.ranking.len().saturating_sub(1) / 2,
+            Comparison::Ranking(r) => r.num_pairs(),
         }
     }
 }

@@ -229,7 +229,8 @@ pub struct RewardPair {
 }
 
 /// The pairs of one comparison row: one pair, or all pairs of a ranking (InstructGPT keeps a
-/// prompt's K(K-1)/2 pairs together as one batch element).
+/// prompt's K(K-1)/2 pairs together as one batch element; ties and unranked answers give
+/// fewer).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewardGroup {
     /// The row it came from.
@@ -319,15 +320,16 @@ pub fn tokenize_comparison(
             p.margin(opts.margin_table),
         )],
         Comparison::Ranking(r) => {
-            // Each answer is tokenised once; the pairs share them.
-            let ids = r
-                .responses
-                .iter()
-                .map(|resp| row(at, reward_ids(tok, Some(&r.prompt), resp)))
-                .collect::<Result<Vec<_>>>()?;
+            // Each ranked answer is tokenised once; the pairs share them. Unranked answers
+            // (a partial ranking) are in no pair, so they are not tokenised.
+            let mut ids: Vec<Option<Vec<u32>>> = vec![None; r.responses.len()];
+            for i in r.ranked() {
+                ids[i] = Some(row(at, reward_ids(tok, Some(&r.prompt), &r.responses[i]))?);
+            }
+            let ids_of = |i: usize| ids[i].clone().unwrap_or_default();
             r.index_pairs()
                 .into_iter()
-                .map(|(b, w)| (ids[b].clone(), ids[w].clone(), None))
+                .map(|(b, w)| (ids_of(b), ids_of(w), None))
                 .collect()
         }
     };
@@ -400,7 +402,7 @@ pub fn tokenize_demonstration(
     }))
 }
 
-/// Tokenises comparison rows for DPO (a ranking gives its K(K-1)/2 pairs).
+/// Tokenises comparison rows for DPO (a ranking gives its pairs: K(K-1)/2 without ties).
 pub fn tokenize_dpo(
     tok: &Tokenizer,
     records: &[Comparison],

@@ -308,11 +308,114 @@ fn ranking_expands_to_all_pairs_better_first() {
         let pos = |s: &str| {
             r.ranking
                 .iter()
-                .position(|&i| format!("r{i}") == s)
+                .position(|g| g.iter().any(|&i| format!("r{i}") == s))
                 .unwrap()
         };
         assert!(pos(&b) < pos(&w), "{b} must rank above {w}");
     }
+    // The flat form reads as groups of one.
+    assert_eq!(r.ranking, [vec![2], vec![0], vec![3], vec![1]]);
+}
+
+#[test]
+fn tied_and_partial_rankings_give_pairs_across_groups_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "rank.jsonl",
+        &[
+            // r1 best; r0 and r2 tied below it: 2 pairs, none between r0 and r2.
+            r#"{"prompt": "Q", "responses": ["r0", "r1", "r2"], "ranking": [[1], [0, 2]]}"#,
+            // Mixed form, partial: r3 is unranked and in no pair; r0 > {r2, r4} > r1.
+            r#"{"prompt": "Q", "responses": ["r0", "r1", "r2", "r3", "r4"], "ranking": [0, [2, 4], [1]]}"#,
+            // Grouped form with groups of one: the same as the flat form.
+            r#"{"prompt": "Q", "responses": ["r0", "r1", "r2"], "ranking": [[2], [0], [1]]}"#,
+            // A partial ranking of two of four answers.
+            r#"{"prompt": "Q", "responses": ["r0", "r1", "r2", "r3"], "ranking": [[3], 1]}"#,
+        ],
+    );
+    let got = load::<Comparison>(&p, &strict()).unwrap().records;
+    let ranking = |i: usize| match &got[i] {
+        Comparison::Ranking(r) => r.clone(),
+        other => panic!("row {i} is {other:?}"),
+    };
+    let r = ranking(0);
+    assert_eq!(r.ranking, [vec![1], vec![0, 2]]);
+    assert_eq!(r.index_pairs(), [(1, 0), (1, 2)]);
+    assert_eq!(got[0].num_pairs(), 2);
+    let r = ranking(1);
+    assert_eq!(r.ranking, [vec![0], vec![2, 4], vec![1]]);
+    assert_eq!(r.index_pairs(), [(0, 2), (0, 4), (0, 1), (2, 1), (4, 1)]);
+    assert_eq!(got[1].num_pairs(), 5);
+    assert!(r.index_pairs().iter().all(|&(b, w)| b != 3 && w != 3));
+    assert_eq!(ranking(2).index_pairs(), [(2, 0), (2, 1), (0, 1)]);
+    assert_eq!(ranking(3).index_pairs(), [(3, 1)]);
+    for c in &got {
+        assert_eq!(c.pairs().len(), c.num_pairs());
+    }
+    let Comparison::Ranking(r) = &got[0] else {
+        unreachable!()
+    };
+    let pairs = r.to_pairs();
+    assert_eq!(pairs[1].chosen, Content::Text("r1".into()));
+    assert_eq!(pairs[1].rejected, Content::Text("r2".into()));
+}
+
+#[test]
+fn bad_grouped_rankings_name_file_line_and_field() {
+    let cases: &[(&str, &str)] = &[
+        (
+            r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0, 1, 2]]}"#,
+            "train.jsonl:1: field \"ranking\" has 1 group(s); a ranking needs at least two groups, \
+             best first (answers in one group are tied and give no pair)",
+        ),
+        (
+            r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0], []]}"#,
+            "train.jsonl:1: field \"ranking[1]\" is an empty group; a group lists one or more tied \
+             indices, or is left out",
+        ),
+        (
+            r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0], [1, 3]]}"#,
+            "train.jsonl:1: field \"ranking[1][1]\" is 3; it must be an index into \"responses\" (0 to 2)",
+        ),
+        (
+            r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0], "b"]}"#,
+            "train.jsonl:1: field \"ranking[1]\" is \"b\"; it must be an index into \"responses\" (0 to 2)",
+        ),
+        (
+            r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[0, 1], [1]]}"#,
+            "train.jsonl:1: field \"ranking\" lists response 1 twice; give each answer once, tied \
+             answers in one group: [[1], [0, 2]]",
+        ),
+        (
+            r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, [0, 1]]}"#,
+            "train.jsonl:1: field \"ranking\" lists response 0 twice",
+        ),
+        (
+            r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [[-1], [1]]}"#,
+            "train.jsonl:1: field \"ranking[0][0]\" is -1; it must be an index",
+        ),
+    ];
+    for (line, want) in cases {
+        let got = first_error::<Comparison>(&[line]);
+        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}...");
+    }
+    // Errors on a later line name that line.
+    let ok = r#"{"prompt": "p", "responses": ["a", "b"], "ranking": [[1], [0]]}"#;
+    let got = first_error::<Comparison>(&[
+        ok,
+        ok,
+        r#"{"prompt": "p", "responses": ["a", "b"], "ranking": [[1, 0]]}"#,
+    ]);
+    assert!(
+        got.starts_with("train.jsonl:3: field \"ranking\" has 1 group(s)"),
+        "{got}"
+    );
+    // The flat form keeps its rules: every response once, no partial ranking.
+    let got = first_error::<Comparison>(&[
+        r#"{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [1, 0]}"#,
+    ]);
+    assert!(got.starts_with("train.jsonl:1: field \"ranking\" ranks 2 of the 3 responses; it must list every index 0..3 once, best first"), "{got}");
 }
 
 #[test]

@@ -19,6 +19,15 @@
 //! written beside its output (`output_dir/STAGE.toml`), and `pipeline_state.json` records
 //! the stages done, so `--resume` skips them and resumes the interrupted one (from its newest
 //! checkpoint, or for the sampling methods from their last whole batch or round).
+//!
+//! A stage's `train_file` or `eval_file` may be a feedback database (`.sqlite`, `.sqlite3`,
+//! `.db`, from `rlhf feedback`): when the stage starts, its labels are exported (one
+//! consistent snapshot, so labelling can go on) in the format the trainer reads (reward and
+//! dpo: pairs; sft: sft; kto: kto) into the stage's output directory as
+//! `feedback-<format>.jsonl` (`feedback-<format>-eval.jsonl`), and that file is the data.
+//! Optional stage keys: `feedback_project` (one project; default every project the format can
+//! use) and `feedback_aggregate = "none"` (a row per annotator, the default) or `"majority"`.
+//! A resumed stage reuses the file it exported, so it resumes on the same data.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +64,178 @@ const PATH_KEYS: [&str; 7] = [
     "reward_model",
     "ref_model",
 ];
+
+/// Stage keys that say how a feedback database is read; they are not passed to the trainer.
+const FEEDBACK_KEYS: [&str; 2] = ["feedback_project", "feedback_aggregate"];
+
+/// Data keys that may name a feedback database, with the suffix of the file exported for it.
+const FEEDBACK_DATA_KEYS: [(&str, &str); 2] = [("train_file", ""), ("eval_file", "-eval")];
+
+/// Whether a data path names a feedback database (`.sqlite`, `.sqlite3` or `.db`) rather than
+/// a record file.
+pub fn is_feedback_db(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "sqlite" | "sqlite3" | "db"))
+}
+
+/// The export format a stage kind trains on; `None` for stages that read prompts.
+pub fn feedback_format(kind: &str) -> Option<rlhf_feedback::export::Format> {
+    use rlhf_feedback::export::Format;
+    match kind {
+        "reward" | "dpo" => Some(Format::Pairs),
+        "sft" => Some(Format::Sft),
+        "kto" => Some(Format::Kto),
+        _ => None,
+    }
+}
+
+/// Checks a stage's feedback settings (before any stage runs) and returns the export options
+/// its feedback database(s) will be read with; `None` when it reads no database.
+fn feedback_options(
+    path: &Path,
+    name: &str,
+    kind: &str,
+    t: &toml::Table,
+) -> Result<Option<rlhf_feedback::export::ExportOptions>> {
+    use rlhf_feedback::export::{Aggregate, ExportOptions};
+    let at = |key: &str| format!("{}: [{name}] {key}", path.display());
+    let dbs: Vec<&str> = FEEDBACK_DATA_KEYS
+        .iter()
+        .filter_map(|(k, _)| t.get(*k).and_then(|v| v.as_str()))
+        .filter(|f| is_feedback_db(Path::new(f)))
+        .collect();
+    if dbs.is_empty() {
+        if let Some(k) = FEEDBACK_KEYS.iter().find(|k| t.contains_key(**k)) {
+            return Err(Error::Config(format!(
+                "{}: is for a stage whose train_file is a feedback database (.sqlite, .sqlite3 \
+                 or .db); this stage reads {}: remove {k}, or give the database as train_file",
+                at(k),
+                t.get("train_file")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("no train_file")
+            )));
+        }
+        return Ok(None);
+    }
+    let Some(format) = feedback_format(kind) else {
+        return Err(Error::Config(format!(
+            "{}: {} is a feedback database, but a {kind} stage reads prompts, not labels; give \
+             it a prompt file (JSONL or Parquet). Feedback databases train reward, dpo, sft and \
+             kto stages",
+            at("train_file"),
+            dbs[0]
+        )));
+    };
+    let project = match t.get("feedback_project") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(s.clone()),
+        Some(v) => {
+            return Err(Error::Config(format!(
+                "{} = {v}: give a project name as a string",
+                at("feedback_project")
+            )))
+        }
+    };
+    let aggregate = match t.get("feedback_aggregate") {
+        None => Aggregate::None,
+        Some(toml::Value::String(s)) => Aggregate::parse(s)
+            .map_err(|e| Error::Config(format!("{}: {e}", at("feedback_aggregate"))))?,
+        Some(v) => {
+            return Err(Error::Config(format!(
+                "{} = {v}: use \"none\" or \"majority\"",
+                at("feedback_aggregate")
+            )))
+        }
+    };
+    Ok(Some(ExportOptions {
+        format,
+        aggregate,
+        project,
+    }))
+}
+
+/// Exports a feedback database to `out` for a stage; returns the number of rows.
+fn export_feedback(
+    stage: &str,
+    db: &Path,
+    opts: &rlhf_feedback::export::ExportOptions,
+    out: &Path,
+) -> Result<usize> {
+    let fail = |e: rlhf_feedback::Error| Error::Config(format!("[{stage}] {}: {e}", db.display()));
+    if !db.is_file() {
+        return Err(Error::Config(format!(
+            "[{stage}] {}: no such feedback database (create one with `rlhf feedback import`)",
+            db.display()
+        )));
+    }
+    let mut store = rlhf_feedback::Store::open(db).map_err(fail)?;
+    let (rows, report) = rlhf_feedback::export::export(&mut store, opts).map_err(fail)?;
+    if rows.is_empty() {
+        return Err(Error::Config(format!(
+            "[{stage}] {}: no {} rows to train on ({report}){}; label more items, or choose \
+             another feedback_project or feedback_aggregate",
+            db.display(),
+            opts.format,
+            opts.project
+                .as_ref()
+                .map(|p| format!(" in project {p:?}"))
+                .unwrap_or_default()
+        )));
+    }
+    rlhf_feedback::export::write_rows(&rows, opts.format, out).map_err(fail)?;
+    tracing::info!(
+        "[{stage}] {}: {report} ({} {}) -> {}",
+        db.display(),
+        opts.format,
+        opts.aggregate.as_str(),
+        out.display()
+    );
+    Ok(rows.len())
+}
+
+/// Replaces a stage's feedback databases by their exports in the stage's output directory
+/// (reused when the stage resumes) and drops the feedback keys, so the trainer's config holds
+/// only its own keys.
+fn feedback_data(
+    path: &Path,
+    name: &str,
+    kind: &str,
+    table: &mut toml::Table,
+    stage_out: &Path,
+    resume: bool,
+) -> Result<()> {
+    let opts = feedback_options(path, name, kind, table)?;
+    for k in FEEDBACK_KEYS {
+        table.remove(k);
+    }
+    let Some(opts) = opts else { return Ok(()) };
+    for (key, suffix) in FEEDBACK_DATA_KEYS {
+        let Some(db) = table
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from)
+            .filter(|p| is_feedback_db(p))
+        else {
+            continue;
+        };
+        let file = stage_out.join(format!("feedback-{}{suffix}.jsonl", opts.format));
+        if resume && file.exists() {
+            tracing::info!(
+                "[{name}] resuming on {} (exported from {} when the stage started)",
+                file.display(),
+                db.display()
+            );
+        } else {
+            export_feedback(name, &db, &opts, &file)?;
+        }
+        table.insert(
+            key.to_string(),
+            toml::Value::String(file.to_string_lossy().into_owned()),
+        );
+    }
+    Ok(())
+}
 
 /// What `pipeline_state.json` holds.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -287,6 +468,8 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
             }
             _ => {}
         }
+        // A feedback database's settings are checked now, before any stage runs.
+        feedback_options(path, &name, &kind, &t)?;
         result.push((name, t));
         kinds.push(kind);
     }
@@ -417,9 +600,6 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
             continue;
         }
         let cfg_path = out.join(format!("{name}.toml"));
-        let text = toml::to_string(table)
-            .map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
-        rlhf_model::save::write_atomic(&cfg_path, text.as_bytes())?;
         let stage_out = PathBuf::from(
             table
                 .get("output_dir")
@@ -435,6 +615,13 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
             } else {
                 !crate::trainer::checkpoints(&stage_out).is_empty()
             };
+        // A feedback database becomes the stage's export, written before the config so the
+        // config records the file the stage trained on.
+        let mut table = table.clone();
+        feedback_data(path, name, kind, &mut table, &stage_out, resume_stage)?;
+        let text = toml::to_string(&table)
+            .map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
+        rlhf_model::save::write_atomic(&cfg_path, text.as_bytes())?;
         let r = resume_stage.then_some(None);
         tracing::info!("== {name} ({kind}): {}", cfg_path.display());
         let summary = match kind.as_str() {

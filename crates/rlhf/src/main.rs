@@ -36,6 +36,12 @@ enum Command {
     },
     /// Judge a policy against a baseline on held-out prompts (win rates, KL; eval.json).
     Eval(cmd::eval::Args),
+    /// Human feedback: the labelling web app and its SQLite database (serve, import,
+    /// generate, export, user).
+    Feedback {
+        #[command(subcommand)]
+        what: cmd::feedback::Feedback,
+    },
     /// Generate completions for prompts (JSONL in, JSONL out).
     Generate(cmd::generate::Args),
     /// Score prompt/response pairs with a reward model (JSONL in, JSONL out).
@@ -106,6 +112,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench { what } => cmd::bench::run(what),
         Command::Convert { what } => cmd::convert::run(what),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Feedback { what } => cmd::feedback::run(what),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::Sft(a) => cmd::train::sft(a),

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod eval;
+pub mod feedback;
 pub mod generate;
 pub mod report;
 pub mod score;
