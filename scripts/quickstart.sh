@@ -39,7 +39,9 @@ echo "== the InstructGPT pipeline: rlhf pipeline --config configs/pipeline.toml"
 echo "   (SFT → reward model → PPO → eval and report; about 12 minutes)" >&2
 OUT=runs/pipeline
 mkdir -p "$(dirname "$OUT")"
-"$RLHF" pipeline --config configs/pipeline.toml "$@" > "$OUT.summary.json"
+# A rerun of the quickstart is a fresh run: it replaces the last one's checkpoints
+# (overwrite_output_dir; `rlhf pipeline --resume` continues an interrupted one instead).
+"$RLHF" pipeline --config configs/pipeline.toml --set overwrite_output_dir=true "$@" > "$OUT.summary.json"
 python3 - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]

@@ -43,6 +43,10 @@ pub enum Error {
     /// Invalid configuration value (LoRA config, generation options, ...).
     #[error("invalid config: {0}")]
     Config(String),
+    /// A forward pass asked to run on no tokens (an empty sequence or batch); the message
+    /// names the row.
+    #[error("empty input: {0}")]
+    EmptyInput(String),
     /// Tokenizer or chat-template failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -87,10 +87,12 @@ fn generate_states(
     if prompts.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    if prompts.iter().any(|p| p.is_empty()) {
-        return Err(crate::Error::Config(
-            "cannot generate from an empty prompt".into(),
-        ));
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(crate::Error::EmptyInput(format!(
+            "prompt {i} of {} has no tokens; generation needs at least one (text, a BOS token \
+             or a chat template's turn header)",
+            prompts.len()
+        )));
     }
     // Sampling never backpropagates: keep no graph.
     let was = model.set_grad_enabled(false);

@@ -281,6 +281,12 @@ pub struct LoadOptions {
     pub seed: u64,
     /// A PEFT adapter directory to apply (its LoRA config is used unless `training` is LoRA).
     pub adapter: Option<PathBuf>,
+    /// Whether the score head must come from the checkpoint (or the adapter): set when the
+    /// model is loaded to score with, where a new head's random scores would pass for
+    /// rewards; a head missing then is an error. Unset (reward training, the default), a
+    /// missing head starts N(0, initializer_range) as transformers'
+    /// `AutoModelForSequenceClassification` starts one.
+    pub require_score_head: bool,
 }
 
 impl Default for LoadOptions {
@@ -292,6 +298,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             seed: 42,
             adapter: None,
+            require_score_head: false,
         }
     }
 }
@@ -387,14 +394,37 @@ impl Model {
     pub fn load_cached(dir: &Path, opts: &LoadOptions, cache: &mut SourceCache) -> Result<Self> {
         let (config_dir, source) = cache.resolve(dir, &opts.device, opts.dtype)?;
         let mut model = match &opts.adapter {
+            // Named as the user gave it (an adapter directory resolves to its base's).
+            None if opts.require_score_head
+                && opts.heads != Heads::Lm
+                && !source.contains("score.weight") =>
+            {
+                return Err(no_score_head(dir, None));
+            }
             None => Self::from_source(&config_dir, source, opts)?,
             Some(adapter) => {
                 let mut opts = opts.clone();
                 if !matches!(opts.training, Training::Lora(_)) {
                     opts.training = Training::Lora(LoraConfig::from_peft_dir(adapter)?);
                 }
+                let saved = crate::lora::read_adapter_tensors(adapter, &opts.device)?;
+                // An adapter that carries the score head (SEQ_CLS) gives it to the builder,
+                // so the head is neither missing nor first initialised at random.
+                let mut source = source;
+                if opts.heads != Heads::Lm {
+                    match saved.get("base_model.model.score.weight") {
+                        Some(t) => source.insert("score.weight", t.to_dtype(opts.dtype)?),
+                        None if opts.require_score_head && !source.contains("score.weight") => {
+                            return Err(no_score_head(dir, Some(adapter)));
+                        }
+                        None => {}
+                    }
+                }
                 let model = Self::from_source(&config_dir, source, &opts)?;
-                model.load_adapter_weights(adapter)?;
+                model.set_adapter_tensors(adapter, &saved)?;
+                // After the shapes (whose error names the tensor): bases that differ where
+                // no adapter tensor shows it.
+                check_adapter_base(&config_dir, adapter)?;
                 model
             }
         };
@@ -472,6 +502,9 @@ impl Model {
         };
         let score = if want_score {
             let s = b.pp("score");
+            if opts.require_score_head && !s.contains("weight") && !b.source().is_random() {
+                return Err(no_score_head(dir, None));
+            }
             // A causal-LM checkpoint has no score head: start it N(0, initializer_range) as
             // AutoModelForSequenceClassification does.
             let w = s.get_or_init(&[1, h], "weight")?;
@@ -608,6 +641,9 @@ impl Model {
     pub fn hidden_at(&self, batch: &Batch, positions: &[Vec<u32>]) -> Result<Tensor> {
         let ids = batch.ids_tensor(&self.device)?;
         let t = ids.dim(1)?;
+        if t == 0 {
+            return Err(no_tokens(batch.len()));
+        }
         let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?
             .to_dtype(self.dtype)?;
         self.backbone.forward(&ids, positions, &bias, None)
@@ -619,9 +655,7 @@ impl Model {
     /// padding. Returns the `(1, total, hidden)` states and the sequences' start offsets
     /// followed by the total (`seqs.len() + 1` entries).
     pub fn hidden_packed(&self, seqs: &[Vec<u32>]) -> Result<(Tensor, Vec<usize>)> {
-        if seqs.iter().any(|s| s.is_empty()) {
-            return Err(Error::Config("hidden_packed: an empty sequence".into()));
-        }
+        check_sequences(seqs)?;
         let mut starts = Vec::with_capacity(seqs.len() + 1);
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -707,6 +741,9 @@ impl Model {
         }
         starts.push(ids.len());
         let total = ids.len();
+        if total == 0 {
+            return Err(no_tokens(groups.len()));
+        }
         let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
         let packing = crate::ops::Packing {
             starts,
@@ -726,9 +763,7 @@ impl Model {
         if seqs.is_empty() {
             return Ok(Tensor::zeros(0, self.dtype, &self.device)?);
         }
-        if seqs.iter().any(|s| s.is_empty()) {
-            return Err(Error::Config("scores_packed: an empty sequence".into()));
-        }
+        check_sequences(seqs)?;
         let grouping = shared_prefixes(seqs);
         let groups: Vec<(&[u32], Vec<&[u32]>)> = grouping
             .iter()
@@ -773,6 +808,7 @@ impl Model {
         if self.backbone.packs_natively() {
             return self.scores_packed(seqs);
         }
+        check_sequences(seqs)?;
         let batch = Batch::pad(seqs, self.config.pad_token_id.unwrap_or(0), false);
         let hidden = self.hidden(&batch)?;
         self.scores(&hidden, &batch)
@@ -788,6 +824,9 @@ impl Model {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let t = ids.dim(1)?;
+        if t == 0 {
+            return Err(no_tokens(ids.dim(0)?));
+        }
         let bias = crate::ops::attention_bias(key_mask, t, &self.device)?.to_dtype(self.dtype)?;
         self.backbone.forward(ids, positions, &bias, Some(cache))
     }
@@ -835,6 +874,13 @@ impl Model {
     /// no pad id, the last token the attention mask keeps).
     // hidden: (b, t, h) -> (b)
     pub fn scores(&self, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        // An empty row would be read at a padding token: a score made up, not computed.
+        if let Some(i) = batch.attention_mask.iter().position(|m| !m.contains(&1)) {
+            return Err(Error::EmptyInput(format!(
+                "row {i} of the batch has no tokens, so it has no score; drop empty rows (or \
+                 give them text) before scoring"
+            )));
+        }
         let values = self.values(hidden)?;
         let idx: Vec<u32> = batch
             .input_ids
@@ -855,6 +901,48 @@ impl Model {
             (None, None) => ids.len().checked_sub(1),
         };
         last.unwrap_or(0)
+    }
+}
+
+/// The error for a forward pass over no tokens (`rows` rows of length zero, or no rows).
+fn no_tokens(rows: usize) -> Error {
+    Error::EmptyInput(if rows == 0 {
+        "the batch has no rows and no tokens; a model cannot run on zero tokens".into()
+    } else {
+        format!(
+            "the batch's {rows} sequence(s) have no tokens; a model cannot run on zero tokens: \
+             drop empty rows (or give them text) before the forward pass"
+        )
+    })
+}
+
+/// Refuses a list of sequences that holds an empty one (naming it) or none at all.
+fn check_sequences(seqs: &[Vec<u32>]) -> Result<()> {
+    if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
+        return Err(Error::EmptyInput(format!(
+            "sequence {i} of {} has no tokens; a model cannot run on zero tokens: drop empty \
+             rows (or give them text) before the forward pass",
+            seqs.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The error for a model loaded to score with that has no trained score head: scoring would
+/// read a randomly initialised one.
+fn no_score_head(dir: &Path, adapter: Option<&Path>) -> Error {
+    let adapter = adapter
+        .map(|a| format!(" nor in the adapter {}", a.display()))
+        .unwrap_or_default();
+    Error::MissingTensor {
+        path: dir.to_path_buf(),
+        name: "score.weight".into(),
+        hint: format!(
+            "{adapter}: this is not a reward model (it has no score head), and a new head would \
+             give random scores. Train one with `rlhf reward` (its output_dir holds score.weight, \
+             or a LoRA adapter with task_type = \"SEQ_CLS\" that saves it) and pass that \
+             directory, or a transformers *ForSequenceClassification checkpoint with num_labels = 1"
+        ),
     }
 }
 
@@ -966,6 +1054,84 @@ impl SourceCache {
         tracing::debug!("merged adapter {} into {}", dir.display(), base.display());
         Ok((config_dir, merged))
     }
+}
+
+/// The config.json keys that fix a base model's architecture and size: an adapter trained
+/// on a base that differs in one of them does not fit, even where every adapter tensor has
+/// the right shape (PEFT's default q_proj/v_proj targets do not see `intermediate_size` or
+/// the layer count past the adapted ones). `vocab_size` is left out: a base whose embeddings
+/// were resized for new tokens still takes adapters trained before.
+const SIZE_KEYS: [&str; 12] = [
+    "model_type",
+    "hidden_size",
+    "n_embd",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "intermediate_size",
+    "n_inner",
+    "ffn_dim",
+    "head_dim",
+];
+
+/// Refuses an adapter whose own base (its `base_model_name_or_path`, when that is a local
+/// directory) has another architecture or size than the base in `config_dir` it is applied
+/// to, naming the key and both values. Where the named base is not here (a hub name, a
+/// moved directory) there is nothing to compare, and the tensor shapes are the only check.
+fn check_adapter_base(config_dir: &Path, adapter: &Path) -> Result<()> {
+    let read = |p: &Path| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+    };
+    // The named base's config.json, through adapters trained on adapters.
+    let mut at = adapter.to_path_buf();
+    let mut named = None;
+    for _ in 0..8 {
+        let Some(cfg) = read(&at.join("adapter_config.json")) else {
+            break;
+        };
+        let Some(name) = cfg.get("base_model_name_or_path").and_then(|v| v.as_str()) else {
+            return Ok(());
+        };
+        let as_named = PathBuf::from(name);
+        let beside = at.parent().unwrap_or(Path::new(".")).join(name);
+        let base = if as_named.is_dir() {
+            as_named
+        } else if beside.is_dir() {
+            beside
+        } else {
+            return Ok(());
+        };
+        named.get_or_insert_with(|| name.to_string());
+        if base.join("config.json").exists() {
+            at = base;
+            break;
+        }
+        at = base;
+    }
+    let (Some(named), Some(theirs), Some(ours)) = (
+        named,
+        read(&at.join("config.json")),
+        read(&config_dir.join("config.json")),
+    ) else {
+        return Ok(());
+    };
+    for key in SIZE_KEYS {
+        let (a, b) = (&theirs[key], &ours[key]);
+        if !a.is_null() && !b.is_null() && a != b {
+            return Err(Error::bad_file(
+                adapter.join("adapter_config.json"),
+                format!(
+                    "this adapter was trained on {named} ({key} = {a}), but the base model it \
+                     is applied to ({}) has {key} = {b}: an adapter only fits the base it was \
+                     trained on; load it on that base",
+                    config_dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a path is written like a hub model name (`org/model`): nothing is downloaded, so

@@ -1,7 +1,8 @@
 //! Saving models as transformers writes them, and LoRA adapters as PEFT writes them.
 //!
-//! Every file is written to a temporary name in the target directory and renamed into place,
-//! so a crash never leaves a half-written checkpoint under the real name.
+//! Every file is written to a temporary name in the target directory, fsynced, renamed into
+//! place, and the directory fsynced ([`rename_durable`]), so a crash or power loss never leaves
+//! a half-written checkpoint under the real name nor loses a finished one.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,17 +22,51 @@ const COMPANION_FILES: [&str; 5] = [
     "generation_config.json",
 ];
 
-/// Writes `bytes` to `path` atomically (temp file in the same directory, then rename).
+/// Writes `bytes` to `path` atomically and durably: a temporary file in the same directory,
+/// fsynced, renamed over `path`, then the directory fsynced ([`rename_durable`]). A crash
+/// leaves the old file or the new one, never a half-written or lost one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    rename_durable(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
-/// Writes tensors as a safetensors file, atomically.
+/// Puts a finished temporary file or directory `tmp` in place as `path`, durably: `tmp` is
+/// fsynced (a directory's files must be synced already, as [`write_atomic`] leaves them),
+/// renamed over `path`, and `path`'s directory fsynced so that the rename itself survives a
+/// power loss. Every checkpoint and model write ends here.
+pub fn rename_durable(tmp: &Path, path: &Path) -> Result<()> {
+    sync(tmp)?;
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync(parent)
+}
+
+/// fsync of a file or directory.
+fn sync(path: &Path) -> Result<()> {
+    #[cfg(test)]
+    tests::SYNCED.with(|s| s.borrow_mut().push(path.to_path_buf()));
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    match f.sync_all() {
+        Ok(()) => Ok(()),
+        // Some filesystems cannot fsync a directory; the rename stays atomic there.
+        Err(e) if path.is_dir() && e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Writes tensors as a safetensors file, atomically and durably (as [`write_atomic`]).
 pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -52,8 +87,13 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
         Some(meta),
         &tmp,
     )
-    .map_err(|e| Error::bad_file(&tmp, format!("cannot write safetensors: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    .map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::bad_file(&tmp, format!("cannot write safetensors: {e}"))
+    })?;
+    rename_durable(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// The transformers class-name prefix of a model_type.
@@ -198,12 +238,18 @@ impl Model {
                     .into(),
             })?;
             if t.dims() != var.dims() {
-                return Err(Error::ShapeMismatch {
-                    path: path.clone(),
-                    name: key,
-                    expected: var.dims().to_vec(),
-                    found: t.dims().to_vec(),
-                });
+                return Err(Error::bad_file(
+                    &path,
+                    format!(
+                        "tensor {key:?} has shape {:?}, but the base model it is applied to \
+                         ({}) needs {:?}: the adapter was trained on a base of another size; \
+                         load it on that base (its adapter_config.json names it as \
+                         base_model_name_or_path)",
+                        t.dims(),
+                        self.dir().display(),
+                        var.dims()
+                    ),
+                ));
             }
             var.set(&t.to_dtype(var.dtype())?)?;
             used += 1;
@@ -244,5 +290,56 @@ impl Model {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::path::PathBuf;
+
+    thread_local! {
+        /// Paths fsynced on this thread, in order.
+        pub(super) static SYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn synced() -> Vec<PathBuf> {
+        SYNCED.with(|s| std::mem::take(&mut *s.borrow_mut()))
+    }
+
+    /// A file write is durable: the temporary file is fsynced before the rename and the
+    /// directory after it; nothing temporary is left.
+    #[test]
+    fn writes_fsync_the_file_then_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.json");
+        synced();
+        write_atomic(&p, b"{}").unwrap();
+        let s = synced();
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0].parent(), Some(dir.path()));
+        assert!(s[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".a.json.tmp"));
+        assert_eq!(s[1], dir.path());
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}");
+
+        let t = HashMap::from([(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu).unwrap(),
+        )]);
+        let st = dir.path().join("m.safetensors");
+        save_safetensors(&st, &t).unwrap();
+        let s = synced();
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[1], dir.path());
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains("tmp")), "{names:?}");
     }
 }

@@ -44,6 +44,20 @@ impl WeightSource {
             shards.sort_unstable();
             shards.dedup();
             for shard in shards {
+                // A shard is a file beside the index: a name such as "../x" or "/etc/x" would
+                // read outside the model directory.
+                let plain = std::path::Path::new(shard)
+                    .file_name()
+                    .is_some_and(|f| f == std::ffi::OsStr::new(shard));
+                if !plain {
+                    return Err(Error::bad_file(
+                        &index,
+                        format!(
+                            "weight_map names the shard {shard:?}; shards must be file names in \
+                             the model directory (like model-00001-of-00002.safetensors)"
+                        ),
+                    ));
+                }
                 let p = dir.join(shard);
                 if !p.exists() {
                     return Err(Error::MissingFile {
@@ -576,6 +590,29 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_shards_outside_the_directory_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        for shard in [
+            "../secret.safetensors",
+            "/etc/passwd",
+            "sub/x.safetensors",
+            "..",
+        ] {
+            std::fs::write(
+                model.join("model.safetensors.index.json"),
+                serde_json::json!({"weight_map": {"a": shard}}).to_string(),
+            )
+            .unwrap();
+            let e = WeightSource::from_dir(&model, &Device::Cpu, DType::F32)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("shards must be file names"), "{shard}: {e}");
+        }
+    }
 
     fn saved(dir: &Path) -> (PathBuf, HashMap<String, Tensor>) {
         let dev = Device::Cpu;

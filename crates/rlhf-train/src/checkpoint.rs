@@ -1,7 +1,8 @@
 //! Checkpoints: `output_dir/checkpoint-N/` holding the weights (PEFT adapter, or a full HF
 //! model), `optimizer.safetensors` and `trainer_state.json`. A checkpoint is written whole into
-//! a hidden temporary directory and renamed into place, so a run killed mid-save leaves the
-//! previous checkpoint intact and no half-written one under a real name.
+//! a hidden temporary directory (each file fsynced) and renamed into place, the directory and
+//! `output_dir` fsynced ([`rlhf_model::save::rename_durable`]), so a run killed mid-save, or a
+//! power loss, leaves the previous checkpoint intact and no half-written one under a real name.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -64,7 +65,9 @@ pub fn write_checkpoint(
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    // Every file in `tmp` was fsynced as it was written; the directory itself, the rename and
+    // `output_dir` are synced here, so a finished checkpoint survives a power loss.
+    rlhf_model::save::rename_durable(&tmp, &dir)?;
     tracing::info!("saved {}", dir.display());
     if let Some(limit) = limit {
         let all = checkpoints(output_dir);

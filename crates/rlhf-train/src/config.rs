@@ -74,6 +74,9 @@ pub struct TrainingArgs {
     pub shuffle: bool,
     /// Evaluate once before the first step, logged at step 0 (transformers' `eval_on_start`).
     pub eval_on_start: bool,
+    /// Let a fresh run (no `--resume`) start in an `output_dir` that holds another run's
+    /// checkpoints; they are deleted first (transformers' `overwrite_output_dir`).
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainingArgs {
@@ -109,6 +112,7 @@ impl Default for TrainingArgs {
             skip_invalid: false,
             shuffle: true,
             eval_on_start: false,
+            overwrite_output_dir: false,
         }
     }
 }
@@ -146,6 +150,7 @@ pub const TRAINING_KEYS: &[&str] = &[
     "skip_invalid",
     "shuffle",
     "eval_on_start",
+    "overwrite_output_dir",
 ];
 
 /// Keys of the `[lora]` table (PEFT's LoraConfig names).
@@ -320,9 +325,78 @@ pub fn parse<T: serde::de::DeserializeOwned>(path: &Path, table: toml::Table) ->
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
+/// Range and finiteness checks of numeric config values, with one message shape naming the
+/// file and the key: `FILE: "key" must be WHAT, found VALUE`.
+pub struct Knobs<'a> {
+    path: &'a Path,
+}
+
+impl<'a> Knobs<'a> {
+    /// Checks of the values read from `path`.
+    pub fn new(path: &'a Path) -> Self {
+        Self { path }
+    }
+
+    /// The error for `key`: it must be `what`, and is `found`.
+    pub fn error(&self, key: &str, what: &str, found: impl std::fmt::Display) -> Error {
+        Error::Config(format!(
+            "{}: \"{key}\" must be {what}, found {found}",
+            self.path.display()
+        ))
+    }
+
+    fn ensure(&self, ok: bool, key: &str, what: &str, v: impl std::fmt::Display) -> Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            Err(self.error(key, what, v))
+        }
+    }
+
+    /// A finite number > 0.
+    pub fn positive(&self, key: &str, v: f64) -> Result<()> {
+        self.ensure(v.is_finite() && v > 0.0, key, "a finite number > 0", v)
+    }
+
+    /// A finite number >= 0.
+    pub fn non_negative(&self, key: &str, v: f64) -> Result<()> {
+        self.ensure(v.is_finite() && v >= 0.0, key, "a finite number >= 0", v)
+    }
+
+    /// A finite number.
+    pub fn finite(&self, key: &str, v: f64) -> Result<()> {
+        self.ensure(v.is_finite(), key, "a finite number", v)
+    }
+
+    /// A number in [lo, hi].
+    pub fn closed(&self, key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+        let what = format!("a number in [{lo}, {hi}]");
+        self.ensure(v >= lo && v <= hi, key, &what, v)
+    }
+
+    /// A number in [lo, hi).
+    pub fn half_open(&self, key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+        let what = format!("a number in [{lo}, {hi})");
+        self.ensure(v >= lo && v < hi, key, &what, v)
+    }
+
+    /// A number in (lo, hi].
+    pub fn open_closed(&self, key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+        let what = format!("a number in ({lo}, {hi}]");
+        self.ensure(v > lo && v <= hi, key, &what, v)
+    }
+
+    /// An integer >= `min`.
+    pub fn at_least(&self, key: &str, v: usize, min: usize) -> Result<()> {
+        let what = format!("an integer >= {min}");
+        self.ensure(v >= min, key, &what, v)
+    }
+}
+
 impl TrainingArgs {
-    /// Checks values that serde cannot: positive sizes, known names, a model path.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks values that serde cannot: numbers in range and finite (naming `path`, the config
+    /// file, and the key), known names, a model path.
+    pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.model.as_os_str().is_empty() {
             return bad("`model` is required: a model directory".into());
@@ -330,12 +404,41 @@ impl TrainingArgs {
         if self.train_file.as_os_str().is_empty() {
             return bad("`train_file` is required".into());
         }
-        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad(
-                "per_device_train_batch_size and gradient_accumulation_steps must be at least 1"
-                    .into(),
-            );
+        let k = Knobs::new(path);
+        if !(self.max_steps == -1 || self.max_steps >= 1) {
+            return Err(k.error("max_steps", "-1 or an integer >= 1", self.max_steps));
         }
+        k.positive("num_train_epochs", self.num_train_epochs)?;
+        k.at_least(
+            "per_device_train_batch_size",
+            self.per_device_train_batch_size,
+            1,
+        )?;
+        k.at_least(
+            "per_device_eval_batch_size",
+            self.per_device_eval_batch_size,
+            1,
+        )?;
+        k.at_least(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            1,
+        )?;
+        k.non_negative("learning_rate", self.learning_rate)?;
+        k.closed("warmup_ratio", self.warmup_ratio, 0.0, 1.0)?;
+        k.non_negative("weight_decay", self.weight_decay)?;
+        k.half_open("adam_beta1", self.adam_beta1, 0.0, 1.0)?;
+        k.half_open("adam_beta2", self.adam_beta2, 0.0, 1.0)?;
+        k.non_negative("adam_epsilon", self.adam_epsilon)?;
+        k.non_negative("max_grad_norm", self.max_grad_norm)?;
+        if let Some(n) = self.save_total_limit {
+            k.at_least("save_total_limit", n, 1)?;
+        }
+        k.at_least("logging_steps", self.logging_steps, 1)?;
+        if let Some(n) = self.eval_steps {
+            k.at_least("eval_steps", n, 1)?;
+        }
+        k.at_least("max_length", self.max_length, 1)?;
         if !matches!(
             self.optim.as_str(),
             "adamw_torch" | "adamw" | "adamw_torch_fused"
@@ -357,15 +460,6 @@ impl TrainingArgs {
                 "eval_strategy = {:?} needs an `eval_file`",
                 self.eval_strategy
             ));
-        }
-        if self.eval_steps == Some(0) {
-            return bad(
-                "eval_steps must be at least 1 (leave it out to evaluate every logging_steps)"
-                    .into(),
-            );
-        }
-        if self.logging_steps == 0 {
-            return bad("logging_steps must be at least 1".into());
         }
         for r in &self.report_to {
             if !matches!(r.as_str(), "tensorboard" | "jsonl" | "all" | "none") {

@@ -120,7 +120,7 @@ impl DpoConfig {
             .entry("learning_rate")
             .or_insert(toml::Value::Float(1e-6));
         let args: TrainingArgs = config::parse(path, table)?;
-        args.validate()?;
+        args.validate(path)?;
         let dpo: DpoArgs = config::parse(path, own)?;
         check_dpo_settings(dpo.loss_type, dpo.beta, dpo.label_smoothing)?;
         if let Some(a) = dpo.rpo_alpha {
@@ -409,6 +409,14 @@ pub fn run(
 ) -> Result<Summary> {
     let cfg = DpoConfig::load(config_path, overrides)?;
     let args = &cfg.args;
+    // Before anything is written: not into the model, the lock, no other run's checkpoints.
+    let inputs: Vec<(&str, &Path)> = cfg
+        .dpo
+        .ref_model
+        .iter()
+        .map(|p| ("ref_model", p.as_path()))
+        .collect();
+    let _lock = crate::outdir::prepare_run(args, &inputs, resume.is_some())?;
     let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
     let mut train_set = load_pairs(&args.train_file, &tok, args, &cfg.dpo)?;
     let mut eval_set = match &args.eval_file {

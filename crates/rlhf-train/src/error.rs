@@ -11,7 +11,7 @@ pub enum Error {
     Config(String),
     /// A setting has a value this crate does not accept (an unknown scheduler, a β outside
     /// [0, 1), ...).
-    #[error("{key} = {found}: expected {expected}")]
+    #[error("\"{key}\" must be {expected}, found {found}")]
     InvalidValue {
         /// The setting, as named in the config (`lr_scheduler_type`, `adam_beta1`, ...).
         key: String,

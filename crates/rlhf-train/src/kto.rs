@@ -117,7 +117,7 @@ impl KtoConfig {
             .entry("shuffle")
             .or_insert(toml::Value::Boolean(false));
         let args: TrainingArgs = config::parse(path, table)?;
-        args.validate()?;
+        args.validate(path)?;
         let kto: KtoArgs = config::parse(path, own)?;
         kto.check(&args)?;
         disable_dropout(&mut lora, kto.disable_dropout);
@@ -482,6 +482,14 @@ pub fn run(
 ) -> Result<Summary> {
     let cfg = KtoConfig::load(config_path, overrides)?;
     let args = &cfg.args;
+    // Before anything is written: not into the model, the lock, no other run's checkpoints.
+    let inputs: Vec<(&str, &Path)> = cfg
+        .kto
+        .ref_model
+        .iter()
+        .map(|p| ("ref_model", p.as_path()))
+        .collect();
+    let _lock = crate::outdir::prepare_run(args, &inputs, resume.is_some())?;
     let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
     let mut train_set = load_rows(&args.train_file, &tok, args, &cfg.kto)?;
     let mut eval_set = match &args.eval_file {

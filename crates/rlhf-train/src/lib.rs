@@ -11,6 +11,7 @@ pub mod kto;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod outdir;
 pub mod pipeline;
 pub mod ppo;
 pub mod program;

@@ -73,10 +73,9 @@ impl JsonlWriter {
                         kept.push('\n');
                     }
                 }
-                // Write-then-rename so a crash here cannot lose the whole history.
-                let tmp = path.with_extension("jsonl.tmp");
-                fs::write(&tmp, kept).map_err(|e| with_path(e, &tmp, "cannot write"))?;
-                fs::rename(&tmp, path).map_err(|e| with_path(e, path, "cannot replace"))?;
+                // Write, fsync, rename: a crash here cannot lose the whole history.
+                rlhf_model::save::write_atomic(path, kept.as_bytes())
+                    .map_err(|e| io::Error::other(e.to_string()))?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(with_path(e, path, "cannot read metrics file")),

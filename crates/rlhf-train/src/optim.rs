@@ -57,6 +57,19 @@ struct ParamState {
     moments: Moments,
 }
 
+/// What [`AdamW::step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a rejected update must be counted as a skipped step"]
+pub enum Update {
+    /// Every parameter with a gradient was updated.
+    Applied,
+    /// The update would have left `param` (or its moments) non-finite; nothing changed.
+    NonFinite {
+        /// The first parameter found non-finite.
+        param: String,
+    },
+}
+
 /// AdamW over named parameters, as `torch.optim.AdamW` with two parameter groups the way
 /// transformers' Trainer builds them (weight decay for the parameters [`decays`] accepts, none
 /// for the rest).
@@ -155,13 +168,19 @@ impl AdamW {
     /// Parameters without a gradient in `grads` are left alone, moments and step count
     /// included, as torch does.
     ///
+    /// The update is checked before it is committed: when it would leave any parameter or
+    /// moment non-finite (an overflowing learning rate, a gradient whose square overflows
+    /// f32), nothing changes, the step count included, and the result names the parameter. The
+    /// check is a read-only pass of the same fused arithmetic, so it sees exactly the values
+    /// the update would write.
+    ///
     /// [`lr_at`]: crate::scheduler::LrScheduler::lr_at
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<Update> {
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(Error::invalid("learning_rate", lr, "a finite value >= 0"));
         }
-        self.steps += 1;
-        for p in &mut self.params {
+        let mut todo: Vec<(usize, Tensor, Hyper)> = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
@@ -172,21 +191,46 @@ impl AdamW {
                     found: g.dims().to_vec(),
                 });
             }
-            p.step += 1;
             let wd = if p.decay { self.weight_decay } else { 0.0 };
-            let h = Hyper::new(lr, wd, self.beta1, self.beta2, self.eps, p.step);
+            let h = Hyper::new(lr, wd, self.beta1, self.beta2, self.eps, p.step + 1);
+            todo.push((i, g.clone(), h));
+        }
+        for (i, g, h) in &todo {
+            let p = &mut self.params[*i];
+            let finite = match &mut p.moments {
+                Moments::Host {
+                    exp_avg,
+                    exp_avg_sq,
+                } => host_check(&p.var, g, exp_avg, exp_avg_sq, h)?,
+                Moments::Device {
+                    exp_avg,
+                    exp_avg_sq,
+                } => device_step(&p.var, g, exp_avg, exp_avg_sq, h, false)?,
+            };
+            if !finite {
+                return Ok(Update::NonFinite {
+                    param: p.name.clone(),
+                });
+            }
+        }
+        self.steps += 1;
+        for (i, g, h) in &todo {
+            let p = &mut self.params[*i];
+            p.step += 1;
             match &mut p.moments {
                 Moments::Host {
                     exp_avg,
                     exp_avg_sq,
-                } => host_step(&p.var, g, exp_avg, exp_avg_sq, &h)?,
+                } => host_step(&p.var, g, exp_avg, exp_avg_sq, h)?,
                 Moments::Device {
                     exp_avg,
                     exp_avg_sq,
-                } => device_step(&p.var, g, exp_avg, exp_avg_sq, &h)?,
+                } => {
+                    device_step(&p.var, g, exp_avg, exp_avg_sq, h, true)?;
+                }
             }
         }
-        Ok(())
+        Ok(Update::Applied)
     }
 
     /// The state, for `optimizer.safetensors`: `{param}.exp_avg` and `{param}.exp_avg_sq` (f32,
@@ -390,24 +434,99 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// The update of one element: the new parameter and moments.
+#[inline(always)]
+fn adamw_elem<const FMA: bool>(p: f32, g: f32, m: f32, v: f32, k: &Coefs) -> (f32, f32, f32) {
+    // param.mul_(1 - lr * weight_decay)
+    let pd = p * k.decay;
+    // exp_avg.lerp_(grad, 1 - beta1)
+    let base = if k.lerp_from_grad { g } else { m };
+    let m1 = madd::<FMA>(k.lerp_coef, g - m, base);
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let v1 = madd::<FMA>(k.one_minus_beta2 * g, g, v * k.beta2);
+    // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    let denom = v1.sqrt() / k.bc2_sqrt + k.eps;
+    // param.addcdiv_(exp_avg, denom, value=-step_size)
+    ((pd + (k.neg_step_size * m1) / denom), m1, v1)
+}
+
+/// Whether `x` is an infinity or NaN, as an integer so that OR-ing it over lanes vectorises.
+#[inline(always)]
+fn non_finite(x: f32) -> u32 {
+    u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+}
+
 /// The update of one contiguous run of elements; independent lanes, so it vectorises.
 #[inline(always)]
 fn adamw_lanes<const FMA: bool>(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &Coefs) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        // param.mul_(1 - lr * weight_decay)
-        let pd = *p * k.decay;
-        // exp_avg.lerp_(grad, 1 - beta1)
-        let base = if k.lerp_from_grad { g } else { *m };
-        let m1 = madd::<FMA>(k.lerp_coef, g - *m, base);
-        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v1 = madd::<FMA>(k.one_minus_beta2 * g, g, *v * k.beta2);
-        // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        let denom = v1.sqrt() / k.bc2_sqrt + k.eps;
-        // param.addcdiv_(exp_avg, denom, value=-step_size)
-        *p = pd + (k.neg_step_size * m1) / denom;
-        *m = m1;
-        *v = v1;
+        (*p, *m, *v) = adamw_elem::<FMA>(*p, g, *m, *v, k);
     }
+}
+
+/// Whether [`adamw_lanes`] would leave every parameter and moment finite: the same arithmetic,
+/// nothing written.
+#[inline(always)]
+fn adamw_check_lanes<const FMA: bool>(
+    p: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+    k: &Coefs,
+) -> bool {
+    let mut bad = 0u32;
+    for (((&p, &g), &m), &v) in p.iter().zip(g).zip(m).zip(v) {
+        let (p1, m1, v1) = adamw_elem::<FMA>(p, g, m, v, k);
+        bad |= non_finite(p1) | non_finite(m1) | non_finite(v1);
+    }
+    bad == 0
+}
+
+/// [`adamw_check_lanes`] compiled for the best instruction set the CPU has (the same choice
+/// as [`adamw_kernel`], so the check sees the values the update writes).
+fn adamw_check_kernel(p: &[f32], g: &[f32], m: &[f32], v: &[f32], k: &Coefs) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(p: &[f32], g: &[f32], m: &[f32], v: &[f32], k: &Coefs) -> bool {
+            adamw_check_lanes::<true>(p, g, m, v, k)
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `avx2` was compiled for.
+            return unsafe { avx2(p, g, m, v, k) };
+        }
+        adamw_check_lanes::<false>(p, g, m, v, k)
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        adamw_check_lanes::<true>(p, g, m, v, k)
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    adamw_check_lanes::<false>(p, g, m, v, k)
+}
+
+/// [`adamw_check_kernel`] over chunks on several threads for large parameters.
+fn adamw_check(p: &[f32], g: &[f32], m: &[f32], v: &[f32], k: &Coefs) -> bool {
+    let n = p.len();
+    let threads = candle_core::utils::get_num_threads()
+        .min(n / PAR_MIN)
+        .max(1);
+    if threads == 1 {
+        return adamw_check_kernel(p, g, m, v, k);
+    }
+    let chunk = n.div_ceil(threads).next_multiple_of(64);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = p
+            .chunks(chunk)
+            .zip(g.chunks(chunk))
+            .zip(m.chunks(chunk))
+            .zip(v.chunks(chunk))
+            .map(|(((p, g), m), v)| s.spawn(move || adamw_check_kernel(p, g, m, v, k)))
+            .collect();
+        handles
+            .into_iter()
+            .all(|h| h.join().expect("the check thread does not panic"))
+    })
 }
 
 /// [`adamw_lanes`] compiled for the best instruction set the CPU has.
@@ -507,9 +626,55 @@ fn host_step(var: &Var, g: &Tensor, m: &mut [f32], v: &mut [f32], h: &Hyper) -> 
     Ok(())
 }
 
+/// Whether the fused update of an f32 CPU parameter would leave it and its moments finite;
+/// nothing is written.
+fn host_check(var: &Var, g: &Tensor, m: &[f32], v: &[f32], h: &Hyper) -> Result<bool> {
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let (ps, pl) = var.as_tensor().storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(p)), Storage::Cpu(CpuStorage::F32(gd))) = (&*ps, &*gs) else {
+        return Err(Error::Candle(candle_core::Error::Msg(
+            "adamw-check: parameter and gradient must be f32 on the CPU".into(),
+        )));
+    };
+    let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
+    else {
+        return Err(Error::Candle(candle_core::Error::Msg(
+            "adamw-check: parameter and gradient must be contiguous".into(),
+        )));
+    };
+    let (p, gd) = (&p[p0..p1], &gd[g0..g1]);
+    if gd.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
+        return Err(Error::Candle(candle_core::Error::Msg(
+            "adamw-check: parameter, gradient and moments differ in length".into(),
+        )));
+    }
+    Ok(adamw_check(p, gd, m, v, &Coefs::new(h)))
+}
+
+/// Whether a tensor holds only finite values.
+fn all_finite(t: &Tensor) -> Result<bool> {
+    // x·0 is 0 for a finite x and NaN otherwise, so the sum is NaN exactly when one is not.
+    let s = t
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    Ok(s == 0.0)
+}
+
 /// The update with candle ops, for any device and dtype: f32 math and moments, the parameter
-/// rounded back to its dtype once per step.
-fn device_step(var: &Var, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &Hyper) -> Result<()> {
+/// rounded back to its dtype once per step. With `commit` false nothing is written: the
+/// result says whether the update would leave the parameter (in its dtype) and the moments
+/// finite.
+fn device_step(
+    var: &Var,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    h: &Hyper,
+    commit: bool,
+) -> Result<bool> {
     // Detached inputs: the moments must not drag a backprop graph from step to step.
     let g = g.detach().to_dtype(DType::F32)?;
     let mut p = var.as_tensor().detach().to_dtype(DType::F32)?;
@@ -519,11 +684,14 @@ fn device_step(var: &Var, g: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &Hyper)
     let m1 = (&*m + ((&g - &*m)? * (1.0 - h.beta1))?)?;
     let v1 = ((&*v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
     let denom = ((v1.sqrt()? / h.bc2_sqrt)? + h.eps)?;
-    let new = (p + ((&m1 * -h.step_size)? / denom)?)?;
-    var.set(&new.to_dtype(var.dtype())?)?;
+    let new = (p + ((&m1 * -h.step_size)? / denom)?)?.to_dtype(var.dtype())?;
+    if !commit {
+        return Ok(all_finite(&new)? && all_finite(&m1)? && all_finite(&v1)?);
+    }
+    var.set(&new)?;
     *m = m1;
     *v = v1;
-    Ok(())
+    Ok(true)
 }
 
 /// Σ x² of an f32 slice, accumulated in f64 over independent lanes (vectorises, and stays
@@ -666,7 +834,10 @@ mod tests {
                     (!skip.contains(&(j, s))).then(|| grad(j, v.dims(), s, v.dtype()))
                 })
                 .collect();
-            opt.step(&store(vars, &grads), lrs[s]).unwrap();
+            assert_eq!(
+                opt.step(&store(vars, &grads), lrs[s]).unwrap(),
+                Update::Applied
+            );
         }
     }
 
@@ -973,7 +1144,11 @@ mod tests {
         let e = AdamW::new(params(DType::F32), 1.0, 0.999, 1e-8, 0.0)
             .err()
             .unwrap();
-        assert!(e.to_string().starts_with("adam_beta1 = 1"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("\"adam_beta1\" must be a value in [0, 1), found 1"),
+            "{e}"
+        );
         assert!(AdamW::new(params(DType::F32), 0.9, f64::NAN, 1e-8, 0.0).is_err());
         assert!(AdamW::new(params(DType::F32), 0.9, 0.999, -1.0, 0.0).is_err());
         assert!(AdamW::new(params(DType::F32), 0.9, 0.999, 1e-8, -0.1).is_err());
@@ -1160,5 +1335,55 @@ mod tests {
         // No gradients at all: norm 0, like torch.
         let mut none = store(&vars, &[None, None, None]);
         assert_eq!(clip_grad_norm(&mut none, &vars, 1.0).unwrap(), 0.0);
+    }
+
+    /// An update that would overflow f32 (here a learning rate of 1e38, whose step size is
+    /// infinite in f32) is refused whole: parameters, moments and step counts stay as they
+    /// were, on the fused CPU path and the generic one, and the next finite update applies.
+    #[test]
+    fn a_non_finite_update_changes_nothing() {
+        for dtype in [DType::F32, DType::F64] {
+            let vars = params(dtype);
+            let mut opt = AdamW::new(vars.clone(), 0.9, 0.999, 1e-8, 0.01).unwrap();
+            let grads: Vec<Option<Tensor>> = vars
+                .iter()
+                .enumerate()
+                .map(|(j, (_, v))| Some(grad(j, v.dims(), 0, v.dtype())))
+                .collect();
+            let gs = store(&vars, &grads);
+            assert_eq!(opt.step(&gs, 1e-3).unwrap(), Update::Applied);
+            let before: Vec<Vec<f64>> = vars.iter().map(|(_, v)| values(v.as_tensor())).collect();
+            let state: Vec<(String, Vec<f64>)> = {
+                let mut v: Vec<(String, Vec<f64>)> = opt
+                    .state_tensors()
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, t)| (k, values(&t)))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            let r = opt.step(&gs, 1e38).unwrap();
+            assert!(
+                matches!(&r, Update::NonFinite { param } if param == "lin.weight"),
+                "{dtype:?}: {r:?}"
+            );
+            let after: Vec<Vec<f64>> = vars.iter().map(|(_, v)| values(v.as_tensor())).collect();
+            assert_eq!(before, after, "{dtype:?}: parameters rolled back");
+            let mut state2: Vec<(String, Vec<f64>)> = opt
+                .state_tensors()
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, values(&t)))
+                .collect();
+            state2.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(
+                state, state2,
+                "{dtype:?}: moments and step counts rolled back"
+            );
+            assert_eq!(opt.steps(), 1);
+            assert_eq!(opt.step(&gs, 1e-3).unwrap(), Update::Applied);
+            assert_eq!(opt.steps(), 2);
+        }
     }
 }

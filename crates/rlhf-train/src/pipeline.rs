@@ -587,7 +587,19 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
         kinds,
         eval,
     } = stage_tables(path, overrides)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    // Before anything is written: not into a stage's model, the lock, no other pipeline's
+    // state (a shared `overwrite_output_dir = true` deletes it; each stage its checkpoints).
+    let overwrite = stages.iter().all(|(_, t)| {
+        t.get("overwrite_output_dir")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    });
+    let models: Vec<(&str, &Path)> = stages
+        .iter()
+        .filter_map(|(_, t)| t.get("model").and_then(|v| v.as_str()))
+        .map(|m| ("model", Path::new(m)))
+        .collect();
+    let _lock = crate::outdir::prepare(&out, &models, resume, overwrite)?;
     let state_path = out.join("pipeline_state.json");
     let mut state: PipelineState = if resume && state_path.exists() {
         crate::checkpoint::read_json(&state_path)?

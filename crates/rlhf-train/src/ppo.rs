@@ -111,7 +111,39 @@ pub struct PpoArgs {
 }
 
 impl PpoArgs {
-    /// The rollout's sampling settings.
+    /// Checks every numeric key for range and finiteness; the message names `path` (the config
+    /// file) and the key.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let k = config::Knobs::new(path);
+        k.at_least("response_length", self.response_length, 1)?;
+        k.at_least("num_generations", self.num_generations, 1)?;
+        k.positive("temperature", self.temperature)?;
+        k.open_closed("top_p", self.top_p, 0.0, 1.0)?;
+        k.at_least("num_ppo_epochs", self.num_ppo_epochs, 1)?;
+        k.at_least("num_mini_batches", self.num_mini_batches, 1)?;
+        k.non_negative("kl_coef", self.kl_coef)?;
+        k.positive("target", self.target)?;
+        k.positive("horizon", self.horizon)?;
+        k.positive("cliprange", self.cliprange)?;
+        k.positive("cliprange_value", self.cliprange_value)?;
+        k.non_negative("vf_coef", self.vf_coef)?;
+        k.closed("gamma", self.gamma, 0.0, 1.0)?;
+        k.closed("lam", self.lam, 0.0, 1.0)?;
+        if let Some(c) = self.score_clip {
+            k.positive("score_clip", c)?;
+        }
+        if let Some(p) = self.missing_eos_penalty {
+            k.finite("missing_eos_penalty", p)?;
+        }
+        k.non_negative("ptx_coef", self.ptx_coef)?;
+        k.at_least(
+            "local_rollout_forward_batch_size",
+            self.local_rollout_forward_batch_size,
+            1,
+        )?;
+        Ok(())
+    }
+
     pub fn sampling(&self) -> Sampling {
         Sampling {
             max_new_tokens: self.response_length,
@@ -229,7 +261,7 @@ impl PpoConfig {
             .entry("eval_on_start")
             .or_insert(toml::Value::Boolean(true));
         let args: TrainingArgs = config::parse(path, table.clone())?;
-        args.validate()?;
+        args.validate(path)?;
         let ppo: PpoArgs = config::parse(path, own)?;
         let mut scorer: ScorerSpec = config::parse(path, scoring)?;
         scorer.batch_size = args.per_device_eval_batch_size;
@@ -237,12 +269,7 @@ impl PpoConfig {
         if let Err(m) = scorer.validate() {
             return bad(m);
         }
-        if ppo.num_generations == 0 || ppo.num_ppo_epochs == 0 || ppo.num_mini_batches == 0 {
-            return bad("num_generations, num_ppo_epochs and num_mini_batches must be >= 1".into());
-        }
-        if ppo.response_length == 0 {
-            return bad("response_length must be at least 1".into());
-        }
+        ppo.validate(path)?;
         let per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps;
         if !per_step.is_multiple_of(ppo.num_generations) {
             return bad(format!(
@@ -957,8 +984,11 @@ impl<'a> PpoTrainer<'a> {
                     skipped = true;
                     continue;
                 }
+                if !crate::run::applied(step + 1, self.opt.step(&grads, lr)?) {
+                    skipped = true;
+                    continue;
+                }
                 add("grad_norm", norm);
-                self.opt.step(&grads, lr)?;
             }
         }
         let mut out: StepMetrics = acc
@@ -1092,6 +1122,14 @@ pub fn run(
 
 /// Runs a parsed config (also the pipeline's third stage).
 pub fn run_config(cfg: PpoConfig, resume: Option<Option<&Path>>) -> Result<Summary> {
+    // Before anything is written: not into a model, the lock, no other run's checkpoints.
+    let inputs: Vec<(&str, &Path)> = cfg
+        .scorer
+        .reward_model
+        .iter()
+        .map(|p| ("reward_model", p.as_path()))
+        .collect();
+    let _lock = crate::outdir::prepare_run(&cfg.args, &inputs, resume.is_some())?;
     let resume_dir = crate::trainer::resume_dir(&cfg.args.output_dir, resume)?;
     let mut cache = SourceCache::default();
     let mut scorer = cfg.scorer.load(&mut cache)?;

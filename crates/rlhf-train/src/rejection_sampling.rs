@@ -108,14 +108,14 @@ pub(crate) fn parse_sampling_method(
         .entry("learning_rate")
         .or_insert(toml::Value::Float(2e-5));
     let args: TrainingArgs = config::parse(path, table.clone())?;
-    args.validate()?;
+    args.validate(path)?;
     let sampling: SamplingArgs = config::parse(path, samp)?;
     let mut scorer: ScorerSpec = config::parse(path, scoring)?;
     scorer.batch_size = args.per_device_eval_batch_size;
     scorer.llama2.whiten = false;
     let bad = |m: String| Error::Config(format!("{}: {m}", path.display()));
     scorer.validate().map_err(bad)?;
-    sampling.validate().map_err(bad)?;
+    sampling.validate(path)?;
     Ok((args, sampling, own, scorer, lora))
 }
 
@@ -191,6 +191,8 @@ pub fn run(
 /// Runs a parsed config; `resume` continues the rounds already in `output_dir` (sampling
 /// after its last whole batch, fine-tuning from its newest checkpoint).
 pub fn run_config(cfg: RsConfig, resume: bool) -> Result<Summary> {
+    // Before anything is written: not into the model, the lock, no other run's rounds.
+    let _lock = crate::outdir::prepare_run(&cfg.args, &[], resume)?;
     let out = cfg.args.output_dir.clone();
     let iters = cfg.rs.iterations;
     let dirs: Vec<PathBuf> = (1..=iters).map(|i| round_dir(&out, i)).collect();

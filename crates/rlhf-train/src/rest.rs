@@ -172,6 +172,8 @@ pub fn run(
 
 /// Runs a parsed config; `resume` continues the steps already in `output_dir`.
 pub fn run_config(cfg: RestConfig, resume: bool) -> Result<Summary> {
+    // Before anything is written: not into the model, the lock, no other run's rounds.
+    let _lock = crate::outdir::prepare_run(&cfg.args, &[], resume)?;
     let out = cfg.args.output_dir.clone();
     let n_improve = cfg.rest.thresholds.len();
     // Every (grow, improve) step in order.

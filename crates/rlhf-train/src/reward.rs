@@ -72,16 +72,41 @@ impl RewardConfig {
     /// is silent (learning_rate 1e-4, max_length 1024).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut table = config::load_table(path, overrides, &allowed_keys())?;
-        let lora = config::take_lora(path, &mut table)?;
+        let lora = config::take_lora(path, &mut table)?
+            .map(reward_lora)
+            .transpose()?;
         let reward_table = config::take_keys(&mut table, &REWARD_KEYS);
         table
             .entry("learning_rate")
             .or_insert(toml::Value::Float(1e-4));
         let args: TrainingArgs = config::parse(path, table)?;
-        args.validate()?;
+        args.validate(path)?;
         let reward: RewardArgs = config::parse(path, reward_table)?;
         Ok(Self { args, reward, lora })
     }
+}
+
+/// A reward run's LoRA must save the score head it trains, as PEFT's SEQ_CLS task does (the
+/// head joins `modules_to_save`, so the adapter holds it and loads back as a reward model):
+/// `task_type` left out is SEQ_CLS; another task type (CAUSAL_LM, ...) is refused, since its
+/// adapter would keep the LoRA weights and lose the head.
+fn reward_lora(mut lora: rlhf_model::lora::LoraConfig) -> Result<rlhf_model::lora::LoraConfig> {
+    match lora.task_type.as_deref() {
+        None => lora.task_type = Some("SEQ_CLS".into()),
+        Some("SEQ_CLS") => {}
+        Some(t) => {
+            return Err(crate::Error::invalid(
+                "lora.task_type",
+                format!("{t:?}"),
+                format!(
+                    "\"SEQ_CLS\" (or no task_type) for a reward model: it trains a score head, \
+                     and only PEFT's sequence-classification task saves the head with the \
+                     adapter (through modules_to_save); with {t:?} the trained head would be lost"
+                ),
+            ))
+        }
+    }
+    Ok(lora)
 }
 
 /// The reward objective: one micro-batch of pair groups → loss and TRL's metrics.
@@ -236,6 +261,8 @@ pub fn run(
 ) -> Result<Summary> {
     let cfg = RewardConfig::load(config_path, overrides)?;
     let args = &cfg.args;
+    // Before anything is written: not into the model, the lock, no other run's checkpoints.
+    let _lock = crate::outdir::prepare_run(args, &[], resume.is_some())?;
     let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
     let train_set = load_groups(&args.train_file, &tok, args, &cfg.reward)?;
     let eval_set = match &args.eval_file {

@@ -170,6 +170,24 @@ pub fn finite_update(step: usize, loss: f64, grad_norm: f64) -> bool {
     false
 }
 
+/// Whether the optimiser applied a step's update: one it refused because it would have made a
+/// weight non-finite ([`Update::NonFinite`], nothing changed) is skipped with a warning and
+/// counted like a non-finite loss.
+///
+/// [`Update::NonFinite`]: crate::optim::Update::NonFinite
+pub fn applied(step: usize, update: crate::optim::Update) -> bool {
+    match update {
+        crate::optim::Update::Applied => true,
+        crate::optim::Update::NonFinite { param } => {
+            tracing::warn!(
+                "step {step}: the update would make `{param}` non-finite; update rolled back \
+                 and skipped"
+            );
+            false
+        }
+    }
+}
+
 /// The logging window: sums of averaged metrics since the last log, latest values of the
 /// others.
 #[derive(Default)]
@@ -204,6 +222,8 @@ impl Window {
 /// A training job's logger, progress bar, logging window, non-finite guard, evaluation and
 /// save schedules, and summary.
 pub struct Run {
+    /// Where the run's checkpoints are.
+    output_dir: std::path::PathBuf,
     logger: MetricsLogger,
     bar: indicatif::ProgressBar,
     /// Keys of a logged line shown beside the progress bar.
@@ -239,6 +259,7 @@ impl Run {
         std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
         let logger = MetricsLogger::open(&args.output_dir, &args.report_to, state.global_step)?;
         Ok(Self {
+            output_dir: args.output_dir.clone(),
             logger,
             bar: progress(state.max_steps, state.global_step),
             show,
@@ -270,10 +291,22 @@ impl Run {
             state.skipped_steps += 1;
             self.consecutive_bad += 1;
             if self.consecutive_bad >= MAX_BAD_STEPS {
+                // Every checkpoint holds finite weights (a refused update changes nothing).
+                let last = match crate::trainer::checkpoints(&self.output_dir).pop() {
+                    Some((_, p)) => format!(
+                        "the last good checkpoint is {} (resume from it with a lower \
+                         learning_rate: --resume {0})",
+                        p.display()
+                    ),
+                    None => format!(
+                        "no checkpoint was saved in {} yet",
+                        self.output_dir.display()
+                    ),
+                };
                 return Err(Error::Diverged(format!(
-                    "{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient (last at \
-                     step {}, {} skipped in all); lower learning_rate or check the data; the \
-                     last good checkpoint is kept",
+                    "{MAX_BAD_STEPS} steps in a row had a non-finite loss, gradient or updated \
+                     weight (last at step {}, {} skipped in all); lower learning_rate or check \
+                     the data; {last}",
                     state.global_step, state.skipped_steps
                 )));
             }

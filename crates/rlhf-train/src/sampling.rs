@@ -50,19 +50,15 @@ impl Temperature {
         }
     }
 
-    fn check(&self) -> std::result::Result<(), String> {
-        let all: Vec<f64> = match self {
-            Temperature::One(t) => vec![*t],
-            Temperature::PerRound(v) if v.is_empty() => {
-                return Err("`temperature = []`: give at least one value".into())
-            }
-            Temperature::PerRound(v) => v.clone(),
-        };
-        match all.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
-            Some(t) => Err(format!(
-                "`temperature` {t}: sampling K different completions needs a temperature > 0"
+    fn check(&self, k: &crate::config::Knobs) -> Result<()> {
+        match self {
+            Temperature::One(t) => k.positive("temperature", *t),
+            Temperature::PerRound(v) if v.is_empty() => Err(k.error(
+                "temperature",
+                "a number > 0 or a list of them, one per round",
+                "[]",
             )),
-            None => Ok(()),
+            Temperature::PerRound(v) => v.iter().try_for_each(|t| k.positive("temperature", *t)),
         }
     }
 }
@@ -110,21 +106,14 @@ pub const SAMPLING_KEYS: &[&str] = &[
 ];
 
 impl SamplingArgs {
-    /// Checks what serde cannot; the message names the key.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_samples == 0 {
-            return Err("`num_samples` must be at least 1".into());
-        }
-        if self.max_new_tokens == 0 {
-            return Err("`max_new_tokens` must be at least 1".into());
-        }
-        if self.generation_batch_size == 0 {
-            return Err("`generation_batch_size` must be at least 1".into());
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("`top_p` = {}: give a value in (0, 1]", self.top_p));
-        }
-        self.temperature.check()
+    /// Checks what serde cannot: the message names `path` (the config file) and the key.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let k = crate::config::Knobs::new(path);
+        k.at_least("num_samples", self.num_samples, 1)?;
+        k.at_least("max_new_tokens", self.max_new_tokens, 1)?;
+        k.at_least("generation_batch_size", self.generation_batch_size, 1)?;
+        k.open_closed("top_p", self.top_p, 0.0, 1.0)?;
+        self.temperature.check(&k)
     }
 
     /// Prompts per generation batch.
@@ -851,7 +840,15 @@ pub(crate) mod tests {
         assert_eq!(t.of_round(1), 0.7);
         assert_eq!(t.of_round(2), 0.9);
         assert_eq!(t.of_round(5), 0.9);
-        assert!(Temperature::One(0.0).check().is_err());
-        assert!(Temperature::PerRound(vec![]).check().is_err());
+        let k = crate::config::Knobs::new(Path::new("c.toml"));
+        let err = Temperature::One(0.0).check(&k).unwrap_err().to_string();
+        assert!(
+            err.contains("c.toml: \"temperature\" must be a finite number > 0, found 0"),
+            "{err}"
+        );
+        assert!(Temperature::PerRound(vec![]).check(&k).is_err());
+        assert!(Temperature::PerRound(vec![0.5, f64::NAN])
+            .check(&k)
+            .is_err());
     }
 }

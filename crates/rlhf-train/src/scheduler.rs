@@ -321,7 +321,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("lr_scheduler_type = \"cosine_annealing\""),
+            e.starts_with("\"lr_scheduler_type\" must be one of")
+                && e.ends_with("found \"cosine_annealing\""),
             "{e}"
         );
         for k in KINDS {

@@ -111,20 +111,12 @@ impl RewardModel {
             dir,
             &LoadOptions {
                 heads: Heads::Score,
+                // A model without a trained head is refused, not given a random one.
+                require_score_head: true,
                 ..Default::default()
             },
             cache,
         )?;
-        if !model
-            .params()
-            .iter()
-            .any(|(n, _)| n.ends_with("score.weight"))
-        {
-            return Err(Error::Config(format!(
-                "{}: no score head (score.weight): is this a reward model?",
-                dir.display()
-            )));
-        }
         let tok = Tokenizer::from_dir(dir)?;
         let text_end = match tok.eos_token().and_then(|e| tok.token_to_id(e)) {
             Some(eos)

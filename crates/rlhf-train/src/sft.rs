@@ -61,7 +61,7 @@ impl SftConfig {
             .entry("learning_rate")
             .or_insert(toml::Value::Float(2e-5));
         let args: TrainingArgs = config::parse(path, table)?;
-        args.validate()?;
+        args.validate(path)?;
         Ok(Self {
             args,
             sft: config::parse(path, own)?,
@@ -187,6 +187,8 @@ pub fn run(
 ) -> Result<Summary> {
     let cfg = SftConfig::load(config_path, overrides)?;
     let args = &cfg.args;
+    // Before anything is written: not into the model, the lock, no other run's checkpoints.
+    let _lock = crate::outdir::prepare_run(args, &[], resume.is_some())?;
     let tok = rlhf_model::tokenizer::Tokenizer::from_dir(&args.model)?;
     let train_set = load_examples(&args.train_file, &tok, args, &cfg.sft)?;
     let eval_set = match &args.eval_file {

@@ -249,8 +249,11 @@ pub fn train<O: Objective>(
         state.sampler = sampler.state();
         state.run.global_step += 1;
         let gs = state.run.global_step;
-        if crate::run::finite_update(gs, step_loss, grad_norm) {
-            opt.step(&grads, scheduler.lr_at(step))?;
+        // A non-finite loss or gradient skips the update; an update that would make a weight
+        // non-finite is refused by the optimiser (nothing changes) and skipped the same way.
+        if crate::run::finite_update(gs, step_loss, grad_norm)
+            && crate::run::applied(gs, opt.step(&grads, scheduler.lr_at(step))?)
+        {
             state.total_loss += step_loss;
             report.mean.push(("loss".into(), step_loss));
             report.last.push(("grad_norm".into(), grad_norm));

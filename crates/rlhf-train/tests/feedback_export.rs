@@ -310,8 +310,10 @@ fn a_pipeline_stage_trains_from_a_feedback_database() {
     );
     assert!(!stage.contains_key("feedback_project") && !stage.contains_key("feedback_aggregate"));
 
-    // Settings are checked before anything runs, naming the stage and key.
-    let bad = cfg.replace("\"majority\"", "\"mean\"");
+    // Settings are checked before anything runs, naming the stage and key (into another
+    // output_dir: `out` holds the run above, which a fresh run may not overwrite).
+    let fresh = cfg.replace("output_dir = \"out\"", "output_dir = \"bad-out\"");
+    let bad = fresh.replace("\"majority\"", "\"mean\"");
     std::fs::write(&path, bad).unwrap();
     let e = rlhf_train::pipeline::run(&path, &[], false)
         .unwrap_err()
@@ -320,7 +322,7 @@ fn a_pipeline_stage_trains_from_a_feedback_database() {
         e.contains("[reward] feedback_aggregate") && e.contains("use none"),
         "{e}"
     );
-    let bad = cfg.replace("\"pw\"", "\"dm\"");
+    let bad = fresh.replace("\"pw\"", "\"dm\"");
     std::fs::write(&path, bad).unwrap();
     let e = rlhf_train::pipeline::run(&path, &[], false)
         .unwrap_err()
@@ -329,7 +331,7 @@ fn a_pipeline_stage_trains_from_a_feedback_database() {
         e.contains("labels.sqlite") && e.contains("use --format sft"),
         "{e}"
     );
-    let bad = cfg.replace("\"labels.sqlite\"", "\"prefs.jsonl\"");
+    let bad = fresh.replace("\"labels.sqlite\"", "\"prefs.jsonl\"");
     std::fs::write(&path, bad).unwrap();
     let e = rlhf_train::pipeline::run(&path, &[], false)
         .unwrap_err()
@@ -338,7 +340,7 @@ fn a_pipeline_stage_trains_from_a_feedback_database() {
         e.contains("[reward] feedback_project: is for a stage whose train_file is a feedback"),
         "{e}"
     );
-    let bad = cfg.replace("\"labels.sqlite\"", "\"missing.db\"");
+    let bad = fresh.replace("\"labels.sqlite\"", "\"missing.db\"");
     std::fs::write(&path, bad).unwrap();
     let e = rlhf_train::pipeline::run(&path, &[], false)
         .unwrap_err()

@@ -1,47 +1,33 @@
 //! JSONL input and output with errors that name the file, line and field.
+//!
+//! Input goes through `rlhf_data::read_rows`, the reader every trainer uses: the same file
+//! types (JSON lines by `.jsonl`/`.json`/`.ndjson`, Parquet by `.parquet`), a byte-order mark
+//! and CRLF line ends read alike, and the same `file:line` messages.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use rlhf_data::Location;
 use serde_json::{Map, Value};
 
-/// One input row with its line number (1-based) for messages.
+/// One input row with where it came from, for messages.
 pub struct Row {
-    /// 1-based line number in the input file.
-    pub line: usize,
+    /// The file and line (Parquet: row); displays as `file:line`.
+    pub at: Location,
     /// The JSON object.
     pub value: Map<String, Value>,
 }
 
-/// Reads every non-empty line of a JSONL file as an object.
+/// Reads every row of a data file (blank lines skipped) as an object.
 pub fn read(path: &Path) -> Result<Vec<Row>> {
-    let f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "{}:{}: not valid JSON (each line must be one JSON object)",
-                path.display(),
-                i + 1
-            )
-        })?;
-        let Value::Object(value) = v else {
-            bail!(
-                "{}:{}: expected a JSON object, found {}",
-                path.display(),
-                i + 1,
-                kind(&v)
-            );
-        };
-        rows.push(Row { line: i + 1, value });
-    }
-    Ok(rows)
+    Ok(rlhf_data::read_rows(path)?
+        .into_iter()
+        .map(|r| Row {
+            at: r.at,
+            value: r.fields,
+        })
+        .collect())
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -56,32 +42,35 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// A string field of a row, or an error naming file, line and field.
-pub fn str_field<'a>(path: &Path, row: &'a Row, field: &str) -> Result<Option<&'a str>> {
+pub fn str_field<'a>(row: &'a Row, field: &str) -> Result<Option<&'a str>> {
     match row.value.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(v) => bail!(
-            "{}:{}: field \"{field}\" must be a string, found {}",
-            path.display(),
-            row.line,
+            "{}: field \"{field}\" must be a string, found {}",
+            row.at,
             kind(v)
         ),
     }
 }
 
-/// A `messages` field: a list of {"role", "content"} objects.
+/// A `messages` field: a non-empty list of {"role", "content"} objects (an empty list is
+/// refused here: a conversation without a message is nothing to score or answer).
 pub fn messages_field(
-    path: &Path,
     row: &Row,
     field: &str,
 ) -> Result<Option<Vec<rlhf_model::tokenizer::ChatMessage>>> {
     match row.value.get(field) {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) if a.is_empty() => bail!(
+            "{}: field \"{field}\" is an empty list; give at least one {{\"role\", \"content\"}} \
+             message, or drop the row",
+            row.at
+        ),
         Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
             anyhow::anyhow!(
-                "{}:{}: field \"{field}\" must be a list of {{\"role\", \"content\"}} objects: {e}",
-                path.display(),
-                row.line
+                "{}: field \"{field}\" must be a list of {{\"role\", \"content\"}} objects: {e}",
+                row.at
             )
         }),
     }

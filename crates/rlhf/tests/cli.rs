@@ -181,8 +181,10 @@ fn bad_input_names_file_line_and_field() {
         input.to_str().unwrap(),
     ]);
     assert!(!ok);
+    // The reader training uses (rlhf_data::read_rows), so the same message; the input is
+    // checked before the model (this one has no score head) is loaded.
     assert!(
-        err.contains("bad.jsonl:2") && err.contains("not valid JSON"),
+        err.contains("bad.jsonl:2") && err.contains("not a JSON object"),
         "{err}"
     );
 
@@ -394,4 +396,339 @@ fn kto_runs_and_bad_rows_say_what_to_fix() {
         stderr.contains("kto.jsonl:2: field \"label\" must be true (desirable) or false"),
         "{stderr}"
     );
+}
+
+/// A copy of a fixture model in `dir`, with `template` as its chat template when given.
+fn model_copy(dir: &std::path::Path, name: &str, template: Option<&str>) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+    }
+    if let Some(t) = template {
+        std::fs::write(out.join("chat_template.jinja"), t).unwrap();
+    }
+    out
+}
+
+/// A chat template that renders an empty conversation as nothing (no BOS, no header).
+const BARE_TEMPLATE: &str = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}\
+                             {% if add_generation_prompt %}<|assistant|>{% endif %}";
+
+/// `rlhf score` and `rlhf generate` refuse a row with nothing to run on, naming the file,
+/// line and field, before any model work: an empty `text`, an empty `messages` list, an
+/// empty row among good ones (it used to get a made-up score, or panic in the attention).
+/// An empty `prompt` that the chat template turns into tokens is a prompt: it generates.
+#[test]
+fn score_and_generate_refuse_empty_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for arch in ["llama-gqa", "gpt2", "opt"] {
+        let rm = model_copy(d, &format!("{arch}-reward"), Some(BARE_TEMPLATE));
+        let lm = model_copy(d, arch, Some(BARE_TEMPLATE));
+        let input = d.join("rows.jsonl");
+        let cases: [(&str, &str, &str, &str); 5] = [
+            ("score", "{\"text\": \"\"}\n", "rows.jsonl:1", "\"text\""),
+            (
+                "score",
+                "{\"text\": \"hello\"}\n{\"text\": \"\"}\n",
+                "rows.jsonl:2",
+                "\"text\"",
+            ),
+            (
+                "score",
+                "{\"messages\": []}\n",
+                "rows.jsonl:1",
+                "\"messages\"",
+            ),
+            (
+                "generate",
+                "{\"prompt\": \"hi\"}\n\n{\"prompt\": \"\"}\n",
+                "rows.jsonl:3",
+                "\"prompt\"",
+            ),
+            (
+                "generate",
+                "{\"messages\": []}\n",
+                "rows.jsonl:1",
+                "\"messages\"",
+            ),
+        ];
+        for (cmd, text, at, field) in cases {
+            std::fs::write(&input, text).unwrap();
+            let model = if cmd == "score" { &rm } else { &lm };
+            let (ok, out, err) = rlhf(
+                &[
+                    cmd,
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--input",
+                    input.to_str().unwrap(),
+                    "--max-new-tokens",
+                    "2",
+                ][..if cmd == "score" { 5 } else { 7 }],
+            );
+            assert!(!ok, "{arch} {cmd} {text:?} should fail: {out}");
+            assert!(
+                err.contains(at) && err.contains(field) && err.contains("empty"),
+                "{arch} {cmd} {text:?}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+        }
+        // With --chat the template gives an empty prompt tokens: that generates.
+        std::fs::write(&input, "{\"prompt\": \"\"}\n").unwrap();
+        let (ok, out, err) = rlhf(&[
+            "generate",
+            "--model",
+            lm.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--max-new-tokens",
+            "2",
+            "--chat",
+        ]);
+        assert!(ok, "{arch}: {err}");
+        assert_eq!(rows(&out).len(), 1);
+    }
+}
+
+/// `rlhf score` on a reward model whose weights are not finite fails, naming the row, instead
+/// of writing `"score": null` and exiting 0.
+#[test]
+fn score_refuses_non_finite_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = model_copy(tmp.path(), "llama-gqa-reward", None);
+    let weights = rm.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let w = t["score.weight"].clone();
+    t.insert("score.weight".into(), (w * f64::NAN).unwrap());
+    std::fs::remove_file(&weights).unwrap();
+    candle_core::safetensors::save(&t, &weights).unwrap();
+    let input = tmp.path().join("t.jsonl");
+    std::fs::write(&input, "{\"text\": \"hello\"}\n").unwrap();
+    let (ok, out, err) = rlhf(&[
+        "score",
+        "--model",
+        rm.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(!ok, "should fail, wrote: {out}");
+    assert!(
+        err.contains("t.jsonl:1") && err.contains("not finite"),
+        "{err}"
+    );
+}
+
+/// A model without a score head is not a reward model: `rlhf score` and PPO's
+/// `reward_model` refuse it, saying what is missing and how to get one, instead of scoring
+/// with a randomly initialised head.
+#[test]
+fn a_model_without_a_score_head_is_not_a_reward_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let base = fixtures().join("llama-gqa");
+    let input = d.join("t.jsonl");
+    std::fs::write(&input, "{\"text\": \"hello\"}\n").unwrap();
+    let (ok, out, err) = rlhf(&[
+        "score",
+        "--model",
+        base.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(!ok, "should fail, wrote: {out}");
+    assert!(
+        err.contains("score.weight") && err.contains("rlhf reward"),
+        "{err}"
+    );
+
+    std::fs::write(d.join("prompts.jsonl"), "{\"prompt\": \"Hello\"}\n").unwrap();
+    let cfg = d.join("ppo.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {base:?}\nreward_model = {base:?}\ntrain_file = \"prompts.jsonl\"\n\
+             output_dir = \"out\"\nmax_steps = 1\nper_device_train_batch_size = 2\n\
+             num_generations = 2\nresponse_length = 4\nreport_to = [\"jsonl\"]\n"
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = rlhf(&["ppo", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("score.weight") && err.contains("rlhf reward"),
+        "{err}"
+    );
+}
+
+/// A LoRA reward run saves the score head it trains: `task_type` left out means SEQ_CLS (the
+/// adapter holds `score.weight` and scores with `rlhf score`); a task type that saves no
+/// head (CAUSAL_LM) is refused before training, naming the key.
+#[test]
+fn lora_reward_runs_save_their_score_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pairs = pairs_file(d);
+    let write = |name: &str, task: &str| {
+        let p = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "model = {:?}\ntrain_file = {pairs:?}\noutput_dir = \"{name}\"\nmax_steps = 1\n\
+                 per_device_train_batch_size = 2\nreport_to = [\"jsonl\"]\n[lora]\nr = 2\n{task}",
+                fixtures().join("llama-gqa")
+            ),
+        )
+        .unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let (ok, _, err) = rlhf(&[
+        "reward",
+        "--config",
+        &write("causal", "task_type = \"CAUSAL_LM\"\n"),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("lora.task_type") && err.contains("SEQ_CLS"),
+        "{err}"
+    );
+    assert!(!d.join("causal/adapter_model.safetensors").exists());
+
+    let (ok, _, err) = rlhf(&["reward", "--config", &write("default", "")]);
+    assert!(ok, "{err}");
+    let out = d.join("default");
+    assert!(tensors(&out.join("adapter_model.safetensors"))
+        .contains_key("base_model.model.score.weight"));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let input = d.join("t.jsonl");
+    std::fs::write(&input, "{\"text\": \"hello\"}\n").unwrap();
+    let (ok, stdout, err) = rlhf(&[
+        "score",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(rows(&stdout)[0]["score"].is_f64());
+}
+
+/// `score` and `generate` read JSONL as training does: a byte-order mark and CRLF line ends
+/// are fine, and the messages name file:line alike.
+#[test]
+fn score_and_generate_read_bom_and_crlf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("win.jsonl");
+    std::fs::write(
+        &input,
+        "\u{feff}{\"prompt\": \"Hello\", \"text\": \"Hello\"}\r\n{\"prompt\": \"The cat\", \"text\": \"The cat\"}\r\n",
+    )
+    .unwrap();
+    let (ok, out, err) = rlhf(&[
+        "score",
+        "--model",
+        fixtures().join("llama-gqa-reward").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(rows(&out).len(), 2);
+    let (ok, out, err) = rlhf(&[
+        "generate",
+        "--model",
+        fixtures().join("llama-gqa").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(rows(&out).len(), 2);
+}
+
+/// The documented bare `--resume` (no directory) takes the newest checkpoint in output_dir,
+/// for `sft`, `reward` and `ppo`: with none there it says so (clap does not ask for a
+/// value), and with one it resumes after it (the step it saved is not trained, so not logged,
+/// again).
+#[test]
+fn bare_resume_takes_the_newest_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pairs = pairs_file(d);
+    std::fs::write(
+        d.join("sft.jsonl"),
+        "{\"prompt\": \"Hello\", \"completion\": \" world\"}\n\
+         {\"prompt\": \"The cat\", \"completion\": \" sat\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("prompts.jsonl"),
+        "{\"prompt\": \"Hello\"}\n{\"prompt\": \"The cat\"}\n",
+    )
+    .unwrap();
+    let model = fixtures().join("llama-gqa");
+    let rm = fixtures().join("llama-gqa-reward");
+    for (cmd, extra) in [
+        ("sft", "train_file = \"sft.jsonl\"\n".to_string()),
+        ("reward", format!("train_file = {pairs:?}\n")),
+        (
+            "ppo",
+            format!(
+                "train_file = \"prompts.jsonl\"\nreward_model = {rm:?}\nnum_generations = 2\n\
+                 response_length = 4\n"
+            ),
+        ),
+    ] {
+        let write = |out: &str| {
+            let p = d.join(format!("{cmd}-{out}.toml"));
+            std::fs::write(
+                &p,
+                format!(
+                    "model = {model:?}\noutput_dir = \"{cmd}-{out}\"\nmax_steps = 2\n\
+                     per_device_train_batch_size = 2\nlogging_steps = 1\nsave_steps = 1\n\
+                     report_to = [\"jsonl\"]\n{extra}[lora]\nr = 2\n"
+                ),
+            )
+            .unwrap();
+            p.to_string_lossy().into_owned()
+        };
+        let (ok, _, err) = rlhf(&[cmd, "--config", &write("a"), "--resume"]);
+        assert!(!ok, "{cmd}: nothing to resume from");
+        assert!(err.contains("no checkpoint-N directory"), "{cmd}: {err}");
+
+        let (ok, _, err) = rlhf(&[cmd, "--config", &write("a")]);
+        assert!(ok, "{cmd}: {err}");
+        let ckpt = d.join(format!("{cmd}-a/checkpoint-1"));
+        let part = d.join(format!("{cmd}-b/checkpoint-1"));
+        std::fs::create_dir_all(&part).unwrap();
+        for e in std::fs::read_dir(&ckpt).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), part.join(e.file_name())).unwrap();
+        }
+        // The flag last, and first: either way it takes no value.
+        let (ok, _, err) = rlhf(&[cmd, "--resume", "--config", &write("b")]);
+        assert!(ok, "{cmd}: {err}");
+        let steps: Vec<u64> = std::fs::read_to_string(d.join(format!("{cmd}-b/metrics.jsonl")))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+            .collect();
+        assert!(
+            steps.contains(&2) && !steps.contains(&1),
+            "{cmd}: resumed after step 1, logged steps {steps:?}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_config_says_so_once() {
+    let (ok, _, stderr) = rlhf(&["sft", "--config", "/nonexistent/config.toml"]);
+    assert!(!ok);
+    assert!(stderr.contains("/nonexistent/config.toml"), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
 }

@@ -363,8 +363,11 @@ fn fill_candidates(a: &GenerateArgs) -> Result<()> {
         };
         let mut value = serde_json::Map::new();
         value.insert("prompt".into(), item.prompt.clone());
-        let row = Row { line: n + 1, value };
-        let ids = super::generate::prompt_ids(&tok, Path::new("item"), &row, a.chat)
+        let row = Row {
+            at: rlhf_data::Location::line(Path::new("item"), n + 1),
+            value,
+        };
+        let ids = super::generate::prompt_ids(&tok, &row, a.chat)
             .with_context(|| format!("item {id}"))?;
         let batch = vec![ids; k];
         let cfg = GenerationConfig {

@@ -1,6 +1,6 @@
 //! `rlhf generate`: prompts in, completions out.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use rlhf_model::generate::{generate, GenerationConfig};
@@ -51,30 +51,50 @@ pub struct Args {
     batch_size: usize,
 }
 
-/// A prompt as the model sees it: text rendered through the chat template when asked, then ids.
-pub fn prompt_ids(tok: &Tokenizer, path: &Path, row: &Row, chat: bool) -> Result<Vec<u32>> {
-    let messages = match row.value.get("prompt") {
-        Some(Value::Array(_)) => jsonl::messages_field(path, row, "prompt")?,
-        _ => jsonl::messages_field(path, row, "messages")?,
+/// A prompt as the model sees it: text rendered through the chat template when asked, then
+/// ids. A prompt with no ids at all is an error naming the file, line and field (the model
+/// has no token to continue from). An empty `prompt` string is a prompt where the tokenizer
+/// adds a BOS token or `--chat` wraps it in the template's turn header: unconditional
+/// generation from BOS is a use of its own. An empty message list is refused (by
+/// [`jsonl::messages_field`]): a conversation without a message is a data mistake, and the
+/// template would render only its generation prompt.
+pub fn prompt_ids(tok: &Tokenizer, row: &Row, chat: bool) -> Result<Vec<u32>> {
+    let (field, messages) = match row.value.get("prompt") {
+        Some(Value::Array(_)) => ("prompt", jsonl::messages_field(row, "prompt")?),
+        _ => ("messages", jsonl::messages_field(row, "messages")?),
     };
-    if let Some(m) = messages {
+    let (field, ids, why) = if let Some(m) = messages {
         let text = tok.apply_chat_template(&m, true)?;
         // The template already holds any BOS it wants.
-        return Ok(tok.encode(&text, false)?);
-    }
-    let Some(prompt) = jsonl::str_field(path, row, "prompt")? else {
-        bail!(
-            "{}:{}: no \"prompt\" or \"messages\" field; rows look like {{\"prompt\": \"...\"}}",
-            path.display(),
-            row.line
-        );
-    };
-    if chat {
-        let text = tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
-        Ok(tok.encode(&text, false)?)
+        (
+            field,
+            tok.encode(&text, false)?,
+            "renders to no tokens through the chat template",
+        )
     } else {
-        Ok(tok.encode(prompt, true)?)
+        let Some(prompt) = jsonl::str_field(row, "prompt")? else {
+            bail!(
+                "{}: no \"prompt\" or \"messages\" field; rows look like {{\"prompt\": \"...\"}}",
+                row.at
+            );
+        };
+        let why = "is empty and comes out as no tokens (this tokenizer adds no BOS token; pass \
+                   --chat to wrap it in the chat template)";
+        if chat {
+            let text = tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
+            ("prompt", tok.encode(&text, false)?, why)
+        } else {
+            ("prompt", tok.encode(prompt, true)?, why)
+        }
+    };
+    if ids.is_empty() {
+        bail!(
+            "{}: field \"{field}\" {why}, so the model has nothing to continue from; give it \
+             text or drop the row",
+            row.at
+        );
     }
+    Ok(ids)
 }
 
 /// Runs `rlhf generate`.
@@ -83,6 +103,12 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--batch-size and --num-return-sequences must be at least 1");
     }
     let tok = super::load_tokenizer(&a.model, a.adapter.as_deref())?;
+    // Every row is read and checked before the model is loaded.
+    let rows = jsonl::read(&a.input)?;
+    let mut prompts = Vec::with_capacity(rows.len());
+    for row in &rows {
+        prompts.push(prompt_ids(&tok, row, a.chat)?);
+    }
     let model = Model::load(
         &a.model,
         &LoadOptions {
@@ -91,11 +117,6 @@ pub fn run(a: Args) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let rows = jsonl::read(&a.input)?;
-    let mut prompts = Vec::with_capacity(rows.len());
-    for row in &rows {
-        prompts.push(prompt_ids(&tok, &a.input, row, a.chat)?);
-    }
     let cfg = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,

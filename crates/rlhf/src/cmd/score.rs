@@ -1,6 +1,6 @@
 //! `rlhf score`: reward-model scores for prompt/response rows.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use rlhf_model::tokenizer::Tokenizer;
@@ -31,34 +31,57 @@ pub struct Args {
 /// The ids a reward model scores for a row, built by the reward trainer's own rule
 /// (`rlhf_data::reward_ids`, TRL's: prompt + response with EOS text appended; message lists
 /// through the chat template) so a pair scores the same in training and here; `text` rows are
-/// scored exactly as given.
-pub fn row_ids(tok: &Tokenizer, path: &Path, row: &Row) -> Result<Vec<u32>> {
+/// scored exactly as given. A row with nothing to score (an empty `text`, an empty message
+/// list, or ids that come out empty) is an error naming the file, line and field: scoring it
+/// would read a padding token and report a made-up score.
+pub fn row_ids(tok: &Tokenizer, row: &Row) -> Result<Vec<u32>> {
     use rlhf_data::Content;
-    if let Some(m) = jsonl::messages_field(path, row, "messages")? {
-        return Ok(rlhf_data::reward_ids(tok, None, &Content::Messages(m))?);
-    }
-    if let Some(text) = jsonl::str_field(path, row, "text")? {
-        return Ok(tok.encode(text, true)?);
-    }
-    let content = |field: &str| -> Result<Option<Content>> {
-        if let Some(m) = match row.value.get(field) {
-            Some(serde_json::Value::Array(_)) => jsonl::messages_field(path, row, field)?,
-            _ => None,
-        } {
-            return Ok(Some(Content::Messages(m)));
+    let (ids, field) = if let Some(m) = jsonl::messages_field(row, "messages")? {
+        (
+            rlhf_data::reward_ids(tok, None, &Content::Messages(m))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", row.at))?,
+            "messages",
+        )
+    } else if let Some(text) = jsonl::str_field(row, "text")? {
+        if text.is_empty() {
+            bail!(
+                "{}: field \"text\" is empty: there is nothing to score; give it text or drop \
+                 the row",
+                row.at
+            );
         }
-        Ok(jsonl::str_field(path, row, field)?.map(|s| Content::Text(s.to_string())))
+        (tok.encode(text, true)?, "text")
+    } else {
+        let content = |field: &str| -> Result<Option<Content>> {
+            if let Some(m) = match row.value.get(field) {
+                Some(serde_json::Value::Array(_)) => jsonl::messages_field(row, field)?,
+                _ => None,
+            } {
+                return Ok(Some(Content::Messages(m)));
+            }
+            Ok(jsonl::str_field(row, field)?.map(|s| Content::Text(s.to_string())))
+        };
+        let (prompt, response) = (content("prompt")?, content("response")?);
+        let Some(response) = response else {
+            bail!(
+                "{}: expected {{\"prompt\", \"response\"}}, {{\"text\"}} or {{\"messages\"}}",
+                row.at
+            );
+        };
+        (
+            rlhf_data::reward_ids(tok, prompt.as_ref(), &response)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", row.at))?,
+            "response",
+        )
     };
-    let (prompt, response) = (content("prompt")?, content("response")?);
-    let Some(response) = response else {
+    if ids.is_empty() {
         bail!(
-            "{}:{}: expected {{\"prompt\", \"response\"}}, {{\"text\"}} or {{\"messages\"}}",
-            path.display(),
-            row.line
+            "{}: field \"{field}\" comes out empty (no tokens): there is nothing to score; \
+             give it text or drop the row",
+            row.at
         );
-    };
-    rlhf_data::reward_ids(tok, prompt.as_ref(), &response)
-        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), row.line))
+    }
+    Ok(ids)
 }
 
 /// Runs `rlhf score`.
@@ -67,26 +90,22 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let tok = super::load_tokenizer(&a.model, a.adapter.as_deref())?;
+    // Every row is read and checked before the model is loaded.
+    let rows = jsonl::read(&a.input)?;
+    let ids: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| row_ids(&tok, r))
+        .collect::<Result<_>>()?;
     let model = Model::load(
         &a.model,
         &LoadOptions {
             heads: Heads::Score,
             adapter: a.adapter.clone(),
+            // A head initialised here would score at random.
+            require_score_head: true,
             ..Default::default()
         },
     )?;
-    if !model
-        .params()
-        .iter()
-        .any(|(n, _)| n.ends_with("score.weight"))
-    {
-        bail!("{}: no score head", a.model.display());
-    }
-    let rows = jsonl::read(&a.input)?;
-    let ids: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|r| row_ids(&tok, &a.input, r))
-        .collect::<Result<_>>()?;
     let pad = model
         .config
         .pad_token_id
@@ -99,6 +118,18 @@ pub fn run(a: Args) -> Result<()> {
         let hidden = model.hidden(&batch)?;
         let scores = model.scores(&hidden, &batch)?.to_vec1::<f32>()?;
         for (row, s) in chunk_rows.iter().zip(scores) {
+            if !s.is_finite() {
+                bail!(
+                    "{}: the score is {s}: the model's weights are not finite (NaN or infinite \
+                     values in {}{}); retrain it, or score with an earlier checkpoint",
+                    row.at,
+                    a.model.display(),
+                    a.adapter
+                        .as_ref()
+                        .map(|p| format!(" or the adapter {}", p.display()))
+                        .unwrap_or_default()
+                );
+            }
             let mut v = row.value.clone();
             v.insert("score".into(), serde_json::json!(s));
             out.write(&v)?;
