@@ -17,6 +17,14 @@ const FIXTURE: &str = concat!(
 );
 
 fuzz_target!(|data: &[u8]| {
+    // libfuzzer-sys aborts in its panic hook, before any `catch_unwind` runs; the tokenizer
+    // loader catches the `tokenizers` crate's own panics on malformed files and returns an
+    // error, so use the default hook. A panic that escapes the loader still aborts the run
+    // (libfuzzer-sys checks each input's result).
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let _ = std::panic::take_hook();
+    });
     let Some((&which, rest)) = data.split_first() else {
         return;
     };

@@ -46,6 +46,32 @@ impl Default for GenerationConfig {
     }
 }
 
+impl GenerationConfig {
+    /// Checks the settings every generation entry point uses, naming the key in the one
+    /// message shape of config checks: `"temperature" must be a finite number >= 0, found NaN`.
+    /// (`max_new_tokens` 0 is allowed: it generates nothing.)
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, what: &str, found: String| {
+            Err(crate::Error::Config(format!(
+                "\"{key}\" must be {what}, found {found}"
+            )))
+        };
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(
+                "temperature",
+                "a finite number >= 0 (0 is greedy)",
+                self.temperature.to_string(),
+            );
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad("top_p", "a number in (0, 1]", p.to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One generated continuation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
@@ -84,6 +110,7 @@ fn generate_states(
     cfg: &GenerationConfig,
     keep_states: bool,
 ) -> Result<(Vec<Generation>, Vec<Tensor>)> {
+    cfg.validate()?;
     if prompts.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -494,6 +521,64 @@ mod tests {
             let f = *c as f64 / n as f64;
             assert!((f - p).abs() < 0.015, "frequency {f} against {p}");
         }
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        for (cfg, key) in [
+            (
+                GenerationConfig {
+                    temperature: f64::NAN,
+                    ..Default::default()
+                },
+                "\"temperature\"",
+            ),
+            (
+                GenerationConfig {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "\"temperature\"",
+            ),
+            (
+                GenerationConfig {
+                    temperature: f64::INFINITY,
+                    ..Default::default()
+                },
+                "\"temperature\"",
+            ),
+            (
+                GenerationConfig {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "\"top_p\"",
+            ),
+            (
+                GenerationConfig {
+                    top_p: Some(f64::NAN),
+                    ..Default::default()
+                },
+                "\"top_p\"",
+            ),
+            (
+                GenerationConfig {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "\"top_p\"",
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("must be"), "{e}");
+        }
+        GenerationConfig {
+            temperature: 0.7,
+            top_p: Some(1.0),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
 
@@ -66,6 +66,53 @@ impl Family {
     }
 }
 
+/// That tensor `name` has elements, whole blocks of its type, and bytes inside the file, all
+/// computed without overflow.
+fn check_tensor_extent(
+    path: &Path,
+    name: &str,
+    info: &TensorInfo,
+    content: &Content,
+    file_len: u64,
+) -> Result<()> {
+    let dims = info.shape.dims();
+    let bad = |why: String| {
+        Err(Error::bad_file(
+            path,
+            format!("tensor {name:?} ({dims:?}): {why}"),
+        ))
+    };
+    let Some(elems) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+        return bad("more elements than memory holds".into());
+    };
+    if elems == 0 {
+        return bad("no elements".into());
+    }
+    let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+    if elems % block != 0 {
+        return bad(format!(
+            "{elems} elements are not whole blocks of {block} ({:?})",
+            info.ggml_dtype
+        ));
+    }
+    let end = (elems / block)
+        .checked_mul(type_size)
+        .and_then(|bytes| u64::try_from(bytes).ok())
+        .and_then(|bytes| {
+            content
+                .tensor_data_offset
+                .checked_add(info.offset)?
+                .checked_add(bytes)
+        });
+    match end {
+        Some(end) if end <= file_len => Ok(()),
+        _ => bad(format!(
+            "its data would end past the end of the file ({file_len} bytes): the file is \
+             truncated or damaged"
+        )),
+    }
+}
+
 /// Converts `gguf_path` into a Hugging Face directory at `out_dir` with weights in `dtype`
 /// (F32 or BF16; F16 is accepted too): config.json, generation_config.json, model.safetensors,
 /// tokenizer.json and tokenizer_config.json.
@@ -76,6 +123,7 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Co
         )));
     }
     let file = File::open(gguf_path).map_err(|e| Error::io(gguf_path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(gguf_path, e))?.len();
     // Content::read does tens of thousands of small reads (one per vocabulary string).
     let mut reader = BufReader::new(file);
     let content = match Content::read(&mut reader) {
@@ -116,6 +164,16 @@ pub fn convert_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Co
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut rope_freqs: Option<Vec<f32>> = None;
     for name in names {
+        // Checked before candle reads it: candle multiplies the sizes unchecked, and turns an
+        // empty tensor's byte buffer into a typed slice from a dangling pointer (undefined
+        // behaviour); both found by fuzz/gguf.
+        check_tensor_extent(
+            gguf_path,
+            name,
+            &content.tensor_infos[name],
+            &content,
+            file_len,
+        )?;
         let read = |reader: &mut BufReader<File>| -> Result<Tensor> {
             let q = content
                 .tensor(reader, name, &device)
@@ -431,7 +489,8 @@ impl Hparams {
         let head_dim = match meta.uint(&k("attention.key_length"))? {
             Some(v) => v as usize,
             None => match dims("blk.0.attn_q.weight") {
-                Some(d) if d[0] % n_head == 0 => d[0] / n_head,
+                // (A tensor with no dimensions tells nothing: found by fuzz/gguf.)
+                Some(d) if d.first().is_some_and(|&r| r % n_head == 0) => d[0] / n_head,
                 _ => hidden / n_head,
             },
         };
@@ -446,7 +505,7 @@ impl Hparams {
                 ));
             }
         }
-        let vocab = dims("token_embd.weight").map_or(0, |d| d[0]);
+        let vocab = dims("token_embd.weight").map_or(0, |d| d.first().copied().unwrap_or(0));
         Ok(Hparams {
             n_layers: meta.need_uint(&k("block_count"))?,
             hidden,

@@ -1083,3 +1083,30 @@ fn smollm2_converts_tokenises_and_answers() {
         "The capital of France is Paris."
     );
 }
+
+/// Every input cargo fuzz found crashing the GGUF reader (fuzz/, docs/reliability.md) is now
+/// an error naming the file: run under this test profile's debug assertions, the first one
+/// (a tensor with no elements) tripped the standard library's check of a slice made from a
+/// dangling pointer inside candle.
+#[test]
+fn inputs_that_crashed_the_fuzzer_are_errors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_crashes");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("gguf-")
+        {
+            continue;
+        }
+        let out = tempfile::tempdir().unwrap();
+        let e = rlhf_model::gguf::convert_gguf(&path, out.path(), DType::F32)
+            .expect_err("a crash input is not a model");
+        assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
+        seen += 1;
+    }
+    assert!(seen >= 1);
+}

@@ -590,3 +590,23 @@ fn missing_special_tokens_are_added_like_transformers() {
     assert_eq!(tok.token_to_id("<unk>"), Some(483));
     assert_eq!(tok.encode("x<unk> y", true).unwrap(), [89, 483, 222, 90]);
 }
+
+/// A tokenizer.json cargo fuzz found (fuzz/tokenizer) on which the `tokenizers` crate panics
+/// inside its decoder's deserialiser: loading it is an error naming the file.
+#[test]
+fn a_tokenizer_json_that_panics_the_parser_is_an_error() {
+    let crash = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_crashes/tokenizer-decoder-panic.bin");
+    let bytes = std::fs::read(&crash).unwrap();
+    // The fuzz target's first byte chose "the rest is tokenizer.json".
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), &bytes[1..]).unwrap();
+    let e = match rlhf_model::tokenizer::Tokenizer::from_dir(dir.path()) {
+        Ok(_) => panic!("a broken tokenizer.json is not a tokenizer"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("tokenizer.json") && e.contains("can read"),
+        "{e}"
+    );
+}

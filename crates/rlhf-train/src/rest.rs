@@ -51,21 +51,22 @@ const REST_KEYS: &[&str] = &["grow_steps", "thresholds", "threshold_type"];
 impl RestArgs {
     fn validate(&self) -> std::result::Result<(), String> {
         if self.grow_steps == 0 {
-            return Err("`grow_steps` must be at least 1".into());
+            return Err("\"grow_steps\" must be at least 1, found 0".into());
         }
         if self.thresholds.is_empty() {
             return Err(
-                "`thresholds` is required: rising reward thresholds, one Improve step each \
-                 (e.g. [0.0, 0.5, 1.0], or with threshold_type = \"quantile\" [0.5, 0.7, 0.9])"
+                "\"thresholds\" must be rising reward thresholds, one Improve step each \
+                 (e.g. [0.0, 0.5, 1.0], or with threshold_type = \"quantile\" [0.5, 0.7, 0.9]), \
+                 found none"
                     .into(),
             );
         }
         if let Some(x) = self.thresholds.iter().find(|x| !x.is_finite()) {
-            return Err(format!("`thresholds` holds {x}: thresholds must be finite"));
+            return Err(format!("\"thresholds\" must be finite numbers, found {x}"));
         }
         if self.thresholds.windows(2).any(|w| w[1] <= w[0]) {
             return Err(format!(
-                "`thresholds` = {:?}: ReST's thresholds rise, τ1 < τ2 < …",
+                "\"thresholds\" must rise (ReST's τ1 < τ2 < …), found {:?}",
                 self.thresholds
             ));
         }
@@ -73,12 +74,13 @@ impl RestArgs {
             "value" => Ok(()),
             "quantile" => match self.thresholds.iter().find(|&&q| !(0.0..1.0).contains(&q)) {
                 Some(q) => Err(format!(
-                    "`thresholds` holds {q}: quantiles lie in [0, 1) (1 would keep nothing)"
+                    "\"thresholds\" must be quantiles in [0, 1) with threshold_type = \
+                     \"quantile\" (1 would keep nothing), found {q}"
                 )),
                 None => Ok(()),
             },
             other => Err(format!(
-                "`threshold_type` = {other:?}: use \"value\" or \"quantile\""
+                "\"threshold_type\" must be \"value\" or \"quantile\", found {other:?}"
             )),
         }
     }

@@ -730,5 +730,42 @@ fn a_missing_config_says_so_once() {
     let (ok, _, stderr) = rlhf(&["sft", "--config", "/nonexistent/config.toml"]);
     assert!(!ok);
     assert!(stderr.contains("/nonexistent/config.toml"), "{stderr}");
-    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn generation_settings_are_checked_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("p.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"Hello\"}\n").unwrap();
+    let model = fixtures().join("llama-gqa");
+    for (flag, value, key) in [
+        (
+            "--temperature",
+            "NaN",
+            "\"temperature\" must be a finite number >= 0",
+        ),
+        (
+            "--temperature",
+            "-0.5",
+            "\"temperature\" must be a finite number >= 0",
+        ),
+        ("--top-p", "0", "\"top_p\" must be a number in (0, 1]"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let (ok, _, stderr) = rlhf(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            &arg,
+        ]);
+        assert!(!ok, "{flag} {value}");
+        assert!(stderr.contains(key), "{flag} {value}: {stderr}");
+    }
 }
