@@ -341,6 +341,11 @@ impl Store {
         kind: Kind,
         annotators_per_item: Option<u32>,
     ) -> Result<Project> {
+        if annotators_per_item == Some(0) {
+            return Err(Error::Invalid(
+                "\"annotators_per_item\" must be at least 1, found 0".into(),
+            ));
+        }
         if let Some(p) = self.project(name)? {
             if p.kind != kind {
                 return Err(Error::Invalid(format!(

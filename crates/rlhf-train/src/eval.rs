@@ -229,17 +229,35 @@ impl EvalConfig {
                 ));
             }
         }
-        if self.max_new_tokens == 0 || self.per_device_eval_batch_size == 0 {
-            return bad("max_new_tokens and per_device_eval_batch_size must be at least 1".into());
+        // The one message shape of config checks: "key" must be WHAT, found VALUE.
+        for (key, v) in [
+            ("max_new_tokens", self.max_new_tokens),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size,
+            ),
+        ] {
+            if v == 0 {
+                return bad(format!("\"{key}\" must be at least 1, found 0"));
+            }
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad(format!(
-                "temperature = {}: use 0 (greedy) or a positive number",
+                "\"temperature\" must be a finite number >= 0 (0 is greedy), found {}",
                 self.temperature
             ));
         }
         if !(0.0 < self.top_p && self.top_p <= 1.0) {
-            return bad(format!("top_p = {}: must be in (0, 1]", self.top_p));
+            return bad(format!(
+                "\"top_p\" must be a number in (0, 1], found {}",
+                self.top_p
+            ));
+        }
+        if !(self.tie_tolerance.is_finite() && self.tie_tolerance >= 0.0) {
+            return bad(format!(
+                "\"tie_tolerance\" must be a finite number >= 0, found {}",
+                self.tie_tolerance
+            ));
         }
         Ok(())
     }

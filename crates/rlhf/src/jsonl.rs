@@ -91,6 +91,23 @@ impl Output {
         }
     }
 
+    /// Output to `path` (stdout when None), which must not be one of `inputs`: writing the
+    /// results over the file they are computed from would lose it.
+    pub fn not_over(path: Option<&Path>, inputs: &[&Path]) -> Result<Self> {
+        if let Some(out) = path {
+            for input in inputs {
+                if same_file(out, input) {
+                    bail!(
+                        "--output {} is the input file: write the results to another file \
+                         (the input would be overwritten)",
+                        out.display()
+                    );
+                }
+            }
+        }
+        Ok(Self::new(path))
+    }
+
     /// Appends one row; stdout rows are flushed at once so pipes see progress.
     pub fn write(&mut self, row: &Map<String, Value>) -> Result<()> {
         let line = serde_json::to_string(row)?;
@@ -114,5 +131,13 @@ impl Output {
             rlhf_model::save::write_atomic(p, &self.buf)?;
         }
         Ok(())
+    }
+}
+
+/// Whether `a` and `b` name the same existing file (through links and `..`).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }

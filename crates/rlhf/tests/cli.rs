@@ -769,3 +769,32 @@ fn generation_settings_are_checked_naming_the_key() {
         assert!(stderr.contains(key), "{flag} {value}: {stderr}");
     }
 }
+
+#[test]
+fn output_never_overwrites_an_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("p.jsonl");
+    let row = "{\"prompt\": \"Hello\", \"response\": \" there\"}\n";
+    std::fs::write(&input, row).unwrap();
+    // The same file by another name, too.
+    let other_name = tmp.path().join("sub/../p.jsonl");
+    std::fs::create_dir_all(tmp.path().join("sub")).unwrap();
+    for (cmd, model) in [("generate", "llama-gqa"), ("score", "llama-gqa-reward")] {
+        let (ok, _, stderr) = rlhf(&[
+            cmd,
+            "--model",
+            fixtures().join(model).to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            other_name.to_str().unwrap(),
+        ]);
+        assert!(!ok, "{cmd}");
+        assert!(stderr.contains("is the input file"), "{cmd}: {stderr}");
+        assert_eq!(
+            std::fs::read_to_string(&input).unwrap(),
+            row,
+            "{cmd} touched its input"
+        );
+    }
+}

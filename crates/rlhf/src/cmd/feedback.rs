@@ -26,7 +26,7 @@ pub enum Feedback {
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
         /// Hours a sign-in lasts.
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=8760))]
         session_hours: u64,
     },
     /// Load prompts, or prompts with answers, into a project (JSONL, Parquet, or a Label
@@ -41,7 +41,7 @@ pub enum Feedback {
         #[arg(long)]
         kind: Option<String>,
         /// How many people label each item.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         annotators_per_item: Option<u32>,
         /// Instructions shown above every item.
         #[arg(long)]
@@ -140,7 +140,7 @@ pub fn run(f: Feedback) -> Result<()> {
         } => {
             let mut opts = ServeOptions::new(db);
             opts.bind = bind;
-            opts.session_ttl = std::time::Duration::from_secs(session_hours.max(1) * 3600);
+            opts.session_ttl = std::time::Duration::from_secs(session_hours * 3600);
             server::run(opts)?;
             Ok(())
         }
@@ -221,6 +221,12 @@ pub fn run(f: Feedback) -> Result<()> {
         } => {
             if !db.exists() {
                 bail!("{}: no such feedback database", db.display());
+            }
+            if crate::jsonl::same_file(&output, &db) {
+                bail!(
+                    "--output {} is the feedback database: write the export to another file",
+                    output.display()
+                );
             }
             let mut store = Store::open(&db)?;
             let opts = ExportOptions {

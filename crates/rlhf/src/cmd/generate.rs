@@ -131,7 +131,7 @@ pub fn run(a: Args) -> Result<()> {
         .flat_map(|r| (0..a.num_return_sequences).map(move |s| (r, s)))
         .collect();
     let pb = super::progress(jobs.len() as u64, "generate");
-    let mut out = jsonl::Output::new(a.output.as_deref());
+    let mut out = jsonl::Output::not_over(a.output.as_deref(), &[&a.input])?;
     for (chunk_no, chunk) in jobs.chunks(a.batch_size).enumerate() {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&(r, _)| prompts[r].clone()).collect();
         let cfg = GenerationConfig {

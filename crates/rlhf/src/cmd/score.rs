@@ -112,7 +112,7 @@ pub fn run(a: Args) -> Result<()> {
         .or(tok.pad_or_eos_token_id())
         .unwrap_or(0);
     let pb = super::progress(rows.len() as u64, "score");
-    let mut out = jsonl::Output::new(a.output.as_deref());
+    let mut out = jsonl::Output::not_over(a.output.as_deref(), &[&a.input])?;
     for (chunk_rows, chunk_ids) in rows.chunks(a.batch_size).zip(ids.chunks(a.batch_size)) {
         let batch = Batch::pad(chunk_ids, pad, false);
         let hidden = model.hidden(&batch)?;
