@@ -75,12 +75,21 @@ impl LoraConfig {
     /// Checks values and fills what PEFT fills: default targets for the architecture and,
     /// for SEQ_CLS, the score head in modules_to_save.
     pub fn resolved(mut self, model_type: &str) -> Result<Self> {
+        // The one message shape of config checks: "key" must be WHAT, found VALUE.
         if self.r == 0 {
-            return Err(Error::Config("lora.r must be at least 1".into()));
+            return Err(Error::Config(
+                "\"lora.r\" must be at least 1, found 0".into(),
+            ));
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(Error::Config(format!(
+                "\"lora.lora_alpha\" must be a finite number > 0, found {}",
+                self.lora_alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(Error::Config(format!(
-                "lora.lora_dropout must be in [0, 1), got {}",
+                "\"lora.lora_dropout\" must be a number in [0, 1), found {}",
                 self.lora_dropout
             )));
         }
@@ -275,6 +284,50 @@ pub fn read_adapter_tensors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (cfg, key) in [
+            (
+                LoraConfig {
+                    r: 0,
+                    ..Default::default()
+                },
+                "\"lora.r\"",
+            ),
+            (
+                LoraConfig {
+                    lora_alpha: f64::NAN,
+                    ..Default::default()
+                },
+                "\"lora.lora_alpha\"",
+            ),
+            (
+                LoraConfig {
+                    lora_alpha: 0.0,
+                    ..Default::default()
+                },
+                "\"lora.lora_alpha\"",
+            ),
+            (
+                LoraConfig {
+                    lora_dropout: 1.0,
+                    ..Default::default()
+                },
+                "\"lora.lora_dropout\"",
+            ),
+            (
+                LoraConfig {
+                    lora_dropout: f64::NAN,
+                    ..Default::default()
+                },
+                "\"lora.lora_dropout\"",
+            ),
+        ] {
+            let e = cfg.resolved("llama").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("must be"), "{e}");
+        }
+    }
 
     #[test]
     fn targets_match_like_peft() {

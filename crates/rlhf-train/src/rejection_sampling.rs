@@ -132,7 +132,7 @@ impl RsConfig {
         let rs: RsArgs = config::parse(path, own)?;
         if rs.iterations == 0 {
             return Err(Error::Config(format!(
-                "{}: `iterations` must be at least 1",
+                "{}: \"iterations\" must be at least 1, found 0",
                 path.display()
             )));
         }
