@@ -491,12 +491,20 @@ async fn auth(app: &Shared, headers: &HeaderMap) -> Result<Option<Auth>> {
     Ok(found.map(|(user, csrf)| Auth { user, csrf }))
 }
 
-/// The signed-in user, or the response to send instead (a redirect to the login page).
-async fn signed_in(app: &Shared, headers: &HeaderMap) -> Result<Auth, Response> {
-    match auth(app, headers).await {
-        Ok(Some(a)) => Ok(a),
-        Ok(None) => Err(Redirect::to("/login").into_response()),
-        Err(e) => Err(internal(app, e)),
+/// A handler's `Auth` argument: the signed-in user, or the response sent instead (a redirect
+/// to the login page).
+impl axum::extract::FromRequestParts<Shared> for Auth {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        match auth(app, &parts.headers).await {
+            Ok(Some(a)) => Ok(a),
+            Ok(None) => Err(Redirect::to("/login").into_response()),
+            Err(e) => Err(internal(app, e)),
+        }
     }
 }
 
@@ -664,13 +672,10 @@ async fn login(
 
 async fn logout(
     State(app): State<Shared>,
+    a: Auth,
     headers: HeaderMap,
     Form(form): Form<FormData>,
 ) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
     if let Err(r) = check_csrf(&app, &a, &form) {
         return r;
     }
@@ -709,19 +714,14 @@ fn shown(v: &Value) -> String {
     }
 }
 
-async fn home(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
+async fn home(State(app): State<Shared>, a: Auth) -> Response {
     let uid = a.user.id;
     let r = app
         .pool
         .run(move |s| {
             let mut rows = Vec::new();
             for p in s.projects()? {
-                let total = s.item_ids(p.id)?.len();
-                let mine = s.labels_of(p.id, uid)?.len();
+                let (total, mine) = s.counts(p.id, uid)?;
                 rows.push(
                     context! { id => p.id, name => p.name, kind => p.kind.as_str(), total, mine },
                 );
@@ -743,15 +743,7 @@ async fn load_project(app: &Shared, pid: i64) -> Result<Option<Project>> {
     app.pool.run(move |s| s.project_by_id(pid)).await
 }
 
-async fn next_item(
-    State(app): State<Shared>,
-    headers: HeaderMap,
-    Path(pid): Path<i64>,
-) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
+async fn next_item(State(app): State<Shared>, a: Auth, Path(pid): Path<i64>) -> Response {
     let project = match load_project(&app, pid).await {
         Ok(Some(p)) => p,
         Ok(None) => return not_found(State(app)).await,
@@ -773,13 +765,9 @@ async fn next_item(
 
 async fn item_page(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    a: Auth,
     Path((pid, iid)): Path<(i64, i64)>,
 ) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
     show_item(&app, &a, pid, iid, None, None, StatusCode::OK).await
 }
 
@@ -803,8 +791,7 @@ async fn show_item(
             let Some(item) = s.item(iid)?.filter(|i| i.project_id == pid) else {
                 return Ok(None);
             };
-            let done = s.labels_of(pid, uid)?.len();
-            let total = s.item_ids(pid)?.len();
+            let (total, done) = s.counts(pid, uid)?;
             Ok(Some((project, item, done, total)))
         })
         .await;
@@ -949,14 +936,10 @@ fn lead_time(f: &FormData) -> Option<i64> {
 
 async fn submit(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    a: Auth,
     Path((pid, iid)): Path<(i64, i64)>,
     Form(form): Form<FormData>,
 ) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
     if let Err(r) = check_csrf(&app, &a, &form) {
         return r;
     }
@@ -996,14 +979,10 @@ async fn submit(
 
 async fn skip(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    a: Auth,
     Path((pid, iid)): Path<(i64, i64)>,
     Form(form): Form<FormData>,
 ) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
     if let Err(r) = check_csrf(&app, &a, &form) {
         return r;
     }
@@ -1025,15 +1004,7 @@ async fn skip(
     }
 }
 
-async fn my_labels(
-    State(app): State<Shared>,
-    headers: HeaderMap,
-    Path(pid): Path<i64>,
-) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
+async fn my_labels(State(app): State<Shared>, a: Auth, Path(pid): Path<i64>) -> Response {
     let uid = a.user.id;
     let r = app
         .pool
@@ -1072,15 +1043,7 @@ async fn own_label(app: &Shared, a: &Auth, lid: i64) -> Result<Option<(StoredLab
         .await
 }
 
-async fn label_page(
-    State(app): State<Shared>,
-    headers: HeaderMap,
-    Path(lid): Path<i64>,
-) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
+async fn label_page(State(app): State<Shared>, a: Auth, Path(lid): Path<i64>) -> Response {
     match own_label(&app, &a, lid).await {
         Ok(Some((l, pid))) => {
             let iid = l.item_id;
@@ -1093,14 +1056,10 @@ async fn label_page(
 
 async fn update_label(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    a: Auth,
     Path(lid): Path<i64>,
     Form(form): Form<FormData>,
 ) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
     if let Err(r) = check_csrf(&app, &a, &form) {
         return r;
     }
@@ -1146,11 +1105,7 @@ async fn update_label(
     }
 }
 
-async fn admin(State(app): State<Shared>, headers: HeaderMap) -> Response {
-    let a = match signed_in(&app, &headers).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
+async fn admin(State(app): State<Shared>, a: Auth) -> Response {
     if !a.user.is_admin {
         // Not "forbidden": an annotator learns nothing about what admins see.
         return not_found(State(app)).await;

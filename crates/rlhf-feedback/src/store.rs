@@ -403,11 +403,25 @@ impl Store {
 
     /// The project called `name`.
     pub fn project(&self, name: &str) -> Result<Option<Project>> {
+        self.project_where(
+            "name = ?1",
+            [rusqlite::types::Value::from(name.to_string())],
+        )
+    }
+
+    /// The project with row id `id`.
+    pub fn project_by_id(&self, id: i64) -> Result<Option<Project>> {
+        self.project_where("id = ?1", [rusqlite::types::Value::from(id)])
+    }
+
+    fn project_where(&self, cond: &str, args: impl rusqlite::Params) -> Result<Option<Project>> {
         self.conn
             .query_row(
-                "SELECT id, name, kind, annotators_per_item, instructions FROM projects
-                 WHERE name = ?1",
-                [name],
+                &format!(
+                    "SELECT id, name, kind, annotators_per_item, instructions FROM projects \
+                     WHERE {cond}"
+                ),
+                args,
                 project_row,
             )
             .optional()
@@ -415,18 +429,18 @@ impl Store {
             .transpose()
     }
 
-    /// The project with row id `id`.
-    pub fn project_by_id(&self, id: i64) -> Result<Option<Project>> {
+    /// How many items a project has, and how many of them `user_id` has labelled: what a
+    /// page's progress line needs, counted, not loaded.
+    pub fn counts(&self, project_id: i64, user_id: i64) -> Result<(usize, usize)> {
         self.conn
             .query_row(
-                "SELECT id, name, kind, annotators_per_item, instructions FROM projects
-                 WHERE id = ?1",
-                [id],
-                project_row,
+                "SELECT (SELECT COUNT(*) FROM items WHERE project_id = ?1),
+                        (SELECT COUNT(*) FROM labels l JOIN items i ON i.id = l.item_id
+                         WHERE i.project_id = ?1 AND l.user_id = ?2)",
+                params![project_id, user_id],
+                |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, i64>(1)? as usize)),
             )
-            .optional()
-            .at(&self.path)?
-            .transpose()
+            .at(&self.path)
     }
 
     /// Every project, oldest first.
@@ -1215,6 +1229,8 @@ mod tests {
         assert_eq!(s.next_item(&p, users[0].id).unwrap(), Some(ids[0]));
         s.submit(ids[0], users[0].id, &pair(Choice::A), None)
             .unwrap();
+        assert_eq!(s.counts(p.id, users[0].id).unwrap(), (3, 1));
+        assert_eq!(s.counts(p.id, users[1].id).unwrap(), (3, 0));
         // a's next is item 1 (c holds one of its two places).
         assert_eq!(s.next_item(&p, users[0].id).unwrap(), Some(ids[1]));
         s.skip(ids[1], users[0].id).unwrap();

@@ -50,33 +50,7 @@ pub enum Feedback {
         file: PathBuf,
     },
     /// Fill in candidate answers with a model for a project's items that have none.
-    Generate {
-        #[arg(long)]
-        db: PathBuf,
-        #[arg(long)]
-        project: String,
-        /// Model directory (Hugging Face format).
-        #[arg(long)]
-        model: PathBuf,
-        /// PEFT LoRA adapter directory to apply.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// Answers per item (default: 2 for pairwise, 4 for rank, 1 for single).
-        #[arg(long)]
-        num_samples: Option<usize>,
-        #[arg(long, default_value_t = 128)]
-        max_new_tokens: usize,
-        /// Sampling temperature (answers to compare should differ).
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        #[arg(long)]
-        top_p: Option<f64>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Wrap plain prompts in the model's chat template as a user turn.
-        #[arg(long)]
-        chat: bool,
-    },
+    Generate(GenerateArgs),
     /// Write the labels as training files.
     Export {
         #[arg(long)]
@@ -99,6 +73,36 @@ pub enum Feedback {
         #[command(subcommand)]
         what: UserCmd,
     },
+}
+
+/// `rlhf feedback generate`
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    db: PathBuf,
+    #[arg(long)]
+    project: String,
+    /// Model directory (Hugging Face format).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Answers per item (default: 2 for pairwise, 4 for rank, 1 for single).
+    #[arg(long)]
+    num_samples: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature (answers to compare should differ).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap plain prompts in the model's chat template as a user turn.
+    #[arg(long)]
+    chat: bool,
 }
 
 /// `rlhf feedback user ...`
@@ -189,29 +193,7 @@ pub fn run(f: Feedback) -> Result<()> {
             }
             Ok(())
         }
-        Feedback::Generate {
-            db,
-            project,
-            model,
-            adapter,
-            num_samples,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            chat,
-        } => fill_candidates(&GenerateArgs {
-            db,
-            project,
-            model,
-            adapter,
-            num_samples,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            chat,
-        }),
+        Feedback::Generate(a) => fill_candidates(&a),
         Feedback::Export {
             db,
             format,
@@ -295,19 +277,6 @@ fn user(u: UserCmd) -> Result<()> {
             Ok(())
         }
     }
-}
-
-struct GenerateArgs {
-    db: PathBuf,
-    project: String,
-    model: PathBuf,
-    adapter: Option<PathBuf>,
-    num_samples: Option<usize>,
-    max_new_tokens: usize,
-    temperature: f64,
-    top_p: Option<f64>,
-    seed: u64,
-    chat: bool,
 }
 
 /// `feedback generate`: K sampled answers for each item without answers, stored per item as
