@@ -47,11 +47,23 @@ impl FileFormat {
             // `datasets.Dataset.to_json` writes JSON lines to `.json` files by default.
             Some("jsonl" | "ndjson" | "json") => Ok(FileFormat::Jsonl),
             Some("parquet" | "pq") => Ok(FileFormat::Parquet),
+            // A pipe or a device (`/dev/stdin`, `<(cmd)`) has no name to go by, and Parquet
+            // cannot be read from a stream: JSON lines.
+            None if is_stream(path) => Ok(FileFormat::Jsonl),
             _ => Err(Error::UnknownFileType {
                 path: path.to_path_buf(),
             }),
         }
     }
+}
+
+/// Whether `path` is a pipe, socket or character device rather than a file on disk.
+fn is_stream(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_fifo() || t.is_char_device() || t.is_socket()
+    })
 }
 
 /// A streaming iterator over the rows of a data file; see [`rows`].
@@ -369,5 +381,15 @@ mod tests {
         );
         let e = FileFormat::from_path(Path::new("t.csv")).unwrap_err();
         assert!(e.to_string().starts_with("t.csv: unknown data file type"));
+        // A device or pipe (here /dev/null, as /dev/stdin would be) reads as JSON lines; a
+        // regular file without an extension still needs one.
+        assert_eq!(
+            FileFormat::from_path(Path::new("/dev/null")).unwrap(),
+            FileFormat::Jsonl
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("rows");
+        std::fs::write(&plain, "{}\n").unwrap();
+        assert!(FileFormat::from_path(&plain).is_err());
     }
 }
