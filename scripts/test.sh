@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: installs headless Chromium (Debian's `chromium`, `chromium-driver`) where it
 # is missing, for the browser tests (the report's, and the labelling app's through chromedriver),
-# then runs every crate's tests.
+# and the `openai` Python client into a virtual environment for `rlhf serve`'s test, then runs
+# every crate's tests.
 # Arguments go to `cargo test --workspace` (e.g. a test-name filter, or `-- --nocapture`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,20 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q \
         chromium chromium-driver
 fi
+# `rlhf serve`'s test drives the server with the official `openai` Python client (PyPI), kept
+# in a virtual environment under the target directory (python3-venv from Debian where missing).
+PYENV="${CARGO_TARGET_DIR:-target}/pyenv"
+if ! "$PYENV/bin/python" -c "import openai" >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing the openai client into $PYENV for rlhf-serve's test" >&2
+    if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -q
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q python3-venv
+    fi
+    python3 -m venv "$PYENV"
+    "$PYENV/bin/pip" install -q openai
+fi
+RLHF_OPENAI_PYTHON="$(cd "$PYENV" && pwd)/bin/python"
+export RLHF_OPENAI_PYTHON
 exec cargo test --workspace "$@"

@@ -225,6 +225,57 @@ fn generate_inner(
     Ok((out, per_row))
 }
 
+/// The prompt pass of a left-padded batch, as [`generate`] runs it (each distinct prompt
+/// once, a common root once): what a decoding loop of its own starts from, such as a server
+/// that lets requests join a running batch.
+pub struct Prefill {
+    /// The last layer's hidden state at each prompt's last token, `(b, hidden)`: what
+    /// predicts each row's first new token.
+    pub last_hidden: Tensor,
+    /// The cache of every prompt position, left-padded to the longest prompt.
+    pub cache: crate::nn::KvCache,
+    /// Which cached positions are real tokens (1) or left padding (0), one row per prompt.
+    pub key_mask: Vec<Vec<u8>>,
+}
+
+/// Runs the prompt pass of `prompts` (none empty), left-padded with `pad`, without a graph.
+// prompts: b rows -> last_hidden (b, hidden), cache of max prompt length
+pub fn prefill(model: &Model, prompts: &[Vec<u32>], pad: u32) -> Result<Prefill> {
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(crate::Error::EmptyInput(format!(
+            "prompt {i} of {} has no tokens; generation needs at least one",
+            prompts.len()
+        )));
+    }
+    let was = model.set_grad_enabled(false);
+    let out = (|| {
+        let batch = Batch::pad(prompts, pad, true);
+        let mut cache = model.new_cache();
+        let hidden = match prefill_shared(model, prompts, pad, &mut cache)? {
+            Some(h) => h,
+            None => {
+                let positions = crate::ops::positions_from_mask(&batch.attention_mask);
+                let ids = batch.ids_tensor(model.device())?;
+                model.hidden_cached(&ids, &positions, &batch.attention_mask, &mut cache)?
+            }
+        };
+        let t = hidden.dim(1)?;
+        Ok(Prefill {
+            last_hidden: hidden.narrow(1, t - 1, 1)?.squeeze(1)?,
+            cache,
+            key_mask: batch.attention_mask,
+        })
+    })();
+    model.set_grad_enabled(was);
+    out
+}
+
+/// The next token for one row of logits (`vocab` of them) and its log-probability, picked as
+/// [`generate`] picks it under `cfg`'s temperature, top-k and top-p, drawing from `rng`.
+pub fn pick_token(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> (u32, f32) {
+    pick_tokens(logits, logits.len(), &[true], cfg, rng)[0].expect("the one row is active")
+}
+
 /// Where several rows have the same prompt (a prompt's completions), runs the prompt pass
 /// once per distinct prompt and copies its cache to each of its rows: the hidden states of
 /// the full batch's first step, with `cache` filled as that step would fill it. `None` when

@@ -39,6 +39,89 @@ Preferred Response=";
 /// The placeholders a template must hold, each once or more.
 const PLACEHOLDERS: [&str; 3] = ["{prompt}", "{response_1}", "{response_2}"];
 
+/// One worked example shown to the judge before the pair it labels (RLAIF's few-shot
+/// exemplars): the template filled with it, followed by the preferred answer's digit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FewShot {
+    /// The instruction.
+    pub prompt: String,
+    /// The response shown first.
+    pub response_1: String,
+    /// The response shown second.
+    pub response_2: String,
+    /// 1 or 2: the better response.
+    pub preferred: u8,
+}
+
+/// What the judge reads, in RLAIF's order (Lee et al. 2023, §2.1): a preamble describing the
+/// task, optional few-shot exemplars, then the pair to label, the template ending where the
+/// answer digit comes next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JudgePrompt {
+    /// Text before everything else (a blank line follows it).
+    pub preamble: Option<String>,
+    /// Worked examples, each the filled template and its answer digit.
+    pub few_shot: Vec<FewShot>,
+    /// The per-pair text with `{prompt}`, `{response_1}` and `{response_2}`.
+    pub template: String,
+}
+
+impl JudgePrompt {
+    /// A prompt of `template` alone.
+    pub fn template(template: impl Into<String>) -> Self {
+        Self {
+            preamble: None,
+            few_shot: Vec::new(),
+            template: template.into(),
+        }
+    }
+
+    /// Checks the template's placeholders and the examples' answers.
+    pub fn check(&self) -> Result<()> {
+        for p in PLACEHOLDERS {
+            if !self.template.contains(p) {
+                return Err(Error::invalid(
+                    "judge template",
+                    format!("{:?}", self.template),
+                    format!("a template holding {p} (and {})", PLACEHOLDERS.join(", ")),
+                ));
+            }
+        }
+        for (i, ex) in self.few_shot.iter().enumerate() {
+            if !matches!(ex.preferred, 1 | 2) {
+                return Err(Error::invalid(
+                    format!("few_shot[{i}].preferred"),
+                    ex.preferred,
+                    "1 or 2",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The judge's text for one pair: preamble, exemplars, then the filled template.
+    pub fn render(&self, prompt: &str, first: &str, second: &str) -> String {
+        let mut out = String::new();
+        if let Some(p) = self.preamble.as_deref().filter(|p| !p.trim().is_empty()) {
+            out.push_str(p.trim_end());
+            out.push_str("\n\n");
+        }
+        for ex in &self.few_shot {
+            out.push_str(&fill(
+                &self.template,
+                &ex.prompt,
+                &ex.response_1,
+                &ex.response_2,
+            ));
+            out.push_str(&ex.preferred.to_string());
+            out.push_str("\n\n");
+        }
+        out.push_str(&fill(&self.template, prompt, first, second));
+        out
+    }
+}
+
 /// One pair's judgement in both orders (eval.json keeps both probabilities).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PairJudgement {
@@ -120,7 +203,10 @@ pub trait PairwiseJudgeApi {
 pub struct PairwiseJudge {
     model: Model,
     tok: Tokenizer,
-    template: String,
+    prompt: JudgePrompt,
+    /// Render the text as the user's turn through the tokenizer's chat template (when it has
+    /// one); else encode it as raw text.
+    chat: bool,
     /// Token ids of the answers "1" and "2" as the template's end makes them the next token.
     answer_ids: [u32; 2],
     /// The longest input the model's positions allow, where config.json says.
@@ -137,15 +223,14 @@ impl PairwiseJudge {
     /// otherwise it is the text itself, encoded with the tokenizer's special tokens.
     pub fn load(dir: &Path, template: Option<String>) -> Result<Self> {
         let template = template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
-        for p in PLACEHOLDERS {
-            if !template.contains(p) {
-                return Err(Error::invalid(
-                    "judge template",
-                    format!("{template:?}"),
-                    format!("a template holding {p} (and {})", PLACEHOLDERS.join(", ")),
-                ));
-            }
-        }
+        Self::load_with(dir, JudgePrompt::template(template), true)
+    }
+
+    /// [`load`](Self::load) with a whole [`JudgePrompt`] (preamble, few-shot exemplars,
+    /// template); `chat = false` encodes the text raw even where the tokenizer has a chat
+    /// template.
+    pub fn load_with(dir: &Path, prompt: JudgePrompt, chat: bool) -> Result<Self> {
+        prompt.check()?;
         let model = Model::load(
             dir,
             &LoadOptions {
@@ -161,7 +246,8 @@ impl PairwiseJudge {
         let mut judge = Self {
             model,
             tok,
-            template,
+            prompt,
+            chat,
             answer_ids: [0, 0],
             max_positions,
             batch_size: 8,
@@ -169,7 +255,7 @@ impl PairwiseJudge {
         judge.answer_ids = judge.find_answer_ids()?;
         tracing::debug!(
             answer_ids = ?judge.answer_ids,
-            chat = judge.tok.chat_template().is_some(),
+            chat = judge.chat && judge.tok.chat_template().is_some(),
             "pairwise judge loaded from {}",
             dir.display()
         );
@@ -221,8 +307,13 @@ impl PairwiseJudge {
 
     /// The judge's input text for one query and whether to encode it with special tokens.
     fn input_text(&self, prompt: &str, first: &str, second: &str) -> Result<(String, bool)> {
-        let filled = fill(&self.template, prompt, first, second);
-        if self.tok.chat_template().is_some() {
+        self.wrap(self.prompt.render(prompt, first, second))
+    }
+
+    /// The judge's text for a rendered query ([`JudgePrompt::render`]): the user's turn of a
+    /// one-turn conversation, or the text itself; and whether to encode it with special tokens.
+    fn wrap(&self, filled: String) -> Result<(String, bool)> {
+        if self.chat && self.tok.chat_template().is_some() {
             let chat = [ChatMessage::new("user", filled)];
             // Rendered text carries its own BOS: encoded without special tokens.
             Ok((self.tok.apply_chat_template(&chat, true)?, false))
@@ -236,7 +327,11 @@ impl PairwiseJudge {
     /// template (tested against it), built from [`input_text`](Self::input_text) so that the
     /// answer-token probe at load sees exactly what queries see.
     fn input_ids(&self, prompt: &str, first: &str, second: &str) -> Result<Vec<u32>> {
-        let (text, special) = self.input_text(prompt, first, second)?;
+        self.rendered_ids(self.prompt.render(prompt, first, second))
+    }
+
+    fn rendered_ids(&self, rendered: String) -> Result<Vec<u32>> {
+        let (text, special) = self.wrap(rendered)?;
         let ids = self.tok.encode(&text, special)?;
         if let Some(max) = self.max_positions {
             if ids.len() > max {
@@ -294,12 +389,28 @@ impl PairwiseJudge {
     }
 }
 
-impl PairwiseJudgeApi for PairwiseJudge {
-    fn prob_first_batch(&self, pairs: &[(&str, &str, &str)]) -> Result<Vec<f64>> {
-        let ids = pairs
+impl PairwiseJudge {
+    /// The judge's prompt (what [`JudgePrompt::render`] makes of a pair).
+    pub fn prompt(&self) -> &JudgePrompt {
+        &self.prompt
+    }
+
+    /// Whether queries are rendered through the tokenizer's chat template.
+    pub fn uses_chat_template(&self) -> bool {
+        self.chat && self.tok.chat_template().is_some()
+    }
+
+    /// P(response 1 is better) for queries already rendered by [`JudgePrompt::render`], in
+    /// forward passes of the judge's batch size.
+    pub fn prob_first_rendered(&self, rendered: &[String]) -> Result<Vec<f64>> {
+        let ids = rendered
             .iter()
-            .map(|&(p, a, b)| self.input_ids(p, a, b))
+            .map(|r| self.rendered_ids(r.clone()))
             .collect::<Result<Vec<_>>>()?;
+        self.prob_first_ids(&ids)
+    }
+
+    fn prob_first_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<f64>> {
         let was = self.model.set_grad_enabled(false);
         let out = (|| -> Result<Vec<f64>> {
             let mut probs = Vec::with_capacity(ids.len());
@@ -310,6 +421,16 @@ impl PairwiseJudgeApi for PairwiseJudge {
         })();
         self.model.set_grad_enabled(was);
         out
+    }
+}
+
+impl PairwiseJudgeApi for PairwiseJudge {
+    fn prob_first_batch(&self, pairs: &[(&str, &str, &str)]) -> Result<Vec<f64>> {
+        let ids = pairs
+            .iter()
+            .map(|&(p, a, b)| self.input_ids(p, a, b))
+            .collect::<Result<Vec<_>>>()?;
+        self.prob_first_ids(&ids)
     }
 }
 
@@ -451,7 +572,7 @@ mod tests {
         assert_eq!(judge.answer_ids(), [18, 19]);
         // The template is long for a 128-position model: keep the texts short.
         let judge = PairwiseJudge {
-            template: "{prompt}|{response_1}|{response_2}|Preferred Response=".into(),
+            prompt: JudgePrompt::template("{prompt}|{response_1}|{response_2}|Preferred Response="),
             ..judge
         };
         let pairs = [

@@ -3,11 +3,15 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod constitutional;
 pub mod dpo;
 pub mod error;
 pub mod eval;
+pub mod hir;
 pub mod judge;
+pub mod judge_endpoint;
 pub mod kto;
+pub mod label_ai;
 pub mod losses;
 pub mod metrics;
 pub mod optim;

@@ -225,6 +225,45 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(log_sigmoid(x)?.exp()?)
 }
 
+/// HIR's contrastive instruction-following loss (Zhang et al. 2023): row i holds
+/// s_ij, the score of output i under candidate instruction j, and `targets[i]` is the
+/// instruction output i was relabelled with. The loss is the mean over rows of the
+/// cross-entropy of softmax_j(s_ij) against that instruction: −log(exp(s_ii) / Σ_j exp(s_ij)),
+/// so an output becomes likelier under its own instruction than under the others.
+/// d loss / d s_ij = (softmax_j(s_i·) − 1[j = targets[i]]) / n.
+// scores: (n, c), targets: n indices into c -> scalar
+pub fn hir_contrastive_loss(scores: &Tensor, targets: &[usize]) -> Result<Tensor> {
+    let (n, c) = scores.dims2()?;
+    if targets.len() != n || targets.iter().any(|&t| t >= c) {
+        return Err(Error::Config(format!(
+            "hir_contrastive_loss: {n} targets in 0..{c} needed for {n} rows, found {targets:?}"
+        )));
+    }
+    // log-softmax over candidates; the max is a constant shift, so no gradient flows through it.
+    let max = scores.max_keepdim(1)?.detach();
+    let lse = (scores.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
+    let logp = scores.broadcast_sub(&lse)?;
+    let mut onehot = vec![0f32; n * c];
+    for (i, &t) in targets.iter().enumerate() {
+        onehot[i * c + t] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (n, c), scores.device())?.to_dtype(scores.dtype())?;
+    Ok(((logp * onehot)?.sum_all()?.neg()? / n.max(1) as f64)?)
+}
+
+/// The mean entropy of next-token distributions, −Σ_v p_v log p_v per row averaged over rows
+/// (HIR's entropy regulariser, which the loss subtracts). dH/dl_v = −p_v (log p_v + H).
+// logits: (rows, vocab) -> scalar
+pub fn mean_token_entropy(logits: &Tensor) -> Result<Tensor> {
+    let rows = logits.dim(0)?;
+    let max = logits.max_keepdim(1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let h = (logp.exp()? * &logp)?.sum_all()?.neg()?;
+    Ok((h / rows.max(1) as f64)?)
+}
+
 /// Sum of next-token cross-entropy over labelled positions (labels −100 are ignored) and the
 /// number of labelled tokens. Callers divide by the token count of the whole optimiser step,
 /// as transformers does with `num_items_in_batch`, so accumulation does not reweight rows.
@@ -515,5 +554,94 @@ mod tests {
         let (sum, n) = token_nll_sum(&logits, &[vec![-100, 1]]).unwrap();
         assert_eq!(n, 1);
         assert!((sum.to_scalar::<f32>().unwrap() - std::f32::consts::LN_2).abs() < 1e-6);
+    }
+
+    // Hand-worked with Python's math module: L = mean_i (log Σ_j exp s_ij − s_i,t_i), and
+    // dL/ds_ij = (softmax_j(s_i·) − 1[j = t_i]) / n.
+    #[test]
+    fn hir_contrastive_loss_and_gradient_match_the_formula() {
+        let d = Device::Cpu;
+        let s = candle_core::Var::new(&[[-1.2f64, -2.0, -0.5], [-3.0, -0.7, -1.1]], &d).unwrap();
+        let loss = hir_contrastive_loss(&s, &[0, 1]).unwrap();
+        close(
+            &[loss.to_scalar::<f64>().unwrap()],
+            &[0.9067326993369317],
+            "hir contrastive loss",
+        );
+        let g = loss.backward().unwrap();
+        let g = g.get(&s).unwrap().to_vec2::<f64>().unwrap();
+        close(
+            &g[0],
+            &[-0.3556199225383073, 0.0648741506450266, 0.2907457718932807],
+            "d/ds row 0",
+        );
+        close(
+            &g[1],
+            &[
+                0.028312447500286723,
+                -0.21760648288977724,
+                0.18929403538949058,
+            ],
+            "d/ds row 1",
+        );
+        // One candidate: the output's own instruction is certain, the loss 0.
+        let one = Tensor::new(&[[-4.0f64], [-0.1]], &d).unwrap();
+        close(
+            &[hir_contrastive_loss(&one, &[0, 0])
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()],
+            &[0.0],
+            "one candidate",
+        );
+        // Shifting a row by a constant changes nothing (a softmax over that row).
+        let shifted = Tensor::new(&[[98.8f64, 98.0, 99.5], [-3.0, -0.7, -1.1]], &d).unwrap();
+        close(
+            &[hir_contrastive_loss(&shifted, &[0, 1])
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()],
+            &[0.9067326993369317],
+            "shifted row",
+        );
+        assert!(hir_contrastive_loss(&one, &[0, 1]).is_err());
+        assert!(hir_contrastive_loss(&one, &[0]).is_err());
+    }
+
+    // H = −Σ p log p per row, averaged; dH/dl_v = −p_v (log p_v + H) / rows (Python's math).
+    #[test]
+    fn token_entropy_and_gradient_match_the_formula() {
+        let d = Device::Cpu;
+        let l = candle_core::Var::new(&[[0.5f64, -1.0, 2.0], [0.0, 0.0, 0.0]], &d).unwrap();
+        let h = mean_token_entropy(&l).unwrap();
+        close(
+            &[h.to_scalar::<f64>().unwrap()],
+            &[0.8600984466736921],
+            "entropy",
+        );
+        // A uniform row's entropy is ln 3.
+        let uniform = Tensor::zeros((1, 3), DType::F64, &d).unwrap();
+        close(
+            &[mean_token_entropy(&uniform)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()],
+            &[3f64.ln()],
+            "uniform",
+        );
+        let g = h.backward().unwrap();
+        let g = g.get(&l).unwrap().to_vec2::<f64>().unwrap();
+        close(
+            &g[0],
+            &[
+                0.09813866546323456,
+                0.05123212609458029,
+                -0.14937079155781485,
+            ],
+            "dH/dl row 0",
+        );
+        for x in &g[1] {
+            assert!(x.abs() < 1e-12, "the uniform row is a maximum: {x}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! stage's output directory feeding the next (`rlhf pipeline --config pipeline.toml`): the
 //! InstructGPT pipeline (SFT → reward model → PPO), Llama 2's (SFT → helpfulness and safety
 //! reward models → rejection sampling → PPO with the gate), or any other order of sft,
-//! reward, ppo, rejection_sampling, rest, dpo and kto.
+//! reward, ppo, rejection_sampling, rest, hir, dpo and kto.
 //!
 //! The config has top-level keys shared by every stage (`model`, `output_dir`, `seed`,
 //! `report_to`, `logging_steps`, `max_length`, ...) and one table per stage, holding what that
@@ -12,13 +12,19 @@
 //! wins over the shared keys. Where a stage is silent: the first policy stage trains `model`,
 //! each later one starts from the previous policy stage's output (a LoRA adapter is merged
 //! into its base in memory); a reward model starts from the latest SFT stage's output; a stage
-//! that scores samples (ppo, rejection_sampling, rest) and names no scorer uses the latest
+//! that scores samples (ppo, rejection_sampling, rest, hir) and names no scorer uses the latest
 //! reward stage's model; outputs go to `output_dir/STAGE`. A model key (`model`,
 //! `reward_model`, `reward_models`, `ref_model`) may name an earlier stage: `reward_models =
 //! { helpfulness = "helpfulness", safety = "safety" }` means those stages' outputs. The exact config each stage ran is
 //! written beside its output (`output_dir/STAGE.toml`), and `pipeline_state.json` records
 //! the stages done, so `--resume` skips them and resumes the interrupted one (from its newest
 //! checkpoint, or for the sampling methods from their last whole batch or round).
+//!
+//! AI feedback makes data for the stages after it: `[label_ai]` (RLAIF) writes pairs that a
+//! later reward or dpo stage trains on, `[constitutional]` revisions that a later sft stage
+//! and pairs that a later dpo (or reward) stage trains on, wherever that stage names no
+//! `train_file`. They take only their own keys from the shared ones; label_ai gets a `model`
+//! only when it samples a policy (`prompt_file`).
 //!
 //! A stage's `train_file` or `eval_file` may be a feedback database (`.sqlite`, `.sqlite3`,
 //! `.db`, from `rlhf feedback`): when the stage starts, its labels are exported (one
@@ -38,24 +44,35 @@ use crate::trainer::Summary;
 use crate::{Error, Result};
 
 /// What a stage can run.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 10] = [
+    "label_ai",
+    "constitutional",
     "sft",
     "reward",
     "ppo",
     "rejection_sampling",
     "rest",
+    "hir",
     "dpo",
     "kto",
 ];
 
 /// Stages whose output is the policy the next stage starts from.
-const POLICY_KINDS: [&str; 6] = ["sft", "ppo", "rejection_sampling", "rest", "dpo", "kto"];
+const POLICY_KINDS: [&str; 7] = [
+    "sft",
+    "ppo",
+    "rejection_sampling",
+    "rest",
+    "hir",
+    "dpo",
+    "kto",
+];
 
 /// Stages that score samples, and so need a reward model or program.
-const SCORED_KINDS: [&str; 3] = ["ppo", "rejection_sampling", "rest"];
+const SCORED_KINDS: [&str; 4] = ["ppo", "rejection_sampling", "rest", "hir"];
 
 /// Keys whose values are paths, made absolute against the pipeline config's directory.
-const PATH_KEYS: [&str; 7] = [
+const PATH_KEYS: [&str; 12] = [
     "model",
     "train_file",
     "eval_file",
@@ -63,7 +80,36 @@ const PATH_KEYS: [&str; 7] = [
     "ptx_file",
     "reward_model",
     "ref_model",
+    // label_ai and constitutional
+    "input_file",
+    "prompt_file",
+    "judge_model_path",
+    "human_labels_file",
+    "constitution",
 ];
+
+/// The AI-feedback stages (they make data, not models), with the keys each takes: a shared
+/// key reaches them only where it is theirs.
+fn ai_feedback_keys(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "label_ai" => Some(crate::label_ai::KEYS),
+        "constitutional" => Some(crate::constitutional::KEYS),
+        _ => None,
+    }
+}
+
+/// The data an AI-feedback stage's output gives a later stage of `kind` that names no
+/// `train_file`: label_ai's pairs (reward, dpo), constitutional's revisions (sft) and pairs
+/// (reward, dpo).
+fn ai_feedback_data(ai_kind: &str, out: &str, kind: &str) -> Option<String> {
+    let file = match (ai_kind, kind) {
+        ("label_ai", "reward" | "dpo") => crate::label_ai::PAIRS_FILE,
+        ("constitutional", "sft") => crate::constitutional::SFT_FILE,
+        ("constitutional", "reward" | "dpo") => crate::constitutional::PAIRS_FILE,
+        _ => return None,
+    };
+    Some(Path::new(out).join(file).to_string_lossy().into_owned())
+}
 
 /// Stage keys that say how a feedback database is read; they are not passed to the trainer.
 const FEEDBACK_KEYS: [&str; 2] = ["feedback_project", "feedback_aggregate"];
@@ -398,6 +444,7 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
     let mut last_policy: Option<String> = None;
     let mut last_sft: Option<String> = None;
     let mut last_reward: Option<String> = None;
+    let mut last_ai: Option<(String, String)> = None;
     let mut outputs: BTreeMap<String, String> = BTreeMap::new();
     for (name, kind, mut t) in stages {
         // A model key naming an earlier stage means that stage's output.
@@ -433,19 +480,37 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
                 }
             }
         }
+        // A stage after an AI-feedback stage trains on what it wrote, unless it says otherwise.
+        if !t.contains_key("train_file") {
+            if let Some(f) = last_ai
+                .as_ref()
+                .and_then(|(k, o)| ai_feedback_data(k, o, &kind))
+            {
+                t.insert("train_file".into(), toml::Value::String(f));
+            }
+        }
         // Shared keys fill in what the stage does not set; the pipeline's own keys do not.
+        let own_keys = ai_feedback_keys(&kind);
         for (k, v) in &top {
-            if k != "model" && k != "output_dir" && !t.contains_key(k) {
+            if k != "model"
+                && k != "output_dir"
+                && !t.contains_key(k)
+                && own_keys.is_none_or(|keys| keys.contains(&k.as_str()))
+            {
                 t.insert(k.clone(), v.clone());
             }
         }
+        // label_ai labels given pairs, or samples of a policy (`prompt_file`): only then a model.
+        let wants_model = kind != "label_ai" || t.contains_key("prompt_file");
         let default_model = match kind.as_str() {
             "reward" => last_sft.clone(),
             _ => last_policy.clone(),
         }
         .unwrap_or_else(|| model.to_string_lossy().into_owned());
-        t.entry("model")
-            .or_insert(toml::Value::String(default_model));
+        if wants_model {
+            t.entry("model")
+                .or_insert(toml::Value::String(default_model));
+        }
         t.entry("output_dir")
             .or_insert(toml::Value::String(out_of(&name)));
         let scorer_given = ["reward_model", "reward_models", "reward_program"]
@@ -459,6 +524,7 @@ pub fn stage_tables(path: &Path, overrides: &[String]) -> Result<Stages> {
         let this_out = t["output_dir"].as_str().expect("set above").to_string();
         outputs.insert(name.clone(), this_out.clone());
         match kind.as_str() {
+            "label_ai" | "constitutional" => last_ai = Some((kind.clone(), this_out)),
             "reward" => last_reward = Some(this_out),
             k if POLICY_KINDS.contains(&k) => {
                 if k == "sft" {
@@ -620,7 +686,7 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
         );
         // Resume the interrupted stage: from its newest checkpoint, or for the sampling
         // methods from what they wrote (their rounds and samples).
-        let sampling = matches!(kind.as_str(), "rejection_sampling" | "rest");
+        let sampling = matches!(kind.as_str(), "rejection_sampling" | "rest" | "hir");
         let resume_stage = resume
             && if sampling {
                 stage_out.exists()
@@ -642,6 +708,10 @@ pub fn run(path: &Path, overrides: &[String], resume: bool) -> Result<PipelineSu
             "ppo" => crate::ppo::run(&cfg_path, &[], r)?,
             "rejection_sampling" => crate::rejection_sampling::run(&cfg_path, &[], r)?,
             "rest" => crate::rest::run(&cfg_path, &[], r)?,
+            "hir" => crate::hir::run(&cfg_path, &[], r)?,
+            // They continue an interrupted run by themselves (the judge cache, whole batches).
+            "label_ai" => crate::label_ai::run_stage(&cfg_path)?,
+            "constitutional" => crate::constitutional::run_file(&cfg_path, &[])?,
             "dpo" => crate::dpo::run(&cfg_path, &[], r)?,
             _ => crate::kto::run(&cfg_path, &[], r)?,
         };

@@ -46,6 +46,9 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Score prompt/response pairs with a reward model (JSONL in, JSONL out).
     Score(cmd::score::Args),
+    /// An OpenAI-compatible server (chat, completions, reward scores) with continuous
+    /// batching.
+    Serve(cmd::serve::Args),
     /// Supervised fine-tuning on demonstrations (loss on completions only).
     Sft(cmd::train::Args),
     /// Train a reward model on preference pairs or rankings.
@@ -56,11 +59,20 @@ enum Command {
     RejectionSampling(cmd::train::Args),
     /// ReST: Grow (sample, score) then Improve (SFT on rising-threshold subsets), repeated.
     Rest(cmd::train::Args),
+    /// HIR: sample, relabel each output with the instruction it followed, then train with
+    /// SFT plus a contrastive term, repeated.
+    Hir(cmd::train::Args),
     /// Direct Preference Optimization on preference pairs (no reward model; also IPO, hinge,
     /// robust DPO).
     Dpo(cmd::train::Args),
     /// Kahneman-Tversky Optimization on completions labelled desirable or undesirable.
     Kto(cmd::train::Args),
+    /// RLAIF: an AI judge (a local model or an OpenAI-compatible endpoint) labels
+    /// preference pairs, both orders asked; writes pairs for reward/DPO training.
+    LabelAi(cmd::ai_feedback::Args),
+    /// Constitutional AI: answer red-team prompts, critique and revise by principles; writes
+    /// revisions for SFT and (revision, initial) pairs for DPO.
+    Constitutional(cmd::ai_feedback::Args),
     /// The InstructGPT pipeline: SFT → reward model → PPO, each stage feeding the next.
     Pipeline(cmd::train::PipelineArgs),
     /// A run directory as one self-contained report.html with plots.
@@ -115,13 +127,17 @@ fn main() -> std::process::ExitCode {
         Command::Feedback { what } => cmd::feedback::run(what),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Score(a) => cmd::score::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Sft(a) => cmd::train::sft(a),
         Command::Reward(a) => cmd::train::reward(a),
         Command::Ppo(a) => cmd::train::ppo(a),
         Command::RejectionSampling(a) => cmd::train::rejection_sampling(a),
         Command::Rest(a) => cmd::train::rest(a),
+        Command::Hir(a) => cmd::train::hir(a),
         Command::Dpo(a) => cmd::train::dpo(a),
         Command::Kto(a) => cmd::train::kto(a),
+        Command::LabelAi(a) => cmd::ai_feedback::label_ai(a),
+        Command::Constitutional(a) => cmd::ai_feedback::constitutional(a),
         Command::Pipeline(a) => cmd::train::pipeline(a),
         Command::Report(a) => cmd::report::run(a),
     };

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod ai_feedback;
 pub mod bench;
 pub mod convert;
 pub mod eval;
@@ -7,6 +8,7 @@ pub mod feedback;
 pub mod generate;
 pub mod report;
 pub mod score;
+pub mod serve;
 pub mod train;
 
 use std::path::Path;

@@ -64,6 +64,13 @@ pub fn rest(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// `rlhf hir`.
+pub fn hir(a: Args) -> Result<()> {
+    let s = rlhf_train::hir::run(&a.config, &a.set, a.resume())?;
+    print_summary(&s);
+    Ok(())
+}
+
 /// `rlhf ppo`.
 pub fn ppo(a: Args) -> Result<()> {
     let s = rlhf_train::ppo::run(&a.config, &a.set, a.resume())?;
