@@ -902,13 +902,21 @@ fn sample_items(cfg: &LabelAiConfig) -> Result<Vec<Item>> {
     };
     Ok(rows
         .into_iter()
-        .map(|(at, prompt, prompt_text, [a, b])| Item {
-            at: format!("{at} (samples)"),
-            prompt,
-            prompt_text,
-            responses: [Value::String(a.clone()), Value::String(b.clone())],
-            texts: [a, b],
-            extra: Map::new(),
+        .map(|(at, prompt, prompt_text, [a, b])| {
+            // A conversation's answers are assistant turns (TRL's conversational format: a
+            // row's text fields are all strings or all message lists).
+            let answer = |t: &str| match prompt {
+                Value::Array(_) => serde_json::json!([{"role": "assistant", "content": t}]),
+                _ => Value::String(t.to_string()),
+            };
+            Item {
+                at: format!("{at} (samples)"),
+                responses: [answer(&a), answer(&b)],
+                prompt,
+                prompt_text,
+                texts: [a, b],
+                extra: Map::new(),
+            }
         })
         .collect())
 }

@@ -634,7 +634,16 @@ fn pipeline_eval(
             }
             _ => j.scorer.reward_model = reward.and_then(|i| get(i, "output_dir")),
         }
-        config.judges.insert(proxy_judge.clone(), j);
+        // A pipeline with no scored stage and no reward model (SFT, DPO, AI feedback) has no
+        // proxy to judge by: the config's own judges only.
+        if !j.scorer.sources().is_empty() {
+            config.judges.insert(proxy_judge.clone(), j);
+        } else if gold_proxy {
+            return Err(Error::Config(format!(
+                "{}: [eval] gold_proxy = true needs a proxy judge, and no stage scored                  against a reward model: add [eval.judges.{proxy_judge}]",
+                path.display()
+            )));
+        }
     }
     Ok(PipelineEval {
         config,

@@ -676,3 +676,98 @@ fn policy_samples_judged_by_drawn_principles() {
     let again = label_ai::run_file(&cfg, &[]).unwrap();
     assert_eq!((again.queries_asked, server.count()), (0, 8));
 }
+
+/// A conversation's two samples are labelled as assistant turns, so the pairs file is TRL's
+/// conversational format throughout and DPO reads it (a string answer beside a message-list
+/// prompt is refused by the loader).
+#[test]
+fn conversational_prompts_give_conversational_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Mode::Good);
+    let prompts = write(
+        dir.path(),
+        "prompts.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a b\"}]}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"c d\"}]}\n",
+    );
+    let cfg = write(
+        dir.path(),
+        "label.toml",
+        &format!(
+            "model = {m:?}\nprompt_file = {prompts:?}\noutput_dir = {out:?}\nmax_new_tokens = 4\n\
+             seed = 5\njudge_url = {url:?}\njudge_model = \"j\"\n",
+            m = chat_fixture(dir.path()),
+            out = dir.path().join("out"),
+            url = server.url,
+        ),
+    );
+    let r = label_ai::run_file(&cfg, &[]).unwrap();
+    assert_eq!(r.rows, 2);
+    let out = dir.path().join("out");
+    let rows: Vec<Value> = ["pairs.jsonl", "ties.jsonl"]
+        .iter()
+        .flat_map(|f| read_jsonl(&out.join(f)))
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert!(row["prompt"].is_array(), "{row}");
+        for k in ["chosen", "rejected"] {
+            assert_eq!(row[k][0]["role"], "assistant", "{row}");
+            assert!(row[k][0]["content"].is_string(), "{row}");
+        }
+    }
+    // This fake judge calls every pair a tie; the rows have the pairs' shape all the same,
+    // and that shape is what the preference loader must take.
+    let all: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let all = write(dir.path(), "all.jsonl", &all);
+    let data =
+        rlhf_data::load::<rlhf_data::Comparison>(&all, &rlhf_data::ReadOptions::default()).unwrap();
+    assert_eq!(data.records.len(), 2);
+}
+
+/// The llama fixture with a chat template (the fixtures have none).
+fn chat_fixture(dir: &Path) -> PathBuf {
+    let src = fixture("llama-gqa");
+    let out = dir.join("chat-model");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, out.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = out.join("tokenizer_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap_or("{}".into())).unwrap();
+    cfg["chat_template"] = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}\
+         {% if add_generation_prompt %}<assistant>{% endif %}"
+        .into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    out
+}
+
+/// A pipeline with no reward model (AI labels → DPO) evaluates by the judges its `[eval]`
+/// names and adds no empty "proxy" judge (which `rlhf eval` refuses); asking for gold_proxy
+/// there is an error that says what to add.
+#[test]
+fn a_pipeline_without_a_reward_model_has_no_proxy_judge() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "model = \"m\"\noutput_dir = \"runs\"\n\
+         [label_ai]\ninput_file = \"pairs.jsonl\"\njudge_model_path = \"judge\"\n\
+         [dpo]\nmax_steps = 1\n\
+         [eval]\neval_file = \"e.jsonl\"\n\
+         [eval.judges.gold]\nreward_program = [\"python3\", \"judge.py\"]\n";
+    let p = write(dir.path(), "p.toml", body);
+    let stages = rlhf_train::pipeline::stage_tables(&p, &[]).unwrap();
+    let ev = stages.eval.expect("an [eval]");
+    let judges: Vec<&String> = ev.config.judges.keys().collect();
+    assert_eq!(judges, ["gold"]);
+    let p = write(
+        dir.path(),
+        "q.toml",
+        &body.replace("[eval]\n", "[eval]\ngold_proxy = true\n"),
+    );
+    let e = rlhf_train::pipeline::stage_tables(&p, &[])
+        .err()
+        .expect("gold_proxy without a proxy is refused")
+        .to_string();
+    assert!(e.contains("[eval.judges.proxy]"), "{e}");
+}

@@ -249,7 +249,15 @@ fn label_ai_with_rlhf_serve_as_the_judge() {
         let (pa_first, pa_second) = (x, 1.0 - y);
         let mean = 0.5 * (pa_first + pa_second);
         let r = rows.iter().find(|r| r["prompt"] == *p).expect("a row");
-        let (want_chosen, want) = if mean >= 0.5 {
+        // Within float noise of a tie (the judge favours whichever answer it sees first, in
+        // both orders, by the same amount) either side may be chosen: the server's batched
+        // products and this direct forward pass differ in the last bits.
+        let a_chosen = if (mean - 0.5).abs() < 1e-3 {
+            r["chosen"] == *a
+        } else {
+            mean >= 0.5
+        };
+        let (want_chosen, want) = if a_chosen {
             (*a, [pa_first, pa_second])
         } else {
             (*b, [1.0 - pa_second, 1.0 - pa_first])
