@@ -8,7 +8,7 @@
 //! a weight only when the weight is tracked (a `Var`, or the result of tracked ops).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::{gemm, Result};
 
@@ -102,6 +102,44 @@ pub fn linear(x: &Tensor, w: &Tensor, conv1d: bool) -> Result<Tensor> {
         return Ok(x.matmul(&wt)?);
     }
     Ok(x.contiguous()?.apply_op2(w, LinearOp { conv1d })?)
+}
+
+/// `x·Wᵀ` for a frozen bf16 W `(out, in)` kept for decoding, in f32
+/// ([`gemm::matmul_wt_bf16`]); CPU only, no gradient (the result is a new leaf).
+// x: (m, in) f32, w: (out, in) bf16 -> (m, out) f32
+pub fn linear_bf16(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, kw) = w.dims2()?;
+    if k != kw || w.dtype() != DType::BF16 {
+        return Err(crate::Error::Config(format!(
+            "linear_bf16: x {:?} against a {:?} weight {:?}",
+            x.dims(),
+            w.dtype(),
+            w.dims()
+        )));
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let w = w.contiguous()?;
+    let y = {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        match (&*xs, &*ws) {
+            (
+                candle_core::Storage::Cpu(CpuStorage::F32(xd)),
+                candle_core::Storage::Cpu(CpuStorage::BF16(wd)),
+            ) => {
+                let xd = &xd[xl.start_offset()..xl.start_offset() + m * k];
+                let wd = &wd[wl.start_offset()..wl.start_offset() + n * k];
+                gemm::matmul_wt_bf16(gemm::MatRef::new(xd, m, k, k, 1), wd, n, k)
+            }
+            _ => {
+                return Err(crate::Error::Config(
+                    "linear_bf16: bf16 decoding weights run on the CPU only".into(),
+                ))
+            }
+        }
+    };
+    Ok(Tensor::from_vec(y, (m, n), x.device())?)
 }
 
 /// y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ, a LoRA-adapted linear layer with a frozen W, as one op: the

@@ -624,26 +624,7 @@ fn stream_enabled() -> bool {
 /// runs of W's rows.
 fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    let lanes = if m <= 16 { 16 } else { 32 };
-    let mut at = vec![0f32; k * lanes];
-    if a.cs == 1 {
-        // Rows contiguous along K: register transposes, per vector of 16 rows.
-        for h in 0..m.div_ceil(16) {
-            let rows = 16.min(m - 16 * h);
-            // SAFETY: AVX-512F was detected by the caller (`matmul`); the rows lie in the
-            // view, and `at` holds k groups of `lanes` floats, this vector's 16 at 16h.
-            unsafe {
-                let dst = at.as_mut_ptr().add(16 * h);
-                pack_rows_kmajor(a, 16 * h, rows, 0, k, dst, lanes, 16);
-            }
-        }
-    } else {
-        for i in 0..m {
-            for p in 0..k {
-                at[p * lanes + i] = a.data[i * a.rs + p * a.cs];
-            }
-        }
-    }
+    let (at, lanes) = pack_stream_a(a);
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let out = SyncPtr(c.as_mut_ptr());
     let (at, w, ldw) = (&at[..], b.data, b.cs);
@@ -664,6 +645,33 @@ fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
     // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
     unsafe { c.set_len(m * n) };
     c
+}
+
+/// A (at most `STREAM_M` rows) packed transposed for [`stream_unit`]: K groups of 16 or 32
+/// floats (the lane count it returns), zero-padded past A's rows. AVX-512F must be available.
+fn pack_stream_a(a: MatRef<'_>) -> (Vec<f32>, usize) {
+    let (m, k) = (a.rows, a.cols);
+    let lanes = if m <= 16 { 16 } else { 32 };
+    let mut at = vec![0f32; k * lanes];
+    if a.cs == 1 {
+        // Rows contiguous along K: register transposes, per vector of 16 rows.
+        for h in 0..m.div_ceil(16) {
+            let rows = 16.min(m - 16 * h);
+            // SAFETY: AVX-512F was detected by the caller (`matmul`); the rows lie in the
+            // view, and `at` holds k groups of `lanes` floats, this vector's 16 at 16h.
+            unsafe {
+                let dst = at.as_mut_ptr().add(16 * h);
+                pack_rows_kmajor(a, 16 * h, rows, 0, k, dst, lanes, 16);
+            }
+        }
+    } else {
+        for i in 0..m {
+            for p in 0..k {
+                at[p * lanes + i] = a.data[i * a.rs + p * a.cs];
+            }
+        }
+    }
+    (at, lanes)
 }
 
 /// Columns `cols` of C (rows 0..m, row stride `ldc`) from W's rows `cols`.
@@ -793,6 +801,277 @@ unsafe fn stream_tile<const R: usize, const V: usize>(
             unsafe { _mm512_storeu_ps(tile[q].as_mut_ptr().add(16 * v), *x) };
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding with bf16 weights: W kept in bf16, products in f32
+// ---------------------------------------------------------------------------------------------
+
+/// Rows of a bf16 W converted to f32 at a time for products of more than `STREAM_M` rows
+/// (prefill), each then run on the packed kernel.
+const BF16_CHUNK: usize = 256;
+
+/// C = A·Wᵀ for a row-major bf16 W `(out, inp)` (`w.len() == out · inp`) and f32 A `(m, inp)`,
+/// with every product and sum in f32: a bf16 is the top half of an f32, so each weight
+/// converts exactly. The weight is read from memory as bf16 (half the bytes of an f32 W, what
+/// bounds decoding); on a CPU with AVX-512F, for at most `STREAM_M` rows of A (decoding), 16
+/// values of a row at a time are widened in registers and multiplied against A's rows
+/// (`stream_bf16`), and for more rows (prefill) `BF16_CHUNK` rows are widened into a buffer
+/// and multiplied on the packed kernel; elsewhere [`matmul_wt_bf16_portable`] runs.
+///
+/// # Panics
+/// When `w` or A does not have `inp` columns.
+pub fn matmul_wt_bf16(a: MatRef<'_>, w: &[half::bf16], out: usize, inp: usize) -> Vec<f32> {
+    assert_eq!(a.cols, inp, "matmul_wt_bf16: inner dimensions differ");
+    assert_eq!(w.len(), out * inp, "matmul_wt_bf16: W is not (out, inp)");
+    let (m, k) = (a.rows, inp);
+    if m == 0 || out == 0 || k == 0 {
+        return vec![0f32; m * out];
+    }
+    if !available() {
+        return matmul_wt_bf16_portable(a, w, out, inp);
+    }
+    use half::slice::HalfFloatSliceExt;
+    let bits: &[u16] = w.reinterpret_cast();
+    if m <= STREAM_M {
+        stream_bf16(a, bits, out, k)
+    } else {
+        chunked_bf16(a, bits, out, k)
+    }
+}
+
+/// [`matmul_wt_bf16`] without SIMD intrinsics: each of W's rows widened once, then one dot
+/// product per row of A, summed in order. Runs where the CPU lacks AVX-512F.
+pub fn matmul_wt_bf16_portable(
+    a: MatRef<'_>,
+    w: &[half::bf16],
+    out: usize,
+    inp: usize,
+) -> Vec<f32> {
+    assert_eq!(a.cols, inp, "matmul_wt_bf16: inner dimensions differ");
+    assert_eq!(w.len(), out * inp, "matmul_wt_bf16: W is not (out, inp)");
+    let m = a.rows;
+    let mut c = vec![0f32; m * out];
+    let mut row = vec![0f32; inp];
+    for j in 0..out {
+        for (r, x) in row.iter_mut().zip(&w[j * inp..(j + 1) * inp]) {
+            *r = x.to_f32();
+        }
+        for i in 0..m {
+            let mut s = 0f32;
+            for (p, r) in row.iter().enumerate() {
+                s += a.data[i * a.rs + p * a.cs] * r;
+            }
+            c[i * out + j] = s;
+        }
+    }
+    c
+}
+
+/// The streaming path over a bf16 W for at most `STREAM_M` rows of A: the threads take runs
+/// of W's rows ([`STREAM_UNIT`]); within a run, tiles of `DOT_R` rows of W are widened 16
+/// values at a time in registers (zero-extended and shifted into an f32's top half) and
+/// multiplied against up to `DOT_M` rows of A at once, one f32 accumulator vector per (row of
+/// W, row of A), summed across lanes at the end. W is read from memory once (a tile's rows
+/// stay in L1 while each group of A's rows passes), as bf16.
+fn stream_bf16(a: MatRef<'_>, w: &[u16], n: usize, k: usize) -> Vec<f32> {
+    let m = a.rows;
+    // A's rows contiguous along K (a copy of at most 32 rows where they are not).
+    let own: Vec<f32>;
+    let (ad, lda) = if a.cs == 1 {
+        (a.data, a.rs)
+    } else {
+        own = (0..m * k)
+            .map(|q| a.data[(q / k) * a.rs + (q % k) * a.cs])
+            .collect();
+        (&own[..], k)
+    };
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let out = SyncPtr(c.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for u in range {
+            let cols = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
+            // SAFETY: AVX-512F was checked by `matmul_wt_bf16`; rows `cols` of W lie in `w`
+            // (cols.end <= n), A's m rows of k floats lie in `ad`, and unit u writes only
+            // columns `cols` of C.
+            unsafe { dot_unit(ad, lda, m, w, k, cols, out.get(), n) };
+        }
+    };
+    let units = n.div_ceil(STREAM_UNIT);
+    if units == 1 {
+        run(0..1);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units, run);
+    }
+    // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// Rows of W per tile of [`dot_tile`], and most rows of A per group: 16 accumulators. (3 × 8,
+/// which widens each weight once for 8 rows of A, measured no faster: BENCHMARKS.md.)
+const DOT_R: usize = 4;
+const DOT_M: usize = 4;
+
+/// Columns `cols` of C from W's rows `cols` (bf16, `k` apart) and A's `m` rows (`lda` apart).
+///
+/// # Safety
+/// AVX-512F must be available; the rows must lie in `a` and `w`, and columns `cols` of C's
+/// `m` rows (row stride `ldc`) must be writable by this thread alone.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_unit(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &[u16],
+    k: usize,
+    cols: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut j = cols.start;
+    while j < cols.end {
+        let r = if cols.end - j >= DOT_R { DOT_R } else { 1 };
+        let wj = &w[j * k..(j + r) * k];
+        let mut i = 0;
+        while i < m {
+            let g = DOT_M.min(m - i);
+            let ai = &a[i * lda..];
+            let mut t = [[0f32; DOT_M]; DOT_R];
+            // SAFETY: r rows of W at wj, g rows of A at ai (lda apart), k long each.
+            unsafe {
+                match (r, g) {
+                    (DOT_R, 4) => dot_tile::<DOT_R, 4>(ai, lda, wj, k, &mut t),
+                    (DOT_R, 3) => dot_tile::<DOT_R, 3>(ai, lda, wj, k, &mut t),
+                    (DOT_R, 2) => dot_tile::<DOT_R, 2>(ai, lda, wj, k, &mut t),
+                    (DOT_R, _) => dot_tile::<DOT_R, 1>(ai, lda, wj, k, &mut t),
+                    (_, 4) => dot_tile::<1, 4>(ai, lda, wj, k, &mut t),
+                    (_, 3) => dot_tile::<1, 3>(ai, lda, wj, k, &mut t),
+                    (_, 2) => dot_tile::<1, 2>(ai, lda, wj, k, &mut t),
+                    _ => dot_tile::<1, 1>(ai, lda, wj, k, &mut t),
+                }
+            }
+            for (q, row) in t.iter().take(r).enumerate() {
+                for (s, &v) in row.iter().take(g).enumerate() {
+                    // SAFETY: (i + s, j + q) is in C's rows 0..m and this unit's columns.
+                    unsafe { *c.add((i + s) * ldc + j + q) = v };
+                }
+            }
+            i += g;
+        }
+        j += r;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_unit(
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: &[u16],
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("the AVX-512 kernel runs on x86_64 only")
+}
+
+/// t[q][s] = Σ_p W[q, p] · A[s, p] for R rows of W (bf16) and M rows of A, in f32.
+///
+/// # Safety
+/// AVX-512F must be available; `w` must hold R rows of `k` and `a` M rows of `k` floats,
+/// `lda` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_tile<const R: usize, const M: usize>(
+    a: &[f32],
+    lda: usize,
+    w: &[u16],
+    k: usize,
+    t: &mut [[f32; DOT_M]; DOT_R],
+) {
+    use std::arch::x86_64::*;
+    assert!(w.len() >= R * k && (M == 0 || a.len() >= (M - 1) * lda + k));
+    let (ap, wp) = (a.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); M]; R];
+    let full = k / 16 * 16;
+    for p in (0..full).step_by(16) {
+        let mut wv = [_mm512_setzero_ps(); R];
+        for (q, v) in wv.iter_mut().enumerate() {
+            // SAFETY: p + 16 <= k, row q < R of W (asserted above).
+            *v = unsafe {
+                let h = _mm256_loadu_si256(wp.add(q * k + p) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            };
+        }
+        for s in 0..M {
+            // SAFETY: row s < M of A, p + 16 <= k.
+            let av = unsafe { _mm512_loadu_ps(ap.add(s * lda + p)) };
+            for (q, row) in acc.iter_mut().enumerate() {
+                row[s] = _mm512_fmadd_ps(wv[q], av, row[s]);
+            }
+        }
+    }
+    for (q, row) in acc.iter().enumerate() {
+        for (s, v) in row.iter().enumerate() {
+            let mut sum = _mm512_reduce_add_ps(*v);
+            for p in full..k {
+                sum += f32::from_bits(u32::from(w[q * k + p]) << 16) * a[s * lda + p];
+            }
+            t[q][s] = sum;
+        }
+    }
+}
+
+/// More than `STREAM_M` rows of A: `BF16_CHUNK` of W's rows at a time widened to f32 and
+/// multiplied on the packed kernel ([`matmul`]), each into its columns of C.
+fn chunked_bf16(a: MatRef<'_>, w: &[u16], n: usize, k: usize) -> Vec<f32> {
+    let m = a.rows;
+    let mut c = vec![0f32; m * n];
+    let mut wide = vec![0f32; BF16_CHUNK.min(n) * k];
+    for j0 in (0..n).step_by(BF16_CHUNK) {
+        let r = BF16_CHUNK.min(n - j0);
+        let dst = &mut wide[..r * k];
+        // SAFETY: AVX-512F was checked by `matmul_wt_bf16`; rows j0..j0 + r lie in W.
+        unsafe { widen_bf16(&w[j0 * k..(j0 + r) * k], dst) };
+        let part = matmul(a, MatRef::new(dst, r, k, k, 1).t()).expect("AVX-512F checked");
+        for i in 0..m {
+            c[i * n + j0..i * n + j0 + r].copy_from_slice(&part[i * r..(i + 1) * r]);
+        }
+    }
+    c
+}
+
+/// dst[i] = src[i] as f32 (bf16 bits shifted into an f32's top half), 16 at a time.
+///
+/// # Safety
+/// AVX-512F must be available; `dst` at least as long as `src`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(dst.len() >= src.len());
+    let full = src.len() / 16 * 16;
+    for i in (0..full).step_by(16) {
+        // SAFETY: i + 16 <= src.len() <= dst.len().
+        unsafe {
+            let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            let f = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(f));
+        }
+    }
+    for i in full..src.len() {
+        dst[i] = f32::from_bits(u32::from(src[i]) << 16);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn widen_bf16(_: &[u16], _: &mut [f32]) {
+    unreachable!("the AVX-512 kernel runs on x86_64 only")
 }
 
 /// C[i] = A[i]·B[i] for `batch` products of small matrices (attention's q·kᵀ and p·v), as one
@@ -1954,6 +2233,70 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bf16_weight_tests {
+    use super::*;
+    use crate::test_util::values;
+
+    /// C = A·Wᵀ in f64 with W rounded to bf16: the reference both paths must meet.
+    fn reference(a: &[f32], m: usize, w: &[half::bf16], n: usize, k: usize) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * w[j * k + p].to_f64())
+                    .sum();
+            }
+        }
+        c
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f64], k: usize) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+            // Only the summation order differs: a few f32 roundings per term, at most.
+            let tol = 1e-5 * (k as f64).sqrt() * r.abs().max(1.0);
+            assert!(
+                (g as f64 - r).abs() <= tol,
+                "{what}: element {i}: {g} vs {r}"
+            );
+        }
+    }
+
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (1, 1, 1),
+        (1, 576, 1536),
+        (8, 576, 200),
+        (16, 37, 65),
+        (17, 64, 130),
+        (32, 1536, 100),
+        (40, 577, 300),
+    ];
+
+    #[test]
+    fn bf16_weight_products_match_the_f32_product_of_the_rounded_weight() {
+        for &(m, k, n) in &SHAPES {
+            let a = values(m * k, 5);
+            let w: Vec<half::bf16> = values(n * k, 6)
+                .iter()
+                .map(|&x| half::bf16::from_f32(x))
+                .collect();
+            let want = reference(&a, m, &w, n, k);
+            let am = MatRef::new(&a, m, k, k, 1);
+            let what = format!("({m}, {k}, {n})");
+            // The dispatching entry (AVX-512F here where the CPU has it) and the portable
+            // fallback, forced.
+            assert_close(&what, &matmul_wt_bf16(am, &w, n, k), &want, k);
+            assert_close(&what, &matmul_wt_bf16_portable(am, &w, n, k), &want, k);
+            // A strided (transposed) A reaches the same products.
+            let at: Vec<f32> = (0..k * m).map(|q| a[(q % m) * k + q / m]).collect();
+            let atm = MatRef::new(&at, k, m, m, 1).t();
+            assert_close(&what, &matmul_wt_bf16(atm, &w, n, k), &want, k);
+            assert_close(&what, &matmul_wt_bf16_portable(atm, &w, n, k), &want, k);
         }
     }
 }

@@ -398,7 +398,7 @@ impl Llama {
         packing: &crate::ops::Packing,
         rows: Option<&[usize]>,
     ) -> Result<Tensor> {
-        let dtype = self.embed_tokens.weight().dtype();
+        let dtype = self.embed_tokens.dtype();
         if crate::attn::fused_enabled() {
             let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
             return self.run(ids, positions, &placeholder, Some(packing), None, rows);
@@ -463,6 +463,20 @@ impl crate::model::Backbone for Llama {
             for p in l.projections_mut() {
                 if let Some((old, kernel)) = p.keep_in_kernel_layout()? {
                     replaced(old, kernel)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn keep_frozen_in_bf16(&mut self, replaced: &mut crate::model::ReplacedBf16<'_>) -> Result<()> {
+        if let Some((old, new)) = self.embed_tokens.keep_in_bf16()? {
+            replaced(old, new)?;
+        }
+        for l in &mut self.layers {
+            for p in l.projections_mut() {
+                if let Some((old, new)) = p.keep_in_bf16()? {
+                    replaced(old, new)?;
                 }
             }
         }

@@ -68,6 +68,13 @@ pub trait Backbone {
         let _ = replaced;
         Ok(())
     }
+    /// Keeps the frozen f32 weights of the linear layers and the token embedding in bf16
+    /// for decoding ([`crate::nn::Linear::keep_in_bf16`]), handing each replaced tensor's id
+    /// and its bf16 form to `replaced` as it goes. The default converts none.
+    fn keep_frozen_in_bf16(&mut self, replaced: &mut ReplacedBf16<'_>) -> Result<()> {
+        let _ = replaced;
+        Ok(())
+    }
     /// Number of decoder layers (the KV cache's size).
     fn n_layers(&self) -> usize;
     /// Width of the hidden states.
@@ -86,6 +93,9 @@ pub trait Backbone {
 /// What [`Backbone::keep_frozen_in_kernel_layout`] reports each converted weight to.
 pub type Replaced<'a> =
     dyn FnMut(candle_core::TensorId, std::rc::Rc<crate::nn::KernelWeight>) -> Result<()> + 'a;
+
+/// What [`Backbone::keep_frozen_in_bf16`] reports each converted weight to.
+pub type ReplacedBf16<'a> = dyn FnMut(candle_core::TensorId, Tensor) -> Result<()> + 'a;
 
 /// Shortest prefix worth sharing, in tokens.
 const MIN_SHARED: usize = 4;
@@ -585,6 +595,47 @@ impl Model {
         };
         self.backbone.keep_frozen_in_kernel_layout(&mut replace)?;
         Ok(n)
+    }
+
+    /// Keeps the frozen f32 weights of the linear layers (the LM head, tied or not,
+    /// included) and the token embedding in bf16, in place of the f32 tensors (which are
+    /// dropped, the parameter store's hold included), for a model that only decodes
+    /// (`generate`, `serve`): the products read half the bytes per token and compute in f32
+    /// ([`crate::gemm::matmul_wt_bf16`]). Converted layers have no backward pass and skip the
+    /// fused f32 ops; trainable, adapted and GPT-2 Conv1D weights stay f32, and so do
+    /// backbones other than the Llama family (GPT-2, OPT). Returns how many tensors were
+    /// converted.
+    pub fn keep_frozen_in_bf16_for_decoding(&mut self) -> Result<usize> {
+        let mut done: Vec<(candle_core::TensorId, Tensor)> = Vec::new();
+        let params = &mut self.params;
+        {
+            // The store lets go of each f32 tensor as soon as its layer has (so that at most
+            // one f32 weight is held beside the bf16 ones while converting).
+            let mut note = |old: candle_core::TensorId, new: Tensor| {
+                params.replace_frozen_tensor(old, new.clone());
+                done.push((old, new));
+                Ok(())
+            };
+            self.backbone.keep_frozen_in_bf16(&mut note)?;
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            let tied = head
+                .tensor_id()
+                .and_then(|id| done.iter().find(|(old, _)| *old == id).cloned());
+            match tied {
+                // A tied head shares the embedding's bf16 table (and its store entry).
+                Some((old, new)) => {
+                    head.share_bf16(old, &new);
+                }
+                None => {
+                    if let Some((old, new)) = head.keep_in_bf16()? {
+                        params.replace_frozen_tensor(old, new.clone());
+                        done.push((old, new));
+                    }
+                }
+            }
+        }
+        Ok(done.len())
     }
 
     /// All parameters under their HF/PEFT names.

@@ -148,6 +148,9 @@ impl std::fmt::Debug for KernelWeight {
 enum Weight {
     Tensor(Tensor),
     Kernel(Rc<KernelWeight>),
+    /// A frozen weight kept in bf16 for decoding ([`Linear::keep_in_bf16`]): (out, in),
+    /// row-major, products in f32.
+    Bf16(Tensor),
 }
 
 /// A frozen projection weight as the one-op layer ([`crate::block`]) reads it.
@@ -238,11 +241,62 @@ impl Linear {
     }
 
     /// The weight as stored in the checkpoint. After [`Self::keep_in_kernel_layout`] it is
-    /// rebuilt from the panels on first use, and kept.
+    /// rebuilt from the panels on first use, and kept; after [`Self::keep_in_bf16`] it is the
+    /// bf16 tensor.
     pub fn weight(&self) -> &Tensor {
         match &self.weight {
-            Weight::Tensor(t) => t,
+            Weight::Tensor(t) | Weight::Bf16(t) => t,
             Weight::Kernel(k) => k.tensor(),
+        }
+    }
+
+    /// Whether the weight is kept in bf16 for decoding ([`Self::keep_in_bf16`]).
+    pub fn is_bf16_for_decoding(&self) -> bool {
+        matches!(self.weight, Weight::Bf16(_))
+    }
+
+    /// Whether [`Self::keep_in_bf16`] would convert this weight: frozen, f32, (out, in) on the
+    /// CPU (nn.Linear layout), without an adapter.
+    fn bf16_fits(&self) -> bool {
+        matches!(&self.weight, Weight::Tensor(w)
+            if w.rank() == 2 && w.dtype() == DType::F32 && w.device().is_cpu() && !w.track_op())
+            && !self.conv1d
+            && self.lora.is_none()
+    }
+
+    /// Keeps the weight in bf16 (rounded to nearest even) in place of the f32 tensor, for a
+    /// model that only decodes: the products read half the bytes and compute in f32
+    /// ([`crate::frozen::linear_bf16`]); they have no backward pass. Returns the replaced
+    /// tensor's id and the bf16 tensor, or `None` where the weight stays as it is (trainable,
+    /// adapted, Conv1D, in the kernel's layout, or not f32).
+    pub(crate) fn keep_in_bf16(&mut self) -> Result<Option<(candle_core::TensorId, Tensor)>> {
+        if !self.bf16_fits() {
+            return Ok(None);
+        }
+        let Weight::Tensor(w) = &self.weight else {
+            return Ok(None);
+        };
+        let (id, new) = (w.id(), w.to_dtype(DType::BF16)?.contiguous()?);
+        self.weight = Weight::Bf16(new.clone());
+        Ok(Some((id, new)))
+    }
+
+    /// Takes `new` (a bf16 tensor already made from the same weight, a tied head's) where the
+    /// weight is the tensor `old` and [`Self::keep_in_bf16`] would convert it.
+    pub(crate) fn share_bf16(&mut self, old: candle_core::TensorId, new: &Tensor) -> bool {
+        let same = matches!(&self.weight, Weight::Tensor(w) if w.id() == old);
+        if same && self.bf16_fits() && new.dtype() == DType::BF16 {
+            self.weight = Weight::Bf16(new.clone());
+            return true;
+        }
+        false
+    }
+
+    /// The tensor's id while the weight is the checkpoint's f32 tensor.
+    pub(crate) fn tensor_id(&self) -> Option<candle_core::TensorId> {
+        match &self.weight {
+            Weight::Tensor(t) => Some(t.id()),
+            _ => None,
         }
     }
 
@@ -306,6 +360,8 @@ impl Linear {
         let w = match &self.weight {
             Weight::Tensor(t) => FrozenRef::Rows(t),
             Weight::Kernel(k) => FrozenRef::Panels(&k.panels),
+            // The one-op layer and the fused products read f32 weights only.
+            Weight::Bf16(_) => return None,
         };
         if self.bias.is_some() || self.conv1d || matches!(w, FrozenRef::Rows(t) if t.track_op()) {
             return None;
@@ -327,6 +383,16 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        if let Weight::Bf16(w) = &self.weight {
+            // No adapter (see `bf16_fits`), no gradient.
+            let mut y = crate::frozen::linear_bf16(&x2, w)?;
+            if let Some(bias) = &self.bias {
+                y = y.broadcast_add(bias)?;
+            }
+            let mut out_shape = dims;
+            *out_shape.last_mut().expect("x has at least one dim") = y.dim(1)?;
+            return Ok(y.reshape(out_shape)?);
+        }
         let lora = self
             .lora
             .as_ref()
@@ -437,7 +503,8 @@ impl Linear {
 
     /// No adapter in use, no bias, nn.Linear layout: the fused ops' case.
     fn plain(&self) -> bool {
-        self.bias.is_none()
+        !matches!(self.weight, Weight::Bf16(_))
+            && self.bias.is_none()
             && !self.conv1d
             && (self.lora.is_none() || !self.switches.adapters_enabled())
     }
@@ -486,6 +553,8 @@ fn new_adapter(
 #[derive(Debug, Clone)]
 pub struct Embedding {
     weight: Tensor,
+    /// Kept in bf16 for decoding ([`Embedding::keep_in_bf16`]): rows widened to f32 on lookup.
+    bf16: bool,
 }
 
 impl Embedding {
@@ -493,7 +562,30 @@ impl Embedding {
     pub fn load(b: &Builder, n: usize, dim: usize) -> Result<Self> {
         Ok(Self {
             weight: b.get(&[n, dim], "weight")?,
+            bf16: false,
         })
+    }
+
+    /// The dtype of the rows it returns (f32 for a table kept in bf16 for decoding).
+    pub fn dtype(&self) -> DType {
+        if self.bf16 {
+            DType::F32
+        } else {
+            self.weight.dtype()
+        }
+    }
+
+    /// Keeps a frozen f32 table in bf16 (see [`Linear::keep_in_bf16`]); lookups widen the rows
+    /// back to f32, exactly. Returns the replaced tensor's id and the bf16 table.
+    pub(crate) fn keep_in_bf16(&mut self) -> Result<Option<(candle_core::TensorId, Tensor)>> {
+        let w = &self.weight;
+        if self.bf16 || w.dtype() != DType::F32 || !w.device().is_cpu() || w.track_op() {
+            return Ok(None);
+        }
+        let (id, new) = (w.id(), w.to_dtype(DType::BF16)?.contiguous()?);
+        self.weight = new.clone();
+        self.bf16 = true;
+        Ok(Some((id, new)))
     }
 
     /// The table, (n, dim).
@@ -506,7 +598,11 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (bsz, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        let rows = crate::frozen::embedding(&self.weight, &flat)?;
+        let rows = if self.bf16 {
+            self.weight.index_select(&flat, 0)?.to_dtype(DType::F32)?
+        } else {
+            crate::frozen::embedding(&self.weight, &flat)?
+        };
         Ok(rows.reshape((bsz, t, self.weight.dim(1)?))?)
     }
 }

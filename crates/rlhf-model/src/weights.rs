@@ -337,6 +337,22 @@ impl ParamStore {
         false
     }
 
+    /// Replaces the frozen parameter whose tensor has id `old` with `new` (its bf16 form for
+    /// decoding); returns whether one was found.
+    pub(crate) fn replace_frozen_tensor(
+        &mut self,
+        old: candle_core::TensorId,
+        new: Tensor,
+    ) -> bool {
+        for p in self.params.values_mut() {
+            if matches!(p, Param::Frozen(t) if t.id() == old) {
+                *p = Param::Frozen(new);
+                return true;
+            }
+        }
+        false
+    }
+
     /// The trainable parameters, sorted by name: what the optimiser owns.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         self.params

@@ -184,6 +184,8 @@ pub struct EngineOptions {
     pub max_batch_size: usize,
     /// The model's tokenizer (for its EOS and pad ids).
     pub tokenizer: rlhf_model::tokenizer::Tokenizer,
+    /// Keep a language model's frozen linear weights in bf16 for decoding.
+    pub bf16_weights: bool,
 }
 
 /// Loads the model on a thread of its own and starts the loop there; returns once the
@@ -197,7 +199,12 @@ pub fn start(opts: EngineOptions) -> Result<EngineHandle> {
         .name("rlhf-serve-engine".into())
         .spawn(move || {
             // The model holds reference-counted parts that stay on this thread.
-            let loaded = load(&opts.model, opts.adapter.as_deref(), &opts.tokenizer);
+            let loaded = load(
+                &opts.model,
+                opts.adapter.as_deref(),
+                &opts.tokenizer,
+                opts.bf16_weights,
+            );
             let (model, info) = match loaded {
                 Ok(m) => m,
                 Err(e) => {
@@ -224,6 +231,7 @@ fn load(
     dir: &Path,
     adapter: Option<&Path>,
     tok: &rlhf_model::tokenizer::Tokenizer,
+    bf16_weights: bool,
 ) -> Result<(Model, ModelInfo)> {
     let mut cache = SourceCache::default();
     let (_, source) = cache.resolve(dir, &candle_core::Device::Cpu, DType::F32)?;
@@ -247,7 +255,14 @@ fn load(
         require_score_head: task == Task::Score,
         ..Default::default()
     };
-    let model = Model::load_cached(dir, &opts, &mut cache)?;
+    let mut model = Model::load_cached(dir, &opts, &mut cache)?;
+    if bf16_weights && task == Task::Generate {
+        // Decoding only: the frozen weights once in bf16, the products in f32.
+        let n = model.keep_frozen_in_bf16_for_decoding()?;
+        tracing::info!("serving with bf16 weights ({n} frozen tensors kept in bf16)");
+    } else if task == Task::Generate {
+        tracing::info!("serving with f32 weights");
+    }
     let raw = &model.raw_config;
     let context = ["max_position_embeddings", "n_positions", "n_ctx"]
         .iter()

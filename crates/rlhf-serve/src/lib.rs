@@ -60,6 +60,10 @@ pub struct ServeOptions {
     pub max_batch_size: usize,
     /// The model's name in requests and `/v1/models` (default: the model directory's name).
     pub served_model_name: Option<String>,
+    /// Keep a language model's frozen linear weights in bf16 for decoding
+    /// (`Model::keep_frozen_in_bf16_for_decoding`; `rlhf serve` turns it on unless
+    /// `--dtype f32`); off here.
+    pub bf16_weights: bool,
 }
 
 impl ServeOptions {
@@ -72,6 +76,7 @@ impl ServeOptions {
             api_key: None,
             max_batch_size: 32,
             served_model_name: None,
+            bf16_weights: false,
         }
     }
 
@@ -122,6 +127,7 @@ impl App {
             adapter: opts.adapter.clone(),
             max_batch_size: opts.max_batch_size,
             tokenizer: tok.clone(),
+            bf16_weights: opts.bf16_weights,
         })?;
         let name = opts.served_model_name.clone().unwrap_or_else(|| {
             opts.model

@@ -85,6 +85,8 @@ fn serve(model: &Path, log: &Path) -> (Served, String) {
         .arg(model)
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args(["--served-model-name", "fixture"])
+        // The judge's probabilities are checked against a direct f32 forward pass below.
+        .args(["--dtype", "f32"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())

@@ -283,6 +283,10 @@ pub struct GenerateArgs {
     /// Worker threads (sets RAYON_NUM_THREADS; default: candle's choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// Dtype of the frozen linear weights (as `rlhf generate --dtype`; f32 here by default,
+    /// so that earlier figures keep their meaning).
+    #[arg(long, value_enum, default_value_t = super::generate::WeightDtype::F32)]
+    dtype: super::generate::WeightDtype,
 }
 
 /// Runs `rlhf bench`.
@@ -492,7 +496,8 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
     if a.prompts == 0 || a.batch == 0 || a.prompt_len == 0 || a.max_new_tokens == 0 {
         bail!("--prompts, --batch, --prompt-len and --max-new-tokens must be at least 1");
     }
-    let model = Model::load(&a.model, &LoadOptions::default())?;
+    let mut model = Model::load(&a.model, &LoadOptions::default())?;
+    super::generate::apply_weight_dtype(&mut model, a.dtype)?;
     let vocab = model.config.vocab_size;
     let prompts: Vec<Vec<u32>> = (0..a.prompts)
         .map(|r| bench_prompt(r, a.prompt_len, vocab))
@@ -533,6 +538,7 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
         "batch": a.batch,
         "prompt_len": a.prompt_len,
         "max_new_tokens": a.max_new_tokens,
+        "dtype": format!("{:?}", a.dtype).to_lowercase(),
         "threads": candle_core::utils::get_num_threads(),
         "total_s": r4(total),
         "new_tokens_per_s": r1(new_tokens as f64 / total),

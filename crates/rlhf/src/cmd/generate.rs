@@ -49,6 +49,42 @@ pub struct Args {
     /// Prompts per forward batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Dtype of the frozen linear weights while decoding (transformers' `torch_dtype`): bf16
+    /// keeps them once in bf16 (half the bytes read per token) with the products in f32;
+    /// f32 keeps them as loaded.
+    #[arg(long, value_enum, default_value_t = WeightDtype::Bf16)]
+    dtype: WeightDtype,
+}
+
+/// The dtype the frozen linear weights are kept in for decoding (`--dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDtype {
+    /// bf16 weights, f32 products ([`Model::keep_frozen_in_bf16_for_decoding`]).
+    Bf16,
+    /// The weights as loaded (f32).
+    F32,
+}
+
+impl WeightDtype {
+    /// Whether the weights are kept in bf16.
+    pub fn is_bf16(self) -> bool {
+        self == WeightDtype::Bf16
+    }
+}
+
+/// Converts a model that only decodes to `dtype` and logs the choice once.
+pub fn apply_weight_dtype(model: &mut Model, dtype: WeightDtype) -> Result<()> {
+    match dtype {
+        WeightDtype::Bf16 => {
+            let n = model.keep_frozen_in_bf16_for_decoding()?;
+            tracing::info!(
+                "decoding with bf16 weights ({n} frozen tensors kept in bf16, products in f32; \
+                 --dtype f32 keeps f32)"
+            );
+        }
+        WeightDtype::F32 => tracing::info!("decoding with f32 weights (--dtype f32)"),
+    }
+    Ok(())
 }
 
 /// A prompt as the model sees it: text rendered through the chat template when asked, then
@@ -109,7 +145,7 @@ pub fn run(a: Args) -> Result<()> {
     for row in &rows {
         prompts.push(prompt_ids(&tok, row, a.chat)?);
     }
-    let model = Model::load(
+    let mut model = Model::load(
         &a.model,
         &LoadOptions {
             heads: Heads::Lm,
@@ -117,6 +153,7 @@ pub fn run(a: Args) -> Result<()> {
             ..Default::default()
         },
     )?;
+    apply_weight_dtype(&mut model, a.dtype)?;
     let cfg = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,

@@ -28,6 +28,11 @@ pub struct Args {
     /// The model's name in requests and /v1/models (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Dtype of a language model's frozen linear weights while decoding (as `rlhf generate
+    /// --dtype`): bf16 (half the bytes read per token, products in f32) or f32. A reward
+    /// model's weights stay f32.
+    #[arg(long, value_enum, default_value_t = super::generate::WeightDtype::Bf16)]
+    dtype: super::generate::WeightDtype,
 }
 
 /// Runs `rlhf serve` until Ctrl-C.
@@ -45,5 +50,6 @@ pub fn run(a: Args) -> Result<()> {
     opts.api_key = api_key;
     opts.max_batch_size = a.max_batch_size as usize;
     opts.served_model_name = a.served_model_name;
+    opts.bf16_weights = a.dtype.is_bf16();
     Ok(rlhf_serve::run(opts)?)
 }
