@@ -857,10 +857,7 @@ impl Run {
                 if c.finish.is_some() {
                     return Ok(None);
                 }
-                let rest = c
-                    .text
-                    .finish(tok)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                let rest = c.text.finish();
                 let why = match finish {
                     Finish::Eos => "stop",
                     Finish::Length => "length",

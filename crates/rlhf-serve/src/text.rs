@@ -16,6 +16,8 @@ use crate::Result;
 pub struct TextStream {
     stop: Vec<String>,
     ids: Vec<u32>,
+    /// `ids` decoded, as of the last push (the next push's text before its token).
+    decoded: String,
     /// Bytes of the decoded text released so far.
     sent: usize,
     /// Characters of the decoded text before the last token (its `text_offset`).
@@ -38,6 +40,7 @@ impl TextStream {
         TextStream {
             stop,
             ids: Vec::new(),
+            decoded: String::new(),
             sent: 0,
             offset: 0,
             stopped: false,
@@ -52,14 +55,14 @@ impl TextStream {
                 ..Delta::default()
             });
         }
-        let before = tok.decode(&self.ids, true)?;
-        self.offset = before.chars().count();
+        self.offset = self.decoded.chars().count();
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true)?;
-        let from = floor_boundary(&text, self.sent);
+        self.decoded = tok.decode(&self.ids, true)?;
+        let text = self.decoded.as_str();
+        let from = floor_boundary(text, self.sent);
         // A stop string may begin in text held back earlier, never in text released.
         let longest = self.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        let search = floor_boundary(&text, from.saturating_sub(longest));
+        let search = floor_boundary(text, from.saturating_sub(longest));
         let hit = self
             .stop
             .iter()
@@ -80,7 +83,7 @@ impl TextStream {
         let hold = self
             .stop
             .iter()
-            .map(|s| partial_suffix(&text, s))
+            .map(|s| partial_suffix(text, s))
             .max()
             .unwrap_or(0);
         let end = text.len() - hold;
@@ -95,14 +98,14 @@ impl TextStream {
     }
 
     /// The text still held back once the sequence has ended without a stop string.
-    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+    pub fn finish(&mut self) -> String {
         if self.stopped {
-            return Ok(String::new());
+            return String::new();
         }
-        let text = tok.decode(&self.ids, true)?;
-        let from = floor_boundary(&text, self.sent);
+        let text = &self.decoded;
+        let from = floor_boundary(text, self.sent);
         self.sent = text.len();
-        Ok(text[from..].to_string())
+        text[from..].to_string()
     }
 
     /// Characters of text before the last pushed token (OpenAI's `text_offset`).
