@@ -13,6 +13,9 @@
 #   PURGE_ROW     1 (default) adds an rlhf-rs row run with MIMALLOC_PURGE_DELAY=-1, 0 skips it
 #   ADAMW_ROW     1 (default) adds an rlhf-rs training row with candle-nn's AdamW in place of
 #                 rlhf-train's (the one `rlhf sft` uses, and the default), 0 skips it
+#   BF16_ROW      1 (default) adds bf16 training rows: rlhf-rs `--bf16` (a config's
+#                 `bf16 = true`) and PyTorch under torch.autocast (transformers' bf16=True);
+#                 0 skips them
 #   MODEL         HF directory for generation (default models/smollm2-135m-instruct)
 #   PROMPTS, GEN_BATCH, PROMPT_LEN, MAX_NEW   generation shape (default 8, 8, 32, 64)
 #   OUT           where the JSON lines and logs go (default target/bench-model)
@@ -31,6 +34,7 @@ BATCH=${BATCH:-8}
 SEQ=${SEQ:-128}
 PURGE_ROW=${PURGE_ROW:-1}
 ADAMW_ROW=${ADAMW_ROW:-1}
+BF16_ROW=${BF16_ROW:-1}
 MODEL=${MODEL:-models/smollm2-135m-instruct}
 PROMPTS=${PROMPTS:-8}
 GEN_BATCH=${GEN_BATCH:-8}
@@ -130,6 +134,10 @@ for cfg in $CONFIGS; do
   fi
   # torch_train.py takes the same arguments (torch.optim.AdamW, its default implementation).
   run "train $cfg pytorch" "$PYTHON" "$HERE/torch_train.py" "${args[@]}"
+  if [ "$BF16_ROW" = 1 ]; then
+    run "train $cfg rlhf-rs bf16" "$RLHF" bench train "${args[@]}" --bf16
+    run "train $cfg pytorch bf16" "$PYTHON" "$HERE/torch_train.py" "${args[@]}" --bf16
+  fi
 done
 
 if [ -f "$MODEL/model.safetensors" ]; then
@@ -160,10 +168,12 @@ for line in open(sys.argv[1]):
     rows.append((label, r))
 
 def torch_of(label):
-    """The PyTorch row a label compares to: same job and preset."""
+    """The PyTorch row a label compares to: same job and preset (and precision: a bf16 row
+    compares to PyTorch under autocast)."""
     key = " ".join(label.split()[:2]) if label.startswith("train") else "generate"
+    want = key + " pytorch" + (" bf16" if label.endswith(" bf16") else "")
     for l, r in rows:
-        if l == key + " pytorch":
+        if l == want:
             return r
     return {}
 

@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true",
+                    help="forward and loss under torch.autocast('cpu', bfloat16), as transformers' bf16=True")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -80,7 +82,8 @@ def main():
         mask = torch.ones_like(ids)
         t0 = time.perf_counter()
         # labels=ids: transformers shifts them by one (next-token loss), like the Rust side.
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss_v = loss.item()
         t1 = time.perf_counter()
         loss.backward()
@@ -103,6 +106,7 @@ def main():
                 "impl": "pytorch",
                 "job": "train",
                 "config": a.config,
+                "bf16": a.bf16,
                 "params": params,
                 "batch": a.batch,
                 "seq": a.seq,

@@ -3,6 +3,8 @@
 # SmolLM2-135M-Instruct, the seed's LoRA (r 16, alpha 16, SEQ_CLS), batch 4, max_length 128,
 # lr 1e-4 linear, STEPS steps, then one evaluation on the 200 held-out pairs.
 #   bench/reward/run.sh W [STEPS]
+# BF16=1 runs both sides in bf16: TRL with --bf16 (torch's CPU autocast), rlhf with
+# `bf16 = true`.
 # W: a scratch folder with W/venv holding torch, transformers, trl, peft, datasets (see
 # ../shared/bench/README.md). Needs models/smollm2-135m-instruct (scripts/quickstart.sh).
 set -euo pipefail
@@ -39,8 +41,10 @@ task_type = "SEQ_CLS"
 modules_to_save = ["score"]
 TOML
 
-echo "== TRL 1.16 RewardTrainer" >&2
-peak $PY $SHARED/trl_reward.py "$W/smollm2-hf" "$W/prefs" "$STEPS" 4 --lora
-echo "== rlhf reward" >&2
-peak target/release/rlhf reward --config "$W/reward-bench.toml"
+TRL_BF16=(); RLHF_BF16=()
+if [ "${BF16:-0}" = 1 ]; then TRL_BF16=(--bf16); RLHF_BF16=(--set bf16=true); fi
+echo "== TRL 1.16 RewardTrainer ${TRL_BF16[*]}" >&2
+peak $PY $SHARED/trl_reward.py "$W/smollm2-hf" "$W/prefs" "$STEPS" 4 --lora "${TRL_BF16[@]}"
+echo "== rlhf reward ${RLHF_BF16[*]}" >&2
+peak target/release/rlhf reward --config "$W/reward-bench.toml" "${RLHF_BF16[@]}"
 tail -1 "$W/rlhf-reward-out/metrics.jsonl"

@@ -16,6 +16,51 @@ use crate::{gemm, Result};
 /// AVX-512 kernel, which handles few rows itself).
 const SKINNY_ROWS: usize = 64;
 
+/// Under bf16 autocast ([`gemm::Autocast`]) on a CPU without the AVX-512 kernel (which
+/// rounds as it packs): a contiguous copy of an f32 operand with its values rounded to bf16,
+/// for candle's own matmul. `None` otherwise (the operand is used as it is).
+fn autocast_copy(s: &CpuStorage, l: &Layout) -> Option<(CpuStorage, Layout)> {
+    if !gemm::autocast_bf16() || gemm::available() {
+        return None;
+    }
+    let CpuStorage::F32(v) = s else { return None };
+    let data: Vec<f32> = match l.contiguous_offsets() {
+        Some((a, b)) => v[a..b].iter().map(|&x| gemm::round_bf16(x)).collect(),
+        None => {
+            // Row-major walk over the view's indices.
+            let (dims, stride) = (l.dims(), l.stride());
+            let n: usize = dims.iter().product();
+            let mut idx = vec![0usize; dims.len()];
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                let at: usize =
+                    l.start_offset() + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+                out.push(gemm::round_bf16(v[at]));
+                for d in (0..dims.len()).rev() {
+                    idx[d] += 1;
+                    if idx[d] < dims[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+            out
+        }
+    };
+    Some((CpuStorage::F32(data), Layout::contiguous(l.shape())))
+}
+
+/// `t` rounded to bf16 values (still f32) under bf16 autocast, for the plain-op fallbacks;
+/// `t` itself otherwise. Differentiable: the gradient passes through rounded, as it leaves a
+/// bf16 product under torch's autocast.
+fn autocast_tensor(t: &Tensor) -> candle_core::Result<Tensor> {
+    if gemm::autocast_bf16() && t.dtype() == DType::F32 {
+        t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+    } else {
+        Ok(t.clone())
+    }
+}
+
 /// y = x·Wᵀ (nn.Linear layout) or y = x·W (Conv1D layout).
 struct LinearOp {
     /// W is stored (in, out), GPT-2's Conv1D.
@@ -36,6 +81,9 @@ impl CustomOp2 for LinearOp {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = (xl.dims()[0], xl.dims()[1]);
+        let (rx, rw) = (autocast_copy(x, xl), autocast_copy(w, wl));
+        let (x, xl) = rx.as_ref().map_or((x, xl), |(s, l)| (s, l));
+        let (w, wl) = rw.as_ref().map_or((w, wl), |(s, l)| (s, l));
         let wt = if self.conv1d {
             wl.clone()
         } else {
@@ -451,6 +499,9 @@ impl CustomOp2 for MatMulOp {
         if let Some(c) = avx512_matmul(a, al, b, bl) {
             return Ok((c, Shape::from((m, n))));
         }
+        let (ra, rb) = (autocast_copy(a, al), autocast_copy(b, bl));
+        let (a, al) = ra.as_ref().map_or((a, al), |(s, l)| (s, l));
+        let (b, bl) = rb.as_ref().map_or((b, bl), |(s, l)| (s, l));
         Ok((a.matmul(b, (1, m, n, k), al, bl)?, Shape::from((m, n))))
     }
 }
@@ -573,6 +624,9 @@ impl CustomOp2 for BmmOp {
             }
         }
         let batch: usize = ad[..r - 2].iter().product();
+        let (ra, rb) = (autocast_copy(a, al), autocast_copy(b, bl));
+        let (a, al) = ra.as_ref().map_or((a, al), |(s, l)| (s, l));
+        let (b, bl) = rb.as_ref().map_or((b, bl), |(s, l)| (s, l));
         Ok((a.matmul(b, (batch, m, n, k), al, bl)?, Shape::from(out)))
     }
 
@@ -603,7 +657,7 @@ pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let r = a.rank();
     let same_lead = r >= 3 && b.rank() == r && a.dims()[..r - 2] == b.dims()[..r - 2];
     if !a.device().is_cpu() || !same_lead || !gemm::available() {
-        return Ok(a.matmul(b)?);
+        return Ok(autocast_tensor(a)?.matmul(&autocast_tensor(b)?)?);
     }
     Ok(a.apply_op2(b, BmmOp)?)
 }

@@ -107,6 +107,120 @@ pub fn available() -> bool {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 autocast: every product on operands rounded to bf16, sums in f32
+// ---------------------------------------------------------------------------------------------
+
+static AUTOCAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether products run under bf16 autocast ([`Autocast`]).
+pub fn autocast_bf16() -> bool {
+    AUTOCAST.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// bf16 autocast, as torch's CPU autocast runs a product (transformers' `bf16=True`): while
+/// one of these is alive, every product of this module (and the candle fallbacks of
+/// [`crate::frozen`]) reads its operands rounded to bf16 (nearest even) and sums in f32;
+/// what is not a product (norms, softmax, losses, the optimiser) stays f32, as do the
+/// weights themselves. Dropping it restores the setting it replaced.
+///
+/// The switch is process-wide, not per thread: the products run on candle's thread pool and
+/// attention's products inside its units. A process runs one job at a time, and the switch
+/// is set around a job; tests that use it keep to test binaries of their own.
+///
+/// The operands are rounded as they are packed, and the f32 kernel multiplies them: a bf16
+/// times a bf16 is exact in f32, so the products are those of a bf16 unit and only the order
+/// of the f32 sums differs. (This CPU family's AVX512_BF16 kernel, [`matmul_bf16`], measured
+/// slower than the f32 kernel on AMD Zen 4: BENCHMARKS.md; AMX is not implemented.)
+#[must_use = "autocast ends when the guard is dropped"]
+pub struct Autocast {
+    before: bool,
+}
+
+impl Autocast {
+    /// Turns bf16 autocast on (`on`) or off until the guard is dropped.
+    pub fn bf16(on: bool) -> Self {
+        let before = AUTOCAST.swap(on, std::sync::atomic::Ordering::SeqCst);
+        Autocast { before }
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        AUTOCAST.store(self.before, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Which kernel runs the products under bf16 autocast on this CPU, in words (for the log).
+pub fn autocast_kernel() -> &'static str {
+    if available() {
+        "bf16 = true: products on operands rounded to bf16, summed in f32, on the AVX-512 f32 \
+         kernel (its AVX512_BF16 kernel measured slower on AMD Zen 4; AMX is not implemented)"
+    } else {
+        "bf16 = true: products on operands rounded to bf16, summed in f32, on candle's f32 \
+         matmul (no AVX-512 on this CPU)"
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as an f32; NaN stays NaN, ±inf stays.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        return f32::from_bits((b | 0x0040_0000) & 0xFFFF_0000);
+    }
+    f32::from_bits((b.wrapping_add(0x7FFF + ((b >> 16) & 1))) & 0xFFFF_0000)
+}
+
+/// Rounds `n` floats at `p` to bf16 in place ([`round_bf16`]), 16 at a time with AVX-512F.
+///
+/// # Safety
+/// `p` must point to `n` floats this thread may write.
+unsafe fn round_bf16_in_place(p: *mut f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: as the caller guarantees; AVX-512F was detected.
+        unsafe { round_bf16_avx512(p, n) };
+        return;
+    }
+    for i in 0..n {
+        // SAFETY: i < n.
+        unsafe { *p.add(i) = round_bf16(*p.add(i)) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_bf16_avx512(p: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let full = n / 16 * 16;
+    let (abs, inf, quiet) = (
+        _mm512_set1_epi32(0x7FFF_FFFF),
+        _mm512_set1_epi32(0x7F80_0000),
+        _mm512_set1_epi32(0x0040_0000),
+    );
+    let (half, one, top) = (
+        _mm512_set1_epi32(0x7FFF),
+        _mm512_set1_epi32(1),
+        _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+    );
+    for i in (0..full).step_by(16) {
+        // SAFETY: i + 16 <= n floats at p.
+        unsafe {
+            let b = _mm512_loadu_si512(p.add(i) as *const _);
+            let nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs), inf);
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+            let r = _mm512_add_epi32(b, _mm512_add_epi32(half, odd));
+            let r = _mm512_mask_or_epi32(r, nan, b, quiet);
+            _mm512_storeu_si512(p.add(i) as *mut _, _mm512_and_si512(r, top));
+        }
+    }
+    for i in full..n {
+        // SAFETY: i < n.
+        unsafe { *p.add(i) = round_bf16(*p.add(i)) };
+    }
+}
+
 /// C = A·B as a new row-major `(a.rows, b.cols)` buffer, or `None` without AVX-512F.
 ///
 /// # Panics
@@ -200,6 +314,7 @@ unsafe fn product_by_panels<const R: usize>(a: MatRef<'_>, b: Src<'_>, c: *mut f
     let done: Vec<AtomicUsize> = (0..panels).map(|_| AtomicUsize::new(0)).collect();
     let out = SyncPtr(c);
     let threads = threads();
+    let round = autocast_bf16();
     let item = |i: usize| {
         let (s, p) = (i / panels, i % panels);
         let k0 = s * KC;
@@ -223,10 +338,14 @@ unsafe fn product_by_panels<const R: usize>(a: MatRef<'_>, b: Src<'_>, c: *mut f
                         // SAFETY: the buffer holds m_tiles panels of R × KC.
                         unsafe { pack_a::<R>(a, r0, R.min(m - r0), k0, kc, pa.add(t * R * kc)) };
                     }
+                    if round {
+                        // SAFETY: the m_tiles panels just packed.
+                        unsafe { round_bf16_in_place(pa, m_tiles * R * kc) };
+                    }
                     packed = s;
                 }
                 // SAFETY: the buffer holds one panel of KC × NR; the item lies inside B.
-                let bp = unsafe { b.slice(k0, kc, c0, nr, pb) };
+                let bp = unsafe { b.slice_rounded(k0, kc, c0, nr, pb, round) };
                 // What this thread likely claims next, fetched into L2 while it multiplies.
                 let mut ahead = match (b, i + threads < items) {
                     (Src::W(w), true) => {
@@ -485,6 +604,36 @@ impl Src<'_> {
     }
 }
 
+impl Src<'_> {
+    /// [`Self::slice`], rounded to bf16 with `round` (a panel read in place is copied into
+    /// `dst` first).
+    ///
+    /// # Safety
+    /// As for [`Self::slice`].
+    unsafe fn slice_rounded(
+        &self,
+        k0: usize,
+        kc: usize,
+        c0: usize,
+        nr: usize,
+        dst: *mut f32,
+        round: bool,
+    ) -> *const f32 {
+        // SAFETY: as the caller guarantees; a slice is `kc × NR` floats, like `dst`.
+        unsafe {
+            let p = self.slice(k0, kc, c0, nr, dst);
+            if !round {
+                return p;
+            }
+            if !std::ptr::eq(p, dst) {
+                std::ptr::copy_nonoverlapping(p, dst, kc * NR);
+            }
+            round_bf16_in_place(dst, kc * NR);
+            dst
+        }
+    }
+}
+
 /// k steps of the microkernel per prefetch step: a few lines at a time, spread through the
 /// kernel's loop, so that the fill buffers never fill up and stall it.
 const PF_EVERY: usize = 8;
@@ -624,7 +773,12 @@ fn stream_enabled() -> bool {
 /// runs of W's rows.
 fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    let (at, lanes) = pack_stream_a(a);
+    let (mut at, lanes) = pack_stream_a(a);
+    let round = autocast_bf16();
+    if round {
+        // SAFETY: `at` is this function's own buffer.
+        unsafe { round_bf16_in_place(at.as_mut_ptr(), at.len()) };
+    }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let out = SyncPtr(c.as_mut_ptr());
     let (at, w, ldw) = (&at[..], b.data, b.cs);
@@ -633,7 +787,13 @@ fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
             let rows = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
             // SAFETY: AVX-512F was detected by the caller (`matmul`); W's rows j < n lie in
             // `b.data` (checked by `MatRef::new`), and unit u writes only columns `rows` of C.
-            unsafe { stream_unit(at, lanes, w, ldw, k, rows, m, out.get(), n) };
+            unsafe {
+                if round {
+                    stream_unit::<true>(at, lanes, w, ldw, k, rows, m, out.get(), n)
+                } else {
+                    stream_unit::<false>(at, lanes, w, ldw, k, rows, m, out.get(), n)
+                }
+            };
         }
     };
     let units = n.div_ceil(STREAM_UNIT);
@@ -682,7 +842,7 @@ fn pack_stream_a(a: MatRef<'_>) -> (Vec<f32>, usize) {
 #[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn stream_unit(
+unsafe fn stream_unit<const RND: bool>(
     at: &[f32],
     lanes: usize,
     w: &[f32],
@@ -701,19 +861,31 @@ unsafe fn stream_unit(
         let r = unsafe {
             match (lanes, left) {
                 (16, l) if l >= STREAM_R1 => {
-                    stream_tile::<STREAM_R1, 1>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    stream_tile::<STREAM_R1, 1, RND>(
+                        at,
+                        w.as_ptr().add(j * ldw),
+                        ldw,
+                        k,
+                        &mut tile,
+                    );
                     STREAM_R1
                 }
                 (32, l) if l >= STREAM_R2 => {
-                    stream_tile::<STREAM_R2, 2>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    stream_tile::<STREAM_R2, 2, RND>(
+                        at,
+                        w.as_ptr().add(j * ldw),
+                        ldw,
+                        k,
+                        &mut tile,
+                    );
                     STREAM_R2
                 }
                 (16, _) => {
-                    stream_tile::<1, 1>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    stream_tile::<1, 1, RND>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
                     1
                 }
                 _ => {
-                    stream_tile::<1, 2>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    stream_tile::<1, 2, RND>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
                     1
                 }
             }
@@ -730,7 +902,7 @@ unsafe fn stream_unit(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn stream_unit(
+unsafe fn stream_unit<const RND: bool>(
     _: &[f32],
     _: usize,
     _: &[f32],
@@ -751,7 +923,7 @@ unsafe fn stream_unit(
 /// `at` hold `k × 16V` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn stream_tile<const R: usize, const V: usize>(
+unsafe fn stream_tile<const R: usize, const V: usize, const RND: bool>(
     at: &[f32],
     w: *const f32,
     ldw: usize,
@@ -778,7 +950,8 @@ unsafe fn stream_tile<const R: usize, const V: usize>(
             // SAFETY: row q < R of W, elements p..p + U ≤ k, as the caller guarantees.
             let wq = unsafe { w.add(q * ldw + p) };
             for (u, au) in av.iter().enumerate() {
-                let bq = _mm512_set1_ps(unsafe { *wq.add(u) });
+                let w = unsafe { *wq.add(u) };
+                let bq = _mm512_set1_ps(if RND { round_bf16(w) } else { w });
                 for (x, a) in row.iter_mut().zip(au) {
                     *x = _mm512_fmadd_ps(*a, bq, *x);
                 }
@@ -788,7 +961,8 @@ unsafe fn stream_tile<const R: usize, const V: usize>(
     for p in main..k {
         for (q, row) in acc.iter_mut().enumerate() {
             // SAFETY: as above, for the last k % U values.
-            let bq = _mm512_set1_ps(unsafe { *w.add(q * ldw + p) });
+            let wv = unsafe { *w.add(q * ldw + p) };
+            let bq = _mm512_set1_ps(if RND { round_bf16(wv) } else { wv });
             for (v, x) in row.iter_mut().enumerate() {
                 let a = unsafe { _mm512_loadu_ps(ap.add(p * 16 * V + 16 * v)) };
                 *x = _mm512_fmadd_ps(a, bq, *x);
@@ -1173,13 +1347,14 @@ pub(crate) unsafe fn matmul_into(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc:
 /// As for [`matmul_into`].
 unsafe fn matmul_loop(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc: usize, acc: bool) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
+    let r: fn(f32) -> f32 = if autocast_bf16() { round_bf16 } else { |x| x };
     let mut row = vec![0f32; n];
     for i in 0..m {
         row.fill(0.0);
         for p in 0..k {
-            let x = a.data[i * a.rs + p * a.cs];
-            for (j, r) in row.iter_mut().enumerate() {
-                *r += x * b.data[p * b.rs + j * b.cs];
+            let x = r(a.data[i * a.rs + p * a.cs]);
+            for (j, c) in row.iter_mut().enumerate() {
+                *c += x * r(b.data[p * b.rs + j * b.cs]);
             }
         }
         // SAFETY: row i of C lies inside the caller's allocation.
@@ -1302,6 +1477,7 @@ unsafe fn block<const R: usize>(
 ) {
     let k = a.cols;
     let n_tiles = cols.len().div_ceil(NR);
+    let round = autocast_bf16();
     PACK.with_borrow_mut(|(pa, pb)| {
         let pa = lines(pa, MC_TILES * R * KC);
         let pb = lines(pb, n_tiles * NR * KC);
@@ -1313,7 +1489,7 @@ unsafe fn block<const R: usize>(
                 let c0 = cols.start + t * NR;
                 let nr = NR.min(cols.end - c0);
                 // SAFETY: the buffer holds n_tiles panels of KC × NR.
-                *panel = unsafe { b.slice(k0, kc, c0, nr, pb.add(t * NR * kc)) };
+                *panel = unsafe { b.slice_rounded(k0, kc, c0, nr, pb.add(t * NR * kc), round) };
             }
             let accumulate = acc || k0 > 0;
             // The calls of this slice's kernels, over which the prefetches are spread.
@@ -1333,6 +1509,10 @@ unsafe fn block<const R: usize>(
                     let mr = R.min(m0 + mb - r0);
                     // SAFETY: the buffer holds MC_TILES panels of R × KC.
                     unsafe { pack_a::<R>(a, r0, mr, k0, kc, pa.add(t * R * kc)) };
+                }
+                if round {
+                    // SAFETY: the m_tiles panels just packed.
+                    unsafe { round_bf16_in_place(pa, m_tiles * R * kc) };
                 }
                 for (tj, &bp) in panels.iter().enumerate().take(n_tiles) {
                     let c0 = cols.start + tj * NR;

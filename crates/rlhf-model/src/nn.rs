@@ -417,7 +417,9 @@ impl Linear {
             } else {
                 x2.clone()
             };
-            let delta = xin.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            // On the frozen-aware op, so that bf16 autocast reaches these products too.
+            let xa = crate::frozen::linear(&xin, &l.a, false)?;
+            let delta = crate::frozen::linear(&xa, &l.b, false)?;
             y = (y + (delta * l.scale)?)?;
         }
         if !self.switches.grad_enabled() {

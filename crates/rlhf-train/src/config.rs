@@ -77,6 +77,13 @@ pub struct TrainingArgs {
     /// Let a fresh run (no `--resume`) start in an `output_dir` that holds another run's
     /// checkpoints; they are deleted first (transformers' `overwrite_output_dir`).
     pub overwrite_output_dir: bool,
+    /// bf16 mixed precision, as transformers' `bf16=True` runs it on a CPU (torch's autocast):
+    /// every matrix product reads its operands rounded to bf16 and sums in f32; the weights,
+    /// the optimiser state, norms, softmax and losses stay f32. Off by default.
+    pub bf16: bool,
+    /// fp16 mixed precision: GPU-only in transformers (loss scaling); refused here, with the
+    /// advice to use `bf16`.
+    pub fp16: bool,
 }
 
 impl Default for TrainingArgs {
@@ -113,6 +120,8 @@ impl Default for TrainingArgs {
             shuffle: true,
             eval_on_start: false,
             overwrite_output_dir: false,
+            bf16: false,
+            fp16: false,
         }
     }
 }
@@ -151,6 +160,8 @@ pub const TRAINING_KEYS: &[&str] = &[
     "shuffle",
     "eval_on_start",
     "overwrite_output_dir",
+    "bf16",
+    "fp16",
 ];
 
 /// Keys of the `[lora]` table (PEFT's LoraConfig names).
@@ -446,6 +457,13 @@ impl TrainingArgs {
             return bad(format!(
                 "optim = {:?}: only adamw_torch is implemented",
                 self.optim
+            ));
+        }
+        if self.fp16 {
+            return bad(format!(
+                "{}: fp16 = true: fp16 mixed precision needs a GPU (transformers refuses it on a \
+                 CPU too); use bf16 = true",
+                path.display()
             ));
         }
         if !matches!(self.eval_strategy.as_str(), "no" | "steps" | "epoch") {

@@ -290,16 +290,32 @@ pub fn prepare(
     Ok(lock)
 }
 
+/// What a trainer holds while it runs: the output directory's lock and, with `bf16 = true`,
+/// bf16 autocast ([`rlhf_model::gemm::Autocast`]); both end when it is dropped.
+pub struct RunGuard {
+    _lock: OutputLock,
+    _precision: rlhf_model::gemm::Autocast,
+}
+
 /// [`prepare`] for a trainer: `args.output_dir`, which may not be `args.model` (nor the other
-/// model directories in `inputs`), `overwrite_output_dir` from `args`.
+/// model directories in `inputs`), `overwrite_output_dir` from `args`; then the precision
+/// `args.bf16` asks for, for the rest of the run (training, evaluation and generation alike,
+/// as accelerate's autocast wraps every forward).
 pub fn prepare_run(
     args: &crate::config::TrainingArgs,
     inputs: &[(&str, &Path)],
     resuming: bool,
-) -> Result<OutputLock> {
+) -> Result<RunGuard> {
     let mut all: Vec<(&str, &Path)> = vec![("model", args.model.as_path())];
     all.extend_from_slice(inputs);
-    prepare(&args.output_dir, &all, resuming, args.overwrite_output_dir)
+    let lock = prepare(&args.output_dir, &all, resuming, args.overwrite_output_dir)?;
+    if args.bf16 {
+        tracing::info!("{}", rlhf_model::gemm::autocast_kernel());
+    }
+    Ok(RunGuard {
+        _lock: lock,
+        _precision: rlhf_model::gemm::Autocast::bf16(args.bf16),
+    })
 }
 
 #[cfg(test)]

@@ -240,6 +240,9 @@ pub struct TrainArgs {
     /// "candle-nn" (candle_nn::optim::AdamW, a dozen allocating tensor ops per parameter).
     #[arg(long, default_value = "rlhf")]
     optimizer: String,
+    /// bf16 autocast for every product of the step, as a config's `bf16 = true`.
+    #[arg(long)]
+    bf16: bool,
 }
 
 /// The optimiser under test; both get lr 1e-4, betas (0.9, 0.999), eps 1e-8, no decay.
@@ -412,6 +415,10 @@ fn train(a: TrainArgs) -> Result<()> {
         )?),
         other => bail!("unknown --optimizer {other:?} (rlhf, candle-nn)"),
     };
+    let _precision = rlhf_model::gemm::Autocast::bf16(a.bf16);
+    if a.bf16 {
+        tracing::info!("{}", rlhf_model::gemm::autocast_kernel());
+    }
     let mut rng = SplitMix64(a.seed);
     // Next-token labels without a copy of the logits: each row's last position has no target.
     let labels: Vec<i64> = (0..a.batch)
@@ -470,6 +477,7 @@ fn train(a: TrainArgs) -> Result<()> {
         "seq": a.seq,
         "steps": a.steps,
         "optimizer": a.optimizer,
+        "bf16": a.bf16,
         "threads": candle_core::utils::get_num_threads(),
         "step_s_median": r4(step_s),
         "forward_s_median": r4(median(&fwd)),
