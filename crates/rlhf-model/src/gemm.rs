@@ -128,10 +128,11 @@ pub fn autocast_bf16() -> bool {
 /// attention's products inside its units. A process runs one job at a time, and the switch
 /// is set around a job; tests that use it keep to test binaries of their own.
 ///
-/// The operands are rounded as they are packed, and the f32 kernel multiplies them: a bf16
-/// times a bf16 is exact in f32, so the products are those of a bf16 unit and only the order
-/// of the f32 sums differs. (This CPU family's AVX512_BF16 kernel, [`matmul_bf16`], measured
-/// slower than the f32 kernel on AMD Zen 4: BENCHMARKS.md; AMX is not implemented.)
+/// Where the CPU has AVX512_BF16 ([`bf16_kernel`]), products of more than 64 rows run on the
+/// bf16 kernel ([`block_bf16`], `vdpbf16ps`: 32 products a vector, f32 sums). Elsewhere, and
+/// for fewer rows, the operands are rounded as they are packed and the f32 kernel multiplies
+/// them: a bf16 times a bf16 is exact in f32, so the products are a bf16 unit's and only the
+/// order of the f32 sums differs. AMX is not implemented.
 #[must_use = "autocast ends when the guard is dropped"]
 pub struct Autocast {
     before: bool,
@@ -153,9 +154,13 @@ impl Drop for Autocast {
 
 /// Which kernel runs the products under bf16 autocast on this CPU, in words (for the log).
 pub fn autocast_kernel() -> &'static str {
-    if available() {
+    if bf16_kernel() {
+        "bf16 = true: products of more than 64 rows on the AVX512_BF16 kernel (vdpbf16ps, f32 \
+         sums), smaller ones on the AVX-512 f32 kernel with operands rounded to bf16 (AMX is not \
+         implemented)"
+    } else if available() {
         "bf16 = true: products on operands rounded to bf16, summed in f32, on the AVX-512 f32 \
-         kernel (its AVX512_BF16 kernel measured slower on AMD Zen 4; AMX is not implemented)"
+         kernel (no AVX512_BF16 here, or RLHF_BF16_KERNEL=0; AMX is not implemented)"
     } else {
         "bf16 = true: products on operands rounded to bf16, summed in f32, on candle's f32 \
          matmul (no AVX-512 on this CPU)"
@@ -249,6 +254,25 @@ pub fn matmul_acc(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> bool {
 /// AVX-512F must be available and `c` must point to `a.rows · b.cols` floats.
 unsafe fn product_on_pool(a: MatRef<'_>, b: Src<'_>, c: *mut f32, acc: bool) {
     let (m, n) = (a.rows, b.cols());
+    if m > SMALL_M && autocast_bf16() && bf16_kernel() {
+        // bf16 autocast on AVX512_BF16: `vdpbf16ps` does 32 products a vector.
+        let units = Units::new(m, n, MR, threads());
+        let out = SyncPtr(c);
+        let run = |range: std::ops::Range<usize>| {
+            for u in range {
+                let (rows, cols) = units.unit(u);
+                // SAFETY: AVX512_BF16 was detected; units write disjoint blocks of C, which
+                // holds m · n floats until every unit has finished.
+                unsafe { block_bf16(a, b, rows, cols, out.get(), n, acc) };
+            }
+        };
+        if units.count() == 1 {
+            run(0..1);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(units.count(), run);
+        }
+        return;
+    }
     let mr = if m <= SMALL_M { MR_SMALL } else { MR };
     if m > SMALL_M && m <= SHARED_M && n.div_ceil(NR) >= 2 * threads() && shared_enabled() {
         // SAFETY: as the caller guarantees.
@@ -1928,6 +1952,16 @@ pub fn bf16_available() -> bool {
     }
 }
 
+/// Whether bf16 autocast runs its products of more than 64 rows on the AVX512_BF16 kernel:
+/// where the CPU has it, unless `RLHF_BF16_KERNEL=0` (the f32 kernel on rounded operands, for
+/// A/B runs).
+pub fn bf16_kernel() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        bf16_available() && !std::env::var("RLHF_BF16_KERNEL").is_ok_and(|v| v == "0")
+    })
+}
+
 /// Depth of one packed bf16 slice (pairs of k are packed together; B panel 32 KB).
 const KC_BF16: usize = 512;
 
@@ -1953,7 +1987,7 @@ pub fn matmul_bf16(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
         for u in range {
             let (rows, cols) = units.unit(u);
             // SAFETY: AVX512_BF16 was detected above; units write disjoint blocks of C.
-            unsafe { block_bf16(a, b, rows, cols, out.get(), n) };
+            unsafe { block_bf16(a, Src::Mat(b), rows, cols, out.get(), n, false) };
         }
     };
     if units.count() == 1 {
@@ -1984,11 +2018,51 @@ thread_local! {
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block_bf16(
     a: MatRef<'_>,
-    b: MatRef<'_>,
+    b: Src<'_>,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     c: *mut f32,
     ldc: usize,
+    acc: bool,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        match b {
+            Src::Mat(m) => block_bf16_with(
+                a,
+                |p, j| m.data[p * m.rs + j * m.cs],
+                rows,
+                cols,
+                c,
+                ldc,
+                acc,
+            ),
+            Src::W(w) => {
+                let f = w.floats();
+                block_bf16_with(a, |p, j| f[w.at(p, j)], rows, cols, c, ldc, acc)
+            }
+            Src::Wt(w) => {
+                let f = w.floats();
+                block_bf16_with(a, |p, j| f[w.at(j, p)], rows, cols, c, ldc, acc)
+            }
+        }
+    }
+}
+
+/// [`block_bf16`] for a B read through `b(p, j)` (row p, column j).
+///
+/// # Safety
+/// As for [`block_bf16`]; `b` must be defined on B's rows and columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block_bf16_with(
+    a: MatRef<'_>,
+    b: impl Fn(usize, usize) -> f32,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
 ) {
     let k = a.cols;
     let n_tiles = cols.len().div_ceil(NR);
@@ -2009,7 +2083,7 @@ unsafe fn block_bf16(
                         for h in 0..2 {
                             let p = 2 * pp + h;
                             let v = if j < nr && p < kc {
-                                b.data[(k0 + p) * b.rs + (c0 + j) * b.cs]
+                                b(k0 + p, c0 + j)
                             } else {
                                 0.0
                             };
@@ -2018,7 +2092,7 @@ unsafe fn block_bf16(
                     }
                 }
             }
-            let accumulate = k0 > 0;
+            let accumulate = acc || k0 > 0;
             let mut m0 = rows.start;
             while m0 < rows.end {
                 let mb = (MC_TILES * MR).min(rows.end - m0);
@@ -2070,7 +2144,7 @@ unsafe fn block_bf16(
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn block_bf16(
     _: MatRef<'_>,
-    _: MatRef<'_>,
+    _: Src<'_>,
     _: std::ops::Range<usize>,
     _: std::ops::Range<usize>,
     _: *mut f32,

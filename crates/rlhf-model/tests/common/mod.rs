@@ -111,3 +111,195 @@ pub fn golden_logits(arch: &str) -> Vec<f32> {
     let hidden = model.hidden(&batch).unwrap();
     rlhf_model::ops::to_vec_f32(&model.logits(&hidden).unwrap()).unwrap()
 }
+
+// bf16 autocast's products (bf16_autocast.rs, bf16_autocast_f32_kernel.rs).
+
+pub fn values(n: usize, seed: u32) -> Vec<f32> {
+    // Spread over several binades, so that rounding to bf16 changes most of them.
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            ((x % 20_000) as f32 / 10_000.0 - 1.0) * (1.0 + (x >> 28) as f32)
+        })
+        .collect()
+}
+
+pub fn rounded(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// C = A·B in f64 for row-major A (m × k) and B given by `b(p, j)`, with Σ|a·b| per element.
+pub fn exact(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b: impl Fn(usize, usize) -> f32,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut c, mut mag) = (vec![0f64; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        for j in 0..n {
+            for p in 0..k {
+                let t = a[i * k + p] as f64 * b(p, j) as f64;
+                c[i * n + j] += t;
+                mag[i * n + j] += t.abs();
+            }
+        }
+    }
+    (c, mag)
+}
+
+/// `got` is the product of the rounded operands (`want`, in f64) up to f32 sums: within
+/// 2⁻²⁰ of Σ|a·b| per element (k ≤ 520 sums in f32, any order); and the unrounded product
+/// (`plain`) lies outside that band somewhere, so the rounding shows.
+pub fn check_rounded(what: &str, got: &[f32], want: &(Vec<f64>, Vec<f64>), plain: &[f64]) {
+    let (want, mag) = want;
+    let band = |i: usize| mag[i] * 2f64.powi(-20) + 1e-30;
+    for (i, &g) in got.iter().enumerate() {
+        assert!(
+            (g as f64 - want[i]).abs() <= band(i),
+            "{what}: element {i}: {g} vs {} (band {})",
+            want[i],
+            band(i)
+        );
+    }
+    assert!(
+        (0..got.len()).any(|i| (got[i] as f64 - plain[i]).abs() > band(i)),
+        "{what}: the operands were not rounded"
+    );
+}
+
+/// Under autocast, each product path computes the product of its operands rounded to bf16,
+/// summed in f32 (checked against f64): the streaming path (few rows against Wᵀ), the
+/// shared-panel path, the blocked path and, for more than 64 rows on a CPU with AVX512_BF16,
+/// the bf16 kernel; strided operands, accumulation, weights kept as panels (x·Wᵀ and grad·W),
+/// batched products. Where the f32 kernel runs, the result is also the f32 product of the
+/// rounded operands to the bit (same kernel, same order of sums).
+pub fn autocast_products_round_their_operands() {
+    if !rlhf_model::gemm::available() {
+        eprintln!("no AVX-512F here: the candle fallback is tested in bf16_autocast_candle.rs");
+        return;
+    }
+    eprintln!("{}", rlhf_model::gemm::autocast_kernel());
+    for (m, k, n) in [(5, 70, 40), (30, 300, 97), (100, 300, 200), (300, 520, 70)] {
+        let f32_kernel = m <= 64 || !rlhf_model::gemm::bf16_kernel();
+        let (a, w) = (values(m * k, 2), values(n * k, 3));
+        let (ar, wr) = (rounded(&a), rounded(&w));
+        // x·Wᵀ with W row-major (B strided: the streaming path for few rows).
+        let x_wt = |d: &[f32], wd: &[f32]| {
+            rlhf_model::gemm::matmul(
+                rlhf_model::gemm::MatRef::new(d, m, k, k, 1),
+                rlhf_model::gemm::MatRef::new(wd, n, k, k, 1).t(),
+            )
+            .unwrap()
+        };
+        let got = {
+            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            x_wt(&a, &w)
+        };
+        let want = exact(&ar, m, k, n, |p, j| wr[j * k + p]);
+        let plain = exact(&a, m, k, n, |p, j| w[j * k + p]).0;
+        check_rounded(&format!("x·Wᵀ {m}×{k}×{n}"), &got, &want, &plain);
+        if f32_kernel {
+            assert_eq!(
+                got,
+                x_wt(&ar, &wr),
+                "x·Wᵀ {m}×{k}×{n}: not the rounded f32 product"
+            );
+        }
+
+        // A read transposed (gradᵀ·x, n × k), C accumulated onto a start value.
+        let g = values(m * n, 4);
+        let start = values(n * k, 5);
+        let acc = |gd: &[f32], ad: &[f32]| {
+            let mut c = start.clone();
+            assert!(rlhf_model::gemm::matmul_acc(
+                rlhf_model::gemm::MatRef::new(gd, m, n, n, 1).t(),
+                rlhf_model::gemm::MatRef::new(ad, m, k, k, 1),
+                &mut c
+            ));
+            c
+        };
+        let got = {
+            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            acc(&g, &a)
+        };
+        let (gt, grt): (Vec<f32>, Vec<f32>) = {
+            let t = |v: &[f32]| {
+                (0..n * m)
+                    .map(|q| v[(q % m) * n + q / m])
+                    .collect::<Vec<f32>>()
+            };
+            (t(&g), t(&rounded(&g)))
+        };
+        // The start value joins the sum (and its magnitude the band).
+        let (mut want, mut plain) = (
+            exact(&grt, n, m, k, |p, j| ar[p * k + j]),
+            exact(&gt, n, m, k, |p, j| a[p * k + j]).0,
+        );
+        for (i, &s0) in start.iter().enumerate() {
+            want.0[i] += s0 as f64;
+            want.1[i] += (s0 as f64).abs();
+            plain[i] += s0 as f64;
+        }
+        check_rounded(&format!("gradᵀ·x + C {m}×{k}×{n}"), &got, &want, &plain);
+
+        // A frozen weight kept as panels: x·Wᵀ and grad·W.
+        let p = rlhf_model::gemm::Panels::new(&w, n, k);
+        let got = {
+            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            rlhf_model::gemm::matmul_wt(rlhf_model::gemm::MatRef::new(&a, m, k, k, 1), &p).unwrap()
+        };
+        let want = exact(&ar, m, k, n, |q, j| wr[j * k + q]);
+        let plain = exact(&a, m, k, n, |q, j| w[j * k + q]).0;
+        check_rounded(&format!("panels x·Wᵀ {m}×{k}×{n}"), &got, &want, &plain);
+        let got = {
+            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            rlhf_model::gemm::matmul_w(rlhf_model::gemm::MatRef::new(&g, m, n, n, 1), &p).unwrap()
+        };
+        let want = exact(&rounded(&g), m, n, k, |q, j| wr[q * k + j]);
+        let plain = exact(&g, m, n, k, |q, j| w[q * k + j]).0;
+        check_rounded(&format!("panels grad·W {m}×{k}×{n}"), &got, &want, &plain);
+        if f32_kernel {
+            let pr = rlhf_model::gemm::Panels::new(&wr, n, k);
+            let bitwise = rlhf_model::gemm::matmul_w(
+                rlhf_model::gemm::MatRef::new(&rounded(&g), m, n, n, 1),
+                &pr,
+            )
+            .unwrap();
+            assert_eq!(
+                got, bitwise,
+                "panels grad·W {m}×{k}×{n}: not the rounded f32 product"
+            );
+        }
+    }
+    // Batched (attention's q·kᵀ), and the switch restores what it replaced.
+    let (q, kk) = (values(3 * 9 * 16, 6), values(3 * 11 * 16, 7));
+    let bm = |qd: &[f32], kd: &[f32]| {
+        rlhf_model::gemm::batched_matmul(
+            rlhf_model::gemm::MatRef::new(qd, 9, 16, 16, 1),
+            9 * 16,
+            rlhf_model::gemm::MatRef::new(kd, 11, 16, 16, 1).t(),
+            11 * 16,
+            3,
+        )
+        .unwrap()
+    };
+    let want = bm(&rounded(&q), &rounded(&kk));
+    let got = {
+        let _ac = rlhf_model::gemm::Autocast::bf16(true);
+        {
+            let _off = rlhf_model::gemm::Autocast::bf16(false);
+            assert!(!rlhf_model::gemm::autocast_bf16());
+        }
+        assert!(rlhf_model::gemm::autocast_bf16());
+        bm(&q, &kk)
+    };
+    assert!(!rlhf_model::gemm::autocast_bf16());
+    assert_eq!(got, want, "batched");
+}
