@@ -2000,13 +2000,6 @@ pub fn matmul_bf16(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     Some(c)
 }
 
-/// f32 → bf16 bits, rounding to nearest even (NaN payloads are not preserved).
-#[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
-}
-
 thread_local! {
     /// Per-thread bf16 packing buffers for A and B.
     static PACK_BF16: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -2026,38 +2019,238 @@ unsafe fn block_bf16(
     acc: bool,
 ) {
     // SAFETY: as the caller guarantees.
+    unsafe { block_bf16_with(a, b, rows, cols, c, ldc, acc) }
+}
+
+/// A bf16 pair of k: `lo` (even k) in the low half, `hi` in the high half, each rounded to
+/// nearest even ([`round_bf16`]), as `vdpbf16ps` reads them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bf16_pair(lo: f32, hi: f32) -> u32 {
+    (round_bf16(lo).to_bits() >> 16) | (round_bf16(hi).to_bits() & 0xFFFF_0000)
+}
+
+/// `out[q] = bf16_pair(x[2q], x[2q + 1])` for `q < x.len() / 2` (a contiguous run along k),
+/// 16 pairs a time with `vcvtne2ps2bf16` (nearest even; it reads a denormal as zero, as
+/// `vdpbf16ps` does anyway).
+///
+/// # Safety
+/// AVX512_BF16 must be available; `out` at least `x.len() / 2` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pairs_of_run(x: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let full = x.len() / 32 * 32;
+    for p in (0..full).step_by(32) {
+        // SAFETY: p + 32 <= x.len(); out holds (p + 32) / 2 u32s.
+        unsafe {
+            let v0 = _mm512_loadu_ps(x.as_ptr().add(p));
+            let v1 = _mm512_loadu_ps(x.as_ptr().add(p + 16));
+            let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(v1, v0));
+            _mm512_storeu_si512(out.as_mut_ptr().add(p / 2).cast(), h);
+        }
+    }
+    for q in full / 2..x.len() / 2 {
+        out[q] = bf16_pair(x[2 * q], x[2 * q + 1]);
+    }
+}
+
+/// `out[j] = bf16_pair(r0[j], r1[j])` for `j < r0.len()` (two rows along k), 16 a time.
+///
+/// # Safety
+/// AVX512_BF16 and AVX512BW must be available; `r1` and `out` at least as long as `r0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pairs_of_rows(r0: &[f32], r1: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let n = r0.len();
+    assert!(r1.len() >= n && out.len() >= n);
+    // Interleaves the two halves' u16s: r0's j-th beside r1's j-th.
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let full = n / 16 * 16;
+    for j in (0..full).step_by(16) {
+        // SAFETY: j + 16 <= n for r0, r1 and out.
+        unsafe {
+            let a = _mm512_loadu_ps(r0.as_ptr().add(j));
+            let b = _mm512_loadu_ps(r1.as_ptr().add(j));
+            let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+            let h = _mm512_permutexvar_epi16(idx, h);
+            _mm512_storeu_si512(out.as_mut_ptr().add(j).cast(), h);
+        }
+    }
+    for j in full..n {
+        out[j] = bf16_pair(r0[j], r1[j]);
+    }
+}
+
+/// Packs `kc` rows (k) × `nr` columns of an operand whose rows are contiguous slices
+/// (`row(p)`, at least `nr` long) as pairs of k: `dst[pp · width + j]` holds rows 2pp and
+/// 2pp + 1 of column j; zero past `nr` (to `width`) and past `kc`.
+///
+/// # Safety
+/// `dst` must hold `kc.div_ceil(2) · width` u32s.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_pairs_by_rows<'a>(
+    dst: *mut u32,
+    width: usize,
+    kc: usize,
+    nr: usize,
+    row: impl Fn(usize) -> &'a [f32],
+) {
+    for pp in 0..kc.div_ceil(2) {
+        // SAFETY: row pp of `width` u32s lies inside `dst`.
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.add(pp * width), width) };
+        let r0 = &row(2 * pp)[..nr];
+        if 2 * pp + 1 < kc {
+            let r1 = &row(2 * pp + 1)[..nr];
+            // SAFETY: the bf16 kernel's callers checked AVX512_BF16 (and so AVX512BW).
+            unsafe { pairs_of_rows(r0, r1, d) };
+        } else {
+            for (d, &x) in d.iter_mut().zip(r0) {
+                *d = bf16_pair(x, 0.0);
+            }
+        }
+        d[nr..].fill(0);
+    }
+}
+
+/// [`pack_pairs_by_rows`] for an operand whose columns are contiguous runs along k:
+/// `col(j, p)` is column j from row p on, at least `min(kc - p, run)` long, where `run`
+/// (even) is how far a run reaches (a weight's panel: `NR`; `kc` where the column is whole).
+///
+/// # Safety
+/// As for [`pack_pairs_by_rows`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_pairs_by_cols<'a>(
+    dst: *mut u32,
+    width: usize,
+    kc: usize,
+    nr: usize,
+    run: usize,
+    col: impl Fn(usize, usize) -> &'a [f32],
+) {
+    let kp = kc.div_ceil(2);
+    let mut pairs = vec![0u32; kp];
+    for j in 0..nr {
+        let mut p0 = 0;
+        while p0 < kc {
+            let len = run.min(kc - p0);
+            let c = &col(j, p0)[..len];
+            // SAFETY: the bf16 kernel's callers checked AVX512_BF16.
+            unsafe { pairs_of_run(c, &mut pairs[p0 / 2..]) };
+            if len % 2 == 1 {
+                pairs[(p0 + len) / 2] = bf16_pair(c[len - 1], 0.0);
+            }
+            p0 += len;
+        }
+        for (q, &v) in pairs.iter().enumerate() {
+            // SAFETY: q < kp rows of `width` u32s, j < width.
+            unsafe { *dst.add(q * width + j) = v };
+        }
+    }
+    for pp in 0..kp {
+        for j in nr..width {
+            // SAFETY: as above.
+            unsafe { *dst.add(pp * width + j) = 0 };
+        }
+    }
+}
+
+/// Packs rows `k0..k0 + kc` × columns `c0..c0 + nr` of `b` as pairs of k for the bf16 kernel
+/// (`NR` wide).
+///
+/// # Safety
+/// `dst` must hold `kc.div_ceil(2) · NR` u32s; the block must lie inside B; for a weight's
+/// panels `c0` is a multiple of `NR` (W) or `k0` a multiple of `NR` (Wᵀ).
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_b_bf16(b: Src<'_>, k0: usize, kc: usize, c0: usize, nr: usize, dst: *mut u32) {
+    // SAFETY: as the caller guarantees.
     unsafe {
         match b {
-            Src::Mat(m) => block_bf16_with(
-                a,
-                |p, j| m.data[p * m.rs + j * m.cs],
-                rows,
-                cols,
-                c,
-                ldc,
-                acc,
-            ),
+            Src::Mat(m) if m.cs == 1 => {
+                pack_pairs_by_rows(dst, NR, kc, nr, |p| &m.data[(k0 + p) * m.rs + c0..])
+            }
+            Src::Mat(m) if m.rs == 1 => pack_pairs_by_cols(dst, NR, kc, nr, kc, |j, p| {
+                &m.data[(c0 + j) * m.cs + k0 + p..]
+            }),
+            Src::Mat(m) => {
+                let x = |p: usize, j: usize| m.data[(k0 + p) * m.rs + (c0 + j) * m.cs];
+                for pp in 0..kc.div_ceil(2) {
+                    for j in 0..NR {
+                        let (lo, hi) = if j < nr {
+                            let hi = if 2 * pp + 1 < kc {
+                                x(2 * pp + 1, j)
+                            } else {
+                                0.0
+                            };
+                            (x(2 * pp, j), hi)
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        *dst.add(pp * NR + j) = bf16_pair(lo, hi);
+                    }
+                }
+            }
             Src::W(w) => {
                 let f = w.floats();
-                block_bf16_with(a, |p, j| f[w.at(p, j)], rows, cols, c, ldc, acc)
+                pack_pairs_by_rows(dst, NR, kc, nr, |p| &f[w.at(k0 + p, c0)..])
             }
             Src::Wt(w) => {
                 let f = w.floats();
-                block_bf16_with(a, |p, j| f[w.at(j, p)], rows, cols, c, ldc, acc)
+                pack_pairs_by_cols(dst, NR, kc, nr, NR, |j, p| &f[w.at(c0 + j, k0 + p)..])
             }
         }
     }
 }
 
-/// [`block_bf16`] for a B read through `b(p, j)` (row p, column j).
+/// Packs rows `r0..r0 + mr` × columns `k0..k0 + kc` of A as pairs of k for the bf16 kernel
+/// (`MR` wide).
 ///
 /// # Safety
-/// As for [`block_bf16`]; `b` must be defined on B's rows and columns.
+/// `dst` must hold `kc.div_ceil(2) · MR` u32s; the block must lie inside A.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_a_bf16(a: MatRef<'_>, r0: usize, mr: usize, k0: usize, kc: usize, dst: *mut u32) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if a.cs == 1 {
+            pack_pairs_by_cols(dst, MR, kc, mr, kc, |i, p| {
+                &a.data[(r0 + i) * a.rs + k0 + p..]
+            })
+        } else if a.rs == 1 {
+            pack_pairs_by_rows(dst, MR, kc, mr, |p| &a.data[(k0 + p) * a.cs + r0..])
+        } else {
+            let x = |i: usize, p: usize| a.data[(r0 + i) * a.rs + (k0 + p) * a.cs];
+            for pp in 0..kc.div_ceil(2) {
+                for i in 0..MR {
+                    let (lo, hi) = if i < mr {
+                        let hi = if 2 * pp + 1 < kc {
+                            x(i, 2 * pp + 1)
+                        } else {
+                            0.0
+                        };
+                        (x(i, 2 * pp), hi)
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    *dst.add(pp * MR + i) = bf16_pair(lo, hi);
+                }
+            }
+        }
+    }
+}
+
+/// [`block_bf16`]'s body.
+///
+/// # Safety
+/// As for [`block_bf16`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block_bf16_with(
     a: MatRef<'_>,
-    b: impl Fn(usize, usize) -> f32,
+    b: Src<'_>,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     c: *mut f32,
@@ -2077,20 +2270,7 @@ unsafe fn block_bf16_with(
             for t in 0..n_tiles {
                 let c0 = cols.start + t * NR;
                 let nr = NR.min(cols.end - c0);
-                let dst = pb.add(t * NR * 2 * kp);
-                for pp in 0..kp {
-                    for j in 0..NR {
-                        for h in 0..2 {
-                            let p = 2 * pp + h;
-                            let v = if j < nr && p < kc {
-                                b(k0 + p, c0 + j)
-                            } else {
-                                0.0
-                            };
-                            *dst.add((pp * NR + j) * 2 + h) = bf16_bits(v);
-                        }
-                    }
-                }
+                pack_b_bf16(b, k0, kc, c0, nr, pb.add(t * NR * 2 * kp).cast());
             }
             let accumulate = acc || k0 > 0;
             let mut m0 = rows.start;
@@ -2100,20 +2280,7 @@ unsafe fn block_bf16_with(
                 for t in 0..m_tiles {
                     let r0 = m0 + t * MR;
                     let mr = MR.min(m0 + mb - r0);
-                    let dst = pa.add(t * MR * 2 * kp);
-                    for pp in 0..kp {
-                        for i in 0..MR {
-                            for h in 0..2 {
-                                let p = 2 * pp + h;
-                                let v = if i < mr && p < kc {
-                                    a.data[(r0 + i) * a.rs + (k0 + p) * a.cs]
-                                } else {
-                                    0.0
-                                };
-                                *dst.add((pp * MR + i) * 2 + h) = bf16_bits(v);
-                            }
-                        }
-                    }
+                    pack_a_bf16(a, r0, mr, k0, kc, pa.add(t * MR * 2 * kp).cast());
                 }
                 for tj in 0..n_tiles {
                     let c0 = cols.start + tj * NR;
@@ -2207,11 +2374,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512_BF16");
             return;
         }
-        let round = |v: &[f32]| -> Vec<f32> {
-            v.iter()
-                .map(|&x| f32::from_bits((bf16_bits(x) as u32) << 16))
-                .collect()
-        };
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_bf16(x)).collect() };
         for &(m, k, n) in &[(1, 1, 1), (15, 7, 33), (113, 513, 70), (30, 1030, 257)] {
             let (av, bv) = (values(m * k, 3), values(k * n, 4));
             let (ar, br) = (round(&av), round(&bv));

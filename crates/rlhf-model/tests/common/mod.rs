@@ -186,7 +186,13 @@ pub fn autocast_products_round_their_operands() {
         return;
     }
     eprintln!("{}", rlhf_model::gemm::autocast_kernel());
-    for (m, k, n) in [(5, 70, 40), (30, 300, 97), (100, 300, 200), (300, 520, 70)] {
+    for (m, k, n) in [
+        (5, 70, 40),
+        (30, 300, 97),
+        (100, 300, 200),
+        (300, 520, 70),
+        (100, 301, 97),
+    ] {
         let f32_kernel = m <= 64 || !rlhf_model::gemm::bf16_kernel();
         let (a, w) = (values(m * k, 2), values(n * k, 3));
         let (ar, wr) = (rounded(&a), rounded(&w));
