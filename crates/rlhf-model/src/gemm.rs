@@ -128,8 +128,9 @@ pub fn autocast_bf16() -> bool {
 /// attention's products inside its units. A process runs one job at a time, and the switch
 /// is set around a job; tests that use it keep to test binaries of their own.
 ///
-/// Where the CPU has AVX512_BF16 ([`bf16_kernel`]), products of more than 64 rows run on the
-/// bf16 kernel ([`block_bf16`], `vdpbf16ps`: 32 products a vector, f32 sums). Elsewhere, and
+/// Where the CPU has AVX512_BF16 ([`bf16_kernel`]), products of more than 64 rows (attention's
+/// included) run on the bf16 kernel ([`block_bf16`], `vdpbf16ps`: 32 products a vector, f32
+/// sums). Elsewhere, and
 /// for fewer rows, the operands are rounded as they are packed and the f32 kernel multiplies
 /// them: a bf16 times a bf16 is exact in f32, so the products are a bf16 unit's and only the
 /// order of the f32 sums differs. AMX is not implemented.
@@ -1301,6 +1302,7 @@ pub fn batched_matmul(
     let (_, _) = (item(a, a_step, batch - 1), item(b, b_step, batch - 1));
     let mut c: Vec<f32> = Vec::with_capacity(batch * m * n);
     let out = SyncPtr(c.as_mut_ptr());
+    let bf16 = autocast_bf16() && bf16_kernel();
     let run = |range: std::ops::Range<usize>| {
         for i in range {
             let (ai, bi) = (item(a, a_step, i), item(b, b_step, i));
@@ -1309,6 +1311,8 @@ pub fn batched_matmul(
                 let ci = out.get().add(i * m * n);
                 if m <= SMALL_M {
                     block::<MR_SMALL>(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
+                } else if bf16 {
+                    block_bf16(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
                 } else {
                     block::<MR>(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
                 }
@@ -1351,10 +1355,13 @@ pub(crate) unsafe fn matmul_into(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc:
         return;
     }
     if available() {
-        // SAFETY: AVX-512F was detected; C is the caller's, as the contract says.
+        // SAFETY: AVX-512F (and for the bf16 kernel AVX512_BF16) was detected; C is the
+        // caller's, as the contract says.
         unsafe {
             if m <= SMALL_M {
                 block::<MR_SMALL>(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
+            } else if autocast_bf16() && bf16_kernel() {
+                block_bf16(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
             } else {
                 block::<MR>(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
             }

@@ -79,3 +79,13 @@ fn logits_follow_torch_autocast() {
         );
     }
 }
+
+/// An 80-token sequence: attention's products have more than 64 rows (the bf16 kernel where
+/// the CPU has AVX512_BF16), fused attention (llama-gqa) and composed (gpt2).
+#[test]
+fn long_sequence_logits_follow_torch_autocast() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    for arch in ["llama-gqa", "gpt2"] {
+        check_long_autocast_logits(arch);
+    }
+}

@@ -35,4 +35,7 @@ fn logits_follow_torch_autocast_on_candle_matmul() {
             "{arch}: {d} from torch's autocast logits (spread {spread})"
         );
     }
+    for arch in ["llama-gqa", "gpt2"] {
+        check_long_autocast_logits(arch);
+    }
 }

@@ -309,3 +309,49 @@ pub fn autocast_products_round_their_operands() {
     assert!(!rlhf_model::gemm::autocast_bf16());
     assert_eq!(got, want, "batched");
 }
+
+/// The long case of `bf16_autocast.json` (one 80-token sequence, so that attention's products
+/// have more than 64 rows): checks arch's logits of positions 64.. under autocast against
+/// torch's autocast logits, within torch's own autocast-to-fp32 spread, and that autocast
+/// changed them.
+pub fn check_long_autocast_logits(arch: &str) {
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/bf16_autocast.json"
+    ));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let case = &v["long"][arch];
+    let ids = ids2(&case["input_ids"]);
+    let from = case["from"].as_u64().unwrap() as usize;
+    let spread = case["max_abs_autocast_vs_f32"].as_f64().unwrap() as f32;
+    let mut want = Vec::new();
+    flat_f32(&case["logits_autocast"], &mut want);
+    let batch = rlhf_model::Batch {
+        attention_mask: ids.iter().map(|r| vec![1u8; r.len()]).collect(),
+        input_ids: ids,
+    };
+    let model =
+        rlhf_model::Model::load(&fixtures().join(arch), &rlhf_model::LoadOptions::default())
+            .unwrap();
+    let tail = |m: &rlhf_model::Model| -> Vec<f32> {
+        let logits = m.logits(&m.hidden(&batch).unwrap()).unwrap();
+        let all = rlhf_model::ops::to_vec_f32(&logits).unwrap();
+        all[from * 512..].to_vec()
+    };
+    let f32_logits = tail(&model);
+    let bf16_logits = {
+        let _ac = rlhf_model::gemm::Autocast::bf16(true);
+        tail(&model)
+    };
+    let d = max_abs_diff(&bf16_logits, &want);
+    let moved = max_abs_diff(&bf16_logits, &f32_logits);
+    eprintln!("{arch} (80 tokens): |bf16 - torch autocast| {d:.4} (spread {spread:.4}), |bf16 - f32| {moved:.4}");
+    assert!(
+        moved > 1e-3,
+        "{arch}: autocast did not change the logits ({moved})"
+    );
+    assert!(
+        d <= spread,
+        "{arch}: {d} from torch's autocast logits (spread {spread})"
+    );
+}

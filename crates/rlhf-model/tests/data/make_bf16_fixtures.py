@@ -42,6 +42,20 @@ def logits_case(arch):
             "max_abs_autocast_vs_f32": gap}
 
 
+def long_case(arch):
+    """One 80-token sequence (random ids, seed 0): attention's products then have more than 64
+    rows. The logits of positions 64..80 under autocast, and their spread from fp32."""
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "models", arch)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f32 = model(input_ids=ids).logits.float()[:, 64:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ac = model(input_ids=ids).logits.float()[:, 64:]
+    return {"input_ids": ids.tolist(), "from": 64,
+            "logits_autocast": [[[round(v, 6) for v in row] for row in seq] for seq in ac.tolist()],
+            "max_abs_autocast_vs_f32": (ac - f32).abs().max().item()}
+
+
 class Recorder(TrainerCallback):
     def __init__(self):
         self.logs = []
@@ -86,7 +100,8 @@ def main():
     os.makedirs(OUT_TRAIN, exist_ok=True)
     ref = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
     logits = {"reference": ref, "archs": {a: logits_case(a) for a in ["llama-gqa", "qwen2", "gpt2", "opt"]}}
-    for a, c in logits["archs"].items():
+    logits["long"] = {a: long_case(a) for a in ["llama-gqa", "gpt2"]}
+    for a, c in list(logits["archs"].items()) + list(logits["long"].items()):
         print(a, "autocast vs f32:", c["max_abs_autocast_vs_f32"])
     json.dump(logits, open(os.path.join(OUT, "bf16_autocast.json"), "w"))
     runs = {"reference": ref, "settings": {k: v for k, v in settings("x", True).items() if k != "output_dir"}}
