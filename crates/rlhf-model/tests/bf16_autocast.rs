@@ -87,5 +87,6 @@ fn long_sequence_logits_follow_torch_autocast() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     for arch in ["llama-gqa", "gpt2"] {
         check_long_autocast_logits(arch);
+        check_long_autocast_grads(arch);
     }
 }

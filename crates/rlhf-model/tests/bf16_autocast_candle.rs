@@ -37,5 +37,6 @@ fn logits_follow_torch_autocast_on_candle_matmul() {
     }
     for arch in ["llama-gqa", "gpt2"] {
         check_long_autocast_logits(arch);
+        check_long_autocast_grads(arch);
     }
 }

@@ -12,5 +12,6 @@ fn products_round_their_operands_on_the_f32_kernel() {
     common::autocast_products_round_their_operands();
     for arch in ["llama-gqa", "gpt2"] {
         common::check_long_autocast_logits(arch);
+        common::check_long_autocast_grads(arch);
     }
 }

@@ -355,3 +355,73 @@ pub fn check_long_autocast_logits(arch: &str) {
         "{arch}: {d} from torch's autocast logits (spread {spread})"
     );
 }
+
+/// One training step's gradients on the long case's 80-token sequence (full fine-tuning,
+/// next-token loss), under autocast and in f32: their relative L2 distance over all trainable
+/// weights must stay within 1.5× torch's own (its autocast against its fp32, from the same
+/// fixture: bf16's noise on this random model, 4-6%; a wrongly packed operand in any backward
+/// product gives ~100%), and autocast must change them.
+pub fn check_long_autocast_grads(arch: &str) {
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/bf16_autocast.json"
+    ));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let ids = ids2(&v["long"][arch]["input_ids"]);
+    let torch_rel = v["long"][arch]["grad_rel_autocast_vs_f32"]
+        .as_f64()
+        .unwrap();
+    let t = ids[0].len();
+    let labels: Vec<i64> = (0..t)
+        .map(|j| {
+            if j + 1 < t {
+                ids[0][j + 1] as i64
+            } else {
+                -100
+            }
+        })
+        .collect();
+    let batch = rlhf_model::Batch {
+        attention_mask: vec![vec![1u8; t]],
+        input_ids: ids,
+    };
+    let model = rlhf_model::Model::load(
+        &fixtures().join(arch),
+        &rlhf_model::LoadOptions {
+            training: rlhf_model::Training::Full,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let grads = |m: &rlhf_model::Model| -> Vec<f32> {
+        let logits = m.logits(&m.hidden(&batch).unwrap()).unwrap();
+        let logits = logits.reshape((t, 512)).unwrap();
+        let loss = rlhf_model::ops::cross_entropy(&logits, &labels).unwrap();
+        let g = loss.backward().unwrap();
+        let mut out = Vec::new();
+        for (_, var) in m.params().trainable() {
+            if let Some(gr) = g.get(var.as_tensor()) {
+                out.extend(rlhf_model::ops::to_vec_f32(gr).unwrap());
+            }
+        }
+        out
+    };
+    model.set_training(true);
+    let g32 = grads(&model);
+    let g16 = {
+        let _ac = rlhf_model::gemm::Autocast::bf16(true);
+        grads(&model)
+    };
+    assert_eq!(g32.len(), g16.len());
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let diff: Vec<f32> = g32.iter().zip(&g16).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(&g32);
+    eprintln!(
+        "{arch} (80 tokens): |grad bf16 - grad f32| / |grad f32| = {rel:.4} (torch's own {torch_rel:.4})"
+    );
+    assert!(rel > 1e-4, "{arch}: autocast did not change the gradients");
+    assert!(
+        rel <= 1.5 * torch_rel,
+        "{arch}: bf16 gradients {rel} away from f32's (torch's own autocast: {torch_rel})"
+    );
+}

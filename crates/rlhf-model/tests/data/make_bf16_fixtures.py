@@ -51,7 +51,17 @@ def long_case(arch):
         f32 = model(input_ids=ids).logits.float()[:, 64:]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ac = model(input_ids=ids).logits.float()[:, 64:]
-    return {"input_ids": ids.tolist(), "from": 64,
+    # One training step's gradients (full fine-tuning, next-token loss), autocast against
+    # fp32: their relative L2 distance over all weights.
+    def grads(autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    g32, g16 = grads(False), grads(True)
+    grad_rel = ((g16 - g32).norm() / g32.norm()).item()
+    return {"input_ids": ids.tolist(), "from": 64, "grad_rel_autocast_vs_f32": grad_rel,
             "logits_autocast": [[[round(v, 6) for v in row] for row in seq] for seq in ac.tolist()],
             "max_abs_autocast_vs_f32": (ac - f32).abs().max().item()}
 
@@ -102,7 +112,7 @@ def main():
     logits = {"reference": ref, "archs": {a: logits_case(a) for a in ["llama-gqa", "qwen2", "gpt2", "opt"]}}
     logits["long"] = {a: long_case(a) for a in ["llama-gqa", "gpt2"]}
     for a, c in list(logits["archs"].items()) + list(logits["long"].items()):
-        print(a, "autocast vs f32:", c["max_abs_autocast_vs_f32"])
+        print(a, "autocast vs f32:", c["max_abs_autocast_vs_f32"], c.get("grad_rel_autocast_vs_f32", ""))
     json.dump(logits, open(os.path.join(OUT, "bf16_autocast.json"), "w"))
     runs = {"reference": ref, "settings": {k: v for k, v in settings("x", True).items() if k != "output_dir"}}
     for kind in ["reward", "dpo"]:
