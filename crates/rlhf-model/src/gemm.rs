@@ -257,21 +257,8 @@ unsafe fn product_on_pool(a: MatRef<'_>, b: Src<'_>, c: *mut f32, acc: bool) {
     let (m, n) = (a.rows, b.cols());
     if m > SMALL_M && autocast_bf16() && bf16_kernel() {
         // bf16 autocast on AVX512_BF16: `vdpbf16ps` does 32 products a vector.
-        let units = Units::new(m, n, MR, threads());
-        let out = SyncPtr(c);
-        let run = |range: std::ops::Range<usize>| {
-            for u in range {
-                let (rows, cols) = units.unit(u);
-                // SAFETY: AVX512_BF16 was detected; units write disjoint blocks of C, which
-                // holds m · n floats until every unit has finished.
-                unsafe { block_bf16(a, b, rows, cols, out.get(), n, acc) };
-            }
-        };
-        if units.count() == 1 {
-            run(0..1);
-        } else {
-            candle_core::utils::barrier_pool().execute_chunked(units.count(), run);
-        }
+        // SAFETY: AVX512_BF16 was detected; C is the caller's, as the contract says.
+        unsafe { bf16_on_pool(a, b, c, acc) };
         return;
     }
     let mr = if m <= SMALL_M { MR_SMALL } else { MR };
@@ -1988,13 +1975,26 @@ pub fn matmul_bf16(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
         return Some(vec![0f32; m * n]);
     }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: AVX512_BF16 was detected above; c holds m · n floats.
+    unsafe { bf16_on_pool(a, Src::Mat(b), c.as_mut_ptr(), false) };
+    // SAFETY: as in `matmul`.
+    unsafe { c.set_len(m * n) };
+    Some(c)
+}
+
+/// C = A·B (or C += A·B with `acc`) on the bf16 kernel, in units over candle's pool.
+///
+/// # Safety
+/// AVX512_BF16 must be available and `c` must point to `a.rows · b.cols` floats.
+unsafe fn bf16_on_pool(a: MatRef<'_>, b: Src<'_>, c: *mut f32, acc: bool) {
+    let (m, n) = (a.rows, b.cols());
     let units = Units::new(m, n, MR, threads());
-    let out = SyncPtr(c.as_mut_ptr());
+    let out = SyncPtr(c);
     let run = |range: std::ops::Range<usize>| {
         for u in range {
             let (rows, cols) = units.unit(u);
-            // SAFETY: AVX512_BF16 was detected above; units write disjoint blocks of C.
-            unsafe { block_bf16(a, Src::Mat(b), rows, cols, out.get(), n, false) };
+            // SAFETY: as the caller guarantees; units write disjoint blocks of C.
+            unsafe { block_bf16(a, b, rows, cols, out.get(), n, acc) };
         }
     };
     if units.count() == 1 {
@@ -2002,31 +2002,11 @@ pub fn matmul_bf16(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     } else {
         candle_core::utils::barrier_pool().execute_chunked(units.count(), run);
     }
-    // SAFETY: as in `matmul`.
-    unsafe { c.set_len(m * n) };
-    Some(c)
 }
 
 thread_local! {
     /// Per-thread bf16 packing buffers for A and B.
     static PACK_BF16: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// # Safety
-/// AVX512_BF16 must be available, and `c` must point to a buffer holding the whole of C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block_bf16(
-    a: MatRef<'_>,
-    b: Src<'_>,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    c: *mut f32,
-    ldc: usize,
-    acc: bool,
-) {
-    // SAFETY: as the caller guarantees.
-    unsafe { block_bf16_with(a, b, rows, cols, c, ldc, acc) }
 }
 
 /// A bf16 pair of k: `lo` (even k) in the low half, `hi` in the high half, each rounded to
@@ -2140,7 +2120,8 @@ unsafe fn pack_pairs_by_cols<'a>(
     col: impl Fn(usize, usize) -> &'a [f32],
 ) {
     let kp = kc.div_ceil(2);
-    let mut pairs = vec![0u32; kp];
+    debug_assert!(kp <= KC_BF16 / 2);
+    let mut pairs = [0u32; KC_BF16 / 2];
     for j in 0..nr {
         let mut p0 = 0;
         while p0 < kc {
@@ -2153,7 +2134,7 @@ unsafe fn pack_pairs_by_cols<'a>(
             }
             p0 += len;
         }
-        for (q, &v) in pairs.iter().enumerate() {
+        for (q, &v) in pairs[..kp].iter().enumerate() {
             // SAFETY: q < kp rows of `width` u32s, j < width.
             unsafe { *dst.add(q * width + j) = v };
         }
@@ -2162,6 +2143,31 @@ unsafe fn pack_pairs_by_cols<'a>(
         for j in nr..width {
             // SAFETY: as above.
             unsafe { *dst.add(pp * width + j) = 0 };
+        }
+    }
+}
+
+/// [`pack_pairs_by_rows`] for any strides: element (p, j) read through `x`.
+///
+/// # Safety
+/// As for [`pack_pairs_by_rows`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_pairs_at(
+    dst: *mut u32,
+    width: usize,
+    kc: usize,
+    nr: usize,
+    x: impl Fn(usize, usize) -> f32,
+) {
+    for pp in 0..kc.div_ceil(2) {
+        for j in 0..width {
+            let (lo, hi) = match j < nr {
+                true if 2 * pp + 1 < kc => (x(2 * pp, j), x(2 * pp + 1, j)),
+                true => (x(2 * pp, j), 0.0),
+                false => (0.0, 0.0),
+            };
+            // SAFETY: pp < kc / 2 rounded up rows of `width` u32s.
+            unsafe { *dst.add(pp * width + j) = bf16_pair(lo, hi) };
         }
     }
 }
@@ -2183,24 +2189,9 @@ unsafe fn pack_b_bf16(b: Src<'_>, k0: usize, kc: usize, c0: usize, nr: usize, ds
             Src::Mat(m) if m.rs == 1 => pack_pairs_by_cols(dst, NR, kc, nr, kc, |j, p| {
                 &m.data[(c0 + j) * m.cs + k0 + p..]
             }),
-            Src::Mat(m) => {
-                let x = |p: usize, j: usize| m.data[(k0 + p) * m.rs + (c0 + j) * m.cs];
-                for pp in 0..kc.div_ceil(2) {
-                    for j in 0..NR {
-                        let (lo, hi) = if j < nr {
-                            let hi = if 2 * pp + 1 < kc {
-                                x(2 * pp + 1, j)
-                            } else {
-                                0.0
-                            };
-                            (x(2 * pp, j), hi)
-                        } else {
-                            (0.0, 0.0)
-                        };
-                        *dst.add(pp * NR + j) = bf16_pair(lo, hi);
-                    }
-                }
-            }
+            Src::Mat(m) => pack_pairs_at(dst, NR, kc, nr, |p, j| {
+                m.data[(k0 + p) * m.rs + (c0 + j) * m.cs]
+            }),
             Src::W(w) => {
                 let f = w.floats();
                 pack_pairs_by_rows(dst, NR, kc, nr, |p| &f[w.at(k0 + p, c0)..])
@@ -2229,33 +2220,21 @@ unsafe fn pack_a_bf16(a: MatRef<'_>, r0: usize, mr: usize, k0: usize, kc: usize,
         } else if a.rs == 1 {
             pack_pairs_by_rows(dst, MR, kc, mr, |p| &a.data[(k0 + p) * a.cs + r0..])
         } else {
-            let x = |i: usize, p: usize| a.data[(r0 + i) * a.rs + (k0 + p) * a.cs];
-            for pp in 0..kc.div_ceil(2) {
-                for i in 0..MR {
-                    let (lo, hi) = if i < mr {
-                        let hi = if 2 * pp + 1 < kc {
-                            x(i, 2 * pp + 1)
-                        } else {
-                            0.0
-                        };
-                        (x(i, 2 * pp), hi)
-                    } else {
-                        (0.0, 0.0)
-                    };
-                    *dst.add(pp * MR + i) = bf16_pair(lo, hi);
-                }
-            }
+            pack_pairs_at(dst, MR, kc, mr, |p, i| {
+                a.data[(r0 + i) * a.rs + (k0 + p) * a.cs]
+            })
         }
     }
 }
 
-/// [`block_bf16`]'s body.
+/// One `rows × cols` block of C (row stride `ldc`), all of K, on the bf16 kernel; with `acc`
+/// the product is added to what C holds.
 ///
 /// # Safety
-/// As for [`block_bf16`].
+/// AVX512_BF16 must be available, and `c` must point to a buffer holding the whole of C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block_bf16_with(
+unsafe fn block_bf16(
     a: MatRef<'_>,
     b: Src<'_>,
     rows: std::ops::Range<usize>,

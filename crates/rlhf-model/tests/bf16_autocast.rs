@@ -9,7 +9,7 @@ mod common;
 use std::sync::Mutex;
 
 use common::*;
-use rlhf_model::gemm::{self, Autocast};
+use rlhf_model::gemm;
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -55,29 +55,7 @@ fn products_round_their_operands() {
 #[test]
 fn logits_follow_torch_autocast() {
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
-    for arch in ["llama-gqa", "qwen2", "gpt2", "opt"] {
-        let (reference, spread) = autocast_reference(arch);
-        let f32_logits = golden_logits(arch);
-        let bf16_logits = {
-            let _ac = Autocast::bf16(true);
-            golden_logits(arch)
-        };
-        let d = masked_max_abs_diff(arch, &bf16_logits, &reference, 512);
-        let d32 = masked_max_abs_diff(arch, &f32_logits, &reference, 512);
-        let moved = masked_max_abs_diff(arch, &bf16_logits, &f32_logits, 512);
-        eprintln!(
-            "{arch}: |bf16 - torch autocast| {d:.4}, |f32 - torch autocast| {d32:.4} (torch's \
-             own spread {spread:.4}), |bf16 - f32| {moved:.4}"
-        );
-        assert!(
-            moved > 1e-3,
-            "{arch}: autocast did not change the logits ({moved})"
-        );
-        assert!(
-            d <= spread,
-            "{arch}: {d} from torch's autocast logits (spread {spread})"
-        );
-    }
+    check_autocast_logits();
 }
 
 /// An 80-token sequence: attention's products have more than 64 rows (the bf16 kernel where

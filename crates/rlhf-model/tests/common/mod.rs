@@ -345,17 +345,40 @@ pub fn check_long_autocast_logits(arch: &str) {
     };
     let d = max_abs_diff(&bf16_logits, &want);
     let moved = max_abs_diff(&bf16_logits, &f32_logits);
-    eprintln!("{arch} (80 tokens): |bf16 - torch autocast| {d:.4} (spread {spread:.4}), |bf16 - f32| {moved:.4}");
+    assert_follows_torch(&format!("{arch} (80 tokens)"), d, moved, spread);
+}
+
+/// That logits under autocast lie `d` from torch's autocast logits, within torch's own
+/// autocast-to-fp32 `spread`, and `moved` from our f32 logits (autocast changed them).
+pub fn assert_follows_torch(what: &str, d: f32, moved: f32, spread: f32) {
+    eprintln!(
+        "{what}: |bf16 - torch autocast| {d:.4} (spread {spread:.4}), |bf16 - f32| {moved:.4}"
+    );
     assert!(
         moved > 1e-3,
-        "{arch}: autocast did not change the logits ({moved})"
+        "{what}: autocast did not change the logits ({moved})"
     );
     assert!(
         d <= spread,
-        "{arch}: {d} from torch's autocast logits (spread {spread})"
+        "{what}: {d} from torch's autocast logits (spread {spread})"
     );
 }
 
+/// The golden batch of each fixture architecture under autocast against torch's autocast
+/// logits ([`assert_follows_torch`], over the positions the attention mask keeps).
+pub fn check_autocast_logits() {
+    for arch in ["llama-gqa", "qwen2", "gpt2", "opt"] {
+        let (reference, spread) = autocast_reference(arch);
+        let f32_logits = golden_logits(arch);
+        let bf16_logits = {
+            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            golden_logits(arch)
+        };
+        let d = masked_max_abs_diff(arch, &bf16_logits, &reference, 512);
+        let moved = masked_max_abs_diff(arch, &bf16_logits, &f32_logits, 512);
+        assert_follows_torch(arch, d, moved, spread);
+    }
+}
 /// One training step's gradients on the long case's 80-token sequence (full fine-tuning,
 /// next-token loss), under autocast and in f32: their relative L2 distance over all trainable
 /// weights must stay within 1.5× torch's own (its autocast against its fp32, from the same
