@@ -18,6 +18,11 @@ lscpu | grep -E "Model name|Flags" | sed 's/Flags:/Flags (excerpt):/' | cut -c1-
 P=data/ppo/train.jsonl
 ./target/release/rlhf bench best-of-n --model "$W/smollm2-hf" --reward-model "$W/smollm2-rm" \
   --prompts-file $P --prompts 16 --num-samples 8 --max-new-tokens 32
+if grep -q avx512_bf16 /proc/cpuinfo || grep -q amx_bf16 /proc/cpuinfo; then
+  # As a `bf16 = true` run samples: autocast, policy and reward model kept in bf16.
+  ./target/release/rlhf bench best-of-n --model "$W/smollm2-hf" --reward-model "$W/smollm2-rm" \
+    --prompts-file $P --prompts 16 --num-samples 8 --max-new-tokens 32 --bf16
+fi
 $PY bench/sampling/hf_best_of_n.py "$W/smollm2-hf" "$W/smollm2-rm" $P 16 8 32
 if grep -q avx512_bf16 /proc/cpuinfo || grep -q amx_bf16 /proc/cpuinfo; then
   $PY bench/sampling/hf_best_of_n.py "$W/smollm2-hf" "$W/smollm2-rm" $P 16 8 32 --bf16

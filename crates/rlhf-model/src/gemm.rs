@@ -564,6 +564,16 @@ enum Src<'a> {
     Mat(MatRef<'a>),
     W(&'a Panels),
     Wt(&'a Panels),
+    /// Wᵀ for a row-major bf16 W `(out, inp)` kept for decoding: read by the bf16 kernel only.
+    Bf16Wt(Bf16W<'a>),
+}
+
+/// A row-major bf16 weight `(out, inp)`, as bits.
+#[derive(Clone, Copy)]
+struct Bf16W<'a> {
+    w: &'a [u16],
+    out: usize,
+    inp: usize,
 }
 
 impl Src<'_> {
@@ -572,6 +582,7 @@ impl Src<'_> {
             Src::Mat(b) => b.rows,
             Src::W(w) => w.out,
             Src::Wt(w) => w.inp,
+            Src::Bf16Wt(w) => w.inp,
         }
     }
 
@@ -580,6 +591,7 @@ impl Src<'_> {
             Src::Mat(b) => b.cols,
             Src::W(w) => w.inp,
             Src::Wt(w) => w.out,
+            Src::Bf16Wt(w) => w.out,
         }
     }
 
@@ -611,6 +623,7 @@ impl Src<'_> {
                     pack_wt(w, k0, kc, c0, nr, dst);
                     dst
                 }
+                Src::Bf16Wt(_) => unreachable!("bf16 weights go to the bf16 kernel only"),
             }
         }
     }
@@ -1019,9 +1032,24 @@ pub fn matmul_wt_bf16(a: MatRef<'_>, w: &[half::bf16], out: usize, inp: usize) -
     }
     use half::slice::HalfFloatSliceExt;
     let bits: &[u16] = w.reinterpret_cast();
+    if autocast_bf16() && bf16_kernel() {
+        // bf16 autocast: A rounded too, so `vdpbf16ps` computes exactly these products.
+        return if m <= STREAM_M {
+            stream_dp(a, bits, out, k)
+        } else {
+            let mut c: Vec<f32> = Vec::with_capacity(m * out);
+            let b = Src::Bf16Wt(Bf16W { w: bits, out, inp });
+            // SAFETY: AVX512_BF16 was detected (`bf16_kernel`); c holds m · out floats.
+            unsafe { bf16_on_pool(a, b, c.as_mut_ptr(), false) };
+            // SAFETY: the units cover C and write every element (k > 0).
+            unsafe { c.set_len(m * out) };
+            c
+        };
+    }
     if m <= STREAM_M {
         stream_bf16(a, bits, out, k)
     } else {
+        // `matmul` rounds A under autocast as it packs.
         chunked_bf16(a, bits, out, k)
     }
 }
@@ -1037,6 +1065,8 @@ pub fn matmul_wt_bf16_portable(
     assert_eq!(a.cols, inp, "matmul_wt_bf16: inner dimensions differ");
     assert_eq!(w.len(), out * inp, "matmul_wt_bf16: W is not (out, inp)");
     let m = a.rows;
+    // Under bf16 autocast A is read rounded, as every product then reads its operands.
+    let round = autocast_bf16();
     let mut c = vec![0f32; m * out];
     let mut row = vec![0f32; inp];
     for j in 0..out {
@@ -1046,12 +1076,219 @@ pub fn matmul_wt_bf16_portable(
         for i in 0..m {
             let mut s = 0f32;
             for (p, r) in row.iter().enumerate() {
-                s += a.data[i * a.rs + p * a.cs] * r;
+                let x = a.data[i * a.rs + p * a.cs];
+                s += if round { round_bf16(x) } else { x } * r;
             }
             c[i * out + j] = s;
         }
     }
     c
+}
+
+/// [`matmul_wt_bf16`] under bf16 autocast on AVX512_BF16 for at most `STREAM_M` rows of A
+/// (decoding): A packed transposed as pairs of k (`k/2` groups of 16 or 32 lanes), rounded;
+/// each pair of a W row (two adjacent bf16, one u32) broadcast against them with
+/// `vdpbf16ps`, 32 products a vector where the f32 path does 16. W is streamed from memory
+/// once, as bf16; the threads take runs of its rows.
+fn stream_dp(a: MatRef<'_>, w: &[u16], n: usize, k: usize) -> Vec<f32> {
+    let m = a.rows;
+    let lanes = if m <= 16 { 16 } else { 32 };
+    let kp = k.div_ceil(2);
+    let mut at = vec![0u32; kp * lanes];
+    for k0 in (0..k).step_by(KC_BF16) {
+        let kc = KC_BF16.min(k - k0);
+        // SAFETY: AVX512_BF16 was detected by the caller; `at` holds kp groups of `lanes`,
+        // this slice's from pair k0 / 2 (k0 is even); the rows lie in A.
+        unsafe {
+            let dst = at.as_mut_ptr().add(k0 / 2 * lanes);
+            if a.cs == 1 {
+                pack_pairs_by_cols(dst, lanes, kc, m, kc, |i, p| {
+                    &a.data[i * a.rs + k0 + p..i * a.rs + k]
+                })
+            } else {
+                pack_pairs_at(dst, lanes, kc, m, |p, i| a.data[i * a.rs + (k0 + p) * a.cs])
+            }
+        }
+    }
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let out = SyncPtr(c.as_mut_ptr());
+    let at = &at[..];
+    let run = |range: std::ops::Range<usize>| {
+        for u in range {
+            let rows = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
+            // SAFETY: AVX512_BF16 was detected by the caller; W's rows j < n lie in `w`
+            // (`matmul_wt_bf16` checked its length), and unit u writes only columns `rows`.
+            unsafe { dp_unit(at, lanes, w, k, rows, m, out.get(), n) };
+        }
+    };
+    let units = n.div_ceil(STREAM_UNIT);
+    if units == 1 {
+        run(0..1);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units, run);
+    }
+    // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// Columns `cols` of C (rows 0..m, row stride `ldc`) from bf16 W's rows `cols` (`k` long).
+///
+/// # Safety
+/// AVX512_BF16 must be available; rows `cols` of W must lie in `w`, `at` hold `k/2` (rounded
+/// up) groups of `lanes` pairs, and columns `cols` of C's `m` rows be this thread's alone.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dp_unit(
+    at: &[u32],
+    lanes: usize,
+    w: &[u16],
+    k: usize,
+    cols: std::ops::Range<usize>,
+    m: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut tile = [[0f32; 32]; STREAM_R1];
+    let mut j = cols.start;
+    while j < cols.end {
+        let left = cols.end - j;
+        let wj = &w[j * k..];
+        // SAFETY (all tiles): the rows j.. of W they read lie in `w`, as the caller guarantees.
+        let r = unsafe {
+            match (lanes, left) {
+                (16, l) if l >= STREAM_R1 => {
+                    dp_tile::<STREAM_R1, 1>(at, wj, k, &mut tile);
+                    STREAM_R1
+                }
+                (32, l) if l >= STREAM_R2 => {
+                    dp_tile::<STREAM_R2, 2>(at, wj, k, &mut tile);
+                    STREAM_R2
+                }
+                (16, _) => {
+                    dp_tile::<1, 1>(at, wj, k, &mut tile);
+                    1
+                }
+                _ => {
+                    dp_tile::<1, 2>(at, wj, k, &mut tile);
+                    1
+                }
+            }
+        };
+        for i in 0..m {
+            for (q, t) in tile.iter().take(r).enumerate() {
+                // SAFETY: (i, j + q) is in C's rows 0..m and this unit's columns.
+                unsafe { *c.add(i * ldc + j + q) = t[i] };
+            }
+        }
+        j += r;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dp_unit(
+    _: &[u32],
+    _: usize,
+    _: &[u16],
+    _: usize,
+    _: std::ops::Range<usize>,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("the bf16 kernel runs on x86_64 only")
+}
+
+/// tile[q][i] = Σ_p W[q, p] · A[i, p] for R rows of bf16 W (`k` apart) and V vectors of 16
+/// rows of A packed as pairs of k, with `vdpbf16ps`.
+///
+/// # Safety
+/// AVX512_BF16 must be available; `w` must hold R rows of `k`, `at` `k/2` (rounded up)
+/// groups of 16V pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dp_tile<const R: usize, const V: usize>(
+    at: &[u32],
+    w: &[u16],
+    k: usize,
+    tile: &mut [[f32; 32]; STREAM_R1],
+) {
+    use std::arch::x86_64::*;
+    let kp = k.div_ceil(2);
+    assert!(at.len() >= kp * 16 * V && w.len() >= (R - 1) * k + k);
+    let (ap, wp) = (at.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    // Whole pairs of W's rows are read as u32s; an odd k's last value is widened alone.
+    let full = k / 2;
+    // SAFETY (the loads): pair q < kp of Aᵀ lies in `at`, values 2q, 2q + 1 < k of row
+    // r < R in `w` (asserted above).
+    for q in 0..full {
+        let mut av = [_mm512_setzero_ps(); V];
+        for (v, x) in av.iter_mut().enumerate() {
+            *x = unsafe {
+                _mm512_castsi512_ps(_mm512_loadu_si512(ap.add(q * 16 * V + 16 * v).cast()))
+            };
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let pair = unsafe { std::ptr::read_unaligned(wp.add(r * k + 2 * q).cast::<i32>()) };
+            let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            for (x, a) in row.iter_mut().zip(&av) {
+                *x = _mm512_dpbf16_ps(*x, std::mem::transmute::<__m512, __m512bh>(*a), b);
+            }
+        }
+    }
+    if full < kp {
+        let q = full;
+        for (r, row) in acc.iter_mut().enumerate() {
+            let pair = i32::from(unsafe { *wp.add(r * k + k - 1) });
+            let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            for (v, x) in row.iter_mut().enumerate() {
+                let a = unsafe { _mm512_loadu_si512(ap.add(q * 16 * V + 16 * v).cast()) };
+                *x = _mm512_dpbf16_ps(*x, std::mem::transmute::<__m512i, __m512bh>(a), b);
+            }
+        }
+    }
+    for (q, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            // SAFETY: 16 floats at offset 16v of a 32-float row.
+            unsafe { _mm512_storeu_ps(tile[q].as_mut_ptr().add(16 * v), *x) };
+        }
+    }
+}
+
+/// Packs `kc` values along k × `nr` columns of an operand whose columns are bf16 runs along
+/// k (`col(j)`, at least `kc` long; a row of a bf16 W read as Wᵀ) as pairs of k, `width`
+/// wide: the pairs are the runs' own adjacent values, copied as u32s; zero past `nr` and
+/// past `kc`.
+///
+/// # Safety
+/// `dst` must hold `kc.div_ceil(2) · width` u32s.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_bf16_rows_as_pairs<'a>(
+    dst: *mut u32,
+    width: usize,
+    kc: usize,
+    nr: usize,
+    col: impl Fn(usize) -> &'a [u16],
+) {
+    let kp = kc.div_ceil(2);
+    for j in 0..width {
+        if j >= nr {
+            for q in 0..kp {
+                // SAFETY: q < kp rows of `width` u32s.
+                unsafe { *dst.add(q * width + j) = 0 };
+            }
+            continue;
+        }
+        let x = &col(j)[..kc];
+        for (q, p) in x.chunks(2).enumerate() {
+            let pair = u32::from(p[0]) | (u32::from(p.get(1).copied().unwrap_or(0)) << 16);
+            // SAFETY: as above.
+            unsafe { *dst.add(q * width + j) = pair };
+        }
+    }
 }
 
 /// The streaming path over a bf16 W for at most `STREAM_M` rows of A: the threads take runs
@@ -1062,13 +1299,22 @@ pub fn matmul_wt_bf16_portable(
 /// stay in L1 while each group of A's rows passes), as bf16.
 fn stream_bf16(a: MatRef<'_>, w: &[u16], n: usize, k: usize) -> Vec<f32> {
     let m = a.rows;
-    // A's rows contiguous along K (a copy of at most 32 rows where they are not).
+    // A's rows contiguous along K (a copy of at most 32 rows where they are not, or where
+    // bf16 autocast rounds them).
     let own: Vec<f32>;
-    let (ad, lda) = if a.cs == 1 {
+    let round = autocast_bf16();
+    let (ad, lda) = if a.cs == 1 && !round {
         (a.data, a.rs)
     } else {
         own = (0..m * k)
-            .map(|q| a.data[(q / k) * a.rs + (q % k) * a.cs])
+            .map(|q| {
+                let x = a.data[(q / k) * a.rs + (q % k) * a.cs];
+                if round {
+                    round_bf16(x)
+                } else {
+                    x
+                }
+            })
             .collect();
         (&own[..], k)
     };
@@ -2200,6 +2446,9 @@ unsafe fn pack_b_bf16(b: Src<'_>, k0: usize, kc: usize, c0: usize, nr: usize, ds
                 let f = w.floats();
                 pack_pairs_by_cols(dst, NR, kc, nr, NR, |j, p| &f[w.at(c0 + j, k0 + p)..])
             }
+            Src::Bf16Wt(w) => pack_bf16_rows_as_pairs(dst, NR, kc, nr, |j| {
+                &w.w[(c0 + j) * w.inp + k0..(c0 + j + 1) * w.inp]
+            }),
         }
     }
 }

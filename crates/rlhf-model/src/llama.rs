@@ -469,9 +469,15 @@ impl crate::model::Backbone for Llama {
         Ok(())
     }
 
-    fn keep_frozen_in_bf16(&mut self, replaced: &mut crate::model::ReplacedBf16<'_>) -> Result<()> {
-        if let Some((old, new)) = self.embed_tokens.keep_in_bf16()? {
-            replaced(old, new)?;
+    fn keep_frozen_in_bf16(
+        &mut self,
+        embedding: bool,
+        replaced: &mut crate::model::ReplacedBf16<'_>,
+    ) -> Result<()> {
+        if embedding {
+            if let Some((old, new)) = self.embed_tokens.keep_in_bf16()? {
+                replaced(old, new)?;
+            }
         }
         for l in &mut self.layers {
             for p in l.projections_mut() {

@@ -71,8 +71,13 @@ pub trait Backbone {
     /// Keeps the frozen f32 weights of the linear layers and the token embedding in bf16
     /// for decoding ([`crate::nn::Linear::keep_in_bf16`]), handing each replaced tensor's id
     /// and its bf16 form to `replaced` as it goes. The default converts none.
-    fn keep_frozen_in_bf16(&mut self, replaced: &mut ReplacedBf16<'_>) -> Result<()> {
-        let _ = replaced;
+    /// `embedding`: the token embedding too (else its lookups stay f32).
+    fn keep_frozen_in_bf16(
+        &mut self,
+        embedding: bool,
+        replaced: &mut ReplacedBf16<'_>,
+    ) -> Result<()> {
+        let _ = (embedding, replaced);
         Ok(())
     }
     /// Number of decoder layers (the KV cache's size).
@@ -606,6 +611,12 @@ impl Model {
     /// backbones other than the Llama family (GPT-2, OPT). Returns how many tensors were
     /// converted.
     pub fn keep_frozen_in_bf16_for_decoding(&mut self) -> Result<usize> {
+        self.keep_frozen_in_bf16(true)
+    }
+
+    /// [`Self::keep_frozen_in_bf16_for_decoding`]; without `embedding` the token embedding's
+    /// lookups stay f32 (a tied head then gets a bf16 copy of its own).
+    fn keep_frozen_in_bf16(&mut self, embedding: bool) -> Result<usize> {
         let mut done: Vec<(candle_core::TensorId, Tensor)> = Vec::new();
         let params = &mut self.params;
         {
@@ -616,7 +627,7 @@ impl Model {
                 done.push((old, new));
                 Ok(())
             };
-            self.backbone.keep_frozen_in_bf16(&mut note)?;
+            self.backbone.keep_frozen_in_bf16(embedding, &mut note)?;
         }
         if let Some(head) = self.lm_head.as_mut() {
             let tied = head
@@ -636,6 +647,30 @@ impl Model {
             }
         }
         Ok(done.len())
+    }
+
+    /// A frozen copy of this model for decoding only (LM head; LoRA adapters merged in), its
+    /// linear weights kept in bf16 ([`Self::keep_frozen_in_bf16_for_decoding`], the token
+    /// embedding's lookups left in f32): sampling
+    /// from a policy that is being trained under bf16 autocast, whose products read their
+    /// operands rounded to bf16 anyway, so the copy computes what the policy computes, at
+    /// half the bytes per token and on the bf16 kernel. `None` where no weight converts
+    /// (backbones other than the Llama family), so the caller samples from the model itself.
+    pub fn bf16_decoding_copy(&self) -> Result<Option<Model>> {
+        let tensors = self.merged_weights()?;
+        let source = WeightSource::from_tensors(tensors, "<policy in memory>");
+        let opts = LoadOptions {
+            heads: Heads::Lm,
+            ..Default::default()
+        };
+        let mut copy = Self::from_config(
+            Path::new("<policy in memory>"),
+            self.raw_config.clone(),
+            source,
+            &opts,
+        )?;
+        // The embedding stays f32: autocast rounds products' operands, not lookups.
+        Ok((copy.keep_frozen_in_bf16(false)? > 0).then_some(copy))
     }
 
     /// All parameters under their HF/PEFT names.

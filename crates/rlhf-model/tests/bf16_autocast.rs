@@ -68,3 +68,121 @@ fn long_sequence_logits_follow_torch_autocast() {
         check_long_autocast_grads(arch);
     }
 }
+
+/// Sampling under `bf16 = true` decodes from `Model::bf16_decoding_copy` (weights kept in
+/// bf16, read in place by the bf16 kernel): for a fully trained policy it computes what the
+/// policy itself computes under autocast (the same rounded operands; only the order of f32
+/// sums differs), so greedy decoding gives the same tokens. For a LoRA policy the adapters
+/// are merged before the weights are rounded, so the copy's log-probabilities follow the
+/// adapted policy's (within bf16 rounding), not the base's.
+#[test]
+fn the_bf16_decoding_copy_decodes_as_the_policy_does_under_autocast() {
+    use rlhf_model::generate::{generate, GenerationConfig};
+    use rlhf_model::lora::LoraConfig;
+    use rlhf_model::{LoadOptions, Model, Training};
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = fixtures().join("llama-gqa");
+    let prompts: Vec<Vec<u32>> = (0..5u32)
+        .map(|r| {
+            (0..6 + 3 * r)
+                .map(|i| (7 * i + 13 * r + 1) % 90 + 3)
+                .collect()
+        })
+        .collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let _ac = gemm::Autocast::bf16(true);
+
+    let full = Model::load(
+        &dir,
+        &LoadOptions {
+            training: Training::Full,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let copy = full
+        .bf16_decoding_copy()
+        .unwrap()
+        .expect("a llama converts");
+    let (want, got) = (
+        generate(&full, &prompts, &cfg).unwrap(),
+        generate(&copy, &prompts, &cfg).unwrap(),
+    );
+    let exact = {
+        let _off = gemm::Autocast::bf16(false);
+        generate(&full, &prompts, &cfg).unwrap()
+    };
+    let (mut d_copy, mut d_autocast) = (0f32, 0f32);
+    for (i, ((g, w), e)) in got.iter().zip(&want).zip(&exact).enumerate() {
+        assert_eq!(g.completion_ids, w.completion_ids, "row {i}");
+        for ((a, b), c) in g.logprobs.iter().zip(&w.logprobs).zip(&e.logprobs) {
+            d_copy = d_copy.max((a - b).abs());
+            d_autocast = d_autocast.max((b - c).abs());
+        }
+    }
+    eprintln!(
+        "log-probs: copy vs policy under autocast {d_copy:.2e}; autocast vs f32 {d_autocast:.2e}"
+    );
+    // The same products but for the order of f32 sums; and autocast did change them.
+    assert!(d_copy <= 1e-4, "copy vs policy {d_copy}");
+    assert!(d_autocast > 1e-3, "autocast vs f32 {d_autocast}");
+
+    // LoRA with non-zero adapters (B starts at zero; give it values).
+    let lora = Model::load(
+        &dir,
+        &LoadOptions {
+            training: Training::Lora(LoraConfig {
+                r: 4,
+                lora_alpha: 16.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (name, p) in lora.params().iter() {
+        if let (true, rlhf_model::weights::Param::Trainable(v)) = (name.contains("lora_B"), p) {
+            let t = candle_core::Tensor::randn(0f32, 0.5, v.shape(), v.device()).unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+    let base = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let copy = lora
+        .bf16_decoding_copy()
+        .unwrap()
+        .expect("a llama converts");
+    let one = |m: &Model| -> Vec<f32> {
+        generate(
+            m,
+            &prompts,
+            &GenerationConfig {
+                max_new_tokens: 1,
+                ..cfg.clone()
+            },
+        )
+        .unwrap()
+        .iter()
+        .map(|g| g.logprobs[0])
+        .collect()
+    };
+    let (adapted, merged, plain) = (one(&lora), one(&copy), one(&base));
+    let dist = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    eprintln!(
+        "first log-prob: copy vs adapted policy {:.2e}, adapted vs base {:.2e}",
+        dist(&merged, &adapted),
+        dist(&adapted, &plain)
+    );
+    assert!(
+        dist(&adapted, &plain) > 1e-2,
+        "the adapters changed nothing"
+    );
+    assert!(dist(&merged, &adapted) < 0.1 * dist(&adapted, &plain));
+}

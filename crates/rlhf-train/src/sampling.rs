@@ -172,6 +172,9 @@ pub struct Policy {
     pub eos_ids: Vec<u32>,
     args: TrainingArgs,
     lora: Option<LoraConfig>,
+    /// Loaded only to sample from ([`Self::frozen`]); under bf16 autocast its weights are
+    /// then kept in bf16 in place.
+    frozen: bool,
 }
 
 impl Policy {
@@ -215,6 +218,7 @@ impl Policy {
             eos_ids,
             args: args.clone(),
             lora: lora.cloned(),
+            frozen: false,
         })
     }
 
@@ -223,7 +227,11 @@ impl Policy {
     pub fn frozen(args: &TrainingArgs) -> Result<Self> {
         let tok = Tokenizer::from_dir(&args.model)?;
         let pad_id = rlhf_data::pad_id(&tok)?;
-        let model = Model::load(&args.model, &LoadOptions::default())?;
+        let mut model = Model::load(&args.model, &LoadOptions::default())?;
+        if rlhf_model::gemm::autocast_bf16() {
+            // Nothing trains it: under bf16 autocast its weights are kept once, in bf16.
+            model.keep_frozen_in_bf16_for_decoding()?;
+        }
         let eos_ids = rlhf_model::generate::eos_ids(&model, &tok);
         Ok(Self {
             model,
@@ -232,6 +240,7 @@ impl Policy {
             eos_ids,
             args: args.clone(),
             lora: None,
+            frozen: true,
         })
     }
 
@@ -505,6 +514,14 @@ pub fn sample_and_score(
     let bar = crate::run::progress(prompts.len(), done_prompts);
     bar.set_message("prompts sampled".to_string());
     let decoder = Decoder::new(&policy.tok, &policy.eos_ids);
+    // Under bf16 autocast (`bf16 = true`) the samples come from a bf16 copy of the policy:
+    // the same products (operands rounded to bf16, f32 sums) on half the weight bytes.
+    let bf16_copy = if rlhf_model::gemm::autocast_bf16() && !policy.frozen {
+        policy.model.bf16_decoding_copy()?
+    } else {
+        None
+    };
+    let sampler = bf16_copy.as_ref().unwrap_or(&policy.model);
     let mut written = 0usize;
     for (b, first) in (0..prompts.len()).step_by(ppb).enumerate() {
         if first < done_prompts {
@@ -529,7 +546,7 @@ pub fn sample_and_score(
             pad_token_id: policy.pad_id,
             seed: mix(round.seed, round.round as u64, 7_000_000 + b as u64),
         };
-        let gens = generate(&policy.model, &ids, &cfg)?;
+        let gens = generate(sampler, &ids, &cfg)?;
         let texts: Vec<String> = gens
             .iter()
             .map(|g| decoder.text(&g.completion_ids))

@@ -107,7 +107,7 @@ const ANSWER: &str = " \u{E000}answer\u{E000} ";
 impl RewardModel {
     /// Loads a reward model (an HF directory with a score head, or a SEQ_CLS adapter).
     pub fn load(dir: &Path, batch_size: usize, cache: &mut SourceCache) -> Result<Self> {
-        let model = Model::load_cached(
+        let mut model = Model::load_cached(
             dir,
             &LoadOptions {
                 heads: Heads::Score,
@@ -117,6 +117,11 @@ impl RewardModel {
             },
             cache,
         )?;
+        if rlhf_model::gemm::autocast_bf16() {
+            // Under bf16 autocast its products read the weights rounded anyway: keep them
+            // once, in bf16 (half the memory, and the bf16 kernel reads them in place).
+            model.keep_frozen_in_bf16_for_decoding()?;
+        }
         let tok = Tokenizer::from_dir(dir)?;
         let text_end = match tok.eos_token().and_then(|e| tok.token_to_id(e)) {
             Some(eos)

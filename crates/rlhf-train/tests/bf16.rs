@@ -161,3 +161,58 @@ fn fp16_is_refused_with_advice() {
         .to_string();
     assert!(err.contains("fp16") && err.contains("bf16 = true"), "{err}");
 }
+
+/// Rejection sampling with `bf16 = true` samples from a bf16 copy of the LoRA policy
+/// (adapters merged, weights read in place by the bf16 kernel) and scores with the reward
+/// model kept in bf16: every prompt gets its K finite-scored samples, the round trains, and
+/// the samples are not the f32 run's (the precision reached the sampling).
+#[test]
+fn rejection_sampling_samples_under_bf16() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts: Vec<String> = ["The cat", "A dog", "Once upon", "In the", "We saw"]
+        .iter()
+        .map(|w| serde_json::json!({ "prompt": w }).to_string())
+        .collect();
+    let train = tmp.path().join("prompts.jsonl");
+    std::fs::write(&train, prompts.join("\n") + "\n").unwrap();
+    let (model, rm) = (
+        shared().join("models/llama-gqa"),
+        shared().join("models/llama-gqa-reward"),
+    );
+    let samples = |bf16: bool| -> Vec<serde_json::Value> {
+        let out = tmp.path().join(format!("rs-{bf16}"));
+        let config = tmp.path().join(format!("rs-{bf16}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "model = {model:?}\ntrain_file = {train:?}\noutput_dir = {out:?}\n\
+                 reward_model = {rm:?}\nnum_samples = 4\nmax_new_tokens = 8\n\
+                 generation_batch_size = 8\nper_device_train_batch_size = 4\nmax_steps = 2\n\
+                 learning_rate = 1e-2\nsave_steps = 0\nseed = 3\nreport_to = [\"jsonl\"]\n\
+                 bf16 = {bf16}\n[lora]\nr = 8\nlora_alpha = 16\n\
+                 target_modules = \"all-linear\"\ntask_type = \"CAUSAL_LM\"\n"
+            ),
+        )
+        .unwrap();
+        rlhf_train::rejection_sampling::run(&config, &[], None)
+            .unwrap_or_else(|e| panic!("bf16 = {bf16}: {e}"));
+        let text = std::fs::read_to_string(out.join("iteration-1/samples.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (exact, bf16) = (samples(false), samples(true));
+    assert_eq!(bf16.len(), 5 * 4);
+    assert!(bf16
+        .iter()
+        .all(|s| s["score"].as_f64().is_some_and(f64::is_finite)));
+    let ids = |v: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        v.iter().map(|s| s["completion_ids"].clone()).collect()
+    };
+    assert_ne!(
+        ids(&exact),
+        ids(&bf16),
+        "bf16 = true did not reach the sampling"
+    );
+}

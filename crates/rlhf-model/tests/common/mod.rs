@@ -284,6 +284,56 @@ pub fn autocast_products_round_their_operands() {
             );
         }
     }
+    // A weight kept in bf16 for decoding (`matmul_wt_bf16`): under autocast A is rounded too,
+    // so the product is that of the rounded operands, on every path: few rows (the
+    // streaming paths, one or two vectors of rows, full and partial tiles of W's rows), more
+    // rows (the bf16 kernel reading W's pairs in place, or W widened onto the f32 kernel),
+    // odd K, A read through strides.
+    for (m, k, n, strided) in [
+        (1, 7, 3, false),
+        (5, 70, 40, false),
+        (17, 301, 70, false),
+        (32, 576, 130, true),
+        (100, 301, 97, false),
+        (300, 520, 70, true),
+    ] {
+        let (a, w) = (values(m * k, 8), values(n * k, 9));
+        let wb: Vec<half::bf16> = w.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let (ar, wr) = (rounded(&a), rounded(&w));
+        // Strided: A stored transposed (k × m) and read as its transpose.
+        let at: Vec<f32> = (0..k * m).map(|q| a[(q % m) * k + q / m]).collect();
+        let got = {
+            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            let view = if strided {
+                rlhf_model::gemm::MatRef::new(&at, k, m, m, 1).t()
+            } else {
+                rlhf_model::gemm::MatRef::new(&a, m, k, k, 1)
+            };
+            rlhf_model::gemm::matmul_wt_bf16(view, &wb, n, k)
+        };
+        let want = exact(&ar, m, k, n, |p, j| wr[j * k + p]);
+        let plain = exact(&a, m, k, n, |p, j| wr[j * k + p]).0;
+        check_rounded(
+            &format!("bf16 W x·Wᵀ {m}×{k}×{n} strided={strided}"),
+            &got,
+            &want,
+            &plain,
+        );
+        // Without autocast: A as it is, the products in f32.
+        let f32_product = rlhf_model::gemm::matmul_wt_bf16(
+            rlhf_model::gemm::MatRef::new(&a, m, k, k, 1),
+            &wb,
+            n,
+            k,
+        );
+        let (want, mag) = exact(&a, m, k, n, |p, j| wr[j * k + p]);
+        for (i, &g) in f32_product.iter().enumerate() {
+            assert!(
+                (g as f64 - want[i]).abs() <= mag[i] * 2f64.powi(-20) + 1e-30,
+                "bf16 W without autocast {m}×{k}×{n}: element {i}"
+            );
+        }
+    }
     // Batched (attention's q·kᵀ), and the switch restores what it replaced.
     let (q, kk) = (values(3 * 9 * 16, 6), values(3 * 11 * 16, 7));
     let bm = |qd: &[f32], kd: &[f32]| {

@@ -58,11 +58,16 @@ pub struct BestOfNArgs {
     /// Timed repetitions (after one untimed).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// As a `bf16 = true` run samples and scores: bf16 autocast, the frozen policy and
+    /// reward model kept in bf16.
+    #[arg(long)]
+    bf16: bool,
 }
 
 fn best_of_n_bench(a: BestOfNArgs) -> Result<()> {
     use rlhf_train::sampling::{sample_and_score, Policy, Round, SamplingArgs, Temperature};
     let dir = tempfile_dir()?;
+    let _autocast = rlhf_model::gemm::Autocast::bf16(a.bf16);
     let args = rlhf_train::config::TrainingArgs {
         model: a.model.clone(),
         max_length: 1024,
@@ -127,6 +132,7 @@ fn best_of_n_bench(a: BestOfNArgs) -> Result<()> {
         json!({
             "impl": "rlhf-rs", "job": "best_of_n", "prompts": a.prompts, "num_samples": a.num_samples,
             "max_new_tokens": a.max_new_tokens, "generation_batch_size": a.generation_batch_size,
+            "bf16": a.bf16,
             "threads": candle_core::utils::get_num_threads(),
             "median_seconds": r4(med), "seconds": secs.iter().map(|x| r4(*x)).collect::<Vec<_>>(),
             "samples_scored_per_second": r4(n as f64 / med),
@@ -290,6 +296,10 @@ pub struct GenerateArgs {
     /// so that earlier figures keep their meaning).
     #[arg(long, value_enum, default_value_t = super::generate::WeightDtype::F32)]
     dtype: super::generate::WeightDtype,
+    /// bf16 autocast (`bf16 = true`'s products: activations rounded to bf16 too, f32 sums;
+    /// with `--dtype bf16`, the AVX512_BF16 kernel reads the bf16 weights in place).
+    #[arg(long)]
+    bf16: bool,
 }
 
 /// Runs `rlhf bench`.
@@ -504,6 +514,7 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
     if a.prompts == 0 || a.batch == 0 || a.prompt_len == 0 || a.max_new_tokens == 0 {
         bail!("--prompts, --batch, --prompt-len and --max-new-tokens must be at least 1");
     }
+    let _autocast = rlhf_model::gemm::Autocast::bf16(a.bf16);
     let mut model = Model::load(&a.model, &LoadOptions::default())?;
     super::generate::apply_weight_dtype(&mut model, a.dtype)?;
     let vocab = model.config.vocab_size;
@@ -547,6 +558,7 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
         "prompt_len": a.prompt_len,
         "max_new_tokens": a.max_new_tokens,
         "dtype": format!("{:?}", a.dtype).to_lowercase(),
+        "bf16_autocast": a.bf16,
         "threads": candle_core::utils::get_num_threads(),
         "total_s": r4(total),
         "new_tokens_per_s": r1(new_tokens as f64 / total),
