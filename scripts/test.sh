@@ -2,7 +2,7 @@
 # The test suite: installs headless Chromium (Debian's `chromium`, `chromium-driver`) where it
 # is missing, for the browser tests (the report's, and the labelling app's through chromedriver),
 # and the `openai` Python client into a virtual environment for `rlhf serve`'s test, then runs
-# every crate's tests.
+# every crate's tests, the MPI ones included.
 # Arguments go to `cargo test --workspace` (e.g. a test-name filter, or `-- --nocapture`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,17 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q \
         chromium chromium-driver
+fi
+# Data parallelism over MPI (`--features rlhf/mpi`, crates/rlhf/tests/mpi.rs): Open MPI's
+# library and mpirun, and libclang for the `mpi` crate's bindings.
+if ! command -v mpirun >/dev/null 2>&1 \
+    || ! dpkg -s libopenmpi-dev openmpi-bin libclang-dev >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing Open MPI and libclang for the MPI tests" >&2
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q \
+        libopenmpi-dev openmpi-bin libclang-dev
 fi
 # `rlhf serve`'s test drives the server with the official `openai` Python client (PyPI), kept
 # in a virtual environment under the target directory (python3-venv from Debian where missing).
@@ -30,4 +41,4 @@ if ! "$PYENV/bin/python" -c "import openai" >/dev/null 2>&1; then
 fi
 RLHF_OPENAI_PYTHON="$(cd "$PYENV" && pwd)/bin/python"
 export RLHF_OPENAI_PYTHON
-exec cargo test --workspace "$@"
+exec cargo test --workspace --features rlhf/mpi "$@"

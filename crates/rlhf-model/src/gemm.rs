@@ -798,6 +798,10 @@ fn stream_enabled() -> bool {
 /// runs of W's rows.
 fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
     let (m, n, k) = (a.rows, b.cols, a.cols);
+    if autocast_bf16() && bf16_kernel() {
+        // W's rows read as bf16 pairs by `vdpbf16ps` (rounded a unit at a time).
+        return stream_dp(a, DpRows::F32(b.data, b.cs), n, k);
+    }
     let (mut at, lanes) = pack_stream_a(a);
     let round = autocast_bf16();
     if round {
@@ -1035,7 +1039,7 @@ pub fn matmul_wt_bf16(a: MatRef<'_>, w: &[half::bf16], out: usize, inp: usize) -
     if autocast_bf16() && bf16_kernel() {
         // bf16 autocast: A rounded too, so `vdpbf16ps` computes exactly these products.
         return if m <= STREAM_M {
-            stream_dp(a, bits, out, k)
+            stream_dp(a, DpRows::Bf16(bits), out, k)
         } else {
             let mut c: Vec<f32> = Vec::with_capacity(m * out);
             let b = Src::Bf16Wt(Bf16W { w: bits, out, inp });
@@ -1085,12 +1089,22 @@ pub fn matmul_wt_bf16_portable(
     c
 }
 
-/// [`matmul_wt_bf16`] under bf16 autocast on AVX512_BF16 for at most `STREAM_M` rows of A
-/// (decoding): A packed transposed as pairs of k (`k/2` groups of 16 or 32 lanes), rounded;
-/// each pair of a W row (two adjacent bf16, one u32) broadcast against them with
-/// `vdpbf16ps`, 32 products a vector where the f32 path does 16. W is streamed from memory
-/// once, as bf16; the threads take runs of its rows.
-fn stream_dp(a: MatRef<'_>, w: &[u16], n: usize, k: usize) -> Vec<f32> {
+/// W's rows for [`stream_dp`]: bf16 (`k` apart), or f32 (`ldw` apart, converted to bf16 pairs
+/// a unit of rows at a time).
+#[derive(Clone, Copy)]
+enum DpRows<'a> {
+    Bf16(&'a [u16]),
+    F32(&'a [f32], usize),
+}
+
+/// x·Wᵀ under bf16 autocast on AVX512_BF16 for at most `STREAM_M` rows of A (decoding): A
+/// packed transposed as pairs of k (`k/2` groups of 16 or 32 lanes), rounded; each pair of a
+/// W row (two adjacent bf16, one u32) broadcast against them with `vdpbf16ps`, 32 products a
+/// vector where the f32 path does 16. A bf16 W ([`matmul_wt_bf16`]) is streamed from memory
+/// once and read in place; an f32 W ([`matmul`] under autocast: a policy that trains) is read
+/// once too, each unit's rows rounded into a buffer of pairs first. The threads take runs of
+/// W's rows.
+fn stream_dp(a: MatRef<'_>, w: DpRows<'_>, n: usize, k: usize) -> Vec<f32> {
     let m = a.rows;
     let lanes = if m <= 16 { 16 } else { 32 };
     let kp = k.div_ceil(2);
@@ -1114,11 +1128,48 @@ fn stream_dp(a: MatRef<'_>, w: &[u16], n: usize, k: usize) -> Vec<f32> {
     let out = SyncPtr(c.as_mut_ptr());
     let at = &at[..];
     let run = |range: std::ops::Range<usize>| {
+        let mut pairs: Vec<u32> = Vec::new();
         for u in range {
             let rows = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
-            // SAFETY: AVX512_BF16 was detected by the caller; W's rows j < n lie in `w`
-            // (`matmul_wt_bf16` checked its length), and unit u writes only columns `rows`.
-            unsafe { dp_unit(at, lanes, w, k, rows, m, out.get(), n) };
+            match w {
+                // SAFETY: AVX512_BF16 was detected by the caller; W's rows j < n lie in `w`
+                // (`matmul_wt_bf16` checked its length), and unit u writes only columns
+                // `rows`.
+                DpRows::Bf16(w) => unsafe { dp_unit(at, lanes, w, k, k, rows, m, out.get(), n) },
+                DpRows::F32(w, ldw) => {
+                    pairs.resize(rows.len() * kp, 0);
+                    for (t, j) in rows.clone().enumerate() {
+                        let row = &w[j * ldw..j * ldw + k];
+                        let dst = &mut pairs[t * kp..(t + 1) * kp];
+                        // SAFETY: AVX512_BF16 was detected by the caller; dst holds kp pairs.
+                        unsafe { pairs_of_run(row, dst) };
+                        if k % 2 == 1 {
+                            dst[kp - 1] = bf16_pair(row[k - 1], 0.0);
+                        }
+                    }
+                    // The pairs as bf16 values, rows 2·kp apart (little-endian: a pair's low
+                    // half, the even k, comes first).
+                    // SAFETY: u32 → u16 halves the alignment; the length doubles.
+                    let bits = unsafe {
+                        std::slice::from_raw_parts(pairs.as_ptr().cast::<u16>(), pairs.len() * 2)
+                    };
+                    // SAFETY: as above, for this unit's rows (0-based in `bits`); C's columns
+                    // from rows.start.
+                    unsafe {
+                        dp_unit(
+                            at,
+                            lanes,
+                            bits,
+                            2 * kp,
+                            k,
+                            0..rows.len(),
+                            m,
+                            out.get().add(rows.start),
+                            n,
+                        )
+                    };
+                }
+            }
         }
     };
     let units = n.div_ceil(STREAM_UNIT);
@@ -1144,6 +1195,7 @@ unsafe fn dp_unit(
     at: &[u32],
     lanes: usize,
     w: &[u16],
+    ldw: usize,
     k: usize,
     cols: std::ops::Range<usize>,
     m: usize,
@@ -1154,24 +1206,24 @@ unsafe fn dp_unit(
     let mut j = cols.start;
     while j < cols.end {
         let left = cols.end - j;
-        let wj = &w[j * k..];
+        let wj = &w[j * ldw..];
         // SAFETY (all tiles): the rows j.. of W they read lie in `w`, as the caller guarantees.
         let r = unsafe {
             match (lanes, left) {
                 (16, l) if l >= STREAM_R1 => {
-                    dp_tile::<STREAM_R1, 1>(at, wj, k, &mut tile);
+                    dp_tile::<STREAM_R1, 1>(at, wj, ldw, k, &mut tile);
                     STREAM_R1
                 }
                 (32, l) if l >= STREAM_R2 => {
-                    dp_tile::<STREAM_R2, 2>(at, wj, k, &mut tile);
+                    dp_tile::<STREAM_R2, 2>(at, wj, ldw, k, &mut tile);
                     STREAM_R2
                 }
                 (16, _) => {
-                    dp_tile::<1, 1>(at, wj, k, &mut tile);
+                    dp_tile::<1, 1>(at, wj, ldw, k, &mut tile);
                     1
                 }
                 _ => {
-                    dp_tile::<1, 2>(at, wj, k, &mut tile);
+                    dp_tile::<1, 2>(at, wj, ldw, k, &mut tile);
                     1
                 }
             }
@@ -1193,6 +1245,7 @@ unsafe fn dp_unit(
     _: usize,
     _: &[u16],
     _: usize,
+    _: usize,
     _: std::ops::Range<usize>,
     _: usize,
     _: *mut f32,
@@ -1212,12 +1265,13 @@ unsafe fn dp_unit(
 unsafe fn dp_tile<const R: usize, const V: usize>(
     at: &[u32],
     w: &[u16],
+    ldw: usize,
     k: usize,
     tile: &mut [[f32; 32]; STREAM_R1],
 ) {
     use std::arch::x86_64::*;
     let kp = k.div_ceil(2);
-    assert!(at.len() >= kp * 16 * V && w.len() >= (R - 1) * k + k);
+    assert!(at.len() >= kp * 16 * V && w.len() >= (R - 1) * ldw + k);
     let (ap, wp) = (at.as_ptr(), w.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     // Whole pairs of W's rows are read as u32s; an odd k's last value is widened alone.
@@ -1232,7 +1286,7 @@ unsafe fn dp_tile<const R: usize, const V: usize>(
             };
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let pair = unsafe { std::ptr::read_unaligned(wp.add(r * k + 2 * q).cast::<i32>()) };
+            let pair = unsafe { std::ptr::read_unaligned(wp.add(r * ldw + 2 * q).cast::<i32>()) };
             let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
             for (x, a) in row.iter_mut().zip(&av) {
                 *x = _mm512_dpbf16_ps(*x, std::mem::transmute::<__m512, __m512bh>(*a), b);
@@ -1242,7 +1296,7 @@ unsafe fn dp_tile<const R: usize, const V: usize>(
     if full < kp {
         let q = full;
         for (r, row) in acc.iter_mut().enumerate() {
-            let pair = i32::from(unsafe { *wp.add(r * k + k - 1) });
+            let pair = i32::from(unsafe { *wp.add(r * ldw + k - 1) });
             let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
             for (v, x) in row.iter_mut().enumerate() {
                 let a = unsafe { _mm512_loadu_si512(ap.add(q * 16 * V + 16 * v).cast()) };

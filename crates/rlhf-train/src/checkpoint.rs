@@ -34,6 +34,13 @@ pub fn save(
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
+    let dir = args
+        .output_dir
+        .join(format!("checkpoint-{}", state.run.global_step));
+    if !crate::dist::is_root() {
+        // Rank 0 writes the job's checkpoints; the weights are the same on every rank.
+        return Ok(dir);
+    }
     write_checkpoint(
         &args.output_dir,
         state.run.global_step,
@@ -100,8 +107,13 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 
 /// Writes the trained model into `output_dir` itself (what the next stage loads).
 pub fn save_final(args: &TrainingArgs, model: &Model, heads: Heads) -> Result<()> {
-    save_weights(model, heads, &args.output_dir)?;
-    tracing::info!("saved the trained model to {}", args.output_dir.display());
+    let world = crate::dist::world();
+    if world.rank() == 0 {
+        save_weights(model, heads, &args.output_dir)?;
+        tracing::info!("saved the trained model to {}", args.output_dir.display());
+    }
+    // A next stage reads it on every rank.
+    world.barrier();
     Ok(())
 }
 

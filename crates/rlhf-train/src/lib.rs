@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod constitutional;
+pub mod dist;
 pub mod dpo;
 pub mod error;
 pub mod eval;

@@ -211,6 +211,14 @@ impl MetricsLogger {
     /// files in [`default_run_dir`] (`{output_dir}/runs/{stamp}_{host}`, a new run dir per
     /// launch, as transformers) and `{output_dir}/metrics.jsonl` via [`JsonlWriter::resume`]
     /// at `resume_step` (0 for a fresh run), so the file holds exactly this run's history.
+    /// A logger that writes nothing (the ranks of a data-parallel job other than rank 0).
+    pub fn none() -> Self {
+        Self {
+            tensorboard: None,
+            jsonl: None,
+        }
+    }
+
     pub fn open<S: AsRef<str>>(
         output_dir: impl AsRef<Path>,
         report_to: &[S],

@@ -63,6 +63,17 @@ fn alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
+    // A zombie (killed, not yet reaped: a rank of a data-parallel job killed with its
+    // launcher) holds nothing any more.
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        {
+            return false;
+        }
+    }
     // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
     let r = unsafe { libc::kill(pid, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -293,7 +304,8 @@ pub fn prepare(
 /// What a trainer holds while it runs: the output directory's lock and, with `bf16 = true`,
 /// bf16 autocast ([`rlhf_model::gemm::Autocast`]); both end when it is dropped.
 pub struct RunGuard {
-    _lock: OutputLock,
+    /// Rank 0's lock on the output directory (other ranks of a data-parallel job hold none).
+    _lock: Option<OutputLock>,
     _precision: rlhf_model::gemm::Autocast,
 }
 
@@ -308,7 +320,20 @@ pub fn prepare_run(
 ) -> Result<RunGuard> {
     let mut all: Vec<(&str, &Path)> = vec![("model", args.model.as_path())];
     all.extend_from_slice(inputs);
-    let lock = prepare(&args.output_dir, &all, resuming, args.overwrite_output_dir)?;
+    // In a data-parallel job rank 0 checks, clears and locks the directory it alone writes;
+    // the others wait for it (an error there ends the job: see the binary's `main`).
+    let world = crate::dist::world();
+    let lock = if world.rank() == 0 {
+        Some(prepare(
+            &args.output_dir,
+            &all,
+            resuming,
+            args.overwrite_output_dir,
+        )?)
+    } else {
+        None
+    };
+    world.barrier();
     if args.bf16 {
         tracing::info!("{}", rlhf_model::gemm::autocast_kernel());
     }

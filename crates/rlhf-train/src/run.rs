@@ -256,12 +256,22 @@ impl Run {
         has_eval: bool,
         show: &'static [&'static str],
     ) -> Result<Self> {
-        std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
-        let logger = MetricsLogger::open(&args.output_dir, &args.report_to, state.global_step)?;
+        // Rank 0 of a data-parallel job logs; the others run silent.
+        let root = crate::dist::is_root();
+        let (logger, bar) = if root {
+            std::fs::create_dir_all(&args.output_dir)
+                .map_err(|e| Error::io(&args.output_dir, e))?;
+            (
+                MetricsLogger::open(&args.output_dir, &args.report_to, state.global_step)?,
+                progress(state.max_steps, state.global_step),
+            )
+        } else {
+            (MetricsLogger::none(), indicatif::ProgressBar::hidden())
+        };
         Ok(Self {
             output_dir: args.output_dir.clone(),
             logger,
-            bar: progress(state.max_steps, state.global_step),
+            bar,
             show,
             logging_steps: args.logging_steps.max(1),
             save_steps: args.save_steps,
@@ -554,6 +564,7 @@ mod null_tests {
             total_loss: 0.0,
             samples_seen: 0,
             tokens_seen: 0,
+            world_size: 1,
         };
         let json = serde_json::to_string(&state).unwrap();
         let back: crate::trainer::TrainerState = serde_json::from_str(&json).unwrap();

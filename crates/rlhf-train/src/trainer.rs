@@ -28,10 +28,12 @@ use crate::{Error, Result};
 /// How one optimiser step's micro-batches are weighted.
 #[derive(Debug, Clone, Copy)]
 pub struct StepScale {
-    /// Micro-batches in this optimiser step.
+    /// Micro-batches in this optimiser step, over all ranks of a data-parallel job (each
+    /// rank's share of a micro-batch counts as one: a loss averaged over a micro-batch and
+    /// divided by this sums, over the ranks, to the global batch's average).
     pub micro_batches: usize,
-    /// Loss items (e.g. labelled tokens) over all micro-batches of the step, for objectives
-    /// that normalise by it as transformers does with `num_items_in_batch`.
+    /// Loss items (e.g. labelled tokens) over all micro-batches of the step (all ranks'), for
+    /// objectives that normalise by it as transformers does with `num_items_in_batch`.
     pub step_items: usize,
 }
 
@@ -85,6 +87,14 @@ pub struct TrainerState {
     pub samples_seen: usize,
     /// Tokens processed.
     pub tokens_seen: usize,
+    /// Ranks of the data-parallel job that wrote it (1: one process; absent in older
+    /// checkpoints, which one process wrote).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The number of optimiser steps a run takes (transformers' rule: `max_steps` if set, else
@@ -190,11 +200,29 @@ pub fn train<O: Objective>(
             total_loss: 0.0,
             samples_seen: 0,
             tokens_seen: 0,
+            world_size: 1,
         },
     };
     let mut sampler = Sampler::from_state(state.sampler, train_set.len())
         .map_err(|e| Error::Config(e.to_string()))?;
-    let evaluate = || run_eval(objective, model, eval_set, args.per_device_eval_batch_size);
+    let world = crate::dist::world();
+    let (rank, ranks) = (world.rank(), world.size());
+    if resume.is_some() && state.world_size != ranks {
+        return Err(Error::Resume(format!(
+            "the checkpoint was written by a job of {} ranks and this one has {ranks}: resume \
+             at the same world size (the data order and batch shares depend on it)",
+            state.world_size
+        )));
+    }
+    state.world_size = ranks;
+    // Rank 0 evaluates (and logs); the others go on to the next step's collectives.
+    let evaluate = || {
+        if rank == 0 {
+            run_eval(objective, model, eval_set, args.per_device_eval_batch_size)
+        } else {
+            Ok(BTreeMap::new())
+        }
+    };
     let mut run = Run::open(
         args,
         &state.run,
@@ -208,20 +236,32 @@ pub fn train<O: Objective>(
 
     while state.run.global_step < max_steps {
         let step = state.run.global_step;
-        let micro: Vec<Vec<usize>> = (0..args.gradient_accumulation_steps)
-            .map(|_| sampler.next_batch(args.per_device_train_batch_size))
+        // Global micro-batches (every rank draws the same ones), then this rank's share.
+        let global: Vec<Vec<usize>> = (0..args.gradient_accumulation_steps)
+            .map(|_| {
+                even_batch(
+                    sampler.next_batch(args.per_device_train_batch_size * ranks),
+                    args.per_device_train_batch_size * ranks,
+                    ranks,
+                )
+            })
             .collect();
         let scale = StepScale {
-            micro_batches: micro.len(),
-            step_items: micro
+            micro_batches: global.len() * ranks,
+            step_items: global
                 .iter()
                 .flatten()
                 .map(|&i| objective.items(&train_set[i]))
                 .sum(),
         };
+        let micro: Vec<Vec<usize>> = global
+            .iter()
+            .map(|g| g[crate::dist::share(g.len(), rank, ranks)].to_vec())
+            .collect();
         model.set_training(true);
         let mut grads: Option<GradStore> = None;
         let mut step_loss = 0.0;
+        let mut step_tokens = 0usize;
         let mut report = StepReport::default();
         for (k, idx) in micro.iter().enumerate() {
             model.set_dropout_seed(mix(args.seed, step as u64, k as u64));
@@ -235,8 +275,7 @@ pub fn train<O: Objective>(
                 .mean
                 .extend(out.metrics.into_iter().map(|(k, v)| (k.to_string(), v)));
             report.samples += out.samples;
-            state.samples_seen += out.samples;
-            state.tokens_seen += out.tokens;
+            step_tokens += out.tokens;
             let g = out.loss.backward()?;
             grads = Some(match grads {
                 None => g,
@@ -245,6 +284,19 @@ pub fn train<O: Objective>(
         }
         model.set_training(false);
         let mut grads = grads.expect("at least one micro-batch");
+        if ranks > 1 {
+            // Sum the gradients, the loss and the counts over the ranks; average the metrics
+            // (every rank's share is the same size).
+            all_reduce_grads(world.as_ref(), &mut grads, &params)?;
+            let mut v = vec![step_loss, report.samples as f64, step_tokens as f64];
+            world.all_reduce_sum_f64(&mut v);
+            step_loss = v[0];
+            report.samples = v[1].round() as usize;
+            step_tokens = v[2].round() as usize;
+            crate::dist::reduce_metrics(world.as_ref(), &mut report.mean);
+        }
+        state.samples_seen += report.samples;
+        state.tokens_seen += step_tokens;
         let grad_norm = clip_grad_norm(&mut grads, &params, args.max_grad_norm)?;
         state.sampler = sampler.state();
         state.run.global_step += 1;
@@ -287,6 +339,50 @@ pub fn train<O: Objective>(
         ("epoch".to_string(), sampler.epoch_progress()),
     ]);
     run.finish(&state.run, own, evaluate)
+}
+
+/// A global batch of a data-parallel job made whole: the last batch of an epoch, when
+/// shorter than `want`, is filled by repeating its own examples from its start (accelerate's
+/// `even_batches`), so that every rank gets the same number. One process keeps it as it is.
+fn even_batch(mut batch: Vec<usize>, want: usize, ranks: usize) -> Vec<usize> {
+    if ranks > 1 && !batch.is_empty() {
+        let n = batch.len();
+        for i in n..want {
+            batch.push(batch[i % n]);
+        }
+    }
+    batch
+}
+
+/// Sums every trainable parameter's gradient over the ranks, in place (one all-reduce over
+/// all of them, flattened in parameter order; a parameter without a gradient counts as zeros).
+fn all_reduce_grads(
+    world: &dyn crate::dist::Collective,
+    grads: &mut GradStore,
+    params: &[(String, candle_core::Var)],
+) -> Result<()> {
+    let mut flat: Vec<f32> = Vec::new();
+    for (_, v) in params {
+        match grads.get(v.as_tensor()) {
+            Some(g) => flat.extend(
+                g.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
+        }
+    }
+    world.all_reduce_sum_f32(&mut flat);
+    let mut at = 0;
+    for (_, v) in params {
+        let t = v.as_tensor();
+        let n = t.elem_count();
+        let g =
+            Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?.to_dtype(t.dtype())?;
+        grads.insert(t, g);
+        at += n;
+    }
+    Ok(())
 }
 
 /// The objective's evaluation, eval_-prefixed, with its timing.

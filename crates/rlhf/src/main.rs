@@ -110,15 +110,50 @@ fn main() -> std::process::ExitCode {
         let n = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    // A data-parallel job: started by mpirun (or Slurm), every rank runs this same program.
+    let launched = rlhf_train::dist::launched_size().filter(|&n| n > 1);
+    #[cfg(feature = "mpi")]
+    let _universe = match launched {
+        Some(_) => match rlhf_train::dist::mpi::init() {
+            Some((universe, world)) => {
+                rlhf_train::dist::install(std::rc::Rc::new(world));
+                Some(universe)
+            }
+            None => {
+                eprintln!("error: MPI could not be initialised (was it already?)");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = launched {
+        eprintln!(
+            "error: started as one of {n} ranks (mpirun or Slurm), but this rlhf was built \
+             without MPI: build it with `cargo build --release -p rlhf --features mpi` \
+             (Open MPI: Debian's libopenmpi-dev openmpi-bin libclang-dev)"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    let world = rlhf_train::dist::world();
+    // Rank 0 reports progress; the other ranks only warnings (RLHF_LOG still wins).
+    let level = if world.rank() == 0 { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RLHF_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_target(false)
         .without_time()
         .init();
+    if world.size() > 1 {
+        tracing::info!(
+            "data parallel over {}: {} ranks, each with its share of every batch",
+            world.name(),
+            world.size()
+        );
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench { what } => cmd::bench::run(what),
@@ -145,6 +180,15 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
+            if world.size() > 1 {
+                // The other ranks may be waiting in a collective: end the whole job.
+                eprintln!(
+                    "error: rank {} of {} failed; ending the job",
+                    world.rank(),
+                    world.size()
+                );
+                world.abort(1);
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -30,6 +30,10 @@ impl Args {
 
 /// The run's summary (the last line of metrics.jsonl) as one JSON line on stdout, for scripts.
 fn print_summary(summary: &std::collections::BTreeMap<String, f64>) {
+    // Rank 0 of a data-parallel job speaks for it.
+    if !rlhf_train::dist::is_root() {
+        return;
+    }
     println!(
         "{}",
         serde_json::to_string(summary).expect("numbers serialise")

@@ -1,0 +1,210 @@
+//! Data parallelism across processes: the collective operations the trainers need, behind one
+//! trait, so that a trainer does not know which engine runs them.
+//!
+//! A job of N ranks (`mpirun -np N rlhf reward --config ...`, with the `mpi` feature) runs the
+//! same program in every rank, in lockstep: the same seeds, the same data order. Each rank
+//! takes its share of every global batch (`per_device_train_batch_size` examples, as
+//! accelerate counts a device's batch), gradients are summed over the ranks by an all-reduce
+//! before clipping, so every rank applies the same update to the same weights. Rank 0 alone
+//! writes: logs, metrics, checkpoints and the final model.
+//!
+//! Backends: [`Single`] (one process, every operation the identity) and, with the `mpi`
+//! feature, [`mpi::Mpi`] over Open MPI (the `mpi` crate). The process's world is installed
+//! once by the binary ([`install`]) and read with [`world`]; it lives on the main thread, as
+//! MPI's single-threaded mode requires (candle's worker threads never call it).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// The collective operations of a data-parallel job.
+pub trait Collective {
+    /// This process's rank, 0-based.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Sums `buf` element-wise over the ranks, in place; every rank gets the sum.
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]);
+    /// [`Self::all_reduce_sum_f32`] for f64 (losses and metrics).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]);
+    /// The element-wise maximum over the ranks, in place.
+    fn all_reduce_max_f64(&self, buf: &mut [f64]);
+    /// Waits until every rank has reached this point.
+    fn barrier(&self);
+    /// Ends the whole job (every rank) with `code`: an error on one rank must not leave the
+    /// others waiting in a collective.
+    fn abort(&self, code: i32) -> !;
+    /// The engine's name, for the log.
+    fn name(&self) -> &'static str;
+}
+
+/// One process: the identity collective.
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum_f32(&self, _: &mut [f32]) {}
+    fn all_reduce_sum_f64(&self, _: &mut [f64]) {}
+    fn all_reduce_max_f64(&self, _: &mut [f64]) {}
+    fn barrier(&self) {}
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+    fn name(&self) -> &'static str {
+        "single process"
+    }
+}
+
+thread_local! {
+    static WORLD: RefCell<Rc<dyn Collective>> = RefCell::new(Rc::new(Single));
+}
+
+/// Makes `c` this thread's world (the binary does it once, before any job runs).
+pub fn install(c: Rc<dyn Collective>) {
+    WORLD.with(|w| *w.borrow_mut() = c);
+}
+
+/// The world this job runs in ([`Single`] unless [`install`]ed).
+pub fn world() -> Rc<dyn Collective> {
+    WORLD.with(|w| w.borrow().clone())
+}
+
+/// Whether this process writes the job's files (rank 0).
+pub fn is_root() -> bool {
+    world().rank() == 0
+}
+
+/// The launcher's world size where this process was started by one (Open MPI's, PMI's or
+/// Slurm's environment), else `None`.
+pub fn launched_size() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "SLURM_NTASKS",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// Combines per-rank metrics of equal-sized shares into the global batch's, in place: names
+/// starting `max_` take the maximum over the ranks, `min_` the minimum, the rest the mean.
+pub fn reduce_metrics(world: &dyn Collective, metrics: &mut [(String, f64)]) {
+    let n = world.size() as f64;
+    let mut mean: Vec<f64> = metrics.iter().map(|(_, v)| v / n).collect();
+    world.all_reduce_sum_f64(&mut mean);
+    // Minima as maxima of the negated values.
+    let mut ext: Vec<f64> = metrics
+        .iter()
+        .map(|(k, v)| if k.starts_with("min_") { -v } else { *v })
+        .collect();
+    world.all_reduce_max_f64(&mut ext);
+    for (((k, v), m), e) in metrics.iter_mut().zip(mean).zip(ext) {
+        *v = if k.starts_with("max_") {
+            e
+        } else if k.starts_with("min_") {
+            -e
+        } else {
+            m
+        };
+    }
+}
+
+/// Rank `rank`'s share of a global batch of `global` items: a contiguous run, the first
+/// `global % size` ranks one item longer.
+pub fn share(global: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (global / size, global % size);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
+#[cfg(feature = "mpi")]
+pub mod mpi {
+    //! The Open MPI backend (`mpi` crate).
+
+    use mpi::collective::SystemOperation;
+    use mpi::topology::{Communicator, SimpleCommunicator};
+    use mpi::traits::*;
+
+    /// MPI's world communicator; MPI is finalised when the [`Universe`](mpi::environment::Universe)
+    /// that [`init`] returns is dropped.
+    pub struct Mpi {
+        world: SimpleCommunicator,
+    }
+
+    /// Initialises MPI (single-threaded: only the main thread calls it) and returns the
+    /// universe (keep it alive for the job) and the world's backend.
+    pub fn init() -> Option<(mpi::environment::Universe, Mpi)> {
+        let universe = mpi::initialize()?;
+        let world = universe.world();
+        Some((universe, Mpi { world }))
+    }
+
+    impl super::Collective for Mpi {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+        fn size(&self) -> usize {
+            self.world.size() as usize
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
+            let send = buf.to_vec();
+            self.world
+                .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+            let send = buf.to_vec();
+            self.world
+                .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        }
+        fn all_reduce_max_f64(&self, buf: &mut [f64]) {
+            let send = buf.to_vec();
+            self.world
+                .all_reduce_into(&send[..], buf, SystemOperation::max());
+        }
+        fn barrier(&self) {
+            self.world.barrier();
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.world.abort(code)
+        }
+        fn name(&self) -> &'static str {
+            "MPI"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_the_batch_in_order() {
+        for global in 0..12 {
+            for size in 1..5 {
+                let mut next = 0;
+                for r in 0..size {
+                    let s = share(global, r, size);
+                    assert_eq!(s.start, next, "{global} over {size}");
+                    assert!(s.len() == global / size || s.len() == global / size + 1);
+                    next = s.end;
+                }
+                assert_eq!(next, global);
+            }
+        }
+    }
+
+    #[test]
+    fn the_single_world_is_the_identity() {
+        let w = world();
+        assert_eq!((w.rank(), w.size()), (0, 1));
+        let mut v = [1.5f32, -2.0];
+        w.all_reduce_sum_f32(&mut v);
+        assert_eq!(v, [1.5, -2.0]);
+        assert!(is_root());
+    }
+}

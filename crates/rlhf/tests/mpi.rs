@@ -1,0 +1,328 @@
+//! Data parallelism over MPI (issue #19), with the `mpi` feature and Open MPI's `mpirun`
+//! (scripts/test.sh installs Debian's libopenmpi-dev openmpi-bin libclang-dev).
+//!
+//! Equivalence: 2 ranks with `per_device_train_batch_size = 2` train as one process with 4,
+//! for the reward, SFT and DPO trainers on the tiny llama fixtures: the same logged losses,
+//! gradient norms and metrics per step, and the same final weights. The tolerance is what
+//! the order of f32 sums allows: the gradient of a batch of 4 is summed inside each matmul,
+//! that of 2 × 2 as two partial sums added by the all-reduce; both round differently at about
+//! f32's 2⁻²⁴ relative per sum, which after 4 AdamW steps stays below 1e-5 relative (measured
+//! up to about 1e-7), so 1e-5 relative plus 1e-6 absolute.
+//!
+//! A rank killed mid-run ends the job (mpirun's own message) instead of leaving the other
+//! waiting, and `--resume` at the same world size then continues exactly: the same weights
+//! as a job that was never killed.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn shared() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
+}
+
+fn rlhf() -> &'static str {
+    env!("CARGO_BIN_EXE_rlhf")
+}
+
+/// `mpirun -np n` as root (this machine's tests run as root), ranks beyond the cores allowed,
+/// one thread per rank.
+fn mpirun(n: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+        .arg(n.to_string())
+        .args(["-x", "RAYON_NUM_THREADS=1"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl", "self,vader,tcp")
+        .arg(rlhf());
+    c
+}
+
+/// The fixture's 8 pairs as `kind`'s training rows.
+fn data(dir: &Path, kind: &str) -> PathBuf {
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared().join("trl/reward-llama-gqa.json")).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<String> = fx["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| match kind {
+            "sft" => {
+                serde_json::json!({"prompt": p["prompt"], "completion": p["chosen"]}).to_string()
+            }
+            _ => p.to_string(),
+        })
+        .collect();
+    let p = dir.join(format!("{kind}.jsonl"));
+    std::fs::write(&p, rows.join("\n") + "\n").unwrap();
+    p
+}
+
+fn config(dir: &Path, kind: &str, name: &str, batch: usize, extra: &str) -> PathBuf {
+    let model = shared().join("models").join(match kind {
+        "reward" => "llama-gqa-reward",
+        _ => "llama-gqa",
+    });
+    let task = if kind == "reward" {
+        "SEQ_CLS"
+    } else {
+        "CAUSAL_LM"
+    };
+    let text = format!(
+        "model = {model:?}\ntrain_file = {train:?}\noutput_dir = {out:?}\n\
+         per_device_train_batch_size = {batch}\nlearning_rate = 1e-3\nlogging_steps = 1\n\
+         report_to = [\"jsonl\"]\nmax_length = 64\nseed = 3\n{extra}\n\
+         [lora]\nr = 4\nlora_alpha = 8\ntarget_modules = \"all-linear\"\ntask_type = \"{task}\"\n",
+        train = data(dir, kind),
+        out = dir.join(name),
+    );
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn logged(out: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.as_object().cloned())
+        .filter(|m| m.contains_key("step") && m.contains_key("loss"))
+        .collect()
+}
+
+fn adapter(out: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<(String, Vec<f32>)> = candle_core::safetensors::load(
+        out.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+    .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+fn close(what: &str, a: f64, b: f64) {
+    assert!(
+        (a - b).abs() <= 1e-5 * a.abs().max(b.abs()) + 1e-6,
+        "{what}: {a} vs {b}"
+    );
+}
+
+fn run_ok(mut c: Command, what: &str) {
+    let out = c.stderr(Stdio::piped()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn same_job(kind: &str, extra: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = config(tmp.path(), kind, "one", 4, extra);
+    let two = config(tmp.path(), kind, "two", 2, extra);
+    let mut c = Command::new(rlhf());
+    c.args([kind, "--config"]).arg(&one);
+    run_ok(c, "one process");
+    let mut c = mpirun(2);
+    c.args([kind, "--config"]).arg(&two);
+    run_ok(c, "2 ranks");
+
+    let (a, b) = (
+        logged(&tmp.path().join("one")),
+        logged(&tmp.path().join("two")),
+    );
+    assert_eq!(a.len(), 4, "{kind}: logged steps {a:?}");
+    assert_eq!(a.len(), b.len(), "{kind}: rank 0 alone logs, once per step");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            x.keys().collect::<Vec<_>>(),
+            y.keys().collect::<Vec<_>>(),
+            "{kind}: logged names"
+        );
+        for (k, v) in x {
+            // Token-weighted means (SFT's and DPO's entropy, mean_token_nll, token accuracy,
+            // DPO's mean logits)
+            // are each rank's own, averaged over the ranks, as TRL averages what it gathers
+            // from its processes: with unequal token counts that is not one process's mean
+            // over all tokens. Timings differ by nature.
+            if k.contains("runtime")
+                || k.contains("per_second")
+                || [
+                    "entropy",
+                    "mean_token_nll",
+                    "mean_token_accuracy",
+                    "logits/chosen",
+                    "logits/rejected",
+                ]
+                .contains(&k.as_str())
+            {
+                continue;
+            }
+            if let (Some(v), Some(w)) = (v.as_f64(), y[k].as_f64()) {
+                close(&format!("{kind} step {} {k}", x["step"]), v, w);
+            }
+        }
+    }
+    let (wa, wb) = (
+        adapter(&tmp.path().join("one")),
+        adapter(&tmp.path().join("two")),
+    );
+    assert_eq!(wa.len(), wb.len());
+    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        for (x, y) in va.iter().zip(vb) {
+            close(&format!("{kind} weight {na}"), *x as f64, *y as f64);
+        }
+    }
+    // Rank 0 alone wrote the checkpoint.
+    assert!(tmp
+        .path()
+        .join("two/checkpoint-2/trainer_state.json")
+        .exists());
+}
+
+#[test]
+fn two_ranks_train_a_reward_model_as_one_process_with_the_doubled_batch() {
+    same_job("reward", "max_steps = 4\nsave_steps = 2");
+}
+
+#[test]
+fn two_ranks_run_sft_as_one_process_with_the_doubled_batch() {
+    // Token-normalised loss: the step's tokens are counted over both ranks.
+    same_job("sft", "max_steps = 4\nsave_steps = 2");
+}
+
+#[test]
+fn two_ranks_run_dpo_as_one_process_with_the_doubled_batch() {
+    same_job("dpo", "max_steps = 4\nsave_steps = 2\nbeta = 0.1");
+}
+
+#[test]
+fn gradient_accumulation_and_an_uneven_last_batch_over_two_ranks() {
+    // 8 pairs, global batch 2 × 3 = 6: the epoch's last batch of 2 is filled to 6 from its own
+    // pairs (accelerate's even_batches), so only the all-equal case is compared with one
+    // process; here the job must run, log once per step and stay finite.
+    let tmp = tempfile::tempdir().unwrap();
+    let two = config(
+        tmp.path(),
+        "reward",
+        "two",
+        3,
+        "max_steps = 4\ngradient_accumulation_steps = 2\nsave_steps = 0",
+    );
+    let mut c = mpirun(2);
+    c.args(["reward", "--config"]).arg(&two);
+    run_ok(c, "2 ranks");
+    let b = logged(&tmp.path().join("two"));
+    assert_eq!(b.len(), 4);
+    assert!(b.iter().all(|m| m["loss"].as_f64().unwrap().is_finite()));
+}
+
+/// The pid of the rank `rank` process of the job writing `out` (its environment names the rank,
+/// its command line the config).
+fn rank_pid(config: &Path, rank: usize) -> Option<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains(&*config.to_string_lossy()) {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = "max_steps = 300\nsave_steps = 20";
+    let whole = config(tmp.path(), "reward", "whole", 2, extra);
+    let mut c = mpirun(2);
+    c.args(["reward", "--config"]).arg(&whole);
+    run_ok(c, "uninterrupted");
+
+    let cut = config(tmp.path(), "reward", "cut", 2, extra);
+    let mut c = mpirun(2);
+    c.args(["reward", "--config"])
+        .arg(&cut)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    // Kill rank 1 once the first checkpoint is there.
+    let started = Instant::now();
+    let ckpt = tmp.path().join("cut/checkpoint-20");
+    while !ckpt.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = rank_pid(&cut, 1).expect("rank 1 is running");
+    let pid0 = rank_pid(&cut, 0).expect("rank 0 is running");
+    // SAFETY: a signal to a process of this test's own job.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    let waited = started.elapsed();
+    assert!(!out.status.success(), "the job went on without a rank");
+    assert!(
+        waited < Duration::from_secs(60),
+        "the job hung for {waited:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("signal 9") || err.contains("Killed") || err.contains("exited"),
+        "no clear message: {err}"
+    );
+    // The surviving rank goes too (mpirun ends it), within the same bound.
+    let gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    while !gone(pid0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "rank 0 outlived the job"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut c = mpirun(2);
+    c.args(["reward", "--config"]).arg(&cut).arg("--resume");
+    run_ok(c, "resumed");
+    let (wa, wb) = (
+        adapter(&tmp.path().join("whole")),
+        adapter(&tmp.path().join("cut")),
+    );
+    assert_eq!(
+        wa, wb,
+        "resumed weights differ from the uninterrupted job's"
+    );
+
+    // One process may not resume a checkpoint of 2 ranks.
+    let mut c = Command::new(rlhf());
+    c.args(["reward", "--config"]).arg(&cut).arg("--resume");
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("same world size"),
+        "{err}"
+    );
+}
