@@ -276,7 +276,9 @@ impl KtoObjective {
     }
 
     // batch of n rows -> mean loss, TRL's metrics, tokens in the rows
-    fn forward(&self, model: &Model, batch: &[&KtoItem]) -> Result<Forward> {
+    // `global`: a training step of a data-parallel job, whose reference point spans the
+    // ranks.
+    fn forward(&self, model: &Model, batch: &[&KtoItem], global: bool) -> Result<Forward> {
         let (rows, kl_rows) = self.seqs(batch);
         let kl_rows = if self.kto.uses_kl() {
             kl_rows
@@ -295,7 +297,15 @@ impl KtoObjective {
             .logps(model, &kl_rows, self.pad_id, kl_rows.len())?
         };
         let (ref_logps, ref_kl_logps) = self.ref_logps(model, batch, &rows, &kl_rows)?;
-        let z0 = kto_reference_point(&kl_logps, &ref_kl_logps);
+        let mut z0 = kto_reference_point(&kl_logps, &ref_kl_logps);
+        let world = crate::dist::world();
+        if global && world.size() > 1 {
+            // The reference point over the whole global batch, as TRL gathers it from every
+            // process (the shares are the same size: the mean of the ranks' means).
+            let mut v = [z0 / world.size() as f64];
+            world.all_reduce_sum_f64(&mut v);
+            z0 = v[0];
+        }
         let ref_t = Tensor::new(ref_logps.as_slice(), &device)?.to_dtype(logps.dtype())?;
         let logratios = (&logps - ref_t)?;
         let (chosen, rejected): (Vec<usize>, Vec<usize>) =
@@ -387,7 +397,7 @@ impl Objective for KtoObjective {
     type Example = KtoItem;
 
     fn loss(&self, model: &Model, batch: &[&KtoItem], scale: StepScale) -> Result<MicroOut> {
-        let f = self.forward(model, batch)?;
+        let f = self.forward(model, batch, true)?;
         Ok(MicroOut {
             loss: (f.loss / scale.micro_batches as f64)?,
             metrics: f.metrics,
@@ -405,7 +415,7 @@ impl Objective for KtoObjective {
         batch_size: usize,
     ) -> Result<BTreeMap<String, f64>> {
         evaluate_batches(examples, batch_size, |batch| {
-            let f = self.forward(model, batch)?;
+            let f = self.forward(model, batch, false)?;
             let loss = f.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             Ok((loss, f.metrics))
         })

@@ -26,6 +26,52 @@ pub enum Bench {
     /// Time best-of-K sampling as rejection sampling runs it: K samples per prompt, generated in
     /// batches with the KV cache and shared prompt prefill, decoded and scored by a reward model.
     BestOfN(BestOfNArgs),
+    /// Time the gradient all-reduce of a data-parallel job (run it under `mpirun -np N`): a sum
+    /// of `--floats` f32 over the ranks, after a barrier, so no rank's lateness is counted.
+    AllReduce(AllReduceArgs),
+}
+
+/// Options of `rlhf bench all-reduce`.
+#[derive(clap::Args)]
+pub struct AllReduceArgs {
+    /// Floats summed (the LoRA reward job's gradients: 922,176).
+    #[arg(long, default_value_t = 922_176)]
+    floats: usize,
+    /// Timed repetitions (after 3 untimed).
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+}
+
+fn all_reduce_bench(a: AllReduceArgs) -> Result<()> {
+    let world = rlhf_train::dist::world();
+    let mut buf = vec![1f32; a.floats];
+    let mut secs = Vec::new();
+    for rep in 0..a.reps + 3 {
+        world.barrier();
+        let t0 = Instant::now();
+        world.all_reduce_sum_f32(&mut buf);
+        if rep >= 3 {
+            secs.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    // Every rank took part in every sum.
+    let want = (world.size() as f32).powi(a.reps as i32 + 3);
+    if want.is_finite() && (buf[0] - want).abs() > 1e-3 * want {
+        bail!("all-reduce: {} where {want} was expected", buf[0]);
+    }
+    if world.rank() == 0 {
+        let med = median(&secs);
+        println!(
+            "{}",
+            json!({
+                "job": "all_reduce", "engine": world.name(), "ranks": world.size(),
+                "floats": a.floats, "mb": r1(a.floats as f64 * 4.0 / 1e6),
+                "median_ms": r4(1e3 * med),
+                "gb_per_s": r4(a.floats as f64 * 4.0 / med / 1e9),
+            })
+        );
+    }
+    Ok(())
 }
 
 /// Options of `rlhf bench best-of-n` (`bench/sampling/hf_best_of_n.py` is the transformers side).
@@ -309,6 +355,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Generate(a) => generate_bench(a),
         Bench::Matmul(a) => matmul_bench(a),
         Bench::BestOfN(a) => best_of_n_bench(a),
+        Bench::AllReduce(a) => all_reduce_bench(a),
     }
 }
 
