@@ -137,11 +137,13 @@ fn same_job(kind: &str, extra: &str) {
     let mut c = mpirun(2);
     c.args([kind, "--config"]).arg(&two);
     run_ok(c, "2 ranks");
+    assert_same(kind, tmp.path());
+}
 
-    let (a, b) = (
-        logged(&tmp.path().join("one")),
-        logged(&tmp.path().join("two")),
-    );
+/// `dir/one` (one process) and `dir/two` (2 ranks) logged the same steps and saved the same
+/// weights; rank 0 alone wrote the checkpoint.
+fn assert_same(kind: &str, dir: &Path) {
+    let (a, b) = (logged(&dir.join("one")), logged(&dir.join("two")));
     assert_eq!(a.len(), 4, "{kind}: logged steps {a:?}");
     assert_eq!(a.len(), b.len(), "{kind}: rank 0 alone logs, once per step");
     for (x, y) in a.iter().zip(&b) {
@@ -174,10 +176,7 @@ fn same_job(kind: &str, extra: &str) {
             }
         }
     }
-    let (wa, wb) = (
-        adapter(&tmp.path().join("one")),
-        adapter(&tmp.path().join("two")),
-    );
+    let (wa, wb) = (adapter(&dir.join("one")), adapter(&dir.join("two")));
     assert_eq!(wa.len(), wb.len());
     for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
         assert_eq!(na, nb);
@@ -185,11 +184,140 @@ fn same_job(kind: &str, extra: &str) {
             close(&format!("{kind} weight {na}"), *x as f64, *y as f64);
         }
     }
-    // Rank 0 alone wrote the checkpoint.
-    assert!(tmp
-        .path()
-        .join("two/checkpoint-2/trainer_state.json")
-        .exists());
+    assert!(dir.join("two/checkpoint-2/trainer_state.json").exists());
+}
+
+/// Two hosts on this machine: network namespaces joined by a veth pair (10.78.x.1 and
+/// 10.78.x.2), each rank started in its own by a `plm_rsh_agent` standing for ssh (`ip netns
+/// exec`, with a host name of its own, so that Open MPI sees two nodes and talks TCP between
+/// them). Removed on drop.
+struct Hosts {
+    ns: [String; 2],
+    net: String,
+    hostfile: PathBuf,
+    agent: PathBuf,
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2's ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn two_hosts(dir: &Path) -> Hosts {
+    let id = std::process::id() % 200 + 20;
+    let (a, b) = (format!("rlhf{id}a"), format!("rlhf{id}b"));
+    let h = Hosts {
+        ns: [a.clone(), b.clone()],
+        net: format!("10.78.{id}.0/24"),
+        hostfile: dir.join("hostfile"),
+        agent: dir.join("agent.sh"),
+    };
+    let (ipa, ipb) = (format!("10.78.{id}.1"), format!("10.78.{id}.2"));
+    let (va, vb) = (format!("{a}v"), format!("{b}v"));
+    ip(&["netns", "add", &a]);
+    ip(&["netns", "add", &b]);
+    ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+    ip(&["link", "set", &va, "netns", &a]);
+    ip(&["link", "set", &vb, "netns", &b]);
+    for (ns, v, addr) in [(&a, &va, &ipa), (&b, &vb, &ipb)] {
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", v]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "link", "set", v, "up"]);
+    }
+    std::fs::write(&h.hostfile, format!("{ipa} slots=1\n{ipb} slots=1\n")).unwrap();
+    let agent = format!(
+        "#!/bin/sh\n\
+         # ssh's stand-in: agent HOST COMMAND... runs COMMAND in HOST's namespace.\n\
+         host=$1; shift\n\
+         case $host in\n  {ipa}) ns={a} ;;\n  {ipb}) ns={b} ;;\n  \
+         *) echo \"agent: unknown host $host\" >&2; exit 1 ;;\nesac\n\
+         exec ip netns exec $ns unshare --uts sh -c \"hostname $ns; $*\"\n"
+    );
+    std::fs::write(&h.agent, agent).unwrap();
+    let mut perm = std::fs::metadata(&h.agent).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&h.agent, perm).unwrap();
+    h
+}
+
+/// `mpirun` started on the first host running `command` (a shell command line) as one rank
+/// per host, TCP only, pinned to the veth's network (nothing outside the namespaces is
+/// addressed).
+fn mpirun_across(h: &Hosts, command: &str) -> Command {
+    let script = format!(
+        "hostname {a} && exec mpirun --allow-run-as-root --hostfile {hf} -np 2 \
+         --mca plm_rsh_agent {agent} --mca btl self,tcp --mca btl_tcp_if_include {net} \
+         --mca oob_tcp_if_include {net} -x RAYON_NUM_THREADS=1 {command}",
+        a = h.ns[0],
+        hf = h.hostfile.display(),
+        agent = h.agent.display(),
+        net = h.net,
+    );
+    let mut c = Command::new("ip");
+    c.args([
+        "netns", "exec", &h.ns[0], "unshare", "--uts", "sh", "-c", &script,
+    ])
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+#[test]
+fn two_hosts_over_tcp_train_as_one_process_with_the_doubled_batch() {
+    // SAFETY: geteuid reads the process's user id.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts = two_hosts(tmp.path());
+    // Each rank runs on its own host: its namespace's name and its one 10.78 address.
+    let probe = mpirun_across(
+        &hosts,
+        "sh -c 'echo $(hostname) $(ip -o -4 addr show | grep -c \" 10\\.78\\.\")'",
+    )
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&probe.stdout).to_string();
+    let mut seen: Vec<String> = text.lines().map(str::to_string).collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![format!("{} 1", hosts.ns[0]), format!("{} 1", hosts.ns[1])],
+        "one rank per host: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+
+    let extra = "max_steps = 4\nsave_steps = 2";
+    let one = config(tmp.path(), "reward", "one", 4, extra);
+    let two = config(tmp.path(), "reward", "two", 2, extra);
+    let mut c = Command::new(rlhf());
+    c.args(["reward", "--config"]).arg(&one);
+    run_ok(c, "one process");
+    run_ok(
+        mpirun_across(
+            &hosts,
+            &format!("{} reward --config {}", rlhf(), two.display()),
+        ),
+        "2 hosts",
+    );
+    assert_same("reward", tmp.path());
 }
 
 #[test]
