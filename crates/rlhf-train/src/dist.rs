@@ -114,6 +114,59 @@ pub fn reduce_metrics(world: &dyn Collective, metrics: &mut [(String, f64)]) {
     }
 }
 
+/// Every rank's rows, in rank order, on every rank (an all-gather of ragged rows, made of
+/// three sums: the counts, the lengths, the values, each rank's part at its offset and zeros
+/// elsewhere).
+pub fn all_gather_rows(world: &dyn Collective, rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let (rank, size) = (world.rank(), world.size());
+    if size == 1 {
+        return rows.to_vec();
+    }
+    let mut counts = vec![0f64; size];
+    counts[rank] = rows.len() as f64;
+    world.all_reduce_sum_f64(&mut counts);
+    let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
+    let first: usize = counts[..rank].iter().sum();
+    let total: usize = counts.iter().sum();
+    let mut lens = vec![0f64; total];
+    for (i, r) in rows.iter().enumerate() {
+        lens[first + i] = r.len() as f64;
+    }
+    world.all_reduce_sum_f64(&mut lens);
+    let lens: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
+    let at: usize = lens[..first].iter().sum();
+    let mut flat = vec![0f32; lens.iter().sum()];
+    let mut o = at;
+    for r in rows {
+        flat[o..o + r.len()].copy_from_slice(r);
+        o += r.len();
+    }
+    world.all_reduce_sum_f32(&mut flat);
+    let mut out = Vec::with_capacity(total);
+    let mut o = 0;
+    for l in lens {
+        out.push(flat[o..o + l].to_vec());
+        o += l;
+    }
+    out
+}
+
+/// [`all_gather_rows`] for token ids (exact: ids below 2²⁴ are exact in f32).
+pub fn all_gather_ids(world: &dyn Collective, rows: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    assert!(
+        rows.iter().flatten().all(|&t| t < 1 << 24),
+        "token ids of 2^24 and more do not survive an f32 all-gather"
+    );
+    let f: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&t| t as f32).collect())
+        .collect();
+    all_gather_rows(world, &f)
+        .into_iter()
+        .map(|r| r.into_iter().map(|t| t as u32).collect())
+        .collect()
+}
+
 /// Rank `rank`'s share of a global batch of `global` items: a contiguous run, the first
 /// `global % size` ranks one item longer.
 pub fn share(global: usize, rank: usize, size: usize) -> std::ops::Range<usize> {

@@ -394,6 +394,13 @@ pub struct PpoState {
     pub kl_coef: f64,
     /// Completions generated so far (TRL's `episode`).
     pub episodes: usize,
+    /// Ranks of the data-parallel job that wrote it (absent in older checkpoints: 1).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One rollout batch after scoring and advantage estimation (ragged rows: response tokens).
@@ -521,7 +528,9 @@ impl<'a> PpoTrainer<'a> {
         let mut params = policy.params().trainable();
         params.extend(value_head.params());
         let opt = crate::trainer::optimizer(args, params.clone())?;
-        let prompts_per_step = cfg.completions_per_step() / cfg.ppo.num_generations;
+        // Over all ranks of a data-parallel job (TRL's batch_size = local × world size).
+        let prompts_per_step =
+            cfg.completions_per_step() / cfg.ppo.num_generations * crate::dist::world().size();
         let max_steps = if args.max_steps > 0 {
             args.max_steps as usize
         } else {
@@ -545,6 +554,7 @@ impl<'a> PpoTrainer<'a> {
                 ptx_sampler: ptx_sampler.as_ref().map(|s| s.state()),
                 kl_coef: cfg.ppo.kl_coef,
                 episodes: 0,
+                world_size: crate::dist::world().size(),
             },
             sampler: Sampler::new(prompts.len(), args.seed, args.shuffle),
             ptx_sampler,
@@ -584,6 +594,15 @@ impl<'a> PpoTrainer<'a> {
                     .map_err(|e| Error::Config(e.to_string()))?,
             );
         }
+        let ranks = crate::dist::world().size();
+        if state.world_size != ranks {
+            return Err(Error::Resume(format!(
+                "{}: written by a job of {} ranks and this one has {ranks}: resume at the \
+                 same world size (the prompt order and shares depend on it)",
+                dir.display(),
+                state.world_size
+            )));
+        }
         self.state = state;
         tracing::info!(
             "resumed from {} at step {}",
@@ -620,7 +639,9 @@ impl<'a> PpoTrainer<'a> {
             !self.eval_prompts.is_empty(),
             &["objective/scores", "objective/kl"],
         )?;
-        self.tok.save(&args.output_dir)?;
+        if crate::dist::is_root() {
+            self.tok.save(&args.output_dir)?;
+        }
         if run.eval_on_start(&self.state.run) {
             let ev = self.evaluate(0)?;
             run.log_eval(&mut self.state.run, ev)?;
@@ -697,9 +718,20 @@ impl<'a> PpoTrainer<'a> {
         let t_step = Instant::now();
         let mut m = StepMetrics::new();
 
-        // 1. Rollout: prompts × num_generations completions, sampled in micro-batches.
+        // 1. Rollout: prompts × num_generations completions, sampled in micro-batches. In a
+        //    data-parallel job every rank draws the same global prompts and generates its
+        //    share, each generation batch seeded by its place in the global rollout.
+        let world = crate::dist::world();
+        let (rank, ranks) = (world.rank(), world.size());
         let n_prompts = self.cfg.completions_per_step() / ppo.num_generations;
-        let picked = self.sampler.next_batch(n_prompts);
+        let global = crate::trainer::even_batch(
+            self.sampler.next_batch(n_prompts * ranks),
+            n_prompts * ranks,
+            ranks,
+        );
+        let picked = global[crate::dist::share(global.len(), rank, ranks)].to_vec();
+        let chunk = ppo.local_rollout_forward_batch_size.max(1);
+        let first_chunk = rank * (n_prompts * ppo.num_generations).div_ceil(chunk);
         let rows: Vec<usize> = picked
             .iter()
             .flat_map(|&i| std::iter::repeat_n(i, ppo.num_generations))
@@ -714,7 +746,7 @@ impl<'a> PpoTrainer<'a> {
             &prompts,
             &ppo.sampling().config(&self.eos_ids, self.pad_id, 0),
             ppo.local_rollout_forward_batch_size,
-            |k| mix(args.seed, step as u64, 1_000 + k as u64),
+            |k| mix(args.seed, step as u64, 1_000 + (first_chunk + k) as u64),
         )?;
         let gen_secs = t_gen.elapsed().as_secs_f64();
         let responses: Vec<Vec<u32>> = gens.iter().map(|g| g.completion_ids.clone()).collect();
@@ -767,6 +799,42 @@ impl<'a> PpoTrainer<'a> {
             &mut extra,
         )?;
         let score_secs = t_score.elapsed().as_secs_f64();
+        // Every rank's rollout on every rank: from here on each computes the same global
+        // rewards, whitening, advantages, KL controller and metrics.
+        let (prompts, responses, logprobs, values, ref_logprobs, raw_scores, finished, extra) =
+            if ranks > 1 {
+                let w = world.as_ref();
+                let mut mean = extra;
+                crate::dist::reduce_metrics(w, &mut mean);
+                let col = |v: Vec<f32>| v.into_iter().map(|x| vec![x]).collect::<Vec<_>>();
+                let uncol = |v: Vec<Vec<f32>>| v.into_iter().map(|x| x[0]).collect::<Vec<f32>>();
+                let fin: Vec<f32> = finished.iter().map(|&f| f32::from(u8::from(f))).collect();
+                (
+                    crate::dist::all_gather_ids(w, &prompts),
+                    crate::dist::all_gather_ids(w, &responses),
+                    crate::dist::all_gather_rows(w, &logprobs),
+                    crate::dist::all_gather_rows(w, &values),
+                    crate::dist::all_gather_rows(w, &ref_logprobs),
+                    uncol(crate::dist::all_gather_rows(w, &col(raw_scores))),
+                    uncol(crate::dist::all_gather_rows(w, &col(fin)))
+                        .into_iter()
+                        .map(|f| f > 0.5)
+                        .collect::<Vec<bool>>(),
+                    mean,
+                )
+            } else {
+                (
+                    prompts,
+                    responses,
+                    logprobs,
+                    values,
+                    ref_logprobs,
+                    raw_scores,
+                    finished,
+                    extra,
+                )
+            };
+        let lens: Vec<usize> = responses.iter().map(|r| r.len()).collect();
         let mut scores = raw_scores.clone();
         if let Some(p) = ppo.missing_eos_penalty {
             for (s, &f) in scores.iter_mut().zip(&finished) {
@@ -905,7 +973,13 @@ impl<'a> PpoTrainer<'a> {
         let device = self.policy.device().clone();
         let n = ro.responses.len();
         let mb_size = (n / ppo.num_mini_batches).max(1);
-        let micro = args.per_device_train_batch_size.max(1);
+        // A data-parallel job's micro-batch is global (`per_device_train_batch_size` per
+        // rank); each rank runs its share, its token-mean losses and metrics weighted by its
+        // share of the micro-batch's response tokens, so that the sums over the ranks are the
+        // global micro-batch's means.
+        let world = crate::dist::world();
+        let (rank, ranks) = (world.rank(), world.size());
+        let micro = args.per_device_train_batch_size.max(1) * ranks;
         let lr = self.scheduler.lr_at(step);
         let mut acc: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
         let mut add = |k: &'static str, v: f64| {
@@ -913,6 +987,7 @@ impl<'a> PpoTrainer<'a> {
             e.0 += v;
             e.1 += 1;
         };
+        let mut norms: Vec<f64> = Vec::new();
         let mut skipped = false;
         for epoch in 0..ppo.num_ppo_epochs {
             let mut order: Vec<usize> = (0..n).collect();
@@ -924,7 +999,21 @@ impl<'a> PpoTrainer<'a> {
                 let k = micro_batches.len() as f64;
                 let mut grads: Option<GradStore> = None;
                 let mut loss_sum = 0.0;
-                for idx in micro_batches {
+                for global in micro_batches {
+                    let idx = &global[crate::dist::share(global.len(), rank, ranks)];
+                    let tokens = |ix: &[usize]| -> f64 {
+                        ix.iter().map(|&i| ro.responses[i].len() as f64).sum()
+                    };
+                    let w = tokens(idx) / tokens(global).max(1.0);
+                    if idx.is_empty() {
+                        return Err(Error::Config(format!(
+                            "a micro-batch of {} completions cannot be shared out over {ranks} \
+                             ranks: make the rollout (per_device_train_batch_size × \
+                             gradient_accumulation_steps × num_mini_batches) a multiple of \
+                             per_device_train_batch_size on every rank",
+                            global.len()
+                        )));
+                    }
                     let pr: Vec<&[u32]> = idx.iter().map(|&i| ro.prompts[i].as_slice()).collect();
                     let re: Vec<&[u32]> = idx.iter().map(|&i| ro.responses[i].as_slice()).collect();
                     let packed = pack(&pr, &re, self.pad_id, &device)?;
@@ -952,26 +1041,28 @@ impl<'a> PpoTrainer<'a> {
                         &packed.mask,
                         ppo.cliprange_value,
                     )?;
-                    let mut loss = (&pg_loss + (&vf_loss * ppo.vf_coef)?)?;
+                    let mut loss = ((&pg_loss + (&vf_loss * ppo.vf_coef)?)? * w)?;
                     if let Some(s) = self.ptx_sampler.as_mut() {
-                        let ex: Vec<&SftExample> = s
-                            .next_batch(idx.len())
-                            .into_iter()
-                            .map(|i| &self.ptx[i])
-                            .collect();
+                        // The same global draw on every rank, shared out (weighted by
+                        // examples: the demonstrations' token counts are not balanced).
+                        let all = s.next_batch(global.len());
+                        let mine = &all[crate::dist::share(all.len(), rank, ranks)];
+                        let ex: Vec<&SftExample> = mine.iter().map(|&i| &self.ptx[i]).collect();
+                        let wx = ex.len() as f64 / all.len().max(1) as f64;
                         let ptx_loss = ptx_nll(&self.policy, &ex, self.pad_id)?;
-                        add("loss/ptx_avg", scalar(&ptx_loss)?);
-                        loss = (loss + (ptx_loss * ppo.ptx_coef)?)?;
+                        add("loss/ptx_avg", scalar(&ptx_loss)? * wx);
+                        loss = (loss + (ptx_loss * (ppo.ptx_coef * wx))?)?;
                     }
                     let loss = (loss / k)?;
                     loss_sum += scalar(&loss)?;
-                    add("loss/policy_avg", scalar(&pg_loss)?);
-                    add("loss/value_avg", scalar(&vf_loss)?);
-                    add("policy/clipfrac_avg", ps.clipfrac);
-                    add("policy/approxkl_avg", ps.approxkl);
-                    add("val/clipfrac_avg", vf_clipfrac);
-                    add("val/ratio", ps.ratio_mean);
-                    add("val/ratio_var", ps.ratio_var);
+                    add("loss/policy_avg", scalar(&pg_loss)? * w);
+                    add("loss/value_avg", scalar(&vf_loss)? * w);
+                    add("policy/clipfrac_avg", ps.clipfrac * w);
+                    add("policy/approxkl_avg", ps.approxkl * w);
+                    add("val/clipfrac_avg", vf_clipfrac * w);
+                    add("val/ratio", ps.ratio_mean * w);
+                    // A variance does not add up over shares: each rank's, weighted.
+                    add("val/ratio_var", ps.ratio_var * w);
                     let g = loss.backward()?;
                     grads = Some(match grads {
                         None => g,
@@ -979,6 +1070,12 @@ impl<'a> PpoTrainer<'a> {
                     });
                 }
                 let mut grads = grads.expect("a mini-batch has a micro-batch");
+                if ranks > 1 {
+                    crate::trainer::all_reduce_grads(world.as_ref(), &mut grads, &self.params)?;
+                    let mut l = [loss_sum];
+                    world.all_reduce_sum_f64(&mut l);
+                    loss_sum = l[0];
+                }
                 let norm = clip_grad_norm(&mut grads, &self.params, args.max_grad_norm)?;
                 if !crate::run::finite_update(step + 1, loss_sum, norm) {
                     skipped = true;
@@ -988,13 +1085,29 @@ impl<'a> PpoTrainer<'a> {
                     skipped = true;
                     continue;
                 }
-                add("grad_norm", norm);
+                norms.push(norm);
+            }
+        }
+        if ranks > 1 {
+            // Each key's weighted shares summed over the ranks (every rank added the same keys
+            // the same number of times).
+            let mut sums: Vec<f64> = acc.values().map(|(s, _)| *s).collect();
+            world.all_reduce_sum_f64(&mut sums);
+            for ((_, (s, _)), g) in acc.iter_mut().zip(sums) {
+                *s = g;
             }
         }
         let mut out: StepMetrics = acc
             .into_iter()
             .map(|(k, (s, c))| (k.to_string(), s / c as f64))
             .collect();
+        if !norms.is_empty() {
+            // The same on every rank (after the all-reduce): not summed.
+            out.insert(
+                "grad_norm".into(),
+                norms.iter().sum::<f64>() / norms.len() as f64,
+            );
+        }
         if skipped {
             out.insert("loss/policy_avg".into(), f64::NAN);
         }
@@ -1003,6 +1116,10 @@ impl<'a> PpoTrainer<'a> {
 
     /// Greedy completions for the eval prompts, scored; written to `eval_step{N}.jsonl`.
     pub fn evaluate(&mut self, step: usize) -> Result<StepMetrics> {
+        // Rank 0 of a data-parallel job evaluates (and logs).
+        if !crate::dist::is_root() {
+            return Ok(StepMetrics::new());
+        }
         let started = Instant::now();
         let bs = self.cfg.args.per_device_eval_batch_size.max(1);
         let gens = crate::rollout::generate_batched(
@@ -1070,6 +1187,12 @@ impl<'a> PpoTrainer<'a> {
     /// Writes `checkpoint-{step}`: weights, value head, optimiser, state.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let args = &self.cfg.args;
+        if !crate::dist::is_root() {
+            // Rank 0 writes; every rank holds the same weights.
+            return Ok(args
+                .output_dir
+                .join(format!("checkpoint-{}", self.state.run.global_step)));
+        }
         crate::checkpoint::write_checkpoint(
             &args.output_dir,
             self.state.run.global_step,
@@ -1083,8 +1206,12 @@ impl<'a> PpoTrainer<'a> {
     }
 
     fn save_final(&self, dir: &Path) -> Result<()> {
-        self.save_weights(dir)?;
-        tracing::info!("saved the trained policy to {}", dir.display());
+        let world = crate::dist::world();
+        if world.rank() == 0 {
+            self.save_weights(dir)?;
+            tracing::info!("saved the trained policy to {}", dir.display());
+        }
+        world.barrier();
         Ok(())
     }
 }

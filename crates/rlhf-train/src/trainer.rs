@@ -367,7 +367,7 @@ pub fn train<O: Objective>(
 /// A global batch of a data-parallel job made whole: the last batch of an epoch, when
 /// shorter than `want`, is filled by repeating its own examples from its start (accelerate's
 /// `even_batches`), so that every rank gets the same number. One process keeps it as it is.
-fn even_batch(mut batch: Vec<usize>, want: usize, ranks: usize) -> Vec<usize> {
+pub(crate) fn even_batch(mut batch: Vec<usize>, want: usize, ranks: usize) -> Vec<usize> {
     if ranks > 1 && !batch.is_empty() {
         let n = batch.len();
         for i in n..want {
@@ -380,7 +380,7 @@ fn even_batch(mut batch: Vec<usize>, want: usize, ranks: usize) -> Vec<usize> {
 /// Sums every trainable parameter's gradient over the ranks, in place (one all-reduce over
 /// all of them, flattened in parameter order; a parameter without a gradient counts as zeros).
 /// Returns the number of floats reduced.
-fn all_reduce_grads(
+pub(crate) fn all_reduce_grads(
     world: &dyn crate::dist::Collective,
     grads: &mut GradStore,
     params: &[(String, candle_core::Var)],
