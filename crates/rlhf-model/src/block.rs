@@ -108,6 +108,7 @@ pub(crate) fn decoder_layer(
     let inter = match parts.projs[GATE].w {
         FrozenRef::Rows(w) => w.dim(0)?,
         FrozenRef::Panels(w) => w.out(),
+        FrozenRef::Bf16(w) => w.out(),
     };
     let shapes = [
         (nh * d, h),
@@ -125,6 +126,7 @@ pub(crate) fn decoder_layer(
         let fits = match p.w {
             FrozenRef::Rows(w) => frozen(w) && w.dims() == [n, k],
             FrozenRef::Panels(w) => (w.out(), w.inp()) == (n, k),
+            FrozenRef::Bf16(w) => (w.out(), w.inp()) == (n, k),
         };
         if !fits {
             return Ok(None);
@@ -170,6 +172,7 @@ pub(crate) fn decoder_layer(
                 Ok(match p.w {
                     FrozenRef::Rows(w) => Weight::Rows(w.detach().contiguous()?),
                     FrozenRef::Panels(w) => Weight::Panels(w.clone()),
+                    FrozenRef::Bf16(w) => Weight::Bf16(w.clone()),
                 })
             })
             .collect::<CResult<Vec<_>>>()?,
@@ -201,6 +204,8 @@ enum InputGrad<'a> {
 enum Weight {
     Rows(Tensor),
     Panels(std::sync::Arc<gemm::Panels>),
+    /// Rounded to bf16 (`bf16 = true`): products on the bf16 kernel.
+    Bf16(std::sync::Arc<gemm::Bf16Weight>),
 }
 
 impl Weight {
@@ -212,6 +217,7 @@ impl Weight {
                 (d[0], d[1])
             }
             Weight::Panels(w) => (w.out(), w.inp()),
+            Weight::Bf16(w) => (w.out(), w.inp()),
         }
     }
 
@@ -247,6 +253,7 @@ impl Weight {
                 gemm::matmul_w(a, w)
             }
             .map(Some),
+            (Weight::Bf16(w), acc) => w.product(a, wt, acc),
         };
         Ok(out.expect("AVX-512F checked"))
     }

@@ -566,6 +566,8 @@ enum Src<'a> {
     Wt(&'a Panels),
     /// Wᵀ for a row-major bf16 W `(out, inp)` kept for decoding: read by the bf16 kernel only.
     Bf16Wt(Bf16W<'a>),
+    /// The same W read as it is (grad·W): bf16 kernel only.
+    Bf16W(Bf16W<'a>),
 }
 
 /// A row-major bf16 weight `(out, inp)`, as bits.
@@ -583,6 +585,7 @@ impl Src<'_> {
             Src::W(w) => w.out,
             Src::Wt(w) => w.inp,
             Src::Bf16Wt(w) => w.inp,
+            Src::Bf16W(w) => w.out,
         }
     }
 
@@ -592,6 +595,7 @@ impl Src<'_> {
             Src::W(w) => w.inp,
             Src::Wt(w) => w.out,
             Src::Bf16Wt(w) => w.out,
+            Src::Bf16W(w) => w.inp,
         }
     }
 
@@ -623,7 +627,9 @@ impl Src<'_> {
                     pack_wt(w, k0, kc, c0, nr, dst);
                     dst
                 }
-                Src::Bf16Wt(_) => unreachable!("bf16 weights go to the bf16 kernel only"),
+                Src::Bf16Wt(_) | Src::Bf16W(_) => {
+                    unreachable!("bf16 weights go to the bf16 kernel only")
+                }
             }
         }
     }
@@ -1002,6 +1008,101 @@ unsafe fn stream_tile<const R: usize, const V: usize, const RND: bool>(
         for (v, x) in row.iter().enumerate() {
             // SAFETY: 16 floats at offset 16v of a 32-float row.
             unsafe { _mm512_storeu_ps(tile[q].as_mut_ptr().add(16 * v), *x) };
+        }
+    }
+}
+
+/// A frozen weight W (`out × inp`, row-major) kept in bf16 for a `bf16 = true` run on a CPU
+/// with AVX512_BF16: every product reads its operands rounded to bf16 there anyway, so the
+/// rounded weight is all it needs, at half the memory of the f32 one, and the bf16 kernel
+/// reads its pairs straight from the rows (x·Wᵀ: a row's adjacent values; grad·W: two rows
+/// interleaved) instead of converting the f32 weight at every product.
+pub struct Bf16Weight {
+    bits: Vec<u16>,
+    out: usize,
+    inp: usize,
+}
+
+impl Bf16Weight {
+    /// W rounded to bf16 (nearest even), from W row-major (`w.len() == out · inp`).
+    ///
+    /// # Panics
+    /// When `w` is not `out · inp` long.
+    pub fn new(w: &[f32], out: usize, inp: usize) -> Self {
+        assert_eq!(w.len(), out * inp, "Bf16Weight: the weight is not out × in");
+        let bits = w
+            .iter()
+            .map(|&x| (round_bf16(x).to_bits() >> 16) as u16)
+            .collect();
+        Bf16Weight { bits, out, inp }
+    }
+
+    /// W's rows (out features).
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    /// W's columns (in features).
+    pub fn inp(&self) -> usize {
+        self.inp
+    }
+
+    /// W as f32 (the rounded values), row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.bits
+            .iter()
+            .map(|&b| f32::from_bits(u32::from(b) << 16))
+            .collect()
+    }
+
+    fn src(&self, transposed: bool) -> Src<'_> {
+        let w = Bf16W {
+            w: &self.bits,
+            out: self.out,
+            inp: self.inp,
+        };
+        if transposed {
+            Src::Bf16Wt(w)
+        } else {
+            Src::Bf16W(w)
+        }
+    }
+
+    /// x·Wᵀ (`transposed`, x `m × inp`) or grad·W (grad `m × out`) with x (or grad) rounded
+    /// to bf16 and f32 sums, as a new buffer, or added to `acc`; `None` without AVX512_BF16.
+    pub fn product(
+        &self,
+        a: MatRef<'_>,
+        transposed: bool,
+        acc: Option<&mut [f32]>,
+    ) -> Option<Option<Vec<f32>>> {
+        if !bf16_available() {
+            return None;
+        }
+        let b = self.src(transposed);
+        assert_eq!(a.cols, b.rows(), "Bf16Weight: inner dimensions differ");
+        let (m, n) = (a.rows, b.cols());
+        match acc {
+            Some(c) => {
+                assert_eq!(c.len(), m * n, "Bf16Weight: C has the wrong length");
+                if m > 0 && n > 0 && a.cols > 0 {
+                    // SAFETY: AVX512_BF16 was detected; c holds the whole of C.
+                    unsafe { bf16_on_pool(a, b, c.as_mut_ptr(), true) };
+                }
+                Some(None)
+            }
+            None if m == 0 || n == 0 || a.cols == 0 => Some(Some(vec![0f32; m * n])),
+            None if transposed && m <= STREAM_M => {
+                Some(Some(stream_dp(a, DpRows::Bf16(&self.bits), n, a.cols)))
+            }
+            None => {
+                let mut c: Vec<f32> = Vec::with_capacity(m * n);
+                // SAFETY: AVX512_BF16 was detected; c holds m · n floats.
+                unsafe { bf16_on_pool(a, b, c.as_mut_ptr(), false) };
+                // SAFETY: the units cover C and write every element (k > 0).
+                unsafe { c.set_len(m * n) };
+                Some(Some(c))
+            }
         }
     }
 }
@@ -2500,9 +2601,45 @@ unsafe fn pack_b_bf16(b: Src<'_>, k0: usize, kc: usize, c0: usize, nr: usize, ds
                 let f = w.floats();
                 pack_pairs_by_cols(dst, NR, kc, nr, NR, |j, p| &f[w.at(c0 + j, k0 + p)..])
             }
+            Src::Bf16Wt(w) if w.inp % 2 == 0 && nr == NR => {
+                // W's rows are runs of u32 pairs (inp even): 16 × 16 blocks of them transposed
+                // in registers (a pair moves as one 32-bit lane), the tail one at a time.
+                let (kp, full) = (kc.div_ceil(2), kc / 32 * 16);
+                let row = |j: usize| w.w.as_ptr().add((c0 + j) * w.inp + k0).cast::<f32>();
+                for jb in (0..NR).step_by(16) {
+                    for qb in (0..full).step_by(16) {
+                        transpose16(row(jb).add(qb), w.inp / 2, dst.add(qb * NR + jb).cast(), NR);
+                    }
+                }
+                for q in full..kp {
+                    for j in 0..NR {
+                        let r = &w.w[(c0 + j) * w.inp + k0 + 2 * q..];
+                        let hi = if 2 * q + 1 < kc { r[1] } else { 0 };
+                        *dst.add(q * NR + j) = u32::from(r[0]) | (u32::from(hi) << 16);
+                    }
+                }
+            }
             Src::Bf16Wt(w) => pack_bf16_rows_as_pairs(dst, NR, kc, nr, |j| {
                 &w.w[(c0 + j) * w.inp + k0..(c0 + j + 1) * w.inp]
             }),
+            Src::Bf16W(w) => {
+                // Rows k0 + 2pp and k0 + 2pp + 1 of W, interleaved value by value.
+                for pp in 0..kc.div_ceil(2) {
+                    let r0 = &w.w[(k0 + 2 * pp) * w.inp + c0..][..nr];
+                    let d = std::slice::from_raw_parts_mut(dst.add(pp * NR), NR);
+                    if 2 * pp + 1 < kc {
+                        let r1 = &w.w[(k0 + 2 * pp + 1) * w.inp + c0..][..nr];
+                        for ((d, &lo), &hi) in d.iter_mut().zip(r0).zip(r1) {
+                            *d = u32::from(lo) | (u32::from(hi) << 16);
+                        }
+                    } else {
+                        for (d, &lo) in d.iter_mut().zip(r0) {
+                            *d = u32::from(lo);
+                        }
+                    }
+                    d[nr..].fill(0);
+                }
+            }
         }
     }
 }

@@ -101,12 +101,28 @@ pub struct LoraAdapter {
 /// than the one-op layer read [`KernelWeight::tensor`], which rebuilds the row-major tensor
 /// on first use and keeps it (doubling this weight's memory from then on).
 pub struct KernelWeight {
-    panels: Arc<crate::gemm::Panels>,
+    form: KernelForm,
     rows: OnceCell<Tensor>,
 }
 
+/// How a [`KernelWeight`] is held.
+enum KernelForm {
+    /// The f32 kernel's panels.
+    Panels(Arc<crate::gemm::Panels>),
+    /// Rounded to bf16, for a `bf16 = true` run on AVX512_BF16 (whose products read it
+    /// rounded anyway): half the memory, and the bf16 kernel reads its pairs in place.
+    Bf16(Arc<crate::gemm::Bf16Weight>),
+}
+
 impl KernelWeight {
-    /// The (out, in) tensor, row-major.
+    fn dims(&self) -> (usize, usize) {
+        match &self.form {
+            KernelForm::Panels(p) => (p.out(), p.inp()),
+            KernelForm::Bf16(w) => (w.out(), w.inp()),
+        }
+    }
+
+    /// The (out, in) tensor, row-major (a bf16 weight's rounded values).
     pub fn tensor(&self) -> &Tensor {
         self.rows.get_or_init(|| {
             static WARNED: std::sync::Once = std::sync::Once::new();
@@ -116,29 +132,32 @@ impl KernelWeight {
                      path: rebuilding it, which holds it twice in memory from now on"
                 )
             });
-            Tensor::from_vec(
-                self.panels.to_row_major(),
-                (self.panels.out(), self.panels.inp()),
-                &Device::Cpu,
-            )
-            .expect("out · in floats make an (out, in) tensor")
+            let rows = match &self.form {
+                KernelForm::Panels(p) => p.to_row_major(),
+                KernelForm::Bf16(w) => w.to_f32(),
+            };
+            Tensor::from_vec(rows, self.dims(), &Device::Cpu)
+                .expect("out · in floats make an (out, in) tensor")
         })
     }
 
     /// Its number of elements (out · in), without rebuilding the tensor.
     pub fn elem_count(&self) -> usize {
-        self.panels.out() * self.panels.inp()
+        let (out, inp) = self.dims();
+        out * inp
+    }
+
+    /// Whether it is held in bf16.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.form, KernelForm::Bf16(_))
     }
 }
 
 impl std::fmt::Debug for KernelWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "KernelWeight({} x {})",
-            self.panels.out(),
-            self.panels.inp()
-        )
+        let (out, inp) = self.dims();
+        let kind = if self.is_bf16() { ", bf16" } else { "" };
+        write!(f, "KernelWeight({out} x {inp}{kind})")
     }
 }
 
@@ -160,6 +179,8 @@ pub(crate) enum FrozenRef<'a> {
     Rows(&'a Tensor),
     /// The kernel's panels.
     Panels(&'a Arc<crate::gemm::Panels>),
+    /// Rounded to bf16 (a `bf16 = true` run's frozen weight).
+    Bf16(&'a Arc<crate::gemm::Bf16Weight>),
 }
 
 /// A linear layer over a frozen or trainable weight, optionally carrying a LoRA adapter.
@@ -333,10 +354,18 @@ impl Linear {
         };
         let (out, inp) = w.dims2()?;
         let w = w.contiguous()?;
-        let panels =
-            crate::attn::with_data(&w, "weight", |d| Ok(crate::gemm::Panels::new(d, out, inp)))?;
+        // Under bf16 autocast on AVX512_BF16 (a `bf16 = true` run) every product reads the
+        // weight rounded: keep it rounded, in bf16.
+        let bf16 = crate::gemm::autocast_bf16() && crate::gemm::bf16_kernel();
+        let form = crate::attn::with_data(&w, "weight", |d| {
+            Ok(if bf16 {
+                KernelForm::Bf16(Arc::new(crate::gemm::Bf16Weight::new(d, out, inp)))
+            } else {
+                KernelForm::Panels(Arc::new(crate::gemm::Panels::new(d, out, inp)))
+            })
+        })?;
         let kernel = Rc::new(KernelWeight {
-            panels: Arc::new(panels),
+            form,
             rows: OnceCell::new(),
         });
         let Weight::Tensor(old) =
@@ -359,7 +388,10 @@ impl Linear {
     pub(crate) fn frozen_parts(&self) -> Option<(FrozenRef<'_>, Option<&LoraAdapter>)> {
         let w = match &self.weight {
             Weight::Tensor(t) => FrozenRef::Rows(t),
-            Weight::Kernel(k) => FrozenRef::Panels(&k.panels),
+            Weight::Kernel(k) => match &k.form {
+                KernelForm::Panels(p) => FrozenRef::Panels(p),
+                KernelForm::Bf16(w) => FrozenRef::Bf16(w),
+            },
             // The one-op layer and the fused products read f32 weights only.
             Weight::Bf16(_) => return None,
         };

@@ -1116,15 +1116,16 @@ impl<'a> PpoTrainer<'a> {
 
     /// Greedy completions for the eval prompts, scored; written to `eval_step{N}.jsonl`.
     pub fn evaluate(&mut self, step: usize) -> Result<StepMetrics> {
-        // Rank 0 of a data-parallel job evaluates (and logs).
-        if !crate::dist::is_root() {
-            return Ok(StepMetrics::new());
-        }
+        // A data-parallel job shares the prompts out: each rank answers and scores its share,
+        // rank 0 gathers them, writes the file and reports.
+        let world = crate::dist::world();
+        let (rank, ranks) = (world.rank(), world.size());
+        let share = crate::dist::share(self.eval_ids.len(), rank, ranks);
         let started = Instant::now();
         let bs = self.cfg.args.per_device_eval_batch_size.max(1);
         let gens = crate::rollout::generate_batched(
             &self.policy,
-            &self.eval_ids,
+            &self.eval_ids[share.clone()],
             &self
                 .cfg
                 .ppo
@@ -1136,8 +1137,7 @@ impl<'a> PpoTrainer<'a> {
         )?;
         let ids: Vec<Vec<u32>> = gens.into_iter().map(|g| g.completion_ids).collect();
         let texts = self.decoder().texts(&ids)?;
-        let lens: Vec<f64> = ids.iter().map(|x| x.len() as f64).collect();
-        let records: Vec<&PromptRecord> = self.eval_prompts.iter().collect();
+        let records: Vec<&PromptRecord> = self.eval_prompts[share].iter().collect();
         let mut extra = Vec::new();
         let scores = self.scorer.score(
             &Completions {
@@ -1151,6 +1151,23 @@ impl<'a> PpoTrainer<'a> {
             },
             &mut extra,
         )?;
+        let (ids, texts, scores) = if ranks > 1 {
+            let w = world.as_ref();
+            let ids = crate::dist::all_gather_ids(w, &ids);
+            let scores: Vec<Vec<f32>> = scores.iter().map(|&x| vec![x]).collect();
+            let scores: Vec<f32> = crate::dist::all_gather_rows(w, &scores)
+                .into_iter()
+                .map(|x| x[0])
+                .collect();
+            if rank != 0 {
+                return Ok(StepMetrics::new());
+            }
+            let texts = self.decoder().texts(&ids)?;
+            (ids, texts, scores)
+        } else {
+            (ids, texts, scores)
+        };
+        let lens: Vec<f64> = ids.iter().map(|x| x.len() as f64).collect();
         let path = self
             .cfg
             .args

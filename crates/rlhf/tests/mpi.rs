@@ -150,7 +150,7 @@ fn run_ok(mut c: Command, what: &str) {
     );
 }
 
-fn same_job(kind: &str, extra: &str) {
+fn same_job(kind: &str, extra: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let one = config(tmp.path(), kind, "one", 4, extra);
     let two = config(tmp.path(), kind, "two", 2, extra);
@@ -161,6 +161,7 @@ fn same_job(kind: &str, extra: &str) {
     c.args([kind, "--config"]).arg(&two);
     run_ok(c, "2 ranks");
     assert_same(kind, tmp.path());
+    tmp
 }
 
 /// `dir/one` (one process) and `dir/two` (2 ranks) logged the same steps and saved the same
@@ -367,16 +368,39 @@ fn two_ranks_run_ppo_as_one_process_with_the_doubled_batch() {
     // Each rank generates and scores its share of the prompts; the rollout is then
     // gathered, so rewards, whitening, advantages and the KL controller are global, and each
     // rank trains on its share of every global micro-batch, weighted by its tokens.
+    // Evaluation is shared out too: the ranks answer and score their shares of the eval
+    // prompts, rank 0 writes them all.
     let rm = shared().join("models/llama-gqa-reward");
-    same_job(
+    let tmp = same_job(
         "ppo",
         &format!(
             "max_steps = 4\nsave_steps = 2\nreward_model = {rm:?}\nnum_generations = 2\n\
              response_length = 6\ntemperature = 1.0\nnum_ppo_epochs = 2\nnum_mini_batches = 1\n\
              local_rollout_forward_batch_size = 2\nkl_coef = 0.05\nadap_kl_ctrl = true\n\
-             whiten_rewards = true"
+             whiten_rewards = true\neval_file = \"prompts.jsonl\"\neval_prompts = 5\n\
+             eval_strategy = \"steps\"\neval_steps = 2"
         ),
     );
+    for step in [2, 4] {
+        let read = |run: &str| -> Vec<serde_json::Value> {
+            std::fs::read_to_string(tmp.path().join(format!("{run}/eval_step{step}.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        let (a, b) = (read("one"), read("two"));
+        assert_eq!(a.len(), 5);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x["completion"], y["completion"], "step {step}");
+            close(
+                &format!("eval score at step {step}"),
+                x["score"].as_f64().unwrap(),
+                y["score"].as_f64().unwrap(),
+                1e-5,
+            );
+        }
+    }
 }
 
 #[test]

@@ -338,6 +338,70 @@ pub fn autocast_products_round_their_operands() {
             );
         }
     }
+    // A frozen weight kept in bf16 for a `bf16 = true` run (`Bf16Weight`): x·Wᵀ (few rows
+    // streamed, more packed) and grad·W, new and accumulated, odd sizes, against the f64
+    // product of the rounded operands.
+    if rlhf_model::gemm::bf16_available() {
+        for (m, k, n) in [
+            (1, 7, 3),
+            (17, 301, 70),
+            (30, 64, 33),
+            (100, 301, 97),
+            (300, 520, 70),
+        ] {
+            let (x, w, g) = (values(m * k, 11), values(n * k, 12), values(m * n, 13));
+            let bw = rlhf_model::gemm::Bf16Weight::new(&w, n, k);
+            let wr = rounded(&w);
+            assert_eq!(
+                bw.to_f32(),
+                wr,
+                "Bf16Weight keeps W rounded to nearest even"
+            );
+            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            let got = bw
+                .product(rlhf_model::gemm::MatRef::new(&x, m, k, k, 1), true, None)
+                .unwrap()
+                .unwrap();
+            let want = exact(&rounded(&x), m, k, n, |p, j| wr[j * k + p]);
+            let plain = exact(&x, m, k, n, |p, j| wr[j * k + p]).0;
+            check_rounded(&format!("Bf16Weight x·Wᵀ {m}×{k}×{n}"), &got, &want, &plain);
+            let got = bw
+                .product(rlhf_model::gemm::MatRef::new(&g, m, n, n, 1), false, None)
+                .unwrap()
+                .unwrap();
+            let want = exact(&rounded(&g), m, n, k, |q, j| wr[q * k + j]);
+            let plain = exact(&g, m, n, k, |q, j| wr[q * k + j]).0;
+            check_rounded(
+                &format!("Bf16Weight grad·W {m}×{k}×{n}"),
+                &got,
+                &want,
+                &plain,
+            );
+            // Accumulated onto a start value.
+            let start = values(m * k, 14);
+            let mut c = start.clone();
+            assert!(bw
+                .product(
+                    rlhf_model::gemm::MatRef::new(&g, m, n, n, 1),
+                    false,
+                    Some(&mut c)
+                )
+                .unwrap()
+                .is_none());
+            let (mut want, mut plain) = (want, plain);
+            for (i, &s0) in start.iter().enumerate() {
+                want.0[i] += s0 as f64;
+                want.1[i] += (s0 as f64).abs();
+                plain[i] += s0 as f64;
+            }
+            check_rounded(
+                &format!("Bf16Weight grad·W + C {m}×{k}×{n}"),
+                &c,
+                &want,
+                &plain,
+            );
+        }
+    }
     // Batched (attention's q·kᵀ), and the switch restores what it replaced.
     let (q, kk) = (values(3 * 9 * 16, 6), values(3 * 11 * 16, 7));
     let bm = |qd: &[f32], kd: &[f32]| {
