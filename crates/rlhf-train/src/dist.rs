@@ -78,17 +78,14 @@ pub fn is_root() -> bool {
     world().rank() == 0
 }
 
-/// The launcher's world size where this process was started by one (Open MPI's, PMI's or
-/// Slurm's environment), else `None`.
+/// The launcher's world size where this process was started by one as a task of a parallel
+/// job (`mpirun`'s `OMPI_COMM_WORLD_SIZE`, a PMI launcher's `PMI_SIZE`, `srun`'s
+/// `SLURM_STEP_NUM_TASKS`), else `None`. Not `SLURM_NTASKS`: a batch script's own shell has
+/// it too, and a command run there directly is one process.
 pub fn launched_size() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_SIZE",
-        "SLURM_NTASKS",
-    ]
-    .iter()
-    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
 }
 
 /// Combines per-rank metrics of equal-sized shares into the global batch's, in place: names
