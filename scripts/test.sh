@@ -15,15 +15,16 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
         chromium chromium-driver
 fi
 # Data parallelism over MPI (`--features rlhf/mpi`, crates/rlhf/tests/mpi.rs): Open MPI's
-# library and mpirun, and libclang for the `mpi` crate's bindings.
-if ! command -v mpirun >/dev/null 2>&1 \
+# library and mpirun, libclang for the `mpi` crate's bindings, and iproute2's `ip` for the
+# test that joins two network namespaces as two hosts.
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 \
     || ! dpkg -s libopenmpi-dev openmpi-bin libclang-dev >/dev/null 2>&1; then
-    echo "scripts/test.sh: installing Open MPI and libclang for the MPI tests" >&2
+    echo "scripts/test.sh: installing Open MPI, libclang and iproute2 for the MPI tests" >&2
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q \
-        libopenmpi-dev openmpi-bin libclang-dev
+        libopenmpi-dev openmpi-bin libclang-dev iproute2
 fi
 # `rlhf serve`'s test drives the server with the official `openai` Python client (PyPI), kept
 # in a virtual environment under the target directory (python3-venv from Debian where missing).
