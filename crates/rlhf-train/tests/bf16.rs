@@ -11,17 +11,14 @@
 //! keep the fixtures' 1e-3 relative tolerance. The switch is process-wide, so this binary
 //! runs its cases one at a time (`TURN`).
 
+mod common;
+
+use common::shared;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 static TURN: Mutex<()> = Mutex::new(());
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn reference() -> serde_json::Value {
     let p = PathBuf::from(concat!(
@@ -34,18 +31,7 @@ fn reference() -> serde_json::Value {
 /// Writes the 8 pairs and a config with TRL's settings (and `extra`), runs `kind`, and
 /// returns the logged (loss, grad_norm) of each step.
 fn run(kind: &str, dir: &Path, bf16: bool, extra: &str) -> Vec<(f64, f64)> {
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("trl").join("reward-llama-gqa.json")).unwrap(),
-    )
-    .unwrap();
-    let rows: Vec<String> = fx["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.to_string())
-        .collect();
-    let train = dir.join("pairs.jsonl");
-    std::fs::write(&train, rows.join("\n")).unwrap();
+    let train = common::pairs_file(dir);
     let model = shared().join("models").join(match kind {
         "reward" => "llama-gqa-reward",
         _ => "llama-gqa",

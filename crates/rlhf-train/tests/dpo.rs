@@ -2,14 +2,11 @@
 //! "keep_end"`, each row losing its own prompt start) and a LoRA policy whose reference is
 //! itself with the adapters off, in the loop or precomputed, logging the same numbers.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
+use common::shared;
+
+use std::path::{Path, PathBuf};
 
 fn fixture() -> serde_json::Value {
     serde_json::from_str(

@@ -5,8 +5,12 @@
 //! relative). Each case runs twice: with the reference model in the loop and with its
 //! log-probs precomputed, which must log the same numbers.
 
+mod common;
+
+use common::shared;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rlhf_data::{Comparison, TokenizeOptions};
 use rlhf_model::{Heads, LoadOptions, Model, Training};
@@ -14,13 +18,6 @@ use rlhf_train::config::TrainingArgs;
 use rlhf_train::dpo::{DpoArgs, DpoItem, DpoObjective};
 use rlhf_train::losses::DpoLossType;
 use rlhf_train::reference::Reference;
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn ids(v: &serde_json::Value) -> Vec<Vec<u32>> {
     serde_json::from_value(v.clone()).unwrap()

@@ -4,6 +4,10 @@
 //! pairs and on rankings with ties, `sft`, `kto`), every exported row becoming a training row;
 //! and `rlhf pipeline` trains a reward stage straight from the database.
 
+mod common;
+
+use common::shared;
+
 use std::path::{Path, PathBuf};
 
 use rlhf_data::{Degree, Safety};
@@ -12,13 +16,6 @@ use rlhf_feedback::label::{Choice, Notes, Thumb};
 use rlhf_feedback::store::NewItem;
 use rlhf_feedback::{Kind, Label, Store};
 use serde_json::{json, Value};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn model() -> PathBuf {
     shared().join("models/llama-gqa")

@@ -4,6 +4,10 @@
 //! and a run killed mid-sampling resumes to the same files and weights; bad rules are refused
 //! naming the file and the key; a pipeline takes an `[hir]` stage.
 
+mod common;
+
+use common::shared;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -15,13 +19,6 @@ use rlhf_train::reference::{sequence_logps, Seq};
 use rlhf_train::sampling::{sft_example, Sample};
 use rlhf_train::sft::SftObjective;
 use rlhf_train::trainer::{Objective, StepScale};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()

@@ -4,14 +4,11 @@
 //! undesirable rewards, and precomputed reference log-probs log the same numbers as the
 //! reference in the loop.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
+use common::shared;
+
+use std::path::{Path, PathBuf};
 
 /// The 8 TRL fixture pairs as 16 unpaired rows, chosen rows (true) then rejected rows
 /// (false), as TRL's `unpair_preference_dataset` orders them.

@@ -1,31 +1,11 @@
 //! The shared training loop end to end on a fixture model: exact resume, checkpoint pruning,
 //! TensorBoard files that parse back, metrics.jsonl, divergence handling, and SFT learning.
 
+mod common;
+
+use common::{pairs_file, shared};
+
 use std::path::{Path, PathBuf};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
-
-/// The 8 TRL fixture pairs as a JSONL file.
-fn pairs_file(dir: &Path) -> PathBuf {
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("trl/reward-llama-gqa.json")).unwrap(),
-    )
-    .unwrap();
-    let rows: Vec<String> = fx["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.to_string())
-        .collect();
-    let p = dir.join("pairs.jsonl");
-    std::fs::write(&p, rows.join("\n") + "\n").unwrap();
-    p
-}
 
 fn write_config(dir: &Path, out: &str, extra: &str) -> PathBuf {
     let model = shared().join("models/llama-gqa");

@@ -3,17 +3,14 @@
 //! checkpoint and resumed ends at the same weights; the reward model path runs through
 //! `rlhf_train::ppo::run` with the Llama 2 gate of two reward models.
 
+mod common;
+
+use common::shared;
+
 use std::path::{Path, PathBuf};
 
 use rlhf_model::model::SourceCache;
 use rlhf_train::ppo::{Completions, PpoConfig, PpoTrainer, Scorer};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn prompts_file(dir: &Path) -> PathBuf {
     let words = [

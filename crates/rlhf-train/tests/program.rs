@@ -2,19 +2,16 @@
 //! answer) JSON-line rows; errors must name the row (file:line) and the failure. Then PPO
 //! with a reward program alone, and weighted beside a reward model.
 
+mod common;
+
+use common::shared;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rlhf_data::{PromptRecord, ReadOptions};
 use rlhf_train::program::RewardProgram;
 use rlhf_train::scoring::{Completions, Scorer};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

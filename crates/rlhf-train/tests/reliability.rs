@@ -2,31 +2,11 @@
 //! checkpoints, a run writing into its own model, non-finite weights after a step, and
 //! config values checked for range and finiteness with one message shape.
 
+mod common;
+
+use common::{pairs_file, shared};
+
 use std::path::{Path, PathBuf};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
-
-/// The 8 TRL fixture pairs as a JSONL file.
-fn pairs_file(dir: &Path) -> PathBuf {
-    let fx: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("trl/reward-llama-gqa.json")).unwrap(),
-    )
-    .unwrap();
-    let rows: Vec<String> = fx["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.to_string())
-        .collect();
-    let p = dir.join("pairs.jsonl");
-    std::fs::write(&p, rows.join("\n") + "\n").unwrap();
-    p
-}
 
 /// A reward config (LoRA, 4 steps, a checkpoint every 2) on `model`, writing to `out`.
 fn config(dir: &Path, model: &Path, out: &Path, extra: &str) -> PathBuf {

@@ -4,17 +4,14 @@
 //! fine-tuning raises the reward of the next round's samples; ReST's Improve steps keep what
 //! their thresholds say.
 
+mod common;
+
+use common::shared;
+
 use std::path::{Path, PathBuf};
 
 use rlhf_train::rejection_sampling::{self, RsConfig};
 use rlhf_train::rest::{self, RestConfig};
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn prompts_file(dir: &Path) -> PathBuf {
     let words = [

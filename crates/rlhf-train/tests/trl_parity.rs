@@ -2,19 +2,16 @@
 //! token ids, the same per-step loss, grad_norm, accuracy and margin, and the same scores
 //! after 3 steps (AdamW lr 1e-3, constant schedule, batch 4, max_grad_norm 1, no shuffling).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::shared;
+
+use std::path::Path;
 
 use rlhf_data::{Comparison, TokenizeOptions};
 use rlhf_model::{Batch, Heads, LoadOptions, Model, Training};
 use rlhf_train::config::TrainingArgs;
 use rlhf_train::reward::RewardObjective;
-
-fn shared() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn check(name: &str) {
     let fx: serde_json::Value =
