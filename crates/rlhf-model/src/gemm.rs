@@ -2653,7 +2653,38 @@ unsafe fn pack_b_bf16(b: Src<'_>, k0: usize, kc: usize, c0: usize, nr: usize, ds
 unsafe fn pack_a_bf16(a: MatRef<'_>, r0: usize, mr: usize, k0: usize, kc: usize, dst: *mut u32) {
     // SAFETY: as the caller guarantees.
     unsafe {
-        if a.cs == 1 {
+        if a.cs == 1 && mr == MR {
+            // A whole tile of rows along k: each row's pairs made in a run, then 16 × 16 blocks
+            // transposed in registers into the tile's MR-wide rows. A block's row writes 16
+            // lanes, two past MR: the next row's write (or the next block's, or the tail's,
+            // or the next tile's, packed after this one) covers them, and `block_bf16`'s
+            // buffer has room past its last tile.
+            const ROW: usize = KC_BF16 / 2;
+            let kp = kc.div_ceil(2);
+            let mut tmp = [0u32; 16 * ROW];
+            for i in 0..MR {
+                let x = &a.data[(r0 + i) * a.rs + k0..][..kc];
+                let row = &mut tmp[i * ROW..(i + 1) * ROW];
+                pairs_of_run(x, row);
+                if kc % 2 == 1 {
+                    row[kc / 2] = bf16_pair(x[kc - 1], 0.0);
+                }
+            }
+            let full = kp / 16 * 16;
+            for qb in (0..full).step_by(16) {
+                transpose16(
+                    tmp.as_ptr().add(qb).cast(),
+                    ROW,
+                    dst.add(qb * MR).cast(),
+                    MR,
+                );
+            }
+            for q in full..kp {
+                for i in 0..MR {
+                    *dst.add(q * MR + i) = tmp[i * ROW + q];
+                }
+            }
+        } else if a.cs == 1 {
             pack_pairs_by_cols(dst, MR, kc, mr, kc, |i, p| {
                 &a.data[(r0 + i) * a.rs + k0 + p..]
             })
@@ -2687,7 +2718,9 @@ unsafe fn block_bf16(
     let n_tiles = cols.len().div_ceil(NR);
     PACK_BF16.with_borrow_mut(|(pa, pb)| {
         // Two bf16 per f32 slot of the line buffers.
-        let pa: *mut u16 = lines(pa, MC_TILES * MR * KC_BF16 / 2).cast();
+        // (16 floats of room past the last tile: `pack_a_bf16`'s transposes write two lanes
+        // past a tile row.)
+        let pa: *mut u16 = lines(pa, MC_TILES * MR * KC_BF16 / 2 + 16).cast();
         let pb: *mut u16 = lines(pb, n_tiles * NR * KC_BF16 / 2).cast();
         let mut k0 = 0;
         while k0 < k {
@@ -2801,7 +2834,13 @@ mod tests {
             return;
         }
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_bf16(x)).collect() };
-        for &(m, k, n) in &[(1, 1, 1), (15, 7, 33), (113, 513, 70), (30, 1030, 257)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (15, 7, 33),
+            (113, 513, 70),
+            (30, 1030, 257),
+            (230, 1030, 40),
+        ] {
             let (av, bv) = (values(m * k, 3), values(k * n, 4));
             let (ar, br) = (round(&av), round(&bv));
             for tb in [false, true] {
