@@ -793,6 +793,62 @@ fn stream_enabled() -> bool {
     *ON.get_or_init(|| !std::env::var("RLHF_GEMM_STREAM").is_ok_and(|v| v == "0"))
 }
 
+/// C (`m × n`, row-major) made over candle's pool a unit of `STREAM_UNIT` columns (rows of W,
+/// in the streaming paths) at a time.
+///
+/// # Safety
+/// `unit(cols, c)` must write every one of C's `m` rows in columns `cols` (and nothing else).
+unsafe fn by_stream_units(
+    m: usize,
+    n: usize,
+    unit: impl Fn(std::ops::Range<usize>, *mut f32) + Sync,
+) -> Vec<f32> {
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let out = SyncPtr(c.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        for u in range {
+            unit(u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n), out.get());
+        }
+    };
+    let units = n.div_ceil(STREAM_UNIT);
+    if units == 1 {
+        run(0..1);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(units, run);
+    }
+    // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// Columns `cols` of C (rows 0..m, row stride `ldc`) a tile of W's rows at a time: `tile(j,
+/// left, t)` fills `t[q][i]` (W's row j + q against A's row i) for the rows of W it takes from
+/// j (at most `left`) and returns how many; they are then written to C.
+///
+/// # Safety
+/// `m <= 32`; columns `cols` of C's `m` rows must be writable by this thread alone.
+#[inline(always)]
+unsafe fn by_tiles(
+    cols: std::ops::Range<usize>,
+    m: usize,
+    c: *mut f32,
+    ldc: usize,
+    mut tile: impl FnMut(usize, usize, &mut [[f32; 32]; STREAM_R1]) -> usize,
+) {
+    let mut t = [[0f32; 32]; STREAM_R1];
+    let mut j = cols.start;
+    while j < cols.end {
+        let r = tile(j, cols.end - j, &mut t);
+        for i in 0..m {
+            for (q, row) in t.iter().take(r).enumerate() {
+                // SAFETY: (i, j + q) is in C's rows 0..m and this unit's columns.
+                unsafe { *c.add(i * ldc + j + q) = row[i] };
+            }
+        }
+        j += r;
+    }
+}
+
 /// C = A·B for at most `STREAM_M` rows of A where B is a row-major W read transposed
 /// (`b.rs == 1`: column j of B is row j of W, contiguous), as in x·Wᵀ while decoding.
 ///
@@ -814,32 +870,18 @@ fn stream(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
         // SAFETY: `at` is this function's own buffer.
         unsafe { round_bf16_in_place(at.as_mut_ptr(), at.len()) };
     }
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let out = SyncPtr(c.as_mut_ptr());
     let (at, w, ldw) = (&at[..], b.data, b.cs);
-    let run = |range: std::ops::Range<usize>| {
-        for u in range {
-            let rows = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
-            // SAFETY: AVX-512F was detected by the caller (`matmul`); W's rows j < n lie in
-            // `b.data` (checked by `MatRef::new`), and unit u writes only columns `rows` of C.
-            unsafe {
-                if round {
-                    stream_unit::<true>(at, lanes, w, ldw, k, rows, m, out.get(), n)
-                } else {
-                    stream_unit::<false>(at, lanes, w, ldw, k, rows, m, out.get(), n)
-                }
-            };
-        }
-    };
-    let units = n.div_ceil(STREAM_UNIT);
-    if units == 1 {
-        run(0..1);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(units, run);
+    // SAFETY: AVX-512F was detected by the caller (`matmul`); W's rows j < n lie in `b.data`
+    // (checked by `MatRef::new`), and a unit writes every row of its columns of C only.
+    unsafe {
+        by_stream_units(m, n, |cols, c| {
+            if round {
+                stream_unit::<true>(at, lanes, w, ldw, k, cols, m, c, n)
+            } else {
+                stream_unit::<false>(at, lanes, w, ldw, k, cols, m, c, n)
+            }
+        })
     }
-    // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
-    unsafe { c.set_len(m * n) };
-    c
 }
 
 /// A (at most `STREAM_M` rows) packed transposed for [`stream_unit`]: K groups of 16 or 32
@@ -888,50 +930,30 @@ unsafe fn stream_unit<const RND: bool>(
     c: *mut f32,
     ldc: usize,
 ) {
-    let mut tile = [[0f32; 32]; STREAM_R1];
-    let mut j = cols.start;
-    while j < cols.end {
-        let left = cols.end - j;
-        // SAFETY (all kernels): rows j.. of W are inside `w`, as the caller guarantees.
-        let r = unsafe {
+    // SAFETY (all kernels): rows j.. of W are inside `w`, and C's columns are this thread's,
+    // as the caller guarantees.
+    unsafe {
+        by_tiles(cols, m, c, ldc, |j, left, tile| {
+            let wj = w.as_ptr().add(j * ldw);
             match (lanes, left) {
                 (16, l) if l >= STREAM_R1 => {
-                    stream_tile::<STREAM_R1, 1, RND>(
-                        at,
-                        w.as_ptr().add(j * ldw),
-                        ldw,
-                        k,
-                        &mut tile,
-                    );
+                    stream_tile::<STREAM_R1, 1, RND>(at, wj, ldw, k, tile);
                     STREAM_R1
                 }
                 (32, l) if l >= STREAM_R2 => {
-                    stream_tile::<STREAM_R2, 2, RND>(
-                        at,
-                        w.as_ptr().add(j * ldw),
-                        ldw,
-                        k,
-                        &mut tile,
-                    );
+                    stream_tile::<STREAM_R2, 2, RND>(at, wj, ldw, k, tile);
                     STREAM_R2
                 }
                 (16, _) => {
-                    stream_tile::<1, 1, RND>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    stream_tile::<1, 1, RND>(at, wj, ldw, k, tile);
                     1
                 }
                 _ => {
-                    stream_tile::<1, 2, RND>(at, w.as_ptr().add(j * ldw), ldw, k, &mut tile);
+                    stream_tile::<1, 2, RND>(at, wj, ldw, k, tile);
                     1
                 }
             }
-        };
-        for i in 0..m {
-            for (q, t) in tile.iter().take(r).enumerate() {
-                // SAFETY: (i, j + q) is in C's rows 0..m and this unit's columns.
-                unsafe { *c.add(i * ldc + j + q) = t[i] };
-            }
-        }
-        j += r;
+        })
     }
 }
 
@@ -1091,18 +1113,9 @@ impl Bf16Weight {
                 }
                 Some(None)
             }
-            None if m == 0 || n == 0 || a.cols == 0 => Some(Some(vec![0f32; m * n])),
-            None if transposed && m <= STREAM_M => {
-                Some(Some(stream_dp(a, DpRows::Bf16(&self.bits), n, a.cols)))
-            }
-            None => {
-                let mut c: Vec<f32> = Vec::with_capacity(m * n);
-                // SAFETY: AVX512_BF16 was detected; c holds m · n floats.
-                unsafe { bf16_on_pool(a, b, c.as_mut_ptr(), false) };
-                // SAFETY: the units cover C and write every element (k > 0).
-                unsafe { c.set_len(m * n) };
-                Some(Some(c))
-            }
+            // SAFETY (both): AVX512_BF16 was detected above.
+            None if transposed => Some(Some(unsafe { bf16_wt(a, &self.bits, self.out, self.inp) })),
+            None => Some(Some(unsafe { bf16_into_new(a, b) })),
         }
     }
 }
@@ -1139,17 +1152,8 @@ pub fn matmul_wt_bf16(a: MatRef<'_>, w: &[half::bf16], out: usize, inp: usize) -
     let bits: &[u16] = w.reinterpret_cast();
     if autocast_bf16() && bf16_kernel() {
         // bf16 autocast: A rounded too, so `vdpbf16ps` computes exactly these products.
-        return if m <= STREAM_M {
-            stream_dp(a, DpRows::Bf16(bits), out, k)
-        } else {
-            let mut c: Vec<f32> = Vec::with_capacity(m * out);
-            let b = Src::Bf16Wt(Bf16W { w: bits, out, inp });
-            // SAFETY: AVX512_BF16 was detected (`bf16_kernel`); c holds m · out floats.
-            unsafe { bf16_on_pool(a, b, c.as_mut_ptr(), false) };
-            // SAFETY: the units cover C and write every element (k > 0).
-            unsafe { c.set_len(m * out) };
-            c
-        };
+        // SAFETY: AVX512_BF16 was detected (`bf16_kernel`).
+        return unsafe { bf16_wt(a, bits, out, inp) };
     }
     if m <= STREAM_M {
         stream_bf16(a, bits, out, k)
@@ -1225,63 +1229,46 @@ fn stream_dp(a: MatRef<'_>, w: DpRows<'_>, n: usize, k: usize) -> Vec<f32> {
             }
         }
     }
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let out = SyncPtr(c.as_mut_ptr());
     let at = &at[..];
-    let run = |range: std::ops::Range<usize>| {
-        let mut pairs: Vec<u32> = Vec::new();
-        for u in range {
-            let rows = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
-            match w {
-                // SAFETY: AVX512_BF16 was detected by the caller; W's rows j < n lie in `w`
-                // (`matmul_wt_bf16` checked its length), and unit u writes only columns
-                // `rows`.
-                DpRows::Bf16(w) => unsafe { dp_unit(at, lanes, w, k, k, rows, m, out.get(), n) },
-                DpRows::F32(w, ldw) => {
-                    pairs.resize(rows.len() * kp, 0);
-                    for (t, j) in rows.clone().enumerate() {
-                        let row = &w[j * ldw..j * ldw + k];
-                        let dst = &mut pairs[t * kp..(t + 1) * kp];
-                        // SAFETY: AVX512_BF16 was detected by the caller; dst holds kp pairs.
-                        unsafe { pairs_of_run(row, dst) };
-                        if k % 2 == 1 {
-                            dst[kp - 1] = bf16_pair(row[k - 1], 0.0);
-                        }
+    // SAFETY: AVX512_BF16 was detected by the caller; W's rows j < n lie in `w` (checked by
+    // `matmul_wt_bf16`, or `MatRef::new`), and each unit writes every row of its columns only.
+    unsafe {
+        by_stream_units(m, n, |cols, c| match w {
+            DpRows::Bf16(w) => dp_unit(at, lanes, w, k, k, cols, m, c, n),
+            DpRows::F32(w, ldw) => DP_PAIRS.with_borrow_mut(|pairs| {
+                pairs.resize(cols.len() * kp, 0);
+                for (t, j) in cols.clone().enumerate() {
+                    let row = &w[j * ldw..j * ldw + k];
+                    let dst = &mut pairs[t * kp..(t + 1) * kp];
+                    pairs_of_run(row, dst);
+                    if k % 2 == 1 {
+                        dst[kp - 1] = bf16_pair(row[k - 1], 0.0);
                     }
-                    // The pairs as bf16 values, rows 2·kp apart (little-endian: a pair's low
-                    // half, the even k, comes first).
-                    // SAFETY: u32 → u16 halves the alignment; the length doubles.
-                    let bits = unsafe {
-                        std::slice::from_raw_parts(pairs.as_ptr().cast::<u16>(), pairs.len() * 2)
-                    };
-                    // SAFETY: as above, for this unit's rows (0-based in `bits`); C's columns
-                    // from rows.start.
-                    unsafe {
-                        dp_unit(
-                            at,
-                            lanes,
-                            bits,
-                            2 * kp,
-                            k,
-                            0..rows.len(),
-                            m,
-                            out.get().add(rows.start),
-                            n,
-                        )
-                    };
                 }
-            }
-        }
-    };
-    let units = n.div_ceil(STREAM_UNIT);
-    if units == 1 {
-        run(0..1);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(units, run);
+                // The pairs as bf16 values, rows 2·kp apart (little-endian: a pair's low half,
+                // the even k, comes first); u32 → u16 halves the alignment.
+                let bits =
+                    std::slice::from_raw_parts(pairs.as_ptr().cast::<u16>(), pairs.len() * 2);
+                // This unit's rows are 0-based in `bits`; C's columns start at cols.start.
+                dp_unit(
+                    at,
+                    lanes,
+                    bits,
+                    2 * kp,
+                    k,
+                    0..cols.len(),
+                    m,
+                    c.add(cols.start),
+                    n,
+                )
+            }),
+        })
     }
-    // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
-    unsafe { c.set_len(m * n) };
-    c
+}
+
+thread_local! {
+    /// Per-thread buffer of an f32 W's rows made into bf16 pairs ([`stream_dp`]).
+    static DP_PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Columns `cols` of C (rows 0..m, row stride `ldc`) from bf16 W's rows `cols` (`k` long).
@@ -1303,39 +1290,30 @@ unsafe fn dp_unit(
     c: *mut f32,
     ldc: usize,
 ) {
-    let mut tile = [[0f32; 32]; STREAM_R1];
-    let mut j = cols.start;
-    while j < cols.end {
-        let left = cols.end - j;
-        let wj = &w[j * ldw..];
-        // SAFETY (all tiles): the rows j.. of W they read lie in `w`, as the caller guarantees.
-        let r = unsafe {
+    // SAFETY (all tiles): the rows j.. of W they read lie in `w`, and C's columns are this
+    // thread's, as the caller guarantees.
+    unsafe {
+        by_tiles(cols, m, c, ldc, |j, left, tile| {
+            let wj = &w[j * ldw..];
             match (lanes, left) {
                 (16, l) if l >= STREAM_R1 => {
-                    dp_tile::<STREAM_R1, 1>(at, wj, ldw, k, &mut tile);
+                    dp_tile::<STREAM_R1, 1>(at, wj, ldw, k, tile);
                     STREAM_R1
                 }
                 (32, l) if l >= STREAM_R2 => {
-                    dp_tile::<STREAM_R2, 2>(at, wj, ldw, k, &mut tile);
+                    dp_tile::<STREAM_R2, 2>(at, wj, ldw, k, tile);
                     STREAM_R2
                 }
                 (16, _) => {
-                    dp_tile::<1, 1>(at, wj, ldw, k, &mut tile);
+                    dp_tile::<1, 1>(at, wj, ldw, k, tile);
                     1
                 }
                 _ => {
-                    dp_tile::<1, 2>(at, wj, ldw, k, &mut tile);
+                    dp_tile::<1, 2>(at, wj, ldw, k, tile);
                     1
                 }
             }
-        };
-        for i in 0..m {
-            for (q, t) in tile.iter().take(r).enumerate() {
-                // SAFETY: (i, j + q) is in C's rows 0..m and this unit's columns.
-                unsafe { *c.add(i * ldc + j + q) = t[i] };
-            }
-        }
-        j += r;
+        })
     }
 }
 
@@ -1473,26 +1451,9 @@ fn stream_bf16(a: MatRef<'_>, w: &[u16], n: usize, k: usize) -> Vec<f32> {
             .collect();
         (&own[..], k)
     };
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let out = SyncPtr(c.as_mut_ptr());
-    let run = |range: std::ops::Range<usize>| {
-        for u in range {
-            let cols = u * STREAM_UNIT..((u + 1) * STREAM_UNIT).min(n);
-            // SAFETY: AVX-512F was checked by `matmul_wt_bf16`; rows `cols` of W lie in `w`
-            // (cols.end <= n), A's m rows of k floats lie in `ad`, and unit u writes only
-            // columns `cols` of C.
-            unsafe { dot_unit(ad, lda, m, w, k, cols, out.get(), n) };
-        }
-    };
-    let units = n.div_ceil(STREAM_UNIT);
-    if units == 1 {
-        run(0..1);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(units, run);
-    }
-    // SAFETY: the units cover columns 0..n, and each writes every row of its columns.
-    unsafe { c.set_len(m * n) };
-    c
+    // SAFETY: AVX-512F was checked by `matmul_wt_bf16`; rows `cols` of W lie in `w`, A's m
+    // rows of k floats lie in `ad`, and each unit writes every row of its columns only.
+    unsafe { by_stream_units(m, n, |cols, c| dot_unit(ad, lda, m, w, k, cols, c, n)) }
 }
 
 /// Rows of W per tile of [`dot_tile`], and most rows of A per group: 16 accumulators. (3 × 8,
@@ -2371,16 +2332,39 @@ pub fn matmul_bf16(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
     if !bf16_available() {
         return None;
     }
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 || k == 0 {
-        return Some(vec![0f32; m * n]);
+    // SAFETY: AVX512_BF16 was detected above.
+    Some(unsafe { bf16_into_new(a, Src::Mat(b)) })
+}
+
+/// x·Wᵀ for a row-major bf16 W `(out, inp)` on the bf16 kernel (x rounded): at most
+/// `STREAM_M` rows streamed over W's rows, more packed.
+///
+/// # Safety
+/// AVX512_BF16 must be available; `w` is `out · inp` long and x has `inp` columns.
+unsafe fn bf16_wt(a: MatRef<'_>, w: &[u16], out: usize, inp: usize) -> Vec<f32> {
+    if a.rows > 0 && a.rows <= STREAM_M && out > 0 && inp > 0 {
+        stream_dp(a, DpRows::Bf16(w), out, inp)
+    } else {
+        // SAFETY: as the caller guarantees.
+        unsafe { bf16_into_new(a, Src::Bf16Wt(Bf16W { w, out, inp })) }
+    }
+}
+
+/// C = A·B as a new buffer on the bf16 kernel, over the pool.
+///
+/// # Safety
+/// AVX512_BF16 must be available.
+unsafe fn bf16_into_new(a: MatRef<'_>, b: Src<'_>) -> Vec<f32> {
+    let (m, n) = (a.rows, b.cols());
+    if m == 0 || n == 0 || a.cols == 0 {
+        return vec![0f32; m * n];
     }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: AVX512_BF16 was detected above; c holds m · n floats.
-    unsafe { bf16_on_pool(a, Src::Mat(b), c.as_mut_ptr(), false) };
-    // SAFETY: as in `matmul`.
+    // SAFETY: as the caller guarantees; c holds m · n floats.
+    unsafe { bf16_on_pool(a, b, c.as_mut_ptr(), false) };
+    // SAFETY: the units cover C, and the first K slice of each writes every element (k > 0).
     unsafe { c.set_len(m * n) };
-    Some(c)
+    c
 }
 
 /// C = A·B (or C += A·B with `acc`) on the bf16 kernel, in units over candle's pool.

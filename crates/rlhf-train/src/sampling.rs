@@ -172,9 +172,6 @@ pub struct Policy {
     pub eos_ids: Vec<u32>,
     args: TrainingArgs,
     lora: Option<LoraConfig>,
-    /// Loaded only to sample from ([`Self::frozen`]); under bf16 autocast its weights are
-    /// then kept in bf16 in place.
-    frozen: bool,
 }
 
 impl Policy {
@@ -218,7 +215,6 @@ impl Policy {
             eos_ids,
             args: args.clone(),
             lora: lora.cloned(),
-            frozen: false,
         })
     }
 
@@ -240,7 +236,6 @@ impl Policy {
             eos_ids,
             args: args.clone(),
             lora: None,
-            frozen: true,
         })
     }
 
@@ -516,7 +511,10 @@ pub fn sample_and_score(
     let decoder = Decoder::new(&policy.tok, &policy.eos_ids);
     // Under bf16 autocast (`bf16 = true`) the samples come from a bf16 copy of the policy:
     // the same products (operands rounded to bf16, f32 sums) on half the weight bytes.
-    let bf16_copy = if rlhf_model::gemm::autocast_bf16() && !policy.frozen {
+    // (A policy loaded only to sample from, `Policy::frozen`, has nothing to train: its
+    // weights were kept in bf16 in place.)
+    let trains = !policy.model.params().trainable().is_empty();
+    let bf16_copy = if rlhf_model::gemm::autocast_bf16() && trains {
         policy.model.bf16_decoding_copy()?
     } else {
         None
