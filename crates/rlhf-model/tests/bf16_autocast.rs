@@ -143,9 +143,14 @@ fn the_bf16_decoding_copy_decodes_as_the_policy_does_under_autocast() {
         },
     )
     .unwrap();
-    for (name, p) in lora.params().iter() {
+    // Deterministic values (candle's randn is not seeded), a different run per module.
+    for (i, (name, p)) in lora.params().iter().enumerate() {
         if let (true, rlhf_model::weights::Param::Trainable(v)) = (name.contains("lora_B"), p) {
-            let t = candle_core::Tensor::randn(0f32, 0.5, v.shape(), v.device()).unwrap();
+            let b: Vec<f32> = values(v.elem_count(), 100 + i as u32)
+                .iter()
+                .map(|x| 0.5 * x)
+                .collect();
+            let t = candle_core::Tensor::from_vec(b, v.shape(), v.device()).unwrap();
             v.set(&t).unwrap();
         }
     }
@@ -169,6 +174,10 @@ fn the_bf16_decoding_copy_decodes_as_the_policy_does_under_autocast() {
         .collect()
     };
     let (adapted, merged, plain) = (one(&lora), one(&copy), one(&base));
+    let exact = {
+        let _off = gemm::Autocast::bf16(false);
+        one(&lora)
+    };
     let dist = |a: &[f32], b: &[f32]| {
         a.iter()
             .zip(b)
@@ -176,13 +185,26 @@ fn the_bf16_decoding_copy_decodes_as_the_policy_does_under_autocast() {
             .fold(0f32, f32::max)
     };
     eprintln!(
-        "first log-prob: copy vs adapted policy {:.2e}, adapted vs base {:.2e}",
+        "first log-prob: copy vs adapted policy {:.2e}, adapted under autocast vs in f32 {:.2e}, \
+         adapted vs base {:.2e}",
         dist(&merged, &adapted),
+        dist(&adapted, &exact),
         dist(&adapted, &plain)
     );
+    // Merging before rounding is one more bf16 rounding of the same size as autocast's own: the
+    // copy lies within twice autocast's distance from f32 of the adapted policy, the adapters'
+    // effect is larger than that, and the copy lies nearer the adapted policy than the base.
+    let bound = 2.0 * dist(&adapted, &exact);
     assert!(
-        dist(&adapted, &plain) > 1e-2,
-        "the adapters changed nothing"
+        dist(&merged, &adapted) <= bound,
+        "copy vs adapted beyond {bound}"
     );
-    assert!(dist(&merged, &adapted) < 0.1 * dist(&adapted, &plain));
+    assert!(
+        dist(&adapted, &plain) > bound,
+        "the adapters changed too little"
+    );
+    assert!(
+        dist(&merged, &adapted) < dist(&merged, &plain),
+        "the copy decodes nearer the base than the adapted policy"
+    );
 }
