@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use rlhf_model::fused;
+use rlhf_model::kernels::{self, generic};
 
 type R<T> = rlhf_model::Result<T>;
 
@@ -86,32 +86,32 @@ fn main() -> R<()> {
             shape: vec![4, 9, 128, 128],
             params: vec![],
             consts: vec![],
-            fused: |x, _, _| fused::softmax_last_dim(x),
-            composed: |x, _, _| fused::softmax_composed(x),
+            fused: |x, _, _| kernels::softmax(x),
+            composed: |x, _, _| generic::softmax(x),
         },
         Case {
             name: "rms_norm",
             shape: vec![4, 128, 576],
             params: vec![576],
             consts: vec![],
-            fused: |x, p, _| fused::rms_norm(x, &p[0], 1e-5),
-            composed: |x, p, _| fused::rms_norm_composed(x, &p[0], 1e-5),
+            fused: |x, p, _| kernels::rms_norm(x, &p[0], 1e-5),
+            composed: |x, p, _| generic::rms_norm(x, &p[0], 1e-5),
         },
         Case {
             name: "layer_norm",
             shape: vec![4, 128, 576],
             params: vec![576, 576],
             consts: vec![],
-            fused: |x, p, _| fused::layer_norm(x, &p[0], &p[1], 1e-5),
-            composed: |x, p, _| fused::layer_norm_composed(x, &p[0], &p[1], 1e-5),
+            fused: |x, p, _| kernels::layer_norm(x, &p[0], &p[1], 1e-5),
+            composed: |x, p, _| generic::layer_norm(x, &p[0], &p[1], 1e-5),
         },
         Case {
             name: "rope",
             shape: vec![4, 9, 128, 64],
             params: vec![],
             consts: vec![vec![4, 1, 128, 64], vec![4, 1, 128, 64]],
-            fused: |x, _, c| fused::rope(x, &c[0], &c[1]),
-            composed: |x, _, c| rlhf_model::ops::apply_rope_composed(x, &c[0], &c[1]),
+            fused: |x, _, c| kernels::rope(x, &c[0], &c[1]),
+            composed: |x, _, c| generic::rope(x, &c[0], &c[1]),
         },
     ];
     println!(

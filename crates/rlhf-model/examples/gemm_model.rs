@@ -1,4 +1,4 @@
-//! GFLOP/s of `rlhf_model::gemm` on the frozen products of a LoRA step through a whole
+//! GFLOP/s of `rlhf_model::kernels::cpu::gemm` on the frozen products of a LoRA step through a whole
 //! SmolLM2-135M-shaped stack (30 layers: q 576², k and v 192×576, o 576², gate and up
 //! 1536×576, down 576×1536; 424 MB of f32 weights, more than the caches hold), so that each
 //! weight comes from memory as it does in training, unlike `gemm_shapes`, which repeats one
@@ -7,7 +7,7 @@
 //!     cargo run --release -p rlhf-model --example gemm_model
 //!     GEMM_ROWS=640 GEMM_LAYERS=30 cargo run --release -p rlhf-model --example gemm_model
 
-use rlhf_model::gemm::{self, MatRef};
+use rlhf_model::kernels::cpu::gemm::{self, MatRef};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

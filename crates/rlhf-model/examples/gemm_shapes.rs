@@ -1,4 +1,4 @@
-//! GFLOP/s of `rlhf_model::gemm` against candle's matmul on the products of a 100M-parameter
+//! GFLOP/s of `rlhf_model::kernels::cpu::gemm` against candle's matmul on the products of a 100M-parameter
 //! Llama training step (8 × 128 tokens, hidden 768, MLP 2048, vocab 32,000): the forward
 //! x·Wᵀ, the backward's grad·W and gradᵀ·x.
 //!
@@ -6,7 +6,7 @@
 //!     GEMM_ROWS=192 GEMM_WEIGHTS=576x576,1536x576,576x1536 cargo run --release -p rlhf-model --example gemm_shapes
 
 use candle_core::{Device, Tensor};
-use rlhf_model::gemm::{self, MatRef};
+use rlhf_model::kernels::cpu::gemm::{self, MatRef};
 
 fn main() -> candle_core::Result<()> {
     // Other shapes: GEMM_ROWS=192 GEMM_WEIGHTS=576x576,1536x576,576x1536 (out x in).

@@ -7,9 +7,9 @@
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
-use crate::fused::simd_fn;
+use crate::kernels::cpu::fused::simd_fn;
 #[cfg(target_arch = "x86_64")]
-use crate::fused::use_avx2;
+use crate::kernels::cpu::fused::use_avx2;
 use crate::model::{Batch, Model};
 use crate::Result;
 
@@ -159,7 +159,7 @@ fn generate_inner(
     let batch = Batch::pad(prompts, cfg.pad_token_id, true);
     let b = batch.len();
     let mut key_mask = batch.attention_mask.clone();
-    let mut positions = crate::ops::positions_from_mask(&batch.attention_mask);
+    let mut positions = crate::kernels::positions_from_mask(&batch.attention_mask);
     let mut cache = model.new_cache();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut out: Vec<Generation> = (0..b)
@@ -233,7 +233,7 @@ pub struct Prefill {
     /// predicts each row's first new token.
     pub last_hidden: Tensor,
     /// The cache of every prompt position, left-padded to the longest prompt.
-    pub cache: crate::nn::KvCache,
+    pub cache: crate::kernels::KvCache,
     /// Which cached positions are real tokens (1) or left padding (0), one row per prompt.
     pub key_mask: Vec<Vec<u8>>,
 }
@@ -254,7 +254,7 @@ pub fn prefill(model: &Model, prompts: &[Vec<u32>], pad: u32) -> Result<Prefill>
         let hidden = match prefill_shared(model, prompts, pad, &mut cache)? {
             Some(h) => h,
             None => {
-                let positions = crate::ops::positions_from_mask(&batch.attention_mask);
+                let positions = crate::kernels::positions_from_mask(&batch.attention_mask);
                 let ids = batch.ids_tensor(model.device())?;
                 model.hidden_cached(&ids, &positions, &batch.attention_mask, &mut cache)?
             }
@@ -284,7 +284,7 @@ fn prefill_shared(
     model: &Model,
     prompts: &[Vec<u32>],
     pad: u32,
-    cache: &mut crate::nn::KvCache,
+    cache: &mut crate::kernels::KvCache,
 ) -> Result<Option<Tensor>> {
     let mut index: std::collections::HashMap<&[u32], u32> = std::collections::HashMap::new();
     let mut distinct: Vec<Vec<u32>> = Vec::new();
@@ -304,7 +304,7 @@ fn prefill_shared(
     }
     // Left-padded to the same width as the full batch (its longest prompt is among these).
     let batch = Batch::pad(&distinct, pad, true);
-    let positions = crate::ops::positions_from_mask(&batch.attention_mask);
+    let positions = crate::kernels::positions_from_mask(&batch.attention_mask);
     let ids = batch.ids_tensor(model.device())?;
     let hidden = match rooted_prefill(model, &batch, &positions, &ids, lr)? {
         Some((hidden, rooted)) => {
@@ -329,7 +329,7 @@ fn rooted_prefill(
     positions: &[Vec<u32>],
     ids: &Tensor,
     lr: usize,
-) -> Result<Option<(Tensor, crate::nn::KvCache)>> {
+) -> Result<Option<(Tensor, crate::kernels::KvCache)>> {
     let width = ids.dim(1)?;
     if lr == 0 || lr >= width || !model.packs_natively() {
         return Ok(None);
@@ -382,7 +382,7 @@ fn pick_tokens(
     let picks = std::sync::Mutex::new(vec![None; b]);
     // Other modes keep each row's log-probabilities for the serial pass below.
     let rows = std::sync::Mutex::new(vec![Vec::new(); b]);
-    crate::fused::par_units(b, vocab, |_, range| {
+    crate::kernels::cpu::fused::par_units(b, vocab, |_, range| {
         let mut e = vec![0f32; vocab];
         for r in range {
             if !active[r] {
@@ -435,8 +435,8 @@ fn pick_tokens(
 simd_fn! {
     // e = exp(x·inv_t − m) with m = max(x·inv_t); stats = (m, Σ e).
     fn scaled_exp_row(x: &[f32], inv_t: f32, e: &mut [f32], stats: &mut (f32, f64)) {
-        let m = crate::fused::max(x) * inv_t;
-        *stats = (m, crate::fused::scaled_exp_sum(x, inv_t, m, e) as f64);
+        let m = crate::kernels::cpu::fused::max(x) * inv_t;
+        *stats = (m, crate::kernels::cpu::fused::scaled_exp_sum(x, inv_t, m, e) as f64);
     }
 }
 
@@ -502,7 +502,7 @@ fn sample(logp: &[f32], top_k: Option<usize>, top_p: Option<f64>, rng: &mut impl
 /// PPO/DPO quantity, differentiable when the model has trainable parameters.
 // logits: (b, t, vocab), targets: (b, t) u32 -> (b, t)
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    crate::logprob::token_logprobs(logits, targets)
+    crate::kernels::token_logprobs(logits, targets)
 }
 
 #[cfg(test)]
@@ -542,7 +542,10 @@ mod tests {
             } else {
                 t.clone()
             };
-            let want: Vec<Vec<f32>> = crate::ops::log_softmax(&scaled).unwrap().to_vec2().unwrap();
+            let want: Vec<Vec<f32>> = crate::kernels::generic::log_softmax(&scaled)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
             let picks = pick_tokens(&logits, vocab, &active, &config(temp, top_k), &mut rng);
             for r in 0..b {
                 let Some((tok, logp)) = picks[r] else {

@@ -11,7 +11,8 @@ use std::rc::Rc;
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use crate::nn::{attention, Embedding, KvCache, LayerNorm, Linear, Switches};
+use crate::kernels::{sdpa, KvCache};
+use crate::nn::{Embedding, LayerNorm, Linear, Switches};
 use crate::weights::Builder;
 use crate::{Error, Result};
 
@@ -115,7 +116,7 @@ impl Attention {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let y = attention(&q, &k, &v, bias, self.scale)?;
+        let y = sdpa(&q, &k, &v, bias, self.scale)?;
         let y = y.transpose(1, 2)?.reshape((b, t, h))?;
         self.c_proj.forward(&y)
     }

@@ -1,18 +1,15 @@
 //! `rlhf-model`: decoder-only transformers that load Hugging Face checkpoints, train through
 //! candle's autograd (every op here has a backward pass), carry LoRA adapters, and generate.
+//!
+//! The models (`model`, `llama`, `gpt2`, `opt`, `nn`, `lora`, `weights`) are built from the ops
+//! of [`kernels`], which pick a device's kernels or the device-generic forms per call.
 
-pub mod attn;
-pub mod block;
 pub mod error;
-pub mod frozen;
-pub mod fused;
-pub mod gemm;
 pub mod generate;
 pub mod gguf;
-pub mod glu;
 pub mod gpt2;
+pub mod kernels;
 pub mod llama;
-pub mod logprob;
 pub mod lora;
 pub mod model;
 pub mod nn;

@@ -8,8 +8,9 @@ use std::rc::Rc;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use crate::block::{LayerParts, Proj};
-use crate::nn::{Embedding, KvCache, Linear, RmsNorm, Switches};
+use crate::kernels::KvCache;
+use crate::kernels::{LayerParts, Proj};
+use crate::nn::{Embedding, Linear, RmsNorm, Switches};
 use crate::weights::Builder;
 use crate::Result;
 
@@ -217,7 +218,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         bias: &Tensor,
-        segments: Option<&crate::ops::Packing>,
+        segments: Option<&crate::kernels::Packing>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (q, k, v) = (
@@ -226,7 +227,7 @@ impl Attention {
             self.v_proj.forward(x)?,
         );
         let (nh, nkv) = (self.n_heads, self.n_kv);
-        let y = crate::attn::attention(&q, &k, &v, cos, sin, bias, nh, nkv, segments, cache)?;
+        let y = crate::kernels::attention(&q, &k, &v, cos, sin, bias, nh, nkv, segments, cache)?;
         self.o_proj.forward_residual(&y, residual)
     }
 }
@@ -270,7 +271,7 @@ struct Block {
 }
 
 impl Block {
-    /// q, k, v, o, gate, up and down: the one-op layer's order ([`crate::block`]).
+    /// q, k, v, o, gate, up and down: the one-op layer's order ([`crate::kernels::decoder_layer`]).
     fn projections(&self) -> [&Linear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [
@@ -354,7 +355,7 @@ impl Llama {
         ids: &Tensor,
         positions: &[Vec<u32>],
         bias: &Tensor,
-        segments: Option<&crate::ops::Packing>,
+        segments: Option<&crate::kernels::Packing>,
         mut cache: Option<&mut KvCache>,
         rows: Option<&[usize]>,
     ) -> Result<Tensor> {
@@ -395,15 +396,15 @@ impl Llama {
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        packing: &crate::ops::Packing,
+        packing: &crate::kernels::Packing,
         rows: Option<&[usize]>,
     ) -> Result<Tensor> {
         let dtype = self.embed_tokens.dtype();
-        if crate::attn::fused_enabled() {
+        if crate::kernels::cpu::attn::fused_enabled() {
             let placeholder = Tensor::zeros((1, 1, 1, 1), dtype, ids.device())?;
             return self.run(ids, positions, &placeholder, Some(packing), None, rows);
         }
-        let bias = crate::ops::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
+        let bias = crate::kernels::packed_attention_bias(packing, ids.device())?.to_dtype(dtype)?;
         self.run(ids, positions, &bias, None, None, rows)
     }
 
@@ -412,7 +413,7 @@ impl Llama {
         matches!(self.cfg.hidden_act.as_str(), "silu" | "swish")
     }
 
-    /// The layer as one op ([`crate::block`]) where it can run.
+    /// The layer as one op ([`crate::kernels::decoder_layer`]) where it can run.
     #[allow(clippy::too_many_arguments)]
     fn fused_layer(
         &self,
@@ -421,14 +422,14 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         bias: &Tensor,
-        segments: Option<&crate::ops::Packing>,
+        segments: Option<&crate::kernels::Packing>,
         rows: Option<&[usize]>,
     ) -> Result<Option<Tensor>> {
         if !self.one_op_activation() {
             return Ok(None);
         }
         fn proj(l: &Linear) -> Option<Proj<'_>> {
-            l.frozen_parts().map(|(w, lora)| Proj { w, lora })
+            l.frozen_parts()
         }
         let projs = layer.projections().map(proj);
         if projs.iter().any(Option::is_none) {
@@ -442,7 +443,7 @@ impl Llama {
             heads: (a.n_heads, a.n_kv, self.cfg.head_dim()),
             grad: self.switches.grad_enabled(),
         };
-        crate::block::decoder_layer(x, &parts, cos, sin, bias, segments, rows)
+        crate::kernels::decoder_layer(x, &parts, cos, sin, bias, segments, rows)
     }
 }
 
@@ -503,7 +504,7 @@ impl crate::model::Backbone for Llama {
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        packing: &crate::ops::Packing,
+        packing: &crate::kernels::Packing,
     ) -> Result<Tensor> {
         self.run_packed(ids, positions, packing, None)
     }
@@ -512,14 +513,14 @@ impl crate::model::Backbone for Llama {
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        packing: &crate::ops::Packing,
+        packing: &crate::kernels::Packing,
         rows: &[usize],
     ) -> Result<Tensor> {
         self.run_packed(ids, positions, packing, Some(rows))
     }
 
     fn packs_natively(&self) -> bool {
-        crate::attn::fused_enabled()
+        crate::kernels::cpu::attn::fused_enabled()
     }
 
     fn n_layers(&self) -> usize {

@@ -9,8 +9,9 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels::KvCache;
 use crate::lora::LoraConfig;
-use crate::nn::{KvCache, Linear, Switches};
+use crate::nn::{Linear, Switches};
 use crate::weights::{Builder, ParamStore, Training, WeightSource};
 use crate::{Error, Result};
 
@@ -35,9 +36,9 @@ pub trait Backbone {
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        packing: &crate::ops::Packing,
+        packing: &crate::kernels::Packing,
     ) -> Result<Tensor> {
-        let bias = crate::ops::packed_attention_bias(packing, ids.device())?
+        let bias = crate::kernels::packed_attention_bias(packing, ids.device())?
             .to_dtype(self.embed_weight().dtype())?;
         self.forward(ids, positions, &bias, None)
     }
@@ -49,7 +50,7 @@ pub trait Backbone {
         &self,
         ids: &Tensor,
         positions: &[Vec<u32>],
-        packing: &crate::ops::Packing,
+        packing: &crate::kernels::Packing,
         rows: &[usize],
     ) -> Result<Tensor> {
         crate::ops::select_rows(&self.forward_packed(ids, positions, packing)?, rows)
@@ -87,11 +88,11 @@ pub trait Backbone {
     /// The token embedding matrix (vocab, hidden), for tied LM heads.
     fn embed_weight(&self) -> &Tensor;
     /// Position ids of a padded batch for a forward without cache. The default counts from
-    /// each row's first real token ([`crate::ops::positions_from_mask`]); OPT overrides it to
+    /// each row's first real token ([`crate::kernels::positions_from_mask`]); OPT overrides it to
     /// give padding the position transformers gives it.
     // mask: (b, t) of 0/1 -> (b, t) positions
     fn positions(&self, mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
-        crate::ops::positions_from_mask(mask)
+        crate::kernels::positions_from_mask(mask)
     }
 }
 
@@ -579,7 +580,7 @@ impl Model {
 
     /// Keeps the backbone's frozen projection weights in the GEMM kernel's layout, in place
     /// of the checkpoint's (the same memory): the one-op layer's products then pack less of
-    /// them ([`crate::gemm::Panels`]). For jobs that train or score without generating
+    /// them ([`crate::kernels::cpu::gemm::Panels`]). For jobs that train or score without generating
     /// (reward and SFT training): any other path that reads such a weight rebuilds the
     /// row-major tensor, doubling its memory. Returns how many weights were converted.
     pub fn keep_frozen_in_kernel_layout(&mut self) -> Result<usize> {
@@ -606,7 +607,7 @@ impl Model {
     /// included) and the token embedding in bf16, in place of the f32 tensors (which are
     /// dropped, the parameter store's hold included), for a model that only decodes
     /// (`generate`, `serve`): the products read half the bytes per token and compute in f32
-    /// ([`crate::gemm::matmul_wt_bf16`]). Converted layers have no backward pass and skip the
+    /// ([`crate::kernels::cpu::gemm::matmul_wt_bf16`]). Converted layers have no backward pass and skip the
     /// fused f32 ops; trainable, adapted and GPT-2 Conv1D weights stay f32, and so do
     /// backbones other than the Llama family (GPT-2, OPT). Returns how many tensors were
     /// converted.
@@ -730,7 +731,7 @@ impl Model {
         if t == 0 {
             return Err(no_tokens(batch.len()));
         }
-        let bias = crate::ops::attention_bias(&batch.attention_mask, t, &self.device)?
+        let bias = crate::kernels::attention_bias(&batch.attention_mask, t, &self.device)?
             .to_dtype(self.dtype)?;
         self.backbone.forward(&ids, positions, &bias, None)
     }
@@ -754,13 +755,13 @@ impl Model {
         starts.push(ids.len());
         let total = ids.len();
         let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
-        let packing = crate::ops::Packing::sequences(starts);
+        let packing = crate::kernels::Packing::sequences(starts);
         let hidden = self.backbone.forward_packed(&ids, &[positions], &packing)?;
         Ok((hidden, packing.starts))
     }
 
     /// Hidden states of prompts and their completions packed into one row, each prompt
-    /// computed once and shared by its completions (see [`crate::ops::Packing`]): a
+    /// computed once and shared by its completions (see [`crate::kernels::Packing`]): a
     /// completion's tokens see its prompt and itself, and count their positions on from the
     /// prompt's end, so every token's state is the one it has in `prompt + completion` alone.
     /// Returns the `(1, total, hidden)` states and, per group, where its prompt starts and
@@ -781,7 +782,7 @@ impl Model {
     fn shared_prompts_layout(
         &self,
         groups: &[(&[u32], Vec<&[u32]>)],
-    ) -> Result<(Tensor, Vec<u32>, crate::ops::Packing, Vec<GroupOffsets>)> {
+    ) -> Result<(Tensor, Vec<u32>, crate::kernels::Packing, Vec<GroupOffsets>)> {
         // The prompts' common start, if long enough, is packed once as the root segment,
         // seen by every group; each group keeps a token of its own prompt past it.
         let prompts: Vec<&[u32]> = groups.iter().map(|(p, _)| *p).collect();
@@ -831,7 +832,7 @@ impl Model {
             return Err(no_tokens(groups.len()));
         }
         let ids = Tensor::from_vec(ids, (1, total), &self.device)?;
-        let packing = crate::ops::Packing {
+        let packing = crate::kernels::Packing {
             starts,
             branches,
             root: lr > 0,
@@ -913,7 +914,8 @@ impl Model {
         if t == 0 {
             return Err(no_tokens(ids.dim(0)?));
         }
-        let bias = crate::ops::attention_bias(key_mask, t, &self.device)?.to_dtype(self.dtype)?;
+        let bias =
+            crate::kernels::attention_bias(key_mask, t, &self.device)?.to_dtype(self.dtype)?;
         self.backbone.forward(ids, positions, &bias, Some(cache))
     }
 

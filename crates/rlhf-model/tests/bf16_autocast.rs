@@ -1,7 +1,7 @@
 //! bf16 autocast (`bf16 = true`, issue #20): every product reads its operands rounded to bf16
 //! and sums in f32, as torch's CPU autocast runs a matmul.
 //!
-//! The switch is process-wide ([`gemm::Autocast`]), so these tests keep to this binary and
+//! The switch is process-wide ([`kernels::Autocast`]), so these tests keep to this binary and
 //! take turns (`TURN`): a product of another test must not change precision under it.
 
 mod common;
@@ -9,7 +9,7 @@ mod common;
 use std::sync::Mutex;
 
 use common::*;
-use rlhf_model::gemm;
+use rlhf_model::kernels;
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -32,10 +32,13 @@ fn rounding_is_nearest_even() {
     ]);
     for &x in &xs {
         let want = half::bf16::from_f32(x).to_f32();
-        assert_eq!(gemm::round_bf16(x).to_bits(), want.to_bits(), "{x:e}");
+        assert_eq!(kernels::round_bf16(x).to_bits(), want.to_bits(), "{x:e}");
     }
     for bits in [0x7FC0_0000u32, 0x7F80_0001, 0xFFFF_FFFF, 0x7FFF_FFFF] {
-        assert!(gemm::round_bf16(f32::from_bits(bits)).is_nan(), "{bits:#x}");
+        assert!(
+            kernels::round_bf16(f32::from_bits(bits)).is_nan(),
+            "{bits:#x}"
+        );
     }
 }
 
@@ -93,7 +96,7 @@ fn the_bf16_decoding_copy_decodes_as_the_policy_does_under_autocast() {
         max_new_tokens: 10,
         ..Default::default()
     };
-    let _ac = gemm::Autocast::bf16(true);
+    let _ac = kernels::Autocast::bf16(true);
 
     let full = Model::load(
         &dir,
@@ -112,7 +115,7 @@ fn the_bf16_decoding_copy_decodes_as_the_policy_does_under_autocast() {
         generate(&copy, &prompts, &cfg).unwrap(),
     );
     let exact = {
-        let _off = gemm::Autocast::bf16(false);
+        let _off = kernels::Autocast::bf16(false);
         generate(&full, &prompts, &cfg).unwrap()
     };
     let (mut d_copy, mut d_autocast) = (0f32, 0f32);
@@ -175,7 +178,7 @@ fn the_bf16_decoding_copy_decodes_as_the_policy_does_under_autocast() {
     };
     let (adapted, merged, plain) = (one(&lora), one(&copy), one(&base));
     let exact = {
-        let _off = gemm::Autocast::bf16(false);
+        let _off = kernels::Autocast::bf16(false);
         one(&lora)
     };
     let dist = |a: &[f32], b: &[f32]| {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use rlhf_model::gemm;
+use rlhf_model::kernels::cpu::gemm;
 
 #[test]
 fn logits_follow_torch_autocast_on_candle_matmul() {

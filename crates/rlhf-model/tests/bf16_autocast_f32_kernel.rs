@@ -8,7 +8,7 @@ mod common;
 #[test]
 fn products_round_their_operands_on_the_f32_kernel() {
     std::env::set_var("RLHF_BF16_KERNEL", "0");
-    assert!(!rlhf_model::gemm::bf16_kernel());
+    assert!(!rlhf_model::kernels::cpu::gemm::bf16_kernel());
     common::autocast_products_round_their_operands();
     for arch in ["llama-gqa", "gpt2"] {
         common::check_long_autocast_logits(arch);

@@ -21,8 +21,8 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rlhf_model::generate::{pick_token, prefill, GenerationConfig};
+use rlhf_model::kernels::KvCache;
 use rlhf_model::model::SourceCache;
-use rlhf_model::nn::KvCache;
 use rlhf_model::{Heads, LoadOptions, Model};
 use tokio::sync::{mpsc, oneshot};
 

@@ -251,7 +251,7 @@ fn reference_logprobs(
         let batch = Batch::pad(&[ids.clone()], 0, false);
         let hidden = model.hidden(&batch).unwrap();
         let logits = model.logits(&hidden).unwrap();
-        let lp = rlhf_model::ops::log_softmax(&logits.squeeze(0).unwrap()).unwrap();
+        let lp = rlhf_model::kernels::generic::log_softmax(&logits.squeeze(0).unwrap()).unwrap();
         let row: Vec<f32> = lp.get(ids.len() - 1).unwrap().to_vec1().unwrap();
         let mut order: Vec<usize> = (0..row.len()).collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));

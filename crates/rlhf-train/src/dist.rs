@@ -8,10 +8,11 @@
 //! before clipping, so every rank applies the same update to the same weights. Rank 0 alone
 //! writes: logs, metrics, checkpoints and the final model.
 //!
-//! Backends: [`Single`] (one process, every operation the identity) and, with the `mpi`
-//! feature, [`mpi::Mpi`] over Open MPI (the `mpi` crate). The process's world is installed
-//! once by the binary ([`install`]) and read with [`world`]; it lives on the main thread, as
-//! MPI's single-threaded mode requires (candle's worker threads never call it).
+//! Backends: [`Single`] (one process, every operation the identity); with the `mpi`
+//! feature, [`mpi::Mpi`] over Open MPI (the `mpi` crate); with the `nccl` feature,
+//! [`nccl::Nccl`], NCCL on one GPU per rank, bootstrapped over MPI. The process's world is
+//! installed once by the binary ([`install`]) and read with [`world`]; it lives on the main
+//! thread, as MPI's single-threaded mode requires (candle's worker threads never call it).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -86,6 +87,30 @@ pub fn launched_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
         .iter()
         .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// This process's rank among the ranks on its own host, as the launcher numbers them
+/// (`mpirun`'s `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, `srun`'s
+/// `SLURM_LOCALID`), else `None`.
+pub fn launched_local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// The GPU of a rank, one per rank: its local rank where the launcher gives one (so every
+/// host numbers its GPUs from 0), else `rank % count` (right when every host runs `count`
+/// ranks in a block). `None` when the host has fewer GPUs than the local rank needs: two
+/// ranks on one GPU is a launch mistake (NCCL refuses a duplicate GPU in one communicator).
+pub fn device_ordinal(local_rank: Option<usize>, rank: usize, count: usize) -> Option<usize> {
+    match local_rank {
+        Some(l) => (l < count).then_some(l),
+        None => (count > 0).then(|| rank % count),
+    }
 }
 
 /// Combines per-rank metrics of equal-sized shares into the global batch's, in place: names
@@ -183,7 +208,7 @@ pub mod mpi {
     /// MPI's world communicator; MPI is finalised when the [`Universe`](mpi::environment::Universe)
     /// that [`init`] returns is dropped.
     pub struct Mpi {
-        world: SimpleCommunicator,
+        pub(super) world: SimpleCommunicator,
     }
 
     /// Initialises MPI (single-threaded: only the main thread calls it) and returns the
@@ -228,6 +253,167 @@ pub mod mpi {
     }
 }
 
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    //! The NCCL backend: one CUDA device per rank, the communicator bootstrapped over MPI
+    //! (rank 0 makes NCCL's unique id and broadcasts it), which also keeps the rank, the size,
+    //! the barrier and the abort; the all-reduces run on the GPUs.
+
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
+    use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+    use mpi::traits::*;
+
+    use super::mpi::Mpi;
+    use super::Collective;
+
+    /// Why NCCL could not start on this rank.
+    #[derive(Debug, thiserror::Error)]
+    pub enum InitError {
+        /// The CUDA driver could not be asked for its devices.
+        #[error("rank {rank}: CUDA devices could not be counted: {reason}")]
+        Devices { rank: usize, reason: String },
+        /// No GPU is left for this rank on its host.
+        #[error(
+            "rank {rank} (local rank {local_rank:?}) has no GPU of its own: this host has {count}; \
+             start at most one rank per GPU"
+        )]
+        NoDevice {
+            rank: usize,
+            local_rank: Option<usize>,
+            count: usize,
+        },
+        /// A CUDA or NCCL call failed while the communicator was made.
+        #[error("rank {rank}, GPU {ordinal}: {step} failed: {reason}")]
+        Setup {
+            rank: usize,
+            ordinal: usize,
+            step: &'static str,
+            reason: String,
+        },
+    }
+
+    /// An NCCL communicator over the world's ranks, each on its own GPU.
+    ///
+    /// The [`Collective`] trait takes host slices, so each all-reduce stages its buffer through
+    /// the GPU: copy in, all-reduce, copy back. Once the trainers keep their gradients on the
+    /// GPU, a device-resident all-reduce can skip both copies.
+    pub struct Nccl {
+        mpi: Mpi,
+        stream: Arc<CudaStream>,
+        comm: Comm,
+    }
+
+    impl Nccl {
+        /// Opens this rank's GPU ([`super::device_ordinal`]) and joins the NCCL communicator
+        /// of every rank of `mpi` (a collective: every rank calls it). On failure the MPI
+        /// world comes back with the error, to abort the job: the other ranks may be waiting
+        /// in the communicator's set-up.
+        pub fn new(mpi: Mpi) -> Result<Self, (Mpi, InitError)> {
+            match Self::open(&mpi) {
+                Ok((stream, comm)) => Ok(Self { mpi, stream, comm }),
+                Err(e) => Err((mpi, e)),
+            }
+        }
+
+        fn open(mpi: &Mpi) -> Result<(Arc<CudaStream>, Comm), InitError> {
+            let (rank, size) = (mpi.rank(), mpi.size());
+            let count = CudaContext::device_count().map_err(|e| InitError::Devices {
+                rank,
+                reason: e.to_string(),
+            })?;
+            let count = usize::try_from(count).unwrap_or(0);
+            let local_rank = super::launched_local_rank();
+            let ordinal =
+                super::device_ordinal(local_rank, rank, count).ok_or(InitError::NoDevice {
+                    rank,
+                    local_rank,
+                    count,
+                })?;
+            let setup = |step, reason: String| InitError::Setup {
+                rank,
+                ordinal,
+                step,
+                reason,
+            };
+            let ctx = CudaContext::new(ordinal)
+                .map_err(|e| setup("opening the device", e.to_string()))?;
+            let stream = ctx
+                .new_stream()
+                .map_err(|e| setup("making a stream", e.to_string()))?;
+            let mut id = [0; 128];
+            if rank == 0 {
+                let own = Id::new().map_err(|e| setup("ncclGetUniqueId", format!("{:?}", e.0)))?;
+                id = *own.internal();
+            }
+            mpi.world.process_at_rank(0).broadcast_into(&mut id[..]);
+            let comm = Comm::from_rank(stream.clone(), rank, size, Id::uninit(id))
+                .map_err(|e| setup("ncclCommInitRank", format!("{:?}", e.0)))?;
+            Ok((stream, comm))
+        }
+
+        /// `buf` through the GPU: copy in, all-reduce in place, copy back. A failure ends the
+        /// job: the other ranks would wait for this one in the next collective.
+        fn all_reduce<T: NcclType + DeviceRepr>(&self, buf: &mut [T], op: ReduceOp) {
+            if buf.is_empty() {
+                return;
+            }
+            if let Err(e) = self.staged_all_reduce(buf, &op) {
+                tracing::error!(
+                    "rank {}: NCCL all-reduce of {} values failed: {e}; ending the job",
+                    self.rank(),
+                    buf.len()
+                );
+                self.abort(1);
+            }
+        }
+
+        fn staged_all_reduce<T: NcclType + DeviceRepr>(
+            &self,
+            buf: &mut [T],
+            op: &ReduceOp,
+        ) -> Result<(), String> {
+            let mut dev = self.stream.clone_htod(buf).map_err(|e| e.to_string())?;
+            self.comm
+                .all_reduce_in_place(&mut dev, op)
+                .map_err(|e| format!("{:?}", e.0))?;
+            self.stream
+                .memcpy_dtoh(&dev, buf)
+                .map_err(|e| e.to_string())?;
+            // The copy back is asynchronous: `buf` is ready once the stream is.
+            self.stream.synchronize().map_err(|e| e.to_string())
+        }
+    }
+
+    impl Collective for Nccl {
+        fn rank(&self) -> usize {
+            self.mpi.rank()
+        }
+        fn size(&self) -> usize {
+            self.mpi.size()
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
+            self.all_reduce(buf, ReduceOp::Sum);
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+            self.all_reduce(buf, ReduceOp::Sum);
+        }
+        fn all_reduce_max_f64(&self, buf: &mut [f64]) {
+            self.all_reduce(buf, ReduceOp::Max);
+        }
+        fn barrier(&self) {
+            self.mpi.barrier();
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.mpi.abort(code)
+        }
+        fn name(&self) -> &'static str {
+            "NCCL"
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +432,21 @@ mod tests {
                 assert_eq!(next, global);
             }
         }
+    }
+
+    #[test]
+    fn a_rank_gets_its_local_gpu_or_none() {
+        // The launcher's local rank picks the GPU, whatever the global rank.
+        assert_eq!(device_ordinal(Some(1), 9, 4), Some(1));
+        assert_eq!(device_ordinal(Some(3), 3, 4), Some(3));
+        // More ranks on a host than GPUs: no sharing.
+        assert_eq!(device_ordinal(Some(4), 4, 4), None);
+        // No local rank: the global rank wraps over the host's GPUs.
+        assert_eq!(device_ordinal(None, 5, 4), Some(1));
+        assert_eq!(device_ordinal(None, 0, 1), Some(0));
+        // No GPU at all.
+        assert_eq!(device_ordinal(None, 0, 0), None);
+        assert_eq!(device_ordinal(Some(0), 0, 0), None);
     }
 
     #[test]

@@ -276,7 +276,7 @@ pub fn token_nll_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, us
     };
     let n = targets.dim(0)?;
     let picked_rows = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
-    let nll = rlhf_model::logprob::token_logprobs(&picked_rows, &targets)?
+    let nll = rlhf_model::kernels::token_logprobs(&picked_rows, &targets)?
         .sum_all()?
         .neg()?;
     Ok((nll, n))

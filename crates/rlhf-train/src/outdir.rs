@@ -302,11 +302,11 @@ pub fn prepare(
 }
 
 /// What a trainer holds while it runs: the output directory's lock and, with `bf16 = true`,
-/// bf16 autocast ([`rlhf_model::gemm::Autocast`]); both end when it is dropped.
+/// bf16 autocast ([`rlhf_model::kernels::Autocast`]); both end when it is dropped.
 pub struct RunGuard {
     /// Rank 0's lock on the output directory (other ranks of a data-parallel job hold none).
     _lock: Option<OutputLock>,
-    _precision: rlhf_model::gemm::Autocast,
+    _precision: rlhf_model::kernels::Autocast,
 }
 
 /// [`prepare`] for a trainer: `args.output_dir`, which may not be `args.model` (nor the other
@@ -335,11 +335,11 @@ pub fn prepare_run(
     };
     world.barrier();
     if args.bf16 {
-        tracing::info!("{}", rlhf_model::gemm::autocast_kernel());
+        tracing::info!("{}", rlhf_model::kernels::cpu::gemm::autocast_kernel());
     }
     Ok(RunGuard {
         _lock: lock,
-        _precision: rlhf_model::gemm::Autocast::bf16(args.bf16),
+        _precision: rlhf_model::kernels::Autocast::bf16(args.bf16),
     })
 }
 

@@ -224,7 +224,7 @@ impl Policy {
         let tok = Tokenizer::from_dir(&args.model)?;
         let pad_id = rlhf_data::pad_id(&tok)?;
         let mut model = Model::load(&args.model, &LoadOptions::default())?;
-        if rlhf_model::gemm::autocast_bf16() {
+        if rlhf_model::kernels::autocast_bf16() {
             // Nothing trains it: under bf16 autocast its weights are kept once, in bf16.
             model.keep_frozen_in_bf16_for_decoding()?;
         }
@@ -514,7 +514,7 @@ pub fn sample_and_score(
     // (A policy loaded only to sample from, `Policy::frozen`, has nothing to train: its
     // weights were kept in bf16 in place.)
     let trains = !policy.model.params().trainable().is_empty();
-    let bf16_copy = if rlhf_model::gemm::autocast_bf16() && trains {
+    let bf16_copy = if rlhf_model::kernels::autocast_bf16() && trains {
         policy.model.bf16_decoding_copy()?
     } else {
         None

@@ -117,7 +117,7 @@ impl RewardModel {
             },
             cache,
         )?;
-        if rlhf_model::gemm::autocast_bf16() {
+        if rlhf_model::kernels::autocast_bf16() {
             // Under bf16 autocast its products read the weights rounded anyway: keep them
             // once, in bf16 (half the memory, and the bf16 kernel reads them in place).
             model.keep_frozen_in_bf16_for_decoding()?;

@@ -68,7 +68,7 @@ fn check(kind: &str, extra: &str) {
     let ours = run(kind, tmp.path(), true, extra);
     let ours_f32 = run(kind, tmp.path(), false, extra);
     assert!(
-        !rlhf_model::gemm::autocast_bf16(),
+        !rlhf_model::kernels::autocast_bf16(),
         "the run left autocast on"
     );
     let r = reference();

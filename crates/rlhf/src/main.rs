@@ -116,6 +116,16 @@ fn main() -> std::process::ExitCode {
     let _universe = match launched {
         Some(_) => match rlhf_train::dist::mpi::init() {
             Some((universe, world)) => {
+                // With NCCL, the gradients go over the GPUs; MPI only starts the job.
+                #[cfg(feature = "nccl")]
+                let world = match rlhf_train::dist::nccl::Nccl::new(world) {
+                    Ok(nccl) => nccl,
+                    Err((world, e)) => {
+                        eprintln!("error: NCCL could not be started: {e}");
+                        // The other ranks may be waiting in NCCL's set-up: end the whole job.
+                        rlhf_train::dist::Collective::abort(&world, 1)
+                    }
+                };
                 rlhf_train::dist::install(std::rc::Rc::new(world));
                 Some(universe)
             }

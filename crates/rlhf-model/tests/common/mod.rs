@@ -181,11 +181,11 @@ pub fn check_rounded(what: &str, got: &[f32], want: &(Vec<f64>, Vec<f64>), plain
 /// batched products. Where the f32 kernel runs, the result is also the f32 product of the
 /// rounded operands to the bit (same kernel, same order of sums).
 pub fn autocast_products_round_their_operands() {
-    if !rlhf_model::gemm::available() {
+    if !rlhf_model::kernels::cpu::gemm::available() {
         eprintln!("no AVX-512F here: the candle fallback is tested in bf16_autocast_candle.rs");
         return;
     }
-    eprintln!("{}", rlhf_model::gemm::autocast_kernel());
+    eprintln!("{}", rlhf_model::kernels::cpu::gemm::autocast_kernel());
     for (m, k, n) in [
         (1, 7, 3),
         (5, 70, 40),
@@ -195,21 +195,22 @@ pub fn autocast_products_round_their_operands() {
         (300, 520, 70),
         (100, 301, 97),
     ] {
-        let f32_kernel = m <= 64 || !rlhf_model::gemm::bf16_kernel();
+        let f32_kernel = m <= 64 || !rlhf_model::kernels::cpu::gemm::bf16_kernel();
         // x·Wᵀ of at most 32 rows streams W's rows as bf16 pairs on the bf16 kernel.
-        let f32_kernel_xwt = f32_kernel && (m > 32 || !rlhf_model::gemm::bf16_kernel());
+        let f32_kernel_xwt =
+            f32_kernel && (m > 32 || !rlhf_model::kernels::cpu::gemm::bf16_kernel());
         let (a, w) = (values(m * k, 2), values(n * k, 3));
         let (ar, wr) = (rounded(&a), rounded(&w));
         // x·Wᵀ with W row-major (B strided: the streaming path for few rows).
         let x_wt = |d: &[f32], wd: &[f32]| {
-            rlhf_model::gemm::matmul(
-                rlhf_model::gemm::MatRef::new(d, m, k, k, 1),
-                rlhf_model::gemm::MatRef::new(wd, n, k, k, 1).t(),
+            rlhf_model::kernels::cpu::gemm::matmul(
+                rlhf_model::kernels::cpu::gemm::MatRef::new(d, m, k, k, 1),
+                rlhf_model::kernels::cpu::gemm::MatRef::new(wd, n, k, k, 1).t(),
             )
             .unwrap()
         };
         let got = {
-            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            let _ac = rlhf_model::kernels::Autocast::bf16(true);
             x_wt(&a, &w)
         };
         let want = exact(&ar, m, k, n, |p, j| wr[j * k + p]);
@@ -228,15 +229,15 @@ pub fn autocast_products_round_their_operands() {
         let start = values(n * k, 5);
         let acc = |gd: &[f32], ad: &[f32]| {
             let mut c = start.clone();
-            assert!(rlhf_model::gemm::matmul_acc(
-                rlhf_model::gemm::MatRef::new(gd, m, n, n, 1).t(),
-                rlhf_model::gemm::MatRef::new(ad, m, k, k, 1),
+            assert!(rlhf_model::kernels::cpu::gemm::matmul_acc(
+                rlhf_model::kernels::cpu::gemm::MatRef::new(gd, m, n, n, 1).t(),
+                rlhf_model::kernels::cpu::gemm::MatRef::new(ad, m, k, k, 1),
                 &mut c
             ));
             c
         };
         let got = {
-            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            let _ac = rlhf_model::kernels::Autocast::bf16(true);
             acc(&g, &a)
         };
         let (gt, grt): (Vec<f32>, Vec<f32>) = {
@@ -260,25 +261,33 @@ pub fn autocast_products_round_their_operands() {
         check_rounded(&format!("gradᵀ·x + C {m}×{k}×{n}"), &got, &want, &plain);
 
         // A frozen weight kept as panels: x·Wᵀ and grad·W.
-        let p = rlhf_model::gemm::Panels::new(&w, n, k);
+        let p = rlhf_model::kernels::cpu::gemm::Panels::new(&w, n, k);
         let got = {
-            let _ac = rlhf_model::gemm::Autocast::bf16(true);
-            rlhf_model::gemm::matmul_wt(rlhf_model::gemm::MatRef::new(&a, m, k, k, 1), &p).unwrap()
+            let _ac = rlhf_model::kernels::Autocast::bf16(true);
+            rlhf_model::kernels::cpu::gemm::matmul_wt(
+                rlhf_model::kernels::cpu::gemm::MatRef::new(&a, m, k, k, 1),
+                &p,
+            )
+            .unwrap()
         };
         let want = exact(&ar, m, k, n, |q, j| wr[j * k + q]);
         let plain = exact(&a, m, k, n, |q, j| w[j * k + q]).0;
         check_rounded(&format!("panels x·Wᵀ {m}×{k}×{n}"), &got, &want, &plain);
         let got = {
-            let _ac = rlhf_model::gemm::Autocast::bf16(true);
-            rlhf_model::gemm::matmul_w(rlhf_model::gemm::MatRef::new(&g, m, n, n, 1), &p).unwrap()
+            let _ac = rlhf_model::kernels::Autocast::bf16(true);
+            rlhf_model::kernels::cpu::gemm::matmul_w(
+                rlhf_model::kernels::cpu::gemm::MatRef::new(&g, m, n, n, 1),
+                &p,
+            )
+            .unwrap()
         };
         let want = exact(&rounded(&g), m, n, k, |q, j| wr[q * k + j]);
         let plain = exact(&g, m, n, k, |q, j| w[q * k + j]).0;
         check_rounded(&format!("panels grad·W {m}×{k}×{n}"), &got, &want, &plain);
         if f32_kernel {
-            let pr = rlhf_model::gemm::Panels::new(&wr, n, k);
-            let bitwise = rlhf_model::gemm::matmul_w(
-                rlhf_model::gemm::MatRef::new(&rounded(&g), m, n, n, 1),
+            let pr = rlhf_model::kernels::cpu::gemm::Panels::new(&wr, n, k);
+            let bitwise = rlhf_model::kernels::cpu::gemm::matmul_w(
+                rlhf_model::kernels::cpu::gemm::MatRef::new(&rounded(&g), m, n, n, 1),
                 &pr,
             )
             .unwrap();
@@ -296,6 +305,7 @@ pub fn autocast_products_round_their_operands() {
     for (m, k, n, strided) in [
         (1, 7, 3, false),
         (5, 70, 40, false),
+        (8, 577, 131, true),
         (17, 301, 70, false),
         (32, 576, 130, true),
         (100, 301, 97, false),
@@ -307,13 +317,13 @@ pub fn autocast_products_round_their_operands() {
         // Strided: A stored transposed (k × m) and read as its transpose.
         let at: Vec<f32> = (0..k * m).map(|q| a[(q % m) * k + q / m]).collect();
         let got = {
-            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            let _ac = rlhf_model::kernels::Autocast::bf16(true);
             let view = if strided {
-                rlhf_model::gemm::MatRef::new(&at, k, m, m, 1).t()
+                rlhf_model::kernels::cpu::gemm::MatRef::new(&at, k, m, m, 1).t()
             } else {
-                rlhf_model::gemm::MatRef::new(&a, m, k, k, 1)
+                rlhf_model::kernels::cpu::gemm::MatRef::new(&a, m, k, k, 1)
             };
-            rlhf_model::gemm::matmul_wt_bf16(view, &wb, n, k)
+            rlhf_model::kernels::cpu::gemm::matmul_wt_bf16(view, &wb, n, k)
         };
         let want = exact(&ar, m, k, n, |p, j| wr[j * k + p]);
         let plain = exact(&a, m, k, n, |p, j| wr[j * k + p]).0;
@@ -324,8 +334,8 @@ pub fn autocast_products_round_their_operands() {
             &plain,
         );
         // Without autocast: A as it is, the products in f32.
-        let f32_product = rlhf_model::gemm::matmul_wt_bf16(
-            rlhf_model::gemm::MatRef::new(&a, m, k, k, 1),
+        let f32_product = rlhf_model::kernels::cpu::gemm::matmul_wt_bf16(
+            rlhf_model::kernels::cpu::gemm::MatRef::new(&a, m, k, k, 1),
             &wb,
             n,
             k,
@@ -341,7 +351,7 @@ pub fn autocast_products_round_their_operands() {
     // A frozen weight kept in bf16 for a `bf16 = true` run (`Bf16Weight`): x·Wᵀ (few rows
     // streamed, more packed) and grad·W, new and accumulated, odd sizes, against the f64
     // product of the rounded operands.
-    if rlhf_model::gemm::bf16_available() {
+    if rlhf_model::kernels::cpu::gemm::bf16_available() {
         for (m, k, n) in [
             (1, 7, 3),
             (17, 301, 70),
@@ -350,23 +360,31 @@ pub fn autocast_products_round_their_operands() {
             (300, 520, 70),
         ] {
             let (x, w, g) = (values(m * k, 11), values(n * k, 12), values(m * n, 13));
-            let bw = rlhf_model::gemm::Bf16Weight::new(&w, n, k);
+            let bw = rlhf_model::kernels::cpu::gemm::Bf16Weight::new(&w, n, k);
             let wr = rounded(&w);
             assert_eq!(
                 bw.to_f32(),
                 wr,
                 "Bf16Weight keeps W rounded to nearest even"
             );
-            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            let _ac = rlhf_model::kernels::Autocast::bf16(true);
             let got = bw
-                .product(rlhf_model::gemm::MatRef::new(&x, m, k, k, 1), true, None)
+                .product(
+                    rlhf_model::kernels::cpu::gemm::MatRef::new(&x, m, k, k, 1),
+                    true,
+                    None,
+                )
                 .unwrap()
                 .unwrap();
             let want = exact(&rounded(&x), m, k, n, |p, j| wr[j * k + p]);
             let plain = exact(&x, m, k, n, |p, j| wr[j * k + p]).0;
             check_rounded(&format!("Bf16Weight x·Wᵀ {m}×{k}×{n}"), &got, &want, &plain);
             let got = bw
-                .product(rlhf_model::gemm::MatRef::new(&g, m, n, n, 1), false, None)
+                .product(
+                    rlhf_model::kernels::cpu::gemm::MatRef::new(&g, m, n, n, 1),
+                    false,
+                    None,
+                )
                 .unwrap()
                 .unwrap();
             let want = exact(&rounded(&g), m, n, k, |q, j| wr[q * k + j]);
@@ -382,7 +400,7 @@ pub fn autocast_products_round_their_operands() {
             let mut c = start.clone();
             assert!(bw
                 .product(
-                    rlhf_model::gemm::MatRef::new(&g, m, n, n, 1),
+                    rlhf_model::kernels::cpu::gemm::MatRef::new(&g, m, n, n, 1),
                     false,
                     Some(&mut c)
                 )
@@ -405,10 +423,10 @@ pub fn autocast_products_round_their_operands() {
     // Batched (attention's q·kᵀ), and the switch restores what it replaced.
     let (q, kk) = (values(3 * 9 * 16, 6), values(3 * 11 * 16, 7));
     let bm = |qd: &[f32], kd: &[f32]| {
-        rlhf_model::gemm::batched_matmul(
-            rlhf_model::gemm::MatRef::new(qd, 9, 16, 16, 1),
+        rlhf_model::kernels::cpu::gemm::batched_matmul(
+            rlhf_model::kernels::cpu::gemm::MatRef::new(qd, 9, 16, 16, 1),
             9 * 16,
-            rlhf_model::gemm::MatRef::new(kd, 11, 16, 16, 1).t(),
+            rlhf_model::kernels::cpu::gemm::MatRef::new(kd, 11, 16, 16, 1).t(),
             11 * 16,
             3,
         )
@@ -416,15 +434,15 @@ pub fn autocast_products_round_their_operands() {
     };
     let want = bm(&rounded(&q), &rounded(&kk));
     let got = {
-        let _ac = rlhf_model::gemm::Autocast::bf16(true);
+        let _ac = rlhf_model::kernels::Autocast::bf16(true);
         {
-            let _off = rlhf_model::gemm::Autocast::bf16(false);
-            assert!(!rlhf_model::gemm::autocast_bf16());
+            let _off = rlhf_model::kernels::Autocast::bf16(false);
+            assert!(!rlhf_model::kernels::autocast_bf16());
         }
-        assert!(rlhf_model::gemm::autocast_bf16());
+        assert!(rlhf_model::kernels::autocast_bf16());
         bm(&q, &kk)
     };
-    assert!(!rlhf_model::gemm::autocast_bf16());
+    assert!(!rlhf_model::kernels::autocast_bf16());
     assert_eq!(got, want, "batched");
 }
 
@@ -458,7 +476,7 @@ pub fn check_long_autocast_logits(arch: &str) {
     };
     let f32_logits = tail(&model);
     let bf16_logits = {
-        let _ac = rlhf_model::gemm::Autocast::bf16(true);
+        let _ac = rlhf_model::kernels::Autocast::bf16(true);
         tail(&model)
     };
     let d = max_abs_diff(&bf16_logits, &want);
@@ -489,7 +507,7 @@ pub fn check_autocast_logits() {
         let (reference, spread) = autocast_reference(arch);
         let f32_logits = golden_logits(arch);
         let bf16_logits = {
-            let _ac = rlhf_model::gemm::Autocast::bf16(true);
+            let _ac = rlhf_model::kernels::Autocast::bf16(true);
             golden_logits(arch)
         };
         let d = masked_max_abs_diff(arch, &bf16_logits, &reference, 512);
@@ -550,7 +568,7 @@ pub fn check_long_autocast_grads(arch: &str) {
     model.set_training(true);
     let g32 = grads(&model);
     let g16 = {
-        let _ac = rlhf_model::gemm::Autocast::bf16(true);
+        let _ac = rlhf_model::kernels::Autocast::bf16(true);
         grads(&model)
     };
     assert_eq!(g32.len(), g16.len());

@@ -113,7 +113,7 @@ pub struct BestOfNArgs {
 fn best_of_n_bench(a: BestOfNArgs) -> Result<()> {
     use rlhf_train::sampling::{sample_and_score, Policy, Round, SamplingArgs, Temperature};
     let dir = tempfile_dir()?;
-    let _autocast = rlhf_model::gemm::Autocast::bf16(a.bf16);
+    let _autocast = rlhf_model::kernels::Autocast::bf16(a.bf16);
     let args = rlhf_train::config::TrainingArgs {
         model: a.model.clone(),
         max_length: 1024,
@@ -210,7 +210,7 @@ pub struct MatmulArgs {
 
 fn matmul_bench(a: MatmulArgs) -> Result<()> {
     use candle_core::{DType, Device, Tensor};
-    use rlhf_model::gemm;
+    use rlhf_model::kernels::cpu::gemm;
     for dtype in [DType::F32, DType::BF16] {
         let x = Tensor::randn(0f32, 1.0, (a.n, a.n), &Device::Cpu)?.to_dtype(dtype)?;
         let y = Tensor::randn(0f32, 1.0, (a.n, a.n), &Device::Cpu)?.to_dtype(dtype)?;
@@ -229,7 +229,7 @@ fn matmul_bench(a: MatmulArgs) -> Result<()> {
             })
         );
     }
-    // The AVX-512 kernel the linear layers use (rlhf_model::gemm), on the same matrices.
+    // The AVX-512 kernel the linear layers use (rlhf_model::kernels::cpu::gemm), on the same matrices.
     let x: Vec<f32> = Tensor::randn(0f32, 1.0, a.n * a.n, &Device::Cpu)?.to_vec1()?;
     let y: Vec<f32> = Tensor::randn(0f32, 1.0, a.n * a.n, &Device::Cpu)?.to_vec1()?;
     let (xm, ym) = (
@@ -472,9 +472,9 @@ fn train(a: TrainArgs) -> Result<()> {
         )?),
         other => bail!("unknown --optimizer {other:?} (rlhf, candle-nn)"),
     };
-    let _precision = rlhf_model::gemm::Autocast::bf16(a.bf16);
+    let _precision = rlhf_model::kernels::Autocast::bf16(a.bf16);
     if a.bf16 {
-        tracing::info!("{}", rlhf_model::gemm::autocast_kernel());
+        tracing::info!("{}", rlhf_model::kernels::cpu::gemm::autocast_kernel());
     }
     let mut rng = SplitMix64(a.seed);
     // Next-token labels without a copy of the logits: each row's last position has no target.
@@ -561,7 +561,7 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
     if a.prompts == 0 || a.batch == 0 || a.prompt_len == 0 || a.max_new_tokens == 0 {
         bail!("--prompts, --batch, --prompt-len and --max-new-tokens must be at least 1");
     }
-    let _autocast = rlhf_model::gemm::Autocast::bf16(a.bf16);
+    let _autocast = rlhf_model::kernels::Autocast::bf16(a.bf16);
     let mut model = Model::load(&a.model, &LoadOptions::default())?;
     super::generate::apply_weight_dtype(&mut model, a.dtype)?;
     let vocab = model.config.vocab_size;

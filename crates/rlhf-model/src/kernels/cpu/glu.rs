@@ -9,32 +9,30 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 #[cfg(target_arch = "x86_64")]
-use crate::fused::use_avx2;
-use crate::fused::{exp_f32, par_units, simd_fn, OutBuf};
+use super::fused::use_avx2;
+use super::fused::{exp_f32, par_units, simd_fn, OutBuf};
 use crate::Result;
 
 type CResult<T> = candle_core::Result<T>;
 
-/// silu(gate) · up (Llama's, Mistral's and Qwen2's MLP), differentiable in both inputs.
+/// silu(gate) · up (Llama's, Mistral's and Qwen2's MLP), differentiable in both inputs;
+/// `None` unless both are f32 on the CPU and of one shape.
 // gate, up: (..., n) -> (..., n)
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let fusable = gate.device().is_cpu()
         && gate.dtype() == candle_core::DType::F32
         && up.dtype() == candle_core::DType::F32
         && gate.dims() == up.dims();
     if !fusable {
-        return silu_mul_composed(gate, up);
+        return Ok(None);
     }
-    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
-}
-
-/// The composed reference: candle's silu and product.
-pub fn silu_mul_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    Ok((gate.silu()? * up)?)
+    Ok(Some(
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?,
+    ))
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
-    crate::attn::data(s, l, what)
+    super::attn::data(s, l, what)
 }
 
 #[inline(always)]
@@ -136,9 +134,9 @@ impl CustomOp3 for SiluMulLinear {
             )
         }
         let h = silu_mul_vec(g, u);
-        let hm = crate::gemm::MatRef::new(&h, m, i, i, 1);
-        let wt = crate::gemm::MatRef::new(w, n, i, i, 1).t();
-        let y = crate::gemm::matmul(hm, wt)
+        let hm = super::gemm::MatRef::new(&h, m, i, i, 1);
+        let wt = super::gemm::MatRef::new(w, n, i, i, 1).t();
+        let y = super::gemm::matmul(hm, wt)
             .ok_or_else(|| candle_core::Error::Msg("fused silu·up·Wᵀ needs AVX-512F".into()))?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -152,13 +150,13 @@ impl CustomOp3 for SiluMulLinear {
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dh = crate::frozen::matmul(&dy, w)?;
+        let dh = super::frozen::matmul(&dy, w)?;
         let both = gate.apply_op3_no_bwd(up, &dh, &SiluMulBwd)?;
         let dg = gate.track_op().then(|| both.get(0)).transpose()?;
         let du = up.track_op().then(|| both.get(1)).transpose()?;
         let dw = if w.track_op() {
             let h = gate.apply_op2_no_bwd(up, &SiluMul)?;
-            Some(crate::frozen::matmul(&dy.t()?, &h)?)
+            Some(super::frozen::matmul(&dy.t()?, &h)?)
         } else {
             None
         };
@@ -230,7 +228,7 @@ simd_fn! {
 
 /// y += r, over the pool.
 pub(crate) fn add_into(y: &mut [f32], r: &[f32]) {
-    let out = crate::fused::Out::of(y);
+    let out = super::fused::Out::of(y);
     par_units(y.len(), 1, |_, range| {
         // SAFETY: units cover disjoint ranges of y.
         let dst = unsafe { out.row(range.start, range.len()) };
@@ -248,7 +246,7 @@ pub fn silu_mul_linear_residual(
     residual: &Tensor,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if !crate::gemm::available()
+    if !crate::kernels::cpu::gemm::available()
         || w.track_op()
         || ![gate, up, w, residual].into_iter().all(f32_cpu)
         || gate.rank() != 2
@@ -287,7 +285,7 @@ pub(crate) fn silu_mul_vec(g: &[f32], u: &[f32]) -> Vec<f32> {
 // gate, up: (m, i), w: (n, i) -> (m, n)
 pub fn silu_mul_linear(gate: &Tensor, up: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if !crate::gemm::available()
+    if !crate::kernels::cpu::gemm::available()
         || ![gate, up, w].into_iter().all(f32_cpu)
         || gate.rank() != 2
         || w.rank() != 2
@@ -369,8 +367,8 @@ mod tests {
         let g = Var::from_tensor(&(Tensor::randn(0f32, 4.0, (3, 50_000), &dev)?))?;
         let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 50_000), &dev)?)?;
         let w = Tensor::randn(0f32, 1.0, (3, 50_000), &dev)?;
-        let fused = silu_mul(g.as_tensor(), u.as_tensor())?;
-        let composed = silu_mul_composed(g.as_tensor(), u.as_tensor())?;
+        let fused = silu_mul(g.as_tensor(), u.as_tensor())?.expect("the kernel runs");
+        let composed = crate::kernels::generic::silu_mul(g.as_tensor(), u.as_tensor())?;
         let diff = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "forward differs by {diff}");
         let gf = (fused * &w)?.sum_all()?.backward()?;
@@ -388,7 +386,7 @@ mod tests {
     /// and the gradients of gate, up and the residual.
     #[test]
     fn down_projection_with_residual_matches_the_composed_sum() -> Result<()> {
-        if !crate::gemm::available() {
+        if !crate::kernels::cpu::gemm::available() {
             eprintln!("skipped: no AVX-512F, the MLP composes the sum from candle ops");
             return Ok(());
         }
@@ -399,7 +397,8 @@ mod tests {
         let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (23, 40), &dev)?)?;
         let probe = Tensor::randn(0f32, 1.0, (23, 40), &dev)?;
         let fused = silu_mul_linear_residual(&g, &u, &w, &r)?.expect("fusable");
-        let composed = (r.as_tensor() + silu_mul_composed(&g, &u)?.matmul(&w.t()?)?)?;
+        let composed =
+            (r.as_tensor() + crate::kernels::generic::silu_mul(&g, &u)?.matmul(&w.t()?)?)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
         };
@@ -423,7 +422,7 @@ mod tests {
     /// gradients of gate, up and (trainable) W.
     #[test]
     fn down_projection_matches_the_composed_layer() -> Result<()> {
-        if !crate::gemm::available() {
+        if !crate::kernels::cpu::gemm::available() {
             eprintln!("skipped: no AVX-512F, the MLP composes the product from candle ops");
             return Ok(());
         }
@@ -433,7 +432,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (50, 96), &dev)?)?;
         let probe = Tensor::randn(0f32, 1.0, (37, 50), &dev)?;
         let fused = silu_mul_linear(&g, &u, &w)?.expect("fusable");
-        let composed = silu_mul_composed(&g, &u)?.matmul(&w.t()?)?;
+        let composed = crate::kernels::generic::silu_mul(&g, &u)?.matmul(&w.t()?)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
         };

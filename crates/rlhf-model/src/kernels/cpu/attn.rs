@@ -24,27 +24,24 @@ use candle_core::{
     bail, CpuStorage, CustomOp3, DType, Layout, Result as CResult, Shape, Storage, Tensor,
 };
 
-use crate::fused::use_avx2;
-use crate::fused::{
+use super::fused::use_avx2;
+use super::fused::{
     dot, max, rope_bwd_row, rope_row, scaled_masked_softmax_row, simd_fn, Out, OutBuf,
 };
-use crate::gemm::{self, MatRef};
-use crate::nn::{repeat_kv, KvCache};
+use super::gemm::{self, MatRef};
+use crate::kernels::{KvCache, Packing};
 use crate::Result;
 
-/// Attention over the outputs of the q/k/v projections.
-///
-/// `cos`/`sin` are the rotary tables of the query positions, `bias` the additive mask; none
-/// of the three may carry a gradient of its own (they never do in the models here). With a
-/// `cache`, on a CPU without AVX-512F, or for other dtypes and devices, the composed candle
-/// path runs instead.
+/// Attention over the outputs of the q/k/v projections ([`crate::kernels::attention`]), or
+/// `None` where neither form here runs it: the whole-sequence op without a cache, the
+/// in-place decoding step (`cached`) with one; not on a CPU with AVX-512F, other dtypes,
+/// shapes that do not fit, or `RLHF_ATTN=composed`.
 ///
 /// `segments`, for a batch of one row that packs several sequences (see
 /// [`Model::hidden_packed`](crate::Model::hidden_packed)), holds their start offsets and the
 /// row's length. Each sequence then attends causally to itself alone: the fused op applies
 /// that mask itself and never reads `bias` (which may be a placeholder), so no
-/// (total × total) mask is ever built; where the fused op cannot run, the block-diagonal bias
-/// is built for the composed path.
+/// (total × total) mask is ever built.
 // q: (b, t, nh·d), k/v: (b, t, nkv·d), cos/sin: (b|1, 1, t, d), bias: (b|1, 1, t, past + t)
 // -> (b, t, nh·d)
 #[allow(clippy::too_many_arguments)]
@@ -55,32 +52,23 @@ pub fn attention(
     cos: &Tensor,
     sin: &Tensor,
     bias: &Tensor,
-    n_heads: usize,
-    n_kv: usize,
-    segments: Option<&crate::ops::Packing>,
+    (n_heads, n_kv): (usize, usize),
+    segments: Option<&Packing>,
     cache: Option<(&mut KvCache, usize)>,
-) -> Result<Tensor> {
-    if cache.is_none() && fused_enabled() {
-        if let Some(g) = Geometry::of(q, k, v, cos, sin, bias, n_heads, n_kv, segments)? {
-            return fused(q, k, v, cos, sin, bias, g);
-        }
+) -> Result<Option<Tensor>> {
+    if !fused_enabled() {
+        return Ok(None);
     }
-    let cache = match cache {
-        Some((c, layer))
-            if fused_enabled() && segments.is_none() && ![q, k, v].iter().any(|t| t.track_op()) =>
-        {
-            if let Some(y) = cached(q, k, v, cos, sin, bias, n_heads, n_kv, &mut *c, layer)? {
-                return Ok(y);
-            }
-            Some((c, layer))
+    match cache {
+        None => match Geometry::of(q, k, v, cos, sin, bias, n_heads, n_kv, segments)? {
+            Some(g) => Ok(Some(fused(q, k, v, cos, sin, bias, g)?)),
+            None => Ok(None),
+        },
+        Some((c, layer)) if segments.is_none() && ![q, k, v].iter().any(|t| t.track_op()) => {
+            cached(q, k, v, cos, sin, bias, n_heads, n_kv, c, layer)
         }
-        other => other,
-    };
-    if let Some(packing) = segments {
-        let dense = crate::ops::packed_attention_bias(packing, q.device())?.to_dtype(q.dtype())?;
-        return attention_composed(q, k, v, cos, sin, &dense, n_heads, n_kv, cache);
+        Some(_) => Ok(None),
     }
-    attention_composed(q, k, v, cos, sin, bias, n_heads, n_kv, cache)
 }
 
 /// Whether the fused op runs: on CPUs with AVX-512F (elsewhere candle's matmul beats the
@@ -91,38 +79,6 @@ pub fn fused_enabled() -> bool {
     *ON.get_or_init(|| {
         gemm::available() && !std::env::var("RLHF_ATTN").is_ok_and(|v| v == "composed")
     })
-}
-
-/// The same attention from candle ops (and the fused rope and softmax): the path for decoding
-/// with a cache, and the reference the fused op is tested against.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_composed(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    bias: &Tensor,
-    n_heads: usize,
-    n_kv: usize,
-    cache: Option<(&mut KvCache, usize)>,
-) -> Result<Tensor> {
-    let (b, t, width) = q.dims3()?;
-    let d = width / n_heads;
-    let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
-        Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-    };
-    let q = crate::ops::apply_rope(&heads(q, n_heads)?, cos, sin)?;
-    let k = crate::ops::apply_rope(&heads(k, n_kv)?, cos, sin)?;
-    let v = heads(v, n_kv)?;
-    let (k, v) = match cache {
-        Some((c, layer)) => c.append(layer, &k, &v)?,
-        None => (k, v),
-    };
-    let rep = n_heads / n_kv;
-    let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
-    let y = crate::nn::attention(&q, &k, &v, bias, 1.0 / (d as f64).sqrt())?;
-    Ok(y.transpose(1, 2)?.reshape((b, t, n_heads * d))?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -138,10 +94,10 @@ fn cpu_data<'a>(s: &'a Storage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
 }
 
 /// Attention for decoding: this call's keys (after rope) and values are written into the
-/// cache's own buffers in place ([`crate::nn::RawKv`], grown by doubling), and each
+/// cache's own buffers in place ([`crate::kernels::kv::RawKv`], grown by doubling), and each
 /// (row, head) attends over all cached positions, with the bias masking padding and the
-/// future. `None` where it cannot run (the layer holds the composed path's tensors, the
-/// shapes or dtypes do not fit); the composed path then runs. Nothing here is differentiable:
+/// future. `None` where it cannot run (the layer holds the generic form's tensors, the
+/// shapes or dtypes do not fit); the generic form then runs. Nothing here is differentiable:
 /// the caller checks that no input carries a gradient.
 #[allow(clippy::too_many_arguments)]
 fn cached(
@@ -192,7 +148,7 @@ fn cached(
     if !fits {
         return Ok(None);
     }
-    let raw = slot.get_or_insert_with(|| crate::nn::RawKv::new(b, nkv, d));
+    let raw = slot.get_or_insert_with(|| crate::kernels::kv::RawKv::new(b, nkv, d));
     raw.reserve(total);
     let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (cosc, sinc, biasc) = (cos.contiguous()?, sin.contiguous()?, bias.contiguous()?);
@@ -313,7 +269,7 @@ struct Geometry {
     /// The sequences attention runs within: the rows of a padded batch, or the sequences
     /// packed into one row.
     segments: Vec<Segment>,
-    /// Per packed segment, where its branches start (see [`crate::ops::Packing`]); empty
+    /// Per packed segment, where its branches start (see [`crate::kernels::Packing`]); empty
     /// for plain sequences and for the rows of a padded batch.
     branches: Vec<Vec<usize>>,
 }
@@ -332,7 +288,7 @@ struct Segment {
     /// Its entry in [`Geometry::branches`].
     index: usize,
     /// The rows of a root segment it sees whole before its own (see
-    /// [`crate::ops::Packing::root`]), as a segment; `None` for most.
+    /// [`crate::kernels::Packing::root`]), as a segment; `None` for most.
     root: Option<Root>,
 }
 
@@ -376,7 +332,7 @@ impl Geometry {
         bias: &Tensor,
         nh: usize,
         nkv: usize,
-        segments: Option<&crate::ops::Packing>,
+        segments: Option<&Packing>,
     ) -> Result<Option<Self>> {
         if ![q, k, v]
             .iter()
@@ -415,7 +371,7 @@ impl Geometry {
         bias: &Tensor,
         nh: usize,
         nkv: usize,
-        segments: Option<&crate::ops::Packing>,
+        segments: Option<&Packing>,
     ) -> Result<Option<Self>> {
         let all = [cos, sin];
         let bias_ok = segments.is_some()
@@ -532,7 +488,7 @@ impl Geometry {
 }
 
 /// The fused attention for q, k and v held as plain `(b · t, width)` buffers, for ops that
-/// run a whole decoder layer themselves ([`crate::block`]).
+/// run a whole decoder layer themselves ([`super::layer`]).
 pub(crate) struct Core(Attn);
 
 impl Core {
@@ -545,7 +501,7 @@ impl Core {
         cos: &Tensor,
         sin: &Tensor,
         bias: &Tensor,
-        segments: Option<&crate::ops::Packing>,
+        segments: Option<&Packing>,
     ) -> Result<Option<Self>> {
         if !fused_enabled() {
             return Ok(None);
@@ -823,7 +779,7 @@ simd_fn! {
                     scaled_masked_softmax_row(x, &tab.bias[br..br + t], scale, y);
                 }
                 None => {
-                    let (lo, hi) = crate::ops::hidden_keys(branches, i);
+                    let (lo, hi) = crate::kernels::mask::hidden_keys(branches, i);
                     let end = lr + i;
                     scaled_softmax_gap(&x[..=end], lr + lo, lr + hi.max(lo), scale, &mut y[..=end]);
                     y[end + 1..].fill(0.0);
@@ -838,8 +794,8 @@ simd_fn! {
 #[inline(always)]
 fn scaled_softmax_gap(x: &[f32], lo: usize, hi: usize, scale: f32, y: &mut [f32]) {
     let m = scale * max(&x[..lo]).max(max(&x[hi..]));
-    let sum = crate::fused::scaled_exp_sum(&x[..lo], scale, m, &mut y[..lo])
-        + crate::fused::scaled_exp_sum(&x[hi..], scale, m, &mut y[hi..]);
+    let sum = super::fused::scaled_exp_sum(&x[..lo], scale, m, &mut y[..lo])
+        + super::fused::scaled_exp_sum(&x[hi..], scale, m, &mut y[hi..]);
     y[lo..hi].fill(0.0);
     let inv = 1.0 / sum;
     y.iter_mut().for_each(|y| *y *= inv);
@@ -1082,6 +1038,7 @@ fn group_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::generic;
     use crate::test_util::{max_diff, values};
     use candle_core::{Device, Var};
 
@@ -1118,8 +1075,8 @@ mod tests {
             let mask: Vec<Vec<u8>> = (0..b)
                 .map(|bi| (0..t).map(|j| u8::from(bi != 0 || j >= 3)).collect())
                 .collect();
-            let bias = crate::ops::attention_bias(&mask, t, &dev).unwrap();
-            let pos = crate::ops::positions_from_mask(&mask);
+            let bias = crate::kernels::attention_bias(&mask, t, &dev).unwrap();
+            let pos = crate::kernels::positions_from_mask(&mask);
             let (cos, sin) = tables(&pos, d);
             let q = Var::from_vec(values(b * t * nh * d, 1), (b, t, nh * d), &dev).unwrap();
             let k = Var::from_vec(values(b * t * nkv * d, 2), (b, t, nkv * d), &dev).unwrap();
@@ -1129,7 +1086,8 @@ mod tests {
                 .unwrap()
                 .expect("fusable");
             let fused_y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
-            let ref_y = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+            let ref_y =
+                generic::attention(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None, None).unwrap();
             let dy = max_diff(&fused_y, &ref_y);
             assert!(dy < 1e-5, "({b},{t},{nh},{nkv},{d}) outputs differ by {dy}");
             let gf = (fused_y * &w)
@@ -1175,8 +1133,19 @@ mod tests {
         let y = cached(&q, &k, &v, cos, sin, bias, nh, nkv, fused_cache, 0)
             .unwrap()
             .expect("the cached path runs");
-        let r =
-            attention_composed(&q, &k, &v, cos, sin, bias, nh, nkv, Some((ref_cache, 0))).unwrap();
+        let r = generic::attention(
+            &q,
+            &k,
+            &v,
+            cos,
+            sin,
+            bias,
+            nh,
+            nkv,
+            None,
+            Some((ref_cache, 0)),
+        )
+        .unwrap();
         max_diff(&y, &r)
     }
 
@@ -1195,11 +1164,11 @@ mod tests {
             let mut mask: Vec<Vec<u8>> = (0..b)
                 .map(|bi| (0..t0).map(|j| u8::from(bi != 0 || j >= 2)).collect())
                 .collect();
-            let mut pos = crate::ops::positions_from_mask(&mask);
+            let mut pos = crate::kernels::positions_from_mask(&mask);
             let mut t = t0;
             for step in 0..30 {
                 let total = mask[0].len();
-                let bias = crate::ops::attention_bias(&mask, t, &dev).unwrap();
+                let bias = crate::kernels::attention_bias(&mask, t, &dev).unwrap();
                 let (cos, sin) = tables(&pos, d);
                 let seed = 10 * step as u32;
                 let caches = (&mut fused_cache, &mut ref_cache);
@@ -1218,7 +1187,7 @@ mod tests {
             ref_cache.select_rows(&keep).unwrap();
             let mask = vec![mask[b - 1].clone(), mask[0].clone()];
             let pos = vec![pos[b - 1].clone(), pos[0].clone()];
-            let bias = crate::ops::attention_bias(&mask, 1, &dev).unwrap();
+            let bias = crate::kernels::attention_bias(&mask, 1, &dev).unwrap();
             let (cos, sin) = tables(&pos, d);
             let caches = (&mut fused_cache, &mut ref_cache);
             let diff = step_both(caches, (2, 1, nh, nkv, d), &cos, &sin, &bias, 900);
@@ -1231,14 +1200,14 @@ mod tests {
         let dev = Device::Cpu;
         let (b, t, d) = (1, 4, 6);
         let (cos, sin) = tables(&[vec![0, 1, 2, 3]], d);
-        let bias = crate::ops::attention_bias(&[vec![1; t]], t, &dev).unwrap();
+        let bias = crate::kernels::attention_bias(&[vec![1; t]], t, &dev).unwrap();
         let x = Tensor::zeros((b, t, 2 * d), DType::F32, &dev).unwrap();
         // Three query heads over two kv heads: not grouped evenly.
         assert!(Geometry::of(&x, &x, &x, &cos, &sin, &bias, 3, 2, None)
             .unwrap()
             .is_none());
         // A bias for a cached past (t + 2 keys).
-        let past = crate::ops::attention_bias(&[vec![1; t + 2]], t, &dev).unwrap();
+        let past = crate::kernels::attention_bias(&[vec![1; t + 2]], t, &dev).unwrap();
         assert!(Geometry::of(&x, &x, &x, &cos, &sin, &past, 2, 2, None)
             .unwrap()
             .is_none());
@@ -1270,8 +1239,8 @@ mod tests {
         let total = *starts.last().unwrap();
         let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
         let (cos, sin) = tables(&[pos], d);
-        let starts = crate::ops::Packing::sequences(starts);
-        let bias = crate::ops::packed_attention_bias(&starts, &dev).unwrap();
+        let starts = crate::kernels::Packing::sequences(starts);
+        let bias = crate::kernels::packed_attention_bias(&starts, &dev).unwrap();
         let q = Var::from_vec(values(total * nh * d, 1), (1, total, nh * d), &dev).unwrap();
         let k = Var::from_vec(values(total * nkv * d, 2), (1, total, nkv * d), &dev).unwrap();
         let v = Var::from_vec(values(total * nkv * d, 3), (1, total, nkv * d), &dev).unwrap();
@@ -1281,12 +1250,13 @@ mod tests {
             .expect("fusable");
         assert_eq!(g.segments.len(), 3);
         let y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
-        let composed = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+        let composed =
+            generic::attention(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None, None).unwrap();
         assert!(max_diff(&y, &composed) < 1e-5);
         // Through the public entry with a placeholder bias: the fused op (or, where it cannot
         // run, the composed path with the bias built from the segments) gives the same.
         let placeholder = Tensor::zeros((1, 1, 1, 1), DType::F32, &dev).unwrap();
-        let via = attention(
+        let via = crate::kernels::attention(
             &q,
             &k,
             &v,
@@ -1313,8 +1283,9 @@ mod tests {
                 part(&sin.squeeze(1).unwrap()),
             );
             let (c1, s1) = (c1.unsqueeze(1).unwrap(), s1.unsqueeze(1).unwrap());
-            let b1 = crate::ops::attention_bias(&[vec![1u8; l]], l, &dev).unwrap();
-            let alone = attention_composed(&qs, &ks, &vs, &c1, &s1, &b1, nh, nkv, None).unwrap();
+            let b1 = crate::kernels::attention_bias(&[vec![1u8; l]], l, &dev).unwrap();
+            let alone =
+                generic::attention(&qs, &ks, &vs, &c1, &s1, &b1, nh, nkv, None, None).unwrap();
             let diff = max_diff(&part(&y), &alone);
             assert!(diff < 1e-5, "sequence {i}: outputs differ by {diff}");
             let ga = (&alone * part(&w))
@@ -1341,7 +1312,7 @@ mod tests {
         let (nh, nkv, d) = (4, 2, 16);
         let (r, p, b1, b2, plain) = (5usize, 4usize, 6usize, 3usize, 7usize);
         let total = r + p + b1 + b2 + plain;
-        let packing = crate::ops::Packing {
+        let packing = crate::kernels::Packing {
             starts: vec![0, r, r + p + b1 + b2, total],
             branches: vec![Vec::new(), vec![p, p + b1], Vec::new()],
             root: true,
@@ -1353,7 +1324,7 @@ mod tests {
             .map(|x| x as u32)
             .collect();
         let (cos, sin) = tables(&[pos], d);
-        let bias = crate::ops::packed_attention_bias(&packing, &dev).unwrap();
+        let bias = crate::kernels::packed_attention_bias(&packing, &dev).unwrap();
         let dense: Vec<Vec<f32>> = bias
             .squeeze(0)
             .unwrap()
@@ -1382,7 +1353,8 @@ mod tests {
             .unwrap()
             .expect("fusable");
         let y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
-        let composed = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+        let composed =
+            generic::attention(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None, None).unwrap();
         let diff = max_diff(&y, &composed);
         assert!(diff < 1e-5, "outputs differ by {diff}");
         let gf = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -1408,7 +1380,7 @@ mod tests {
         let (nh, nkv, d) = (4, 2, 16);
         let (p, b1, b2, plain) = (6usize, 5usize, 7usize, 9usize);
         let total = p + b1 + b2 + plain;
-        let packing = crate::ops::Packing {
+        let packing = crate::kernels::Packing {
             starts: vec![0, p + b1 + b2, total],
             branches: vec![vec![p, p + b1], Vec::new()],
             root: false,
@@ -1420,7 +1392,7 @@ mod tests {
             .map(|x| x as u32)
             .collect();
         let (cos, sin) = tables(&[pos], d);
-        let bias = crate::ops::packed_attention_bias(&packing, &dev).unwrap();
+        let bias = crate::kernels::packed_attention_bias(&packing, &dev).unwrap();
         // The second completion's first token sees the prompt and itself only.
         let row: Vec<f32> = bias
             .squeeze(0)
@@ -1441,7 +1413,8 @@ mod tests {
             .unwrap()
             .expect("fusable");
         let y = fused(&q, &k, &v, &cos, &sin, &bias, g).unwrap();
-        let composed = attention_composed(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None).unwrap();
+        let composed =
+            generic::attention(&q, &k, &v, &cos, &sin, &bias, nh, nkv, None, None).unwrap();
         assert!(max_diff(&y, &composed) < 1e-5);
         let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
         // Alone: prompt + completion c, rows gathered from the packed tensors.
@@ -1458,8 +1431,9 @@ mod tests {
             );
             let c1 = pick(&cos.squeeze(1).unwrap()).unsqueeze(1).unwrap();
             let s1 = pick(&sin.squeeze(1).unwrap()).unsqueeze(1).unwrap();
-            let b1m = crate::ops::attention_bias(&[vec![1u8; n]], n, &dev).unwrap();
-            let alone = attention_composed(&qs, &ks, &vs, &c1, &s1, &b1m, nh, nkv, None).unwrap();
+            let b1m = crate::kernels::attention_bias(&[vec![1u8; n]], n, &dev).unwrap();
+            let alone =
+                generic::attention(&qs, &ks, &vs, &c1, &s1, &b1m, nh, nkv, None, None).unwrap();
             let ours = y.narrow(1, start, len).unwrap();
             let diff = max_diff(&ours, &alone.narrow(1, p, len).unwrap());
             assert!(
@@ -1504,8 +1478,8 @@ mod tests {
         );
         let c1 = pick(&cos.squeeze(1).unwrap()).unsqueeze(1).unwrap();
         let s1 = pick(&sin.squeeze(1).unwrap()).unsqueeze(1).unwrap();
-        let bp = crate::ops::attention_bias(&[vec![1u8; p]], p, &dev).unwrap();
-        let alone = attention_composed(&qs, &ks, &vs, &c1, &s1, &bp, nh, nkv, None).unwrap();
+        let bp = crate::kernels::attention_bias(&[vec![1u8; p]], p, &dev).unwrap();
+        let alone = generic::attention(&qs, &ks, &vs, &c1, &s1, &bp, nh, nkv, None, None).unwrap();
         let ga = (&alone * pick(&w))
             .unwrap()
             .sum_all()

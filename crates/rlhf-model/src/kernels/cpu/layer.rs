@@ -6,7 +6,7 @@
 //! about a tenth of the step, half of it on one thread while the other waited. Here the
 //! layer's inputs are the residual stream and its adapters' weights, packed into one flat
 //! tensor, so the graph has one node per layer; the backward pass chains the same kernels
-//! (frozen products on [`gemm`], [`crate::attn`]'s fused attention, the fused RMSNorm and
+//! (frozen products on [`gemm`], [`super::attn`]'s fused attention, the fused RMSNorm and
 //! silu·up) with the residual gradients accumulated in place and the three input gradients
 //! of q, k and v summed by the products themselves.
 //!
@@ -18,17 +18,15 @@
 //!
 //! Runs for layers whose projections have frozen weights without bias (adapters allowed,
 //! without dropout while training), a silu MLP, f32 on a CPU with AVX-512F, and no KV cache;
-//! [`crate::llama`] composes the layer from ops elsewhere. `RLHF_LAYER_OP=0` turns it off
+//! elsewhere the model composes the layer from the ops of [`crate::kernels`]. `RLHF_LAYER_OP=0` turns it off
 //! for side-by-side runs.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use crate::attn::{data, with_data, Core};
-use crate::gemm::{self, MatRef};
-use crate::nn::FrozenRef;
-use crate::nn::LoraAdapter;
+use super::attn::{data, with_data, Core};
+use super::gemm::{self, MatRef};
 use crate::Result;
 
 type CResult<T> = candle_core::Result<T>;
@@ -49,14 +47,35 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| gemm::available() && !std::env::var("RLHF_LAYER_OP").is_ok_and(|v| v == "0"))
 }
 
+/// A frozen projection weight as the one-op layer reads it.
+#[derive(Clone, Copy)]
+pub enum FrozenRef<'a> {
+    /// (out, in), row-major.
+    Rows(&'a Tensor),
+    /// The f32 kernel's panels.
+    Panels(&'a Arc<gemm::Panels>),
+    /// Rounded to bf16 (a `bf16 = true` run's frozen weight).
+    Bf16(&'a Arc<gemm::Bf16Weight>),
+}
+
+/// A LoRA adapter as the one-op layer reads it: y += scale · (x·Aᵀ)·Bᵀ.
+#[derive(Clone, Copy)]
+pub struct AdapterRef<'a> {
+    /// (r, in).
+    pub a: &'a Tensor,
+    /// (out, r).
+    pub b: &'a Tensor,
+    pub scale: f64,
+}
+
 /// One projection of the layer: its frozen (out, in) weight and its active adapter.
-pub(crate) struct Proj<'a> {
+pub struct Proj<'a> {
     pub w: FrozenRef<'a>,
-    pub lora: Option<&'a LoraAdapter>,
+    pub lora: Option<AdapterRef<'a>>,
 }
 
 /// What a decoder layer is made of, borrowed from the model.
-pub(crate) struct LayerParts<'a> {
+pub struct LayerParts<'a> {
     /// input_layernorm's weight and epsilon.
     pub norm1: (&'a Tensor, f64),
     /// q, k, v, o, gate, up and down, in that order.
@@ -85,13 +104,13 @@ const DOWN: usize = 6;
 /// but the attention output projection, the MLP and their backward passes run on the rows
 /// asked for alone (the last layer of a reward model, read at one token per sequence).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn decoder_layer(
+pub fn decoder_layer(
     x: &Tensor,
     parts: &LayerParts<'_>,
     cos: &Tensor,
     sin: &Tensor,
     bias: &Tensor,
-    segments: Option<&crate::ops::Packing>,
+    segments: Option<&crate::kernels::Packing>,
     rows: Option<&[usize]>,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
@@ -133,7 +152,7 @@ pub(crate) fn decoder_layer(
         }
         if let Some(l) = p.lora {
             let r = l.a.dim(0)?;
-            if !f32_cpu(&l.a) || !f32_cpu(&l.b) || l.a.dims() != [r, k] || l.b.dims() != [n, r] {
+            if !f32_cpu(l.a) || !f32_cpu(l.b) || l.a.dims() != [r, k] || l.b.dims() != [n, r] {
                 return Ok(None);
             }
             pieces.push(l.a.flatten_all()?);
@@ -362,7 +381,7 @@ impl Layer {
                 MatRef::new(&lora[s.b..], n, s.r, s.r, 1),
             );
             let xm = MatRef::new(x, m, k, k, 1);
-            let (gb, da, db) = crate::frozen::lora_grads(xm, a, b, gm, s.scale);
+            let (gb, da, db) = super::frozen::lora_grads(xm, a, b, gm, s.scale);
             dlora[s.a..s.a + da.len()].copy_from_slice(&da);
             dlora[s.b..s.b + db.len()].copy_from_slice(&db);
             (gb, s)
@@ -393,7 +412,7 @@ impl Layer {
     fn forward(&self, x: &[f32], lora: &[f32]) -> CResult<Vec<f32>> {
         let h = self.h;
         let h1 = with_data(&self.norm1.0, "input_layernorm", |w| {
-            Ok(crate::fused::rms_norm_vec(x, w, h, self.norm1.1))
+            Ok(super::fused::rms_norm_vec(x, w, h, self.norm1.1))
         })?;
         let q = self.project(Q, &h1, lora)?;
         let k = self.project(K, &h1, lora)?;
@@ -401,16 +420,16 @@ impl Layer {
         let (y, probs) = self.core.forward(&q, &k, &v, self.keep)?;
         let (y, mut x2) = match &self.rows {
             Some(rows) => (gather(&y, rows, self.dims(O).1), gather(x, rows, h)),
-            None => (y, crate::fused::par_copy(x)),
+            None => (y, super::fused::par_copy(x)),
         };
         self.project_acc(O, &y, lora, &mut x2)?;
         let h2 = with_data(&self.norm2.0, "post_attention_layernorm", |w| {
-            Ok(crate::fused::rms_norm_vec(&x2, w, h, self.norm2.1))
+            Ok(super::fused::rms_norm_vec(&x2, w, h, self.norm2.1))
         })?;
         let gate = self.project(GATE, &h2, lora)?;
         let up = self.project(UP, &h2, lora)?;
-        let act = crate::glu::silu_mul_vec(&gate, &up);
-        let mut out = crate::fused::par_copy(&x2);
+        let act = super::glu::silu_mul_vec(&gate, &up);
+        let mut out = super::fused::par_copy(&x2);
         self.project_acc(DOWN, &act, lora, &mut out)?;
         if self.keep {
             // The normed inputs and the attention output are read back only for the
@@ -455,20 +474,20 @@ impl Layer {
         let mut dlora = vec![0f32; lora.len()];
         // MLP: out = x2 + (silu(gate)·up)·Wdᵀ.
         let act = if self.slots[DOWN].is_some() {
-            crate::glu::silu_mul_vec(&s.gate, &s.up)
+            super::glu::silu_mul_vec(&s.gate, &s.up)
         } else {
             Vec::new()
         };
         let dact = self.back(DOWN, dout, &act, lora, &mut dlora, InputGrad::New)?;
         let dact = dact.expect("asked for");
-        let (dg, du) = crate::glu::silu_mul_bwd_vec(&s.gate, &s.up, &dact);
+        let (dg, du) = super::glu::silu_mul_bwd_vec(&s.gate, &s.up, &dact);
         drop(dact);
         let dh2 = self.back(GATE, &dg, &s.h2, lora, &mut dlora, InputGrad::New)?;
         let mut dh2 = dh2.expect("asked for");
         self.back(UP, &du, &s.h2, lora, &mut dlora, InputGrad::Add(&mut dh2))?;
-        let mut dx2 = crate::fused::par_copy(dout);
+        let mut dx2 = super::fused::par_copy(dout);
         with_data(&self.norm2.0, "post_attention_layernorm", |w| {
-            crate::fused::rms_norm_bwd_acc(&s.x2, w, &dh2, h, self.norm2.1, &mut dx2);
+            super::fused::rms_norm_bwd_acc(&s.x2, w, &dh2, h, self.norm2.1, &mut dx2);
             Ok(())
         })?;
         // Attention: x2 = x + attention(q, k, v)·Woᵀ.
@@ -498,7 +517,7 @@ impl Layer {
             Some(dh1) => {
                 let mut dx = dx2;
                 with_data(&self.norm1.0, "input_layernorm", |w| {
-                    crate::fused::rms_norm_bwd_acc(x, w, &dh1, h, self.norm1.1, &mut dx);
+                    super::fused::rms_norm_bwd_acc(x, w, &dh1, h, self.norm1.1, &mut dx);
                     Ok(())
                 })?;
                 Some(dx)

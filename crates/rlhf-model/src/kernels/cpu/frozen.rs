@@ -10,22 +10,24 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use crate::{gemm, Result};
+use super::gemm;
+use crate::kernels::{autocast_bf16, round_bf16};
+use crate::Result;
 
 /// Up to this many rows, `LinearOp` computes (W·xᵀ)ᵀ instead of x·Wᵀ (on CPUs without the
 /// AVX-512 kernel, which handles few rows itself).
 const SKINNY_ROWS: usize = 64;
 
-/// Under bf16 autocast ([`gemm::Autocast`]) on a CPU without the AVX-512 kernel (which
+/// Under bf16 autocast ([`crate::kernels::Autocast`]) on a CPU without the AVX-512 kernel (which
 /// rounds as it packs): a contiguous copy of an f32 operand with its values rounded to bf16,
 /// for candle's own matmul. `None` otherwise (the operand is used as it is).
 fn autocast_copy(s: &CpuStorage, l: &Layout) -> Option<(CpuStorage, Layout)> {
-    if !gemm::autocast_bf16() || gemm::available() {
+    if !autocast_bf16() || gemm::available() {
         return None;
     }
     let CpuStorage::F32(v) = s else { return None };
     let data: Vec<f32> = match l.contiguous_offsets() {
-        Some((a, b)) => v[a..b].iter().map(|&x| gemm::round_bf16(x)).collect(),
+        Some((a, b)) => v[a..b].iter().map(|&x| round_bf16(x)).collect(),
         None => {
             // Row-major walk over the view's indices.
             let (dims, stride) = (l.dims(), l.stride());
@@ -35,7 +37,7 @@ fn autocast_copy(s: &CpuStorage, l: &Layout) -> Option<(CpuStorage, Layout)> {
             for _ in 0..n {
                 let at: usize =
                     l.start_offset() + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
-                out.push(gemm::round_bf16(v[at]));
+                out.push(round_bf16(v[at]));
                 for d in (0..dims.len()).rev() {
                     idx[d] += 1;
                     if idx[d] < dims[d] {
@@ -48,17 +50,6 @@ fn autocast_copy(s: &CpuStorage, l: &Layout) -> Option<(CpuStorage, Layout)> {
         }
     };
     Some((CpuStorage::F32(data), Layout::contiguous(l.shape())))
-}
-
-/// `t` rounded to bf16 values (still f32) under bf16 autocast, for the plain-op fallbacks;
-/// `t` itself otherwise. Differentiable: the gradient passes through rounded, as it leaves a
-/// bf16 product under torch's autocast.
-fn autocast_tensor(t: &Tensor) -> candle_core::Result<Tensor> {
-    if gemm::autocast_bf16() && t.dtype() == DType::F32 {
-        t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
-    } else {
-        Ok(t.clone())
-    }
 }
 
 /// y = x·Wᵀ (nn.Linear layout) or y = x·W (Conv1D layout).
@@ -143,19 +134,20 @@ impl CustomOp2 for LinearOp {
 
 /// `x·Wᵀ` (or `x·W` for Conv1D) without a gradient for a frozen W.
 // x: (m, in), w: (out, in) | (in, out) -> (m, out)
-pub fn linear(x: &Tensor, w: &Tensor, conv1d: bool) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        // Plain ops run on every device.
-        let wt = if conv1d { w.clone() } else { w.t()? };
-        return Ok(x.matmul(&wt)?);
+pub fn linear(x: &Tensor, w: &Tensor, conv1d: bool) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || !w.device().is_cpu() {
+        return Ok(None);
     }
-    Ok(x.contiguous()?.apply_op2(w, LinearOp { conv1d })?)
+    Ok(Some(x.contiguous()?.apply_op2(w, LinearOp { conv1d })?))
 }
 
 /// `x·Wᵀ` for a frozen bf16 W `(out, in)` kept for decoding, in f32
-/// ([`gemm::matmul_wt_bf16`]); CPU only, no gradient (the result is a new leaf).
+/// ([`gemm::matmul_wt_bf16`]); no gradient (the result is a new leaf); `None` off the CPU.
 // x: (m, in) f32, w: (out, in) bf16 -> (m, out) f32
-pub fn linear_bf16(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn linear_bf16(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || !w.device().is_cpu() {
+        return Ok(None);
+    }
     let (m, k) = x.dims2()?;
     let (n, kw) = w.dims2()?;
     if k != kw || w.dtype() != DType::BF16 {
@@ -180,14 +172,10 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor) -> Result<Tensor> {
                 let wd = &wd[wl.start_offset()..wl.start_offset() + n * k];
                 gemm::matmul_wt_bf16(gemm::MatRef::new(xd, m, k, k, 1), wd, n, k)
             }
-            _ => {
-                return Err(crate::Error::Config(
-                    "linear_bf16: bf16 decoding weights run on the CPU only".into(),
-                ))
-            }
+            _ => return Ok(None),
         }
     };
-    Ok(Tensor::from_vec(y, (m, n), x.device())?)
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
 }
 
 /// y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ, a LoRA-adapted linear layer with a frozen W, as one op: the
@@ -257,7 +245,7 @@ impl candle_core::CustomOp3 for LoraLinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::attn::{data, with_data};
+        use super::attn::{data, with_data};
         let dm = self.dims(xl, al, bl)?;
         let (x, a, b) = (
             data(xs, xl, "x")?,
@@ -287,7 +275,7 @@ impl candle_core::CustomOp3 for LoraLinearOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use crate::attn::with_data;
+        use super::attn::with_data;
         let dy = dy.contiguous()?;
         let dm = self.dims(x.layout(), a.layout(), b.layout())?;
         let want_dx = x.track_op();
@@ -430,8 +418,8 @@ impl candle_core::CustomOp3 for LinearResidualOp {
         let Some(CpuStorage::F32(mut y)) = avx512_matmul(xs, xl, ws, &wl.transpose(0, 1)?) else {
             candle_core::bail!("linear + residual needs AVX-512F and f32")
         };
-        let r = crate::attn::data(rs, rl, "residual")?;
-        crate::glu::add_into(&mut y, r);
+        let r = super::attn::data(rs, rl, "residual")?;
+        super::glu::add_into(&mut y, r);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -551,11 +539,12 @@ impl CustomOp2 for EmbeddingOp {
 
 /// Rows of `table` for `ids`; a frozen table gets no gradient buffer.
 // table: (n, d), ids: (m) u32 -> (m, d)
-pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+/// `None` off the CPU and for a trainable table (candle's own lookup gives it its gradient).
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Option<Tensor>> {
     if !table.device().is_cpu() || table.track_op() {
-        return Ok(table.index_select(ids, 0)?);
+        return Ok(None);
     }
-    Ok(table.apply_op2(&ids.contiguous()?, EmbeddingOp)?)
+    Ok(Some(table.apply_op2(&ids.contiguous()?, EmbeddingOp)?))
 }
 
 /// A tensor of shape (..., rows, cols) as `batch` strided matrices `step` elements apart, when
@@ -653,13 +642,13 @@ impl CustomOp2 for BmmOp {
 
 /// a·b over the last two dimensions, the leading ones equal (attention's q·kᵀ and p·v), on
 /// the AVX-512 kernel one product per thread-pool unit, with its backward on the same kernel.
-pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn bmm(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let r = a.rank();
     let same_lead = r >= 3 && b.rank() == r && a.dims()[..r - 2] == b.dims()[..r - 2];
     if !a.device().is_cpu() || !same_lead || !gemm::available() {
-        return Ok(autocast_tensor(a)?.matmul(&autocast_tensor(b)?)?);
+        return Ok(None);
     }
-    Ok(a.apply_op2(b, BmmOp)?)
+    Ok(Some(a.apply_op2(b, BmmOp)?))
 }
 
 #[cfg(test)]

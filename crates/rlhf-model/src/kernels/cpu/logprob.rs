@@ -10,32 +10,24 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 #[cfg(target_arch = "x86_64")]
-use crate::fused::use_avx2;
-use crate::fused::{exp_f32, hsum, max, simd_fn, L};
+use super::fused::use_avx2;
+use super::fused::{exp_f32, hsum, max, simd_fn, L};
 use crate::Result;
 
 type CResult<T> = candle_core::Result<T>;
 
-/// log softmax(logits)[target] for every row; differentiable in `logits`.
+/// log softmax(logits)\[target\] for every row; differentiable in `logits`.
 // logits: (..., vocab), targets: (...) u32 -> (...)
-pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
     let v = logits.dim(D::Minus1)?;
     if !logits.device().is_cpu() || logits.dtype() != DType::F32 || targets.dtype() != DType::U32 {
-        return composed(logits, targets);
+        return Ok(None);
     }
     let out_shape = targets.dims().to_vec();
     let rows: usize = out_shape.iter().product();
     let x = logits.reshape((rows, v))?.contiguous()?;
     let t = targets.reshape(rows)?.contiguous()?;
-    Ok(x.apply_op2(&t, TokenLogprob)?.reshape(out_shape)?)
-}
-
-/// The composed reference: log_softmax, then gather.
-pub fn composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let lp = crate::ops::log_softmax(logits)?;
-    Ok(lp
-        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?)
+    Ok(Some(x.apply_op2(&t, TokenLogprob)?.reshape(out_shape)?))
 }
 
 /// log Σ exp(x) of a row, shifted by its max for stability.
@@ -220,7 +212,7 @@ pub fn head_token_logprobs(
     keep_grad: bool,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !crate::gemm::available()
+    if !crate::kernels::cpu::gemm::available()
         || !f32_cpu(h)
         || !f32_cpu(w)
         || w.track_op()
@@ -301,11 +293,11 @@ impl CustomOp2 for HeadLogprob {
         } else {
             Vec::new()
         };
-        let wm = crate::gemm::MatRef::new(&w[..v * d], v, d, d, 1);
+        let wm = super::gemm::MatRef::new(&w[..v * d], v, d, d, 1);
         for r0 in (0..rows).step_by(chunk) {
             let c = chunk.min(rows - r0);
-            let hm = crate::gemm::MatRef::new(&h[r0 * d..(r0 + c) * d], c, d, d, 1);
-            let Some(mut z) = crate::gemm::matmul(hm, wm.t()) else {
+            let hm = super::gemm::MatRef::new(&h[r0 * d..(r0 + c) * d], c, d, d, 1);
+            let Some(mut z) = super::gemm::matmul(hm, wm.t()) else {
                 bail!("token log-probs: the AVX-512 kernel is not available")
             };
             let inv_t = self.inv_t;
@@ -321,7 +313,7 @@ impl CustomOp2 for HeadLogprob {
                 continue;
             }
             par_rows(&mut z, v, v, |r, row| softmax_in_place(row, lse_c[r]));
-            let pw = crate::gemm::matmul(crate::gemm::MatRef::new(&z, c, v, v, 1), wm)
+            let pw = super::gemm::matmul(super::gemm::MatRef::new(&z, c, v, v, 1), wm)
                 .expect("the kernel ran above");
             for r in 0..c {
                 let target = &w[t[r0 + r] as usize * d..][..d];
@@ -374,8 +366,10 @@ mod tests {
             let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7919) % v) as u32).collect();
             let tg = Tensor::from_vec(ids, (b, t), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (b, t), &dev).unwrap();
-            let fused = token_logprobs(x.as_tensor(), &tg).unwrap();
-            let reference = composed(x.as_tensor(), &tg).unwrap();
+            let fused = token_logprobs(x.as_tensor(), &tg)
+                .unwrap()
+                .expect("the kernel runs");
+            let reference = crate::kernels::generic::token_logprobs(x.as_tensor(), &tg).unwrap();
             let diff = (&fused - &reference)
                 .unwrap()
                 .abs()
@@ -412,7 +406,7 @@ mod tests {
     /// in the gradient with respect to h, over several chunks and with a temperature.
     #[test]
     fn the_head_op_matches_the_composed_head_in_value_and_gradient() {
-        if !crate::gemm::available() {
+        if !crate::kernels::cpu::gemm::available() {
             return;
         }
         let dev = Device::Cpu;
@@ -427,7 +421,7 @@ mod tests {
                 .unwrap()
                 .expect("the op runs");
             let logits = (h.as_tensor().matmul(&w.t().unwrap()).unwrap() / temp).unwrap();
-            let reference = composed(&logits, &tg).unwrap();
+            let reference = crate::kernels::generic::token_logprobs(&logits, &tg).unwrap();
             let diff = crate::test_util::max_diff(&fused, &reference);
             assert!(diff < 1e-4, "values differ by {diff}");
             let gf = (fused * &gw)

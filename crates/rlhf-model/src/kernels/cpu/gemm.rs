@@ -26,6 +26,8 @@
 
 use std::cell::RefCell;
 
+use crate::kernels::{autocast_bf16, round_bf16};
+
 /// Rows of A (and C) per microkernel tile: 14 (28 accumulators) for tall products; for at
 /// most `SMALL_M` rows (decoding) 8, which wastes less of a tile on 16 or 32 rows.
 const MR: usize = 14;
@@ -107,52 +109,6 @@ pub fn available() -> bool {
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// bf16 autocast: every product on operands rounded to bf16, sums in f32
-// ---------------------------------------------------------------------------------------------
-
-static AUTOCAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether products run under bf16 autocast ([`Autocast`]).
-pub fn autocast_bf16() -> bool {
-    AUTOCAST.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// bf16 autocast, as torch's CPU autocast runs a product (transformers' `bf16=True`): while
-/// one of these is alive, every product of this module (and the candle fallbacks of
-/// [`crate::frozen`]) reads its operands rounded to bf16 (nearest even) and sums in f32;
-/// what is not a product (norms, softmax, losses, the optimiser) stays f32, as do the
-/// weights themselves. Dropping it restores the setting it replaced.
-///
-/// The switch is process-wide, not per thread: the products run on candle's thread pool and
-/// attention's products inside its units. A process runs one job at a time, and the switch
-/// is set around a job; tests that use it keep to test binaries of their own.
-///
-/// Where the CPU has AVX512_BF16 ([`bf16_kernel`]), products of more than 64 rows (attention's
-/// included) run on the bf16 kernel ([`block_bf16`], `vdpbf16ps`: 32 products a vector, f32
-/// sums). Elsewhere, and
-/// for fewer rows, the operands are rounded as they are packed and the f32 kernel multiplies
-/// them: a bf16 times a bf16 is exact in f32, so the products are a bf16 unit's and only the
-/// order of the f32 sums differs. AMX is not implemented.
-#[must_use = "autocast ends when the guard is dropped"]
-pub struct Autocast {
-    before: bool,
-}
-
-impl Autocast {
-    /// Turns bf16 autocast on (`on`) or off until the guard is dropped.
-    pub fn bf16(on: bool) -> Self {
-        let before = AUTOCAST.swap(on, std::sync::atomic::Ordering::SeqCst);
-        Autocast { before }
-    }
-}
-
-impl Drop for Autocast {
-    fn drop(&mut self) {
-        AUTOCAST.store(self.before, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// Which kernel runs the products under bf16 autocast on this CPU, in words (for the log).
 pub fn autocast_kernel() -> &'static str {
     if bf16_kernel() {
@@ -166,16 +122,6 @@ pub fn autocast_kernel() -> &'static str {
         "bf16 = true: products on operands rounded to bf16, summed in f32, on candle's f32 \
          matmul (no AVX-512 on this CPU)"
     }
-}
-
-/// `x` rounded to the nearest bf16 (ties to even), as an f32; NaN stays NaN, ±inf stays.
-#[inline(always)]
-pub fn round_bf16(x: f32) -> f32 {
-    let b = x.to_bits();
-    if b & 0x7FFF_FFFF > 0x7F80_0000 {
-        return f32::from_bits((b | 0x0040_0000) & 0xFFFF_0000);
-    }
-    f32::from_bits((b.wrapping_add(0x7FFF + ((b >> 16) & 1))) & 0xFFFF_0000)
 }
 
 /// Rounds `n` floats at `p` to bf16 in place ([`round_bf16`]), 16 at a time with AVX-512F.
@@ -1205,7 +1151,9 @@ enum DpRows<'a> {
 /// x·Wᵀ under bf16 autocast on AVX512_BF16 for at most `STREAM_M` rows of A (decoding): A
 /// packed transposed as pairs of k (`k/2` groups of 16 or 32 lanes), rounded; each pair of a
 /// W row (two adjacent bf16, one u32) broadcast against them with `vdpbf16ps`, 32 products a
-/// vector where the f32 path does 16. A bf16 W ([`matmul_wt_bf16`]) is streamed from memory
+/// vector where the f32 path does 16. At most 8 rows of A are packed by quads of k instead
+/// and read four values of a W row at a time ([`dp_tile_quads`]), so that no lane is
+/// padding. A bf16 W ([`matmul_wt_bf16`]) is streamed from memory
 /// once and read in place; an f32 W ([`matmul`] under autocast: a policy that trains) is read
 /// once too, each unit's rows rounded into a buffer of pairs first. The threads take runs of
 /// W's rows.
@@ -1229,6 +1177,21 @@ fn stream_dp(a: MatRef<'_>, w: DpRows<'_>, n: usize, k: usize) -> Vec<f32> {
             }
         }
     }
+    let quads_on = m <= 8;
+    if quads_on {
+        // By quads of k for `dp_tile_quads`: lanes 2i and 2i + 1 of quad g are row i's pairs
+        // 2g and 2g + 1 (zero past k).
+        let mut quads = vec![0u32; kp.div_ceil(2) * 16];
+        for (g, quad) in quads.chunks_exact_mut(16).enumerate() {
+            for i in 0..m {
+                quad[2 * i] = at[2 * g * 16 + i];
+                quad[2 * i + 1] = at.get((2 * g + 1) * 16 + i).copied().unwrap_or(0);
+            }
+        }
+        at = quads;
+    }
+    // Rows of A a vector holds (8 when packed by quads of k).
+    let lanes = if quads_on { 8 } else { lanes };
     let at = &at[..];
     // SAFETY: AVX512_BF16 was detected by the caller; W's rows j < n lie in `w` (checked by
     // `matmul_wt_bf16`, or `MatRef::new`), and each unit writes every row of its columns only.
@@ -1296,6 +1259,15 @@ unsafe fn dp_unit(
         by_tiles(cols, m, c, ldc, |j, left, tile| {
             let wj = &w[j * ldw..];
             match (lanes, left) {
+                // At most 8 rows of A: A packed by quads of k (see `dp_tile_quads`).
+                (8, l) if l >= STREAM_R1 => {
+                    dp_tile_quads::<STREAM_R1>(at, wj, ldw, k, tile);
+                    STREAM_R1
+                }
+                (8, _) => {
+                    dp_tile_quads::<1>(at, wj, ldw, k, tile);
+                    1
+                }
                 (16, l) if l >= STREAM_R1 => {
                     dp_tile::<STREAM_R1, 1>(at, wj, ldw, k, tile);
                     STREAM_R1
@@ -1387,6 +1359,71 @@ unsafe fn dp_tile<const R: usize, const V: usize>(
         for (v, x) in row.iter().enumerate() {
             // SAFETY: 16 floats at offset 16v of a 32-float row.
             unsafe { _mm512_storeu_ps(tile[q].as_mut_ptr().add(16 * v), *x) };
+        }
+    }
+}
+
+/// [`dp_tile`] for at most 8 rows of A and R rows of W, four values of k a step: A is packed
+/// by quads of k (see [`stream_dp`]: lane 2i holds row i's pair 2g, lane 2i + 1 its pair
+/// 2g + 1), and a W row's four values 4g..4g + 4 are broadcast as one u64, so lane 2i sums
+/// row i's even pairs and lane 2i + 1 its odd ones, which are added at the end. Every lane of
+/// each `vdpbf16ps` makes a product that counts, where 16 lanes of A's rows leave half of
+/// them or more on zero padding at 8 rows and fewer.
+///
+/// # Safety
+/// AVX512_BF16 must be available; `w` must hold R rows of `k`, `at` `k/4` (rounded up)
+/// groups of 16 u32s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dp_tile_quads<const R: usize>(
+    at: &[u32],
+    w: &[u16],
+    ldw: usize,
+    k: usize,
+    tile: &mut [[f32; 32]; STREAM_R1],
+) {
+    use std::arch::x86_64::*;
+    let quads = k.div_ceil(4);
+    assert!(at.len() >= quads * 16 && w.len() >= (R - 1) * ldw + k && R <= STREAM_R1);
+    let (ap, wp) = (at.as_ptr(), w.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); R];
+    let full = k / 4;
+    // SAFETY (the loads): quad g < quads of A lies in `at`, values 4g..4g + 4 <= k of row
+    // r < R in `w` (asserted above).
+    for g in 0..full {
+        let a: __m512bh = std::mem::transmute(unsafe { _mm512_loadu_si512(ap.add(g * 16).cast()) });
+        if g % 8 == 0 {
+            // The next tile's rows, a line ahead of where this one reads: W streams from
+            // memory once, and the hardware prefetcher alone keeps up with fewer rows.
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((R + r) * ldw + 4 * g).cast());
+            }
+        }
+        for (r, x) in acc.iter_mut().enumerate() {
+            let quad: i64 = unsafe { std::ptr::read_unaligned(wp.add(r * ldw + 4 * g).cast()) };
+            let b: __m512bh = std::mem::transmute(_mm512_set1_epi64(quad));
+            *x = _mm512_dpbf16_ps(*x, a, b);
+        }
+    }
+    if full < quads {
+        // The last 1-3 values of k, zero past k.
+        let a: __m512bh =
+            std::mem::transmute(unsafe { _mm512_loadu_si512(ap.add(full * 16).cast()) });
+        for (r, x) in acc.iter_mut().enumerate() {
+            let mut quad = 0u64;
+            for (t, p) in (4 * full..k).enumerate() {
+                quad |= u64::from(unsafe { *wp.add(r * ldw + p) }) << (16 * t);
+            }
+            let b: __m512bh = std::mem::transmute(_mm512_set1_epi64(quad as i64));
+            *x = _mm512_dpbf16_ps(*x, a, b);
+        }
+    }
+    for (row, x) in tile.iter_mut().zip(&acc) {
+        let mut lanes = [0f32; 16];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *x) };
+        for (i, out) in row.iter_mut().take(8).enumerate() {
+            *out = lanes[2 * i] + lanes[2 * i + 1];
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Kernels for the element-wise hot spots, each with a backward pass.
 //!
-//! Every function here has a composed reference built from ops candle differentiates; tests
-//! check values and gradients of the two against each other.
+//! Every entry point here has a generic form in [`crate::kernels::generic`], built from ops
+//! candle differentiates; tests check values and gradients of the two against each other.
 //!
 //! The fused versions are candle custom ops (`CustomOp1/2/3`) whose `bwd` is itself a fused
 //! custom op, so one forward and one backward each make a single allocation and a few passes
@@ -24,128 +24,90 @@ use crate::Result;
 type CResult<T> = candle_core::Result<T>;
 
 // ---------------------------------------------------------------------------------------------
-// Public entry points
+// Entry points: `None` where the kernels do not take the tensors (the dispatch in
+// [`crate::kernels`] then runs the generic form)
 // ---------------------------------------------------------------------------------------------
 
 /// Softmax over the last dimension.
 // x: (..., n) -> (..., n)
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+pub fn softmax(x: &Tensor) -> Result<Option<Tensor>> {
     if x.rank() == 0 || !x.device().is_cpu() {
-        return softmax_composed(x);
+        return Ok(None);
     }
-    match x.dtype() {
-        DType::F32 => Ok(unit_stride(x)?.apply_op1(Softmax)?),
+    Ok(match x.dtype() {
+        DType::F32 => Some(unit_stride(x)?.apply_op1(Softmax)?),
         DType::F16 | DType::BF16 => {
             let y = unit_stride(&x.to_dtype(DType::F32)?)?.apply_op1(Softmax)?;
-            Ok(y.to_dtype(x.dtype())?)
+            Some(y.to_dtype(x.dtype())?)
         }
-        _ => softmax_composed(x),
-    }
+        _ => None,
+    })
 }
 
-/// softmax(scores · scale + bias) over the last dimension, as attention computes it; `bias`
-/// (the additive mask) broadcasts to the shape of `scores` and gets no gradient.
+/// softmax(scores · scale + bias) over the last dimension; `bias` broadcasts to the shape of
+/// `scores` and gets no gradient.
 // scores: (b, h, tq, tk), bias: broadcastable, e.g. (b, 1, tq, tk) -> (b, h, tq, tk)
-pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     if scores.rank() == 0
         || !scores.device().is_cpu()
         || scores.dtype() != DType::F32
         || bias.dtype() != DType::F32
         || bias.track_op()
     {
-        return scaled_masked_softmax_composed(scores, bias, scale);
+        return Ok(None);
     }
     let bias = unit_stride(&bias.broadcast_as(scores.shape())?)?;
     let op = ScaledMaskedSoftmax {
         scale: scale as f32,
     };
-    Ok(unit_stride(scores)?.apply_op2(&bias, op)?)
-}
-
-/// The composed reference: scale, add the bias, softmax.
-pub fn scaled_masked_softmax_composed(
-    scores: &Tensor,
-    bias: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    softmax_last_dim(&(scores * scale)?.broadcast_add(bias)?)
-}
-
-/// The composed softmax: exp(x - max) / sum.
-pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
-    // The max only shifts for stability; its gradient cancels exactly, so detach it.
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
+    Ok(Some(unit_stride(scores)?.apply_op2(&bias, op)?))
 }
 
 /// RMSNorm: x / sqrt(mean(x²) + eps) * weight.
 // x: (..., h), weight: (h) -> (..., h)
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     if !fusable(&[x, weight]) || x.rank() == 0 || weight.dims() != [x.dim(D::Minus1)?] {
-        return rms_norm_composed(x, weight, eps);
+        return Ok(None);
     }
     let op = RmsNorm { eps: eps as f32 };
-    match x.dtype() {
-        DType::F32 => Ok(unit_stride(x)?.apply_op2(&unit_stride(weight)?, op)?),
+    Ok(Some(match x.dtype() {
+        DType::F32 => unit_stride(x)?.apply_op2(&unit_stride(weight)?, op)?,
         _ => {
             let (x32, w32) = (x.to_dtype(DType::F32)?, weight.to_dtype(DType::F32)?);
             let y = unit_stride(&x32)?.apply_op2(&unit_stride(&w32)?, op)?;
-            Ok(y.to_dtype(x.dtype())?)
+            y.to_dtype(x.dtype())?
         }
-    }
-}
-
-/// The composed RMSNorm.
-pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
+    }))
 }
 
 /// LayerNorm with weight and bias.
 // x: (..., h), weight/bias: (h) -> (..., h)
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     if !fusable(&[x, weight, bias])
         || x.rank() == 0
         || weight.dims() != [x.dim(D::Minus1)?]
         || bias.dims() != weight.dims()
     {
-        return layer_norm_composed(x, weight, bias, eps);
+        return Ok(None);
     }
     let op = LayerNorm { eps: eps as f32 };
-    match x.dtype() {
-        DType::F32 => {
-            Ok(unit_stride(x)?.apply_op3(&unit_stride(weight)?, &unit_stride(bias)?, op)?)
-        }
+    Ok(Some(match x.dtype() {
+        DType::F32 => unit_stride(x)?.apply_op3(&unit_stride(weight)?, &unit_stride(bias)?, op)?,
         _ => {
             let x32 = unit_stride(&x.to_dtype(DType::F32)?)?;
             let w32 = unit_stride(&weight.to_dtype(DType::F32)?)?;
             let b32 = unit_stride(&bias.to_dtype(DType::F32)?)?;
-            Ok(x32.apply_op3(&w32, &b32, op)?.to_dtype(x.dtype())?)
+            x32.apply_op3(&w32, &b32, op)?.to_dtype(x.dtype())?
         }
-    }
-}
-
-/// The composed LayerNorm.
-pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    Ok(xc
-        .broadcast_mul(&inv)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)?)
+    }))
 }
 
 /// Rotary embedding (HF half-split layout).
 ///
-/// The gradient flows to `x` only; if `cos` or `sin` carry gradients themselves, the composed
-/// version runs so that theirs are not dropped.
+/// The gradient flows to `x` only; where `cos` or `sin` carry gradients themselves, the kernel
+/// declines so that theirs are not dropped.
 // x: (b, h, t, d), cos/sin: (b, 1, t, d) -> (b, h, t, d)
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     let ok = fusable(&[x, cos, sin])
         && !cos.track_op()
         && !sin.track_op()
@@ -158,19 +120,17 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             (cb == b || cb == 1) && one == 1 && ct == t && cd == d && d % 2 == 0
         };
     if !ok {
-        return crate::ops::apply_rope_composed(x, cos, sin);
+        return Ok(None);
     }
-    match x.dtype() {
-        DType::F32 => {
-            Ok(unit_stride(x)?.apply_op3(&unit_stride(cos)?, &unit_stride(sin)?, Rope)?)
-        }
+    Ok(Some(match x.dtype() {
+        DType::F32 => unit_stride(x)?.apply_op3(&unit_stride(cos)?, &unit_stride(sin)?, Rope)?,
         _ => {
             let x32 = unit_stride(&x.to_dtype(DType::F32)?)?;
             let c32 = unit_stride(&cos.to_dtype(DType::F32)?)?;
             let s32 = unit_stride(&sin.to_dtype(DType::F32)?)?;
-            Ok(x32.apply_op3(&c32, &s32, Rope)?.to_dtype(x.dtype())?)
+            x32.apply_op3(&c32, &s32, Rope)?.to_dtype(x.dtype())?
         }
-    }
+    }))
 }
 
 /// Whether the fused kernels can take these tensors: all on the CPU, all f32 or all the same

@@ -1,6 +1,7 @@
-//! Tests of the fused kernels against their composed references, in value and gradient.
+//! Tests of the fused kernels against their generic forms, in value and gradient.
 
 use super::*;
+use crate::kernels::{self, generic};
 use candle_core::{Device, Var};
 
 type TResult = std::result::Result<(), Box<dyn std::error::Error>>;
@@ -103,12 +104,12 @@ fn softmax_matches_composed() -> TResult {
         for (x0, view) in inputs(shape, seed, 3.0, 0.0)? {
             let r = randn(shape, seed + 2)?;
             let x = Var::from_tensor(&x0)?;
-            let y = softmax_last_dim(&view.apply(x.as_tensor())?)?;
+            let y = kernels::softmax(&view.apply(x.as_tensor())?)?;
             let g = (&y * &r)?.sum_all()?.backward()?;
             let dx = g.get(x.as_tensor()).expect("no gradient for x");
 
             let xr = Var::from_tensor(&x0)?;
-            let yr = softmax_composed(&view.apply(xr.as_tensor())?)?;
+            let yr = generic::softmax(&view.apply(xr.as_tensor())?)?;
             let gr = (&yr * &r)?.sum_all()?.backward()?;
             let dxr = gr.get(xr.as_tensor()).unwrap();
 
@@ -137,10 +138,10 @@ fn scaled_masked_softmax_matches_composed() -> TResult {
     let bias = Tensor::from_vec(bias, (b, 1, t, t), &Device::Cpu)?;
     let r = randn(&[b, h, t, t], 8)?;
     let x = Var::from_tensor(&x0)?;
-    let y = scaled_masked_softmax(x.as_tensor(), &bias, 0.125)?;
+    let y = kernels::scaled_masked_softmax(x.as_tensor(), &bias, 0.125)?;
     let g = (&y * &r)?.sum_all()?.backward()?;
     let xr = Var::from_tensor(&x0)?;
-    let yr = scaled_masked_softmax_composed(xr.as_tensor(), &bias, 0.125)?;
+    let yr = generic::scaled_masked_softmax(xr.as_tensor(), &bias, 0.125)?;
     let gr = (&yr * &r)?.sum_all()?.backward()?;
     assert_close("scaled masked softmax value", &y, &yr, 1e-6)?;
     let (dx, dxr) = (
@@ -158,8 +159,8 @@ fn softmax_edge_values() -> TResult {
         &[[0f32, -1e9, 3.0, f32::NEG_INFINITY, -100.0, 50.0, -50.0, 1.0]],
         &Device::Cpu,
     )?;
-    let y = softmax_last_dim(&x)?;
-    let yr = softmax_composed(&x)?;
+    let y = kernels::softmax(&x)?;
+    let yr = generic::softmax(&x)?;
     assert_close("softmax edge", &y, &yr, 1e-6)?;
     let total: f32 = y.sum_all()?.to_scalar()?;
     assert!((total - 1.0).abs() < 1e-6);
@@ -184,11 +185,11 @@ fn rms_norm_matches_composed() -> TResult {
             let w0 = (randn(&[h], seed + 3)? + 1.0)?;
             let r = randn(shape, seed + 2)?;
             let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
-            let y = rms_norm(&view.apply(x.as_tensor())?, w.as_tensor(), 1e-5)?;
+            let y = kernels::rms_norm(&view.apply(x.as_tensor())?, w.as_tensor(), 1e-5)?;
             let g = (&y * &r)?.sum_all()?.backward()?;
 
             let (xr, wr) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
-            let yr = rms_norm_composed(&view.apply(xr.as_tensor())?, wr.as_tensor(), 1e-5)?;
+            let yr = generic::rms_norm(&view.apply(xr.as_tensor())?, wr.as_tensor(), 1e-5)?;
             let gr = (&yr * &r)?.sum_all()?.backward()?;
 
             assert_close(&format!("rms_norm {shape:?} {view:?} value"), &y, &yr, 1e-5)?;
@@ -216,11 +217,11 @@ fn rms_norm_large_is_parallel_and_matches() -> TResult {
         randn(&[4, 128, 576], 9)?,
     );
     let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
-    let g = (rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)? * &r)?
+    let g = (kernels::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6)? * &r)?
         .sum_all()?
         .backward()?;
     let (xr, wr) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
-    let gr = (rms_norm_composed(xr.as_tensor(), wr.as_tensor(), 1e-6)? * &r)?
+    let gr = (generic::rms_norm(xr.as_tensor(), wr.as_tensor(), 1e-6)? * &r)?
         .sum_all()?
         .backward()?;
     assert_close(
@@ -250,14 +251,14 @@ fn rms_norm_finite_differences() -> TResult {
     );
     let eps = 1e-5;
     let loss = |x: &Tensor, w: &Tensor| -> candle_core::Result<f64> {
-        let y = rms_norm(x, w, eps).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let y = kernels::rms_norm(x, w, eps).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         (y * &r)?
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()
     };
     let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
-    let y = rms_norm(x.as_tensor(), w.as_tensor(), eps)?;
+    let y = kernels::rms_norm(x.as_tensor(), w.as_tensor(), eps)?;
     let g = (y * &r)?.sum_all()?.backward()?;
     let dx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
     let dw: Vec<f32> = g.get(w.as_tensor()).unwrap().to_vec1()?;
@@ -297,11 +298,11 @@ fn rms_norm_frozen_weight_and_half() -> TResult {
         randn(&[5, 24], 33)?,
     );
     let x = Var::from_tensor(&x0)?;
-    let g = (rms_norm(x.as_tensor(), &w0, 1e-5)? * &r)?
+    let g = (kernels::rms_norm(x.as_tensor(), &w0, 1e-5)? * &r)?
         .sum_all()?
         .backward()?;
     let xr = Var::from_tensor(&x0)?;
-    let gr = (rms_norm_composed(xr.as_tensor(), &w0, 1e-5)? * &r)?
+    let gr = (generic::rms_norm(xr.as_tensor(), &w0, 1e-5)? * &r)?
         .sum_all()?
         .backward()?;
     assert_close(
@@ -312,9 +313,9 @@ fn rms_norm_frozen_weight_and_half() -> TResult {
     )?;
     // bf16 goes through f32 and comes back as bf16.
     let xb = x0.to_dtype(DType::BF16)?;
-    let yb = rms_norm(&xb, &w0.to_dtype(DType::BF16)?, 1e-5)?;
+    let yb = kernels::rms_norm(&xb, &w0.to_dtype(DType::BF16)?, 1e-5)?;
     assert_eq!(yb.dtype(), DType::BF16);
-    let yr = rms_norm_composed(&x0, &w0, 1e-5)?;
+    let yr = generic::rms_norm(&x0, &w0, 1e-5)?;
     assert_close("bf16", &yb.to_dtype(DType::F32)?, &yr, 0.1)?;
     // ... and its gradients still reach x and weight (through the dtype conversions).
     let (xv, wv) = (
@@ -322,11 +323,11 @@ fn rms_norm_frozen_weight_and_half() -> TResult {
         Var::from_tensor(&w0.to_dtype(DType::BF16)?)?,
     );
     let rb = r.to_dtype(DType::BF16)?;
-    let g = (rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5)? * &rb)?
+    let g = (kernels::rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5)? * &rb)?
         .sum_all()?
         .backward()?;
     let (x32, w32) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
-    let gr = (rms_norm_composed(x32.as_tensor(), w32.as_tensor(), 1e-5)? * &r)?
+    let gr = (generic::rms_norm(x32.as_tensor(), w32.as_tensor(), 1e-5)? * &r)?
         .sum_all()?
         .backward()?;
     for (name, a, b) in [("dx", &xv, &x32), ("dw", &wv, &w32)] {
@@ -354,7 +355,7 @@ fn layer_norm_matches_composed() -> TResult {
                 Var::from_tensor(&w0)?,
                 Var::from_tensor(&b0)?,
             );
-            let y = layer_norm(
+            let y = kernels::layer_norm(
                 &view.apply(x.as_tensor())?,
                 w.as_tensor(),
                 b.as_tensor(),
@@ -367,7 +368,7 @@ fn layer_norm_matches_composed() -> TResult {
                 Var::from_tensor(&w0)?,
                 Var::from_tensor(&b0)?,
             );
-            let yr = layer_norm_composed(
+            let yr = generic::layer_norm(
                 &view.apply(xr.as_tensor())?,
                 wr.as_tensor(),
                 br.as_tensor(),
@@ -428,10 +429,10 @@ fn rope_matches_composed() -> TResult {
             };
             let r = randn(shape, seed + 2)?;
             let x = Var::from_tensor(&x0)?;
-            let y = rope(&view(&x)?, &cos, &sin)?;
+            let y = kernels::rope(&view(&x)?, &cos, &sin)?;
             let g = (&y * &r)?.sum_all()?.backward()?;
             let xr = Var::from_tensor(&x0)?;
-            let yr = crate::ops::apply_rope_composed(&view(&xr)?, &cos, &sin)?;
+            let yr = generic::rope(&view(&xr)?, &cos, &sin)?;
             let gr = (&yr * &r)?.sum_all()?.backward()?;
             assert_close(
                 &format!("rope {shape:?} transposed={transposed} value"),
@@ -483,13 +484,13 @@ fn non_unit_stride_gradient_is_handled() -> TResult {
         let g = y.sum_keepdim(1)?.broadcast_mul(&r)?.sum_all()?.backward()?;
         Ok((y, g.get(x.as_tensor()).unwrap().clone(), g.get(w.as_tensor()).cloned()))
     };
-    let (y, dx, dw) = run(&|x, w| rms_norm(x, w, 1e-5))?;
-    let (yr, dxr, dwr) = run(&|x, w| rms_norm_composed(x, w, 1e-5))?;
+    let (y, dx, dw) = run(&|x, w| kernels::rms_norm(x, w, 1e-5))?;
+    let (yr, dxr, dwr) = run(&|x, w| generic::rms_norm(x, w, 1e-5))?;
     assert_close("rms strided value", &y, &yr, 1e-5)?;
     assert_close("rms strided dx", &dx, &dxr, 1e-4)?;
     assert_close("rms strided dw", &dw.unwrap(), &dwr.unwrap(), 1e-4)?;
-    let (y, dx, _) = run(&|x, _| softmax_last_dim(&(x * 2.0)?))?;
-    let (yr, dxr, _) = run(&|x, _| softmax_composed(&(x * 2.0)?))?;
+    let (y, dx, _) = run(&|x, _| kernels::softmax(&(x * 2.0)?))?;
+    let (yr, dxr, _) = run(&|x, _| generic::softmax(&(x * 2.0)?))?;
     assert_close("softmax strided value", &y, &yr, 1e-5)?;
     assert_close("softmax strided dx", &dx, &dxr, 1e-4)?;
     Ok(())
