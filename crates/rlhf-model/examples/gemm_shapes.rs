@@ -1,6 +1,7 @@
 //! GFLOP/s of `rlhf_model::kernels::cpu::gemm` against candle's matmul on the products of a 100M-parameter
 //! Llama training step (8 × 128 tokens, hidden 768, MLP 2048, vocab 32,000): the forward
-//! x·Wᵀ, the backward's grad·W and gradᵀ·x.
+//! x·Wᵀ, the backward's grad·W and gradᵀ·x. Beside them, the bf16 products (operands rounded
+//! to bf16, f32 sums) on the AVX512_BF16 kernel and, where the CPU has it, on AMX tiles.
 //!
 //!     cargo run --release -p rlhf-model --example gemm_shapes
 //!     GEMM_ROWS=192 GEMM_WEIGHTS=576x576,1536x576,576x1536 cargo run --release -p rlhf-model --example gemm_shapes
@@ -72,7 +73,26 @@ fn main() -> candle_core::Result<()> {
                 ta.matmul(&tb)?;
             }
             let candle = flops * reps as f64 / s.elapsed().as_secs_f64() / 1e9;
-            println!("W {out}x{inp} {name:8} avx512 {ours:6.1}  candle {candle:6.1} GFLOP/s");
+            let bf16 = |amx: bool| -> Option<f64> {
+                let _off = (!amx).then(gemm::amx::Off::new);
+                gemm::matmul_bf16(a, b)?;
+                let s = std::time::Instant::now();
+                for _ in 0..reps {
+                    gemm::matmul_bf16(a, b);
+                }
+                Some(flops * reps as f64 / s.elapsed().as_secs_f64() / 1e9)
+            };
+            let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:6.1}"));
+            let amx = if gemm::amx::available() {
+                bf16(true)
+            } else {
+                None
+            };
+            println!(
+                "W {out}x{inp} {name:8} avx512 {ours:6.1}  candle {candle:6.1}  bf16 {}  amx {} GFLOP/s",
+                show(bf16(false)),
+                show(amx)
+            );
         }
     }
     Ok(())

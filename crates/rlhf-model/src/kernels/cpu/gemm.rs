@@ -28,6 +28,31 @@ use std::cell::RefCell;
 
 use crate::kernels::{autocast_bf16, round_bf16};
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+/// No AMX off x86_64.
+#[cfg(not(target_arch = "x86_64"))]
+pub mod amx {
+    pub(super) const TM: usize = 32;
+    pub fn available() -> bool {
+        false
+    }
+    pub(super) fn enabled() -> bool {
+        false
+    }
+    pub(super) unsafe fn block(
+        _: super::MatRef<'_>,
+        _: super::Src<'_>,
+        _: std::ops::Range<usize>,
+        _: std::ops::Range<usize>,
+        _: *mut f32,
+        _: usize,
+        _: bool,
+    ) {
+        unreachable!("AMX is x86_64 only")
+    }
+}
+
 /// Rows of A (and C) per microkernel tile: 14 (28 accumulators) for tall products; for at
 /// most `SMALL_M` rows (decoding) 8, which wastes less of a tile on 16 or 32 rows.
 const MR: usize = 14;
@@ -111,13 +136,17 @@ pub fn available() -> bool {
 
 /// Which kernel runs the products under bf16 autocast on this CPU, in words (for the log).
 pub fn autocast_kernel() -> &'static str {
-    if bf16_kernel() {
+    if bf16_kernel() && amx::available() {
+        "bf16 = true: products of more than 64 rows on AMX tiles (tdpbf16ps, f32 sums), smaller \
+         ones on the AVX-512 f32 kernel with operands rounded to bf16 (RLHF_AMX=0 runs the \
+         AVX512_BF16 kernel instead)"
+    } else if bf16_kernel() {
         "bf16 = true: products of more than 64 rows on the AVX512_BF16 kernel (vdpbf16ps, f32 \
-         sums), smaller ones on the AVX-512 f32 kernel with operands rounded to bf16 (AMX is not \
-         implemented)"
+         sums), smaller ones on the AVX-512 f32 kernel with operands rounded to bf16 (no AMX \
+         here, Linux refused the tile state, or RLHF_AMX=0)"
     } else if available() {
         "bf16 = true: products on operands rounded to bf16, summed in f32, on the AVX-512 f32 \
-         kernel (no AVX512_BF16 here, or RLHF_BF16_KERNEL=0; AMX is not implemented)"
+         kernel (no AVX512_BF16 here, or RLHF_BF16_KERNEL=0)"
     } else {
         "bf16 = true: products on operands rounded to bf16, summed in f32, on candle's f32 \
          matmul (no AVX-512 on this CPU)"
@@ -1689,6 +1718,7 @@ pub fn batched_matmul(
     let mut c: Vec<f32> = Vec::with_capacity(batch * m * n);
     let out = SyncPtr(c.as_mut_ptr());
     let bf16 = autocast_bf16() && bf16_kernel();
+    let on_amx = bf16 && amx::enabled();
     let run = |range: std::ops::Range<usize>| {
         for i in range {
             let (ai, bi) = (item(a, a_step, i), item(b, b_step, i));
@@ -1697,6 +1727,8 @@ pub fn batched_matmul(
                 let ci = out.get().add(i * m * n);
                 if m <= SMALL_M {
                     block::<MR_SMALL>(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
+                } else if on_amx {
+                    amx::block(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
                 } else if bf16 {
                     block_bf16(ai, Src::Mat(bi), 0..m, 0..n, ci, n, false)
                 } else {
@@ -1746,6 +1778,8 @@ pub(crate) unsafe fn matmul_into(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc:
         unsafe {
             if m <= SMALL_M {
                 block::<MR_SMALL>(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
+            } else if autocast_bf16() && bf16_kernel() && amx::enabled() {
+                amx::block(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
             } else if autocast_bf16() && bf16_kernel() {
                 block_bf16(a, Src::Mat(b), 0..m, 0..n, c, ldc, acc)
             } else {
@@ -2410,13 +2444,22 @@ unsafe fn bf16_into_new(a: MatRef<'_>, b: Src<'_>) -> Vec<f32> {
 /// AVX512_BF16 must be available and `c` must point to `a.rows · b.cols` floats.
 unsafe fn bf16_on_pool(a: MatRef<'_>, b: Src<'_>, c: *mut f32, acc: bool) {
     let (m, n) = (a.rows, b.cols());
-    let units = Units::new(m, n, MR, threads());
+    // Asked on the calling thread (`amx::Off` is per thread), for every unit alike.
+    let on_amx = amx::enabled();
+    let units = Units::new(m, n, if on_amx { amx::TM } else { MR }, threads());
     let out = SyncPtr(c);
     let run = |range: std::ops::Range<usize>| {
         for u in range {
             let (rows, cols) = units.unit(u);
-            // SAFETY: as the caller guarantees; units write disjoint blocks of C.
-            unsafe { block_bf16(a, b, rows, cols, out.get(), n, acc) };
+            // SAFETY: as the caller guarantees (AMX where `on_amx`); units write disjoint
+            // blocks of C.
+            unsafe {
+                if on_amx {
+                    amx::block(a, b, rows, cols, out.get(), n, acc)
+                } else {
+                    block_bf16(a, b, rows, cols, out.get(), n, acc)
+                }
+            };
         }
     };
     if units.count() == 1 {
