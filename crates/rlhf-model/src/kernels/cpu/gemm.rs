@@ -40,6 +40,14 @@ pub mod amx {
     pub(super) fn enabled() -> bool {
         false
     }
+    pub(super) unsafe fn wt_few(
+        _: super::MatRef<'_>,
+        _: &[u16],
+        _: usize,
+        _: usize,
+    ) -> Option<Vec<f32>> {
+        None
+    }
     pub(super) unsafe fn block(
         _: super::MatRef<'_>,
         _: super::Src<'_>,
@@ -2414,6 +2422,12 @@ pub fn matmul_bf16(a: MatRef<'_>, b: MatRef<'_>) -> Option<Vec<f32>> {
 /// AVX512_BF16 must be available; `w` is `out · inp` long and x has `inp` columns.
 unsafe fn bf16_wt(a: MatRef<'_>, w: &[u16], out: usize, inp: usize) -> Vec<f32> {
     if a.rows > 0 && a.rows <= STREAM_M && out > 0 && inp > 0 {
+        if amx::enabled() {
+            // SAFETY: AMX is on; as the caller guarantees for the rest.
+            if let Some(c) = unsafe { amx::wt_few(a, w, out, inp) } {
+                return c;
+            }
+        }
         stream_dp(a, DpRows::Bf16(w), out, inp)
     } else {
         // SAFETY: as the caller guarantees.

@@ -335,6 +335,157 @@ unsafe fn tiles(
     }
 }
 
+/// x·Wᵀ for at most `TM` rows of x (decoding) and a row-major bf16 W `(out, inp)`, both
+/// multiples of 32 (else `None`): W's rows are the A tiles, read in place from W with its row
+/// stride (nothing of W is packed or copied), and x, packed once as pairs of k, the B tiles;
+/// each 16 × 16 C tile holds 16 outputs of up to 16 rows of x and is written transposed.
+/// Over candle's pool, `STREAM_UNIT` rows of W a unit.
+///
+/// # Safety
+/// [`available`] must be true; `w` holds `out · inp` values and x has `inp` columns.
+pub(super) unsafe fn wt_few(a: MatRef<'_>, w: &[u16], out: usize, inp: usize) -> Option<Vec<f32>> {
+    let m = a.rows;
+    if m == 0 || m > TM || !out.is_multiple_of(32) || !inp.is_multiple_of(32) || w.len() < out * inp {
+        return None;
+    }
+    let kp = inp / 2;
+    let width = if m > 16 { 32 } else { 16 };
+    // x as B tiles: row q (a pair of k), column i (a row of x), `width` columns.
+    let mut rows = vec![Line([0.0; 16]); (TM * kp).div_ceil(16)];
+    let mut xb = vec![Line([0.0; 16]); (kp * width).div_ceil(16)];
+    let rp: *mut u32 = rows.as_mut_ptr().cast();
+    let bp: *mut u32 = xb.as_mut_ptr().cast();
+    // SAFETY: `rows` holds TM rows of kp pairs, `xb` kp rows of `width`; AVX512_BF16 is there.
+    unsafe {
+        for i in 0..m {
+            let x: Vec<f32>;
+            let run: &[f32] = if a.cs == 1 {
+                &a.data[i * a.rs..][..inp]
+            } else {
+                x = (0..inp).map(|p| a.data[i * a.rs + p * a.cs]).collect();
+                &x
+            };
+            pairs_of_run(run, std::slice::from_raw_parts_mut(rp.add(i * kp), kp));
+        }
+        for qb in (0..kp).step_by(16) {
+            for ib in (0..width).step_by(16) {
+                transpose16(
+                    rp.add(ib * kp + qb).cast(),
+                    kp,
+                    bp.add(qb * width + ib).cast(),
+                    width,
+                );
+            }
+        }
+    }
+    let (xb_ptr, wp) = (SyncConst(bp), SyncConst(w.as_ptr().cast::<u32>()));
+    // SAFETY: each unit writes rows 0..m of its own columns of C; the tiles read W's rows
+    // `cols` in full (inp / 2 u32s each) and all of x's tiles.
+    let c = unsafe {
+        super::by_stream_units(m, out, |cols, c| {
+            let (xb, w) = (xb_ptr.get(), wp.get());
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+            let mut t = [Line([0.0; 16]); 16 * 4];
+            let tp: *mut f32 = t.as_mut_ptr().cast();
+            for j0 in cols.clone().step_by(32) {
+                few_tiles(kp / KT, w.add(j0 * kp), kp, xb, width, m > 16, tp);
+                // t: four 16 × 16 blocks, [W rows 0-15 | 16-31] × [x rows 0-15 | 16-31],
+                // each row an output, each column a row of x.
+                for (blk, (jo, io)) in [(0, 0), (0, 16), (16, 0), (16, 16)].into_iter().enumerate()
+                {
+                    for i in io..m.min(io + 16) {
+                        for jj in 0..16 {
+                            *c.add(i * out + j0 + jo + jj) = *tp.add(blk * 256 + jj * 16 + i - io);
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack));
+        })
+    };
+    Some(c)
+}
+
+#[derive(Clone, Copy)]
+struct SyncConst<T>(*const T);
+
+impl<T> SyncConst<T> {
+    fn get(self) -> *const T {
+        self.0
+    }
+}
+// SAFETY: the pointers are read only while the caller's buffers live.
+unsafe impl<T> Sync for SyncConst<T> {}
+unsafe impl<T> Send for SyncConst<T> {}
+
+/// 32 outputs (W rows at `w`, row stride `ldw` pairs) × up to 32 rows of x (B tiles at `x`,
+/// `width` columns a row) over `kt` × 16 pairs of k, into `t`: four 16 × 16 f32 blocks, W's
+/// rows 0-15 by x's rows 0-15, 0-15 by 16-31, 16-31 by 0-15, 16-31 by 16-31 (the second and
+/// fourth only where `two`).
+///
+/// # Safety
+/// The tiles are configured ([`CONFIG`]); every buffer holds what it is said to.
+#[inline]
+unsafe fn few_tiles(
+    kt: usize,
+    w: *const u32,
+    ldw: usize,
+    x: *const u32,
+    width: usize,
+    two: bool,
+    t: *mut f32,
+) {
+    let (sw, sx) = (ldw * 4, width * 4);
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        let w1 = w.add(16 * ldw);
+        for kb in 0..kt {
+            let q = kb * KT;
+            if two {
+                asm!(
+                    "tileloadd tmm6, [{x0} + {sx}*1]",
+                    "tileloadd tmm4, [{w0} + {sw}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{x1} + {sx}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{w1} + {sw}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    x0 = in(reg) x.add(q * width), x1 = in(reg) x.add(q * width + 16),
+                    w0 = in(reg) w.add(q), w1 = in(reg) w1.add(q),
+                    sx = in(reg) sx, sw = in(reg) sw, options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm6, [{x0} + {sx}*1]",
+                    "tileloadd tmm4, [{w0} + {sw}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{w1} + {sw}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    x0 = in(reg) x.add(q * width),
+                    w0 = in(reg) w.add(q), w1 = in(reg) w1.add(q),
+                    sx = in(reg) sx, sw = in(reg) sw, options(nostack, readonly),
+                );
+            }
+        }
+        asm!(
+            "tilestored [{t0} + {s}*1], tmm0",
+            "tilestored [{t1} + {s}*1], tmm1",
+            "tilestored [{t2} + {s}*1], tmm2",
+            "tilestored [{t3} + {s}*1], tmm3",
+            t0 = in(reg) t, t1 = in(reg) t.add(256), t2 = in(reg) t.add(512), t3 = in(reg) t.add(768),
+            s = in(reg) 64usize, options(nostack),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{matmul_bf16, Bf16Weight, MatRef};
@@ -451,5 +602,38 @@ mod tests {
         );
         let want: Vec<f64> = want.iter().map(|v| v + 1.0).collect();
         close(&acc, &want, out, "1 + g·W");
+    }
+
+    #[test]
+    fn amx_decoding_rows_against_a_bf16_weight_read_in_place() {
+        if !available() {
+            eprintln!("skipped: no AMX on this CPU (or Linux did not grant the tile state)");
+            return;
+        }
+        // Shapes AMX takes (out and inp multiples of 32) and one it leaves to `stream_dp`.
+        for &(out, inp) in &[(96, 64), (64, 608), (128, 1536), (40, 64)] {
+            let w: Vec<f32> = values(out * inp, 6)
+                .iter()
+                .map(|&v| round_bf16(v))
+                .collect();
+            let bw = Bf16Weight::new(&w, out, inp);
+            let wt = MatRef::new(&w, inp, out, 1, inp);
+            for m in [1, 7, 16, 17, 32] {
+                let x = values(m * inp, 7 + m as u32);
+                let xa = MatRef::new(&x, m, inp, inp, 1);
+                let want = reference(xa, wt);
+                let got = bw
+                    .product(xa, true, None)
+                    .expect("AVX512_BF16")
+                    .expect("new");
+                close(&got, &want, inp, &format!("AMX {m} x {inp} -> {out}"));
+                let _off = Off::new();
+                let avx = bw
+                    .product(xa, true, None)
+                    .expect("AVX512_BF16")
+                    .expect("new");
+                close(&avx, &want, inp, &format!("stream_dp {m} x {inp} -> {out}"));
+            }
+        }
     }
 }
