@@ -586,12 +586,18 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
     )?;
     let mut secs = Vec::new();
     let mut first = Vec::new();
+    // FNV-1a over every completion's ids: two builds or kernels gave the same greedy tokens
+    // where their digests agree.
+    let mut digest: u64 = 0xcbf2_9ce4_8422_2325;
     for chunk in prompts.chunks(a.batch) {
         let t0 = Instant::now();
         let out = generate(&model, chunk, &cfg)?;
         secs.push(t0.elapsed().as_secs_f64());
         if first.is_empty() {
             first = out[0].completion_ids.iter().take(8).copied().collect();
+        }
+        for id in out.iter().flat_map(|o| o.completion_ids.iter()) {
+            digest = (digest ^ u64::from(*id)).wrapping_mul(0x0100_0000_01b3);
         }
     }
     let total: f64 = secs.iter().sum();
@@ -610,6 +616,7 @@ fn generate_bench(a: GenerateArgs) -> Result<()> {
         "total_s": r4(total),
         "new_tokens_per_s": r1(new_tokens as f64 / total),
         "first_ids": first,
+        "ids_digest": format!("{digest:016x}"),
         "peak_rss_mb": r1(peak_rss_mb()),
     });
     println!("{line}");

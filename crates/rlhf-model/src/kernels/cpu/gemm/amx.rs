@@ -345,7 +345,8 @@ unsafe fn tiles(
 /// [`available`] must be true; `w` holds `out · inp` values and x has `inp` columns.
 pub(super) unsafe fn wt_few(a: MatRef<'_>, w: &[u16], out: usize, inp: usize) -> Option<Vec<f32>> {
     let m = a.rows;
-    if m == 0 || m > TM || !out.is_multiple_of(32) || !inp.is_multiple_of(32) || w.len() < out * inp {
+    if m == 0 || m > TM || !out.is_multiple_of(32) || !inp.is_multiple_of(32) || w.len() < out * inp
+    {
         return None;
     }
     let kp = inp / 2;
