@@ -2891,7 +2891,7 @@ mod tests {
     use super::*;
     use crate::test_util::values;
 
-    fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
+    pub(super) fn naive(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
         let mut c = vec![0f64; a.rows * b.cols];
         for i in 0..a.rows {
             for j in 0..b.cols {
@@ -3215,7 +3215,7 @@ mod bf16_weight_tests {
         c
     }
 
-    fn assert_close(what: &str, got: &[f32], want: &[f64], k: usize) {
+    pub(super) fn assert_close(what: &str, got: &[f32], want: &[f64], k: usize) {
         assert_eq!(got.len(), want.len());
         for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
             // Only the summation order differs: a few f32 roundings per term, at most.

@@ -267,6 +267,8 @@ unsafe fn pack_a(
 thread_local! {
     /// Per-thread scratch for packing strided rows of A.
     static SCRATCH: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffers of [`wt_few`]: x's rows as pairs, and x as B tiles.
+    static FEW: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// C[32 × 32] (+)= A block · B panel over `kt` × 16 pairs of k on AMX tiles.
@@ -351,73 +353,66 @@ pub(super) unsafe fn wt_few(a: MatRef<'_>, w: &[u16], out: usize, inp: usize) ->
     }
     let kp = inp / 2;
     let width = if m > 16 { 32 } else { 16 };
-    // x as B tiles: row q (a pair of k), column i (a row of x), `width` columns.
-    let mut rows = vec![Line([0.0; 16]); (TM * kp).div_ceil(16)];
-    let mut xb = vec![Line([0.0; 16]); (kp * width).div_ceil(16)];
-    let rp: *mut u32 = rows.as_mut_ptr().cast();
-    let bp: *mut u32 = xb.as_mut_ptr().cast();
-    // SAFETY: `rows` holds TM rows of kp pairs, `xb` kp rows of `width`; AVX512_BF16 is there.
-    unsafe {
-        for i in 0..m {
-            let x: Vec<f32>;
-            let run: &[f32] = if a.cs == 1 {
-                &a.data[i * a.rs..][..inp]
-            } else {
-                x = (0..inp).map(|p| a.data[i * a.rs + p * a.cs]).collect();
-                &x
-            };
-            pairs_of_run(run, std::slice::from_raw_parts_mut(rp.add(i * kp), kp));
-        }
-        for qb in (0..kp).step_by(16) {
-            for ib in (0..width).step_by(16) {
-                transpose16(
-                    rp.add(ib * kp + qb).cast(),
-                    kp,
-                    bp.add(qb * width + ib).cast(),
-                    width,
-                );
+    FEW.with_borrow_mut(|(rows, xb)| {
+        // x's rows as pairs of k (`width` rows, those past m zero), then transposed into the
+        // B tiles: row q (a pair of k), column i (a row of x), `width` columns.
+        let rp: *mut u32 = lines(rows, width * kp).cast();
+        let bp: *mut u32 = lines(xb, kp * width).cast();
+        // SAFETY: `rows` holds `width` rows of kp pairs, `xb` kp rows of `width`;
+        // AVX512_BF16 is there (AMX implies it).
+        unsafe {
+            for i in 0..m {
+                let x: Vec<f32>;
+                let run: &[f32] = if a.cs == 1 {
+                    &a.data[i * a.rs..][..inp]
+                } else {
+                    x = (0..inp).map(|p| a.data[i * a.rs + p * a.cs]).collect();
+                    &x
+                };
+                pairs_of_run(run, std::slice::from_raw_parts_mut(rp.add(i * kp), kp));
+            }
+            std::ptr::write_bytes(rp.add(m * kp), 0, (width - m) * kp);
+            for qb in (0..kp).step_by(16) {
+                for ib in (0..width).step_by(16) {
+                    transpose16(
+                        rp.add(ib * kp + qb).cast(),
+                        kp,
+                        bp.add(qb * width + ib).cast(),
+                        width,
+                    );
+                }
             }
         }
-    }
-    let (xb_ptr, wp) = (SyncConst(bp), SyncConst(w.as_ptr().cast::<u32>()));
-    // SAFETY: each unit writes rows 0..m of its own columns of C; the tiles read W's rows
-    // `cols` in full (inp / 2 u32s each) and all of x's tiles.
-    let c = unsafe {
-        super::by_stream_units(m, out, |cols, c| {
-            let (xb, w) = (xb_ptr.get(), wp.get());
-            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
-            let mut t = [Line([0.0; 16]); 16 * 4];
-            let tp: *mut f32 = t.as_mut_ptr().cast();
-            for j0 in cols.clone().step_by(32) {
-                few_tiles(kp / KT, w.add(j0 * kp), kp, xb, width, m > 16, tp);
-                // t: four 16 × 16 blocks, [W rows 0-15 | 16-31] × [x rows 0-15 | 16-31],
-                // each row an output, each column a row of x.
-                for (blk, (jo, io)) in [(0, 0), (0, 16), (16, 0), (16, 16)].into_iter().enumerate()
-                {
-                    for i in io..m.min(io + 16) {
-                        for jj in 0..16 {
-                            *c.add(i * out + j0 + jo + jj) = *tp.add(blk * 256 + jj * 16 + i - io);
+        let xb: &[Line] = xb;
+        // SAFETY: each unit writes rows 0..m of its own columns of C; the tiles read W's rows
+        // `cols` in full (inp / 2 u32s each) and all of x's tiles.
+        let c = unsafe {
+            super::by_stream_units(m, out, |cols, c| {
+                let (xb, w) = (xb.as_ptr().cast::<u32>(), w.as_ptr().cast::<u32>());
+                asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack));
+                let mut t = [Line([0.0; 16]); 16 * 4];
+                let tp: *mut f32 = t.as_mut_ptr().cast();
+                for j0 in cols.clone().step_by(32) {
+                    few_tiles(kp / KT, w.add(j0 * kp), kp, xb, width, m > 16, tp);
+                    // t: four 16 × 16 blocks, [W rows 0-15 | 16-31] × [x rows 0-15 | 16-31],
+                    // each row an output, each column a row of x.
+                    for (blk, (jo, io)) in
+                        [(0, 0), (0, 16), (16, 0), (16, 16)].into_iter().enumerate()
+                    {
+                        for i in io..m.min(io + 16) {
+                            for jj in 0..16 {
+                                *c.add(i * out + j0 + jo + jj) =
+                                    *tp.add(blk * 256 + jj * 16 + i - io);
+                            }
                         }
                     }
                 }
-            }
-            asm!("tilerelease", options(nostack));
-        })
-    };
-    Some(c)
+                asm!("tilerelease", options(nostack));
+            })
+        };
+        Some(c)
+    })
 }
-
-#[derive(Clone, Copy)]
-struct SyncConst<T>(*const T);
-
-impl<T> SyncConst<T> {
-    fn get(self) -> *const T {
-        self.0
-    }
-}
-// SAFETY: the pointers are read only while the caller's buffers live.
-unsafe impl<T> Sync for SyncConst<T> {}
-unsafe impl<T> Send for SyncConst<T> {}
 
 /// 32 outputs (W rows at `w`, row stride `ldw` pairs) × up to 32 rows of x (B tiles at `x`,
 /// `width` columns a row) over `kt` × 16 pairs of k, into `t`: four 16 × 16 f32 blocks, W's
@@ -489,39 +484,16 @@ unsafe fn few_tiles(
 
 #[cfg(test)]
 mod tests {
+    use super::super::bf16_weight_tests::assert_close;
+    use super::super::tests::naive;
     use super::super::{matmul_bf16, Bf16Weight, MatRef};
     use super::*;
     use crate::kernels::round_bf16;
     use crate::test_util::values;
 
-    /// The f32 product of bf16-rounded operands, summed in f64.
-    fn reference(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
-        let mut c = vec![0f64; a.rows * b.cols];
-        for i in 0..a.rows {
-            for j in 0..b.cols {
-                let mut s = 0f64;
-                for p in 0..a.cols {
-                    let x = round_bf16(a.data[i * a.rs + p * a.cs]) as f64;
-                    let y = round_bf16(b.data[p * b.rs + j * b.cs]) as f64;
-                    s += x * y;
-                }
-                c[i * b.cols + j] = s;
-            }
-        }
-        c
-    }
-
-    fn close(got: &[f32], want: &[f64], k: usize, what: &str) {
-        assert_eq!(got.len(), want.len());
-        // Sums of k products of values in [-1, 1]: f32 rounding of the partial sums, a few
-        // ulps of the largest magnitude they reach (about √k), for either order of the sums.
-        let tol = 1e-5 * (k as f64).max(16.0);
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g as f64 - w).abs() <= tol,
-                "{what}: C[{i}] = {g}, want {w} (±{tol})"
-            );
-        }
+    /// Values already on bf16's grid, so the f64 product of them is the reference.
+    fn rounded(n: usize, seed: u32) -> Vec<f32> {
+        values(n, seed).iter().map(|&v| round_bf16(v)).collect()
     }
 
     /// The shapes: whole and ragged blocks, K below a tile, across a slice, odd.
@@ -542,27 +514,27 @@ mod tests {
             return;
         }
         for &(m, k, n) in &SHAPES {
-            let av = values(m * k, 1);
-            let bv = values(k * n, 2);
+            let av = rounded(m * k, 1);
+            let bv = rounded(k * n, 2);
             // A as it is and transposed in place; B as it is and transposed in place.
             let at: Vec<f32> = (0..k * m).map(|x| av[(x % m) * k + x / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|x| bv[(x % k) * n + x / k]).collect();
             let a_views = [MatRef::new(&av, m, k, k, 1), MatRef::new(&at, m, k, 1, m)];
             let b_views = [MatRef::new(&bv, k, n, n, 1), MatRef::new(&bt, k, n, 1, k)];
-            let want = reference(a_views[0], b_views[0]);
+            let want = naive(a_views[0], b_views[0]);
             for (ai, &a) in a_views.iter().enumerate() {
                 for (bi, &b) in b_views.iter().enumerate() {
                     let got = matmul_bf16(a, b).expect("AMX implies AVX512_BF16");
-                    close(&got, &want, k, &format!("{m}x{k}x{n} A{ai} B{bi} AMX"));
+                    assert_close(&format!("{m}x{k}x{n} A{ai} B{bi} AMX"), &got, &want, k);
                     let avx = {
                         let _off = Off::new();
                         matmul_bf16(a, b).expect("AVX512_BF16")
                     };
-                    close(
+                    assert_close(
+                        &format!("{m}x{k}x{n} A{ai} B{bi} AVX512_BF16"),
                         &avx,
                         &want,
                         k,
-                        &format!("{m}x{k}x{n} A{ai} B{bi} AVX512_BF16"),
                     );
                 }
             }
@@ -576,14 +548,11 @@ mod tests {
             return;
         }
         let (m, out, inp) = (130, 96, 200);
-        let x = values(m * inp, 3);
-        let w: Vec<f32> = values(out * inp, 4)
-            .iter()
-            .map(|&v| round_bf16(v))
-            .collect();
+        let x = rounded(m * inp, 3);
+        let w = rounded(out * inp, 4);
         let bw = Bf16Weight::new(&w, out, inp);
         // x·Wᵀ: W (out, inp) read transposed.
-        let want = reference(
+        let want = naive(
             MatRef::new(&x, m, inp, inp, 1),
             MatRef::new(&w, inp, out, 1, inp),
         );
@@ -591,18 +560,18 @@ mod tests {
             .product(MatRef::new(&x, m, inp, inp, 1), true, None)
             .expect("AVX512_BF16")
             .expect("a new buffer");
-        close(&got, &want, inp, "x·Wᵀ");
+        assert_close("x·Wᵀ", &got, &want, inp);
         // g·W accumulated onto ones.
-        let g = values(m * out, 5);
+        let g = rounded(m * out, 5);
         let mut acc = vec![1f32; m * inp];
         bw.product(MatRef::new(&g, m, out, out, 1), false, Some(&mut acc))
             .expect("AVX512_BF16");
-        let want = reference(
+        let want = naive(
             MatRef::new(&g, m, out, out, 1),
             MatRef::new(&w, out, inp, inp, 1),
         );
         let want: Vec<f64> = want.iter().map(|v| v + 1.0).collect();
-        close(&acc, &want, out, "1 + g·W");
+        assert_close("1 + g·W", &acc, &want, out);
     }
 
     #[test]
@@ -613,27 +582,24 @@ mod tests {
         }
         // Shapes AMX takes (out and inp multiples of 32) and one it leaves to `stream_dp`.
         for &(out, inp) in &[(96, 64), (64, 608), (128, 1536), (40, 64)] {
-            let w: Vec<f32> = values(out * inp, 6)
-                .iter()
-                .map(|&v| round_bf16(v))
-                .collect();
+            let w = rounded(out * inp, 6);
             let bw = Bf16Weight::new(&w, out, inp);
             let wt = MatRef::new(&w, inp, out, 1, inp);
             for m in [1, 7, 16, 17, 32] {
-                let x = values(m * inp, 7 + m as u32);
+                let x = rounded(m * inp, 7 + m as u32);
                 let xa = MatRef::new(&x, m, inp, inp, 1);
-                let want = reference(xa, wt);
+                let want = naive(xa, wt);
                 let got = bw
                     .product(xa, true, None)
                     .expect("AVX512_BF16")
                     .expect("new");
-                close(&got, &want, inp, &format!("AMX {m} x {inp} -> {out}"));
+                assert_close(&format!("AMX {m} x {inp} -> {out}"), &got, &want, inp);
                 let _off = Off::new();
                 let avx = bw
                     .product(xa, true, None)
                     .expect("AVX512_BF16")
                     .expect("new");
-                close(&avx, &want, inp, &format!("stream_dp {m} x {inp} -> {out}"));
+                assert_close(&format!("stream_dp {m} x {inp} -> {out}"), &avx, &want, inp);
             }
         }
     }
